@@ -1,0 +1,16 @@
+"""sharded-shampoo: Distributed Shampoo native to DTensor, FSDP2, HSDP and DCP."""
+
+from .blocking import Block, plan_blocks
+from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
+                     EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
+from .layout import MeshSpec, ParamSpec
+from .optimizer import NonFiniteGradientError, ShardedShampoo
+from .preconditioner import RootFailureError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "CoupledNewtonConfig", "EigenvalueCorrectedShampoo",
+    "EighRootConfig", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RootFailureError",
+    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "plan_blocks", "__version__",
+]

@@ -1,0 +1,293 @@
+"""Small frozen configuration objects, validated at construction.
+
+Every config is a frozen dataclass so it can be hashed, compared, stored in a param group
+and written into a checkpoint (``to_dict``/``config_from_dict``) without pickling code.
+Each ``__post_init__`` raises a ValueError that names the field, the valid range and the
+value it got, so a bad setting fails at ``ShardedShampoo(...)`` and never mid-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+
+def _check_range(owner: str, name: str, value: float, low: float, high: float,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a ValueError naming ``owner.name`` unless ``value`` lies in the interval."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        raise ValueError(f"{owner}.{name} must be a finite number in {lb}{low}, {high}{hb}; got {value!r}.")
+
+
+# ----------------------------------------------------------------------------- grafting
+
+
+@dataclass(frozen=True)
+class SGDGrafting:
+    """Graft the Shampoo direction onto the norm of the (filtered) gradient itself."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class AdaGradGrafting:
+    """Graft onto AdaGrad: diagonal sum of squared gradients, direction M / (sqrt(S) + eps)."""
+
+    epsilon: float = 1e-10
+
+    def __post_init__(self) -> None:
+        _check_range("AdaGradGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+
+
+@dataclass(frozen=True)
+class RMSpropGrafting:
+    """Graft onto RMSprop: EMA of squared gradients (no bias correction), M / (sqrt(V) + eps)."""
+
+    beta2: float = 0.99
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_range("RMSpropGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("RMSpropGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+
+
+@dataclass(frozen=True)
+class AdamGrafting:
+    """Graft onto Adam: bias-corrected EMA of squared gradients, M_hat / (sqrt(V_hat) + eps)."""
+
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_range("AdamGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("AdamGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+
+
+GraftingConfig = Union[SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting]
+
+
+# ----------------------------------------------------------------------------- preconditioners
+
+ExponentOverride = Mapping[int, Union[float, Mapping[int, float]]]
+
+
+def _validate_exponent_override(owner: str, override: ExponentOverride) -> None:
+    if not isinstance(override, Mapping):
+        raise ValueError(f"{owner}.inverse_exponent_override must be a mapping "
+                         f"{{order: exponent or {{dim: exponent}}}}; got {type(override).__name__}.")
+    for order, value in override.items():
+        if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+            raise ValueError(f"{owner}.inverse_exponent_override keys must be tensor orders >= 1; got {order!r}.")
+        per_dim = value if isinstance(value, Mapping) else {d: value for d in range(order)}
+        for dim, exponent in per_dim.items():
+            if not isinstance(dim, int) or not 0 <= dim < order:
+                raise ValueError(f"{owner}.inverse_exponent_override[{order}] has dim {dim!r}; "
+                                 f"dims of an order-{order} block are 0..{order - 1}.")
+            _check_range(owner, f"inverse_exponent_override[{order}][{dim}]", exponent, 0.0, math.inf)
+
+
+def _freeze_override(override: ExponentOverride) -> tuple:
+    """A hashable, order-independent form of an exponent override (for equality and fingerprints)."""
+    items = []
+    for order, value in sorted(override.items()):
+        if isinstance(value, Mapping):
+            items.append((order, tuple(sorted((int(d), float(e)) for d, e in value.items()))))
+        else:
+            items.append((order, float(value)))
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class EighRootConfig:
+    """Inverse roots by symmetric eigendecomposition (fp32, retried in fp64 on failure).
+
+    ``make_positive_semidefinite`` shifts the spectrum by ``-min(lambda_min, 0)`` before adding
+    epsilon, which removes the tiny negative eigenvalues round-off leaves in a PSD factor.
+    """
+
+    make_positive_semidefinite: bool = True
+    retry_in_float64: bool = True
+
+
+@dataclass(frozen=True)
+class CoupledNewtonConfig:
+    """Inverse roots by the coupled Newton iteration (matmuls only; needs 1/exponent integral)."""
+
+    max_iterations: int = 100
+    tolerance: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+            raise ValueError(f"CoupledNewtonConfig.max_iterations must be an integer >= 1; got {self.max_iterations!r}.")
+        _check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
+
+
+RootConfig = Union[EighRootConfig, CoupledNewtonConfig]
+
+
+@dataclass(frozen=True)
+class RootInverseShampoo:
+    """Classic Shampoo: direction = M x_1 R_1 ... x_k R_k with R_i = (F_i_hat + eps I)^(-e_i).
+
+    ``e_i`` defaults to ``1 / (2 k)`` for an order-``k`` block; ``inverse_exponent_override``
+    maps an order to one exponent for all its dims or to ``{dim: exponent}``; an exponent of 0
+    leaves that dim unpreconditioned (no factor is stored for it).
+    """
+
+    root: RootConfig = field(default_factory=EighRootConfig)
+    inverse_exponent_override: ExponentOverride = field(default_factory=dict)
+    factor_dtype: torch.dtype = torch.float32
+    max_consecutive_root_failures: int = 10
+
+    def __post_init__(self) -> None:
+        _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
+                         self.max_consecutive_root_failures)
+        if not isinstance(self.root, (EighRootConfig, CoupledNewtonConfig)):
+            raise ValueError("RootInverseShampoo.root must be EighRootConfig() or CoupledNewtonConfig(); "
+                             f"got {self.root!r}.")
+        if isinstance(self.root, CoupledNewtonConfig):
+            for order, value in self.inverse_exponent_override.items():
+                exps = value.values() if isinstance(value, Mapping) else [value]
+                for e in exps:
+                    if e != 0 and abs(1.0 / e - round(1.0 / e)) > 1e-9:
+                        raise ValueError(
+                            f"RootInverseShampoo.inverse_exponent_override[{order}] = {e} needs a root 1/{e} "
+                            "that is not an integer, which CoupledNewtonConfig cannot compute; use "
+                            "root=EighRootConfig() or an exponent 1/p with integer p.")
+
+    def __hash__(self) -> int:
+        return hash((self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
+                     self.max_consecutive_root_failures))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RootInverseShampoo) and hash(self) == hash(other) and \
+            self.root == other.root and \
+            _freeze_override(self.inverse_exponent_override) == _freeze_override(other.inverse_exponent_override)
+
+
+@dataclass(frozen=True)
+class EigenvalueCorrectedShampoo:
+    """SOAP-like: Adam in the eigenbasis of the Kronecker factors.
+
+    The eigenbasis Q_i of each factor is refreshed every ``precondition_frequency`` steps; the
+    corrected eigenvalues D (EMA of the squared rotated gradient with ``betas[1]``) are updated
+    every step; direction = Q ( (Q^T M Q) * (D_hat + eps)^(-e) ) with e = 1/2 by default
+    (``inverse_exponent_override`` may change it per order; 0 on a dim skips its rotation).
+    """
+
+    inverse_exponent_override: ExponentOverride = field(default_factory=dict)
+    factor_dtype: torch.dtype = torch.float32
+    max_consecutive_root_failures: int = 10
+
+    def __post_init__(self) -> None:
+        _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
+                         self.max_consecutive_root_failures)
+        for order, value in self.inverse_exponent_override.items():
+            if isinstance(value, Mapping):
+                bad = {e for e in value.values() if e not in (0, 0.0)}
+                if len(bad) > 1 or (bad and len(value) != order):
+                    raise ValueError(
+                        f"EigenvalueCorrectedShampoo.inverse_exponent_override[{order}] per-dim values may only "
+                        "be 0 (skip the rotation of that dim) or one shared exponent for every dim; got "
+                        f"{dict(value)!r}.")
+
+    def __hash__(self) -> int:
+        return hash((_freeze_override(self.inverse_exponent_override), self.factor_dtype,
+                     self.max_consecutive_root_failures))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EigenvalueCorrectedShampoo) and hash(self) == hash(other) and \
+            _freeze_override(self.inverse_exponent_override) == _freeze_override(other.inverse_exponent_override)
+
+
+PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
+
+
+def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int) -> None:
+    _validate_exponent_override(owner, override)
+    if factor_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 1:
+        raise ValueError(f"{owner}.max_consecutive_root_failures must be an integer >= 1; got {max_failures!r}.")
+
+
+def default_exponent(config: PreconditionerConfig, order: int, dim: int) -> float:
+    """The inverse exponent of ``dim`` in an order-``order`` block (0 means: not preconditioned)."""
+    override = config.inverse_exponent_override.get(order)
+    if isinstance(override, Mapping):
+        if dim in override:
+            return float(override[dim])
+    elif override is not None:
+        return float(override)
+    if isinstance(config, EigenvalueCorrectedShampoo):
+        return 0.5
+    return 1.0 / (2 * order)
+
+
+# ----------------------------------------------------------------------------- blocking & robustness
+
+
+@dataclass(frozen=True)
+class BlockingConfig:
+    """How parameters are cut into preconditioner blocks.
+
+    ``precondition_1d``: 1-d parameters (biases, norms) get one ``d x d`` factor when True (as
+    in the reference implementation); when False they use only the diagonal grafting method.
+    0-d parameters behave like 1-d ones of length 1.
+    ``merge_dims``: merge consecutive small dims while their product stays within
+    ``max_preconditioner_dim``.
+    """
+
+    precondition_1d: bool = True
+    merge_dims: bool = True
+
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def config_to_dict(config: Any) -> Any:
+    """A JSON/pickle-safe description of a config object (class name + fields)."""
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        out: dict[str, Any] = {"__config__": type(config).__name__}
+        for f in dataclasses.fields(config):
+            out[f.name] = config_to_dict(getattr(config, f.name))
+        return out
+    if isinstance(config, torch.dtype):
+        return {"__dtype__": str(config).removeprefix("torch.")}
+    if isinstance(config, Mapping):
+        return {"__mapping__": [[config_to_dict(k), config_to_dict(v)] for k, v in config.items()]}
+    return config
+
+
+_CONFIG_CLASSES = {cls.__name__: cls for cls in (
+    SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
+    RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig)}
+
+
+def config_from_dict(data: Any) -> Any:
+    """Inverse of :func:`config_to_dict`."""
+    if isinstance(data, dict):
+        if "__config__" in data:
+            name = data["__config__"]
+            if name not in _CONFIG_CLASSES:
+                raise ValueError(f"unknown config class {name!r} in state dict; known: {sorted(_CONFIG_CLASSES)}.")
+            kwargs = {k: config_from_dict(v) for k, v in data.items() if k != "__config__"}
+            return _CONFIG_CLASSES[name](**kwargs)
+        if "__dtype__" in data:
+            return getattr(torch, data["__dtype__"])
+        if "__mapping__" in data:
+            return {config_from_dict(k): config_from_dict(v) for k, v in data["__mapping__"]}
+    return data

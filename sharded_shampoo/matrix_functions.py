@@ -1,0 +1,126 @@
+"""Batched matrix functions for the amortized step: inverse roots and eigenbases.
+
+All functions take a stack ``A`` of shape ``[B, d, d]`` of symmetric PSD matrices and work on
+the whole stack in one call; they return a per-matrix ``ok`` mask instead of raising, so the
+caller can keep the previous root for exactly the matrices that failed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import CoupledNewtonConfig, EighRootConfig
+
+
+def _eigh(A: torch.Tensor, retry_in_float64: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``eigh`` of a stack in fp32 (or A's dtype if wider), retried in fp64 where it fails.
+
+    Returns eigenvalues, eigenvectors (in A's dtype) and a mask of matrices whose result is finite.
+    """
+    work_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    try:
+        L, Q = torch.linalg.eigh(A.to(work_dtype))
+        ok = torch.isfinite(L).all(-1) & torch.isfinite(Q).flatten(1).all(-1)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        L = Q = None
+        ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    if retry_in_float64 and work_dtype != torch.float64 and not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        L64, Q64, ok64 = _eigh_each(A[bad].to(torch.float64))
+        if L is None:
+            L = torch.zeros(A.shape[:-1], dtype=work_dtype, device=A.device)
+            Q = torch.zeros(A.shape, dtype=work_dtype, device=A.device)
+        L[bad] = L64.to(work_dtype)
+        Q[bad] = Q64.to(work_dtype)
+        ok[bad] = ok64 & torch.isfinite(L[bad]).all(-1) & torch.isfinite(Q[bad]).flatten(1).all(-1)
+    elif L is None:
+        L, Q, ok = _eigh_each(A.to(work_dtype))
+    return L, Q, ok
+
+
+def _eigh_each(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched eigh that isolates failures: one batched call, per-matrix calls only if it raises."""
+    try:
+        L, Q = torch.linalg.eigh(A)
+        ok = torch.isfinite(L).all(-1) & torch.isfinite(Q).flatten(1).all(-1)
+        return L, Q, ok
+    except (torch.linalg.LinAlgError, RuntimeError):
+        pass
+    L = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
+    Q = torch.zeros_like(A)
+    ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    for i in range(A.shape[0]):  # failure path only: find which matrices are broken
+        try:
+            L[i], Q[i] = torch.linalg.eigh(A[i])
+            ok[i] = bool(torch.isfinite(L[i]).all() and torch.isfinite(Q[i]).all())
+        except (torch.linalg.LinAlgError, RuntimeError):
+            ok[i] = False
+    return L, Q, ok
+
+
+def inverse_root_eigh(A: torch.Tensor, exponent: float, epsilon: float,
+                      config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + epsilon I)^(-exponent)`` for each matrix of the stack, by eigendecomposition.
+
+    With ``make_positive_semidefinite`` the spectrum is first shifted by ``-min(lambda_min, 0)``
+    (per matrix), which removes round-off negatives from a PSD factor.
+    Returns the roots (in A's dtype) and the per-matrix ``ok`` mask.
+    """
+    if not torch.isfinite(A).all():
+        finite = torch.isfinite(A).flatten(1).all(-1)
+        A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
+    else:
+        finite = None
+    L, Q, ok = _eigh(A, config.retry_in_float64)
+    if config.make_positive_semidefinite:
+        L = L - L.min(dim=-1, keepdim=True).values.clamp(max=0)
+    L = L + epsilon
+    scale = L.pow(-exponent)
+    root = (Q * scale.unsqueeze(-2)) @ Q.mT
+    ok = ok & torch.isfinite(root).flatten(1).all(-1)
+    if finite is not None:
+        ok = ok & finite
+    return root.to(A.dtype), ok
+
+
+def eigenbasis(A: torch.Tensor, config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors of each matrix of the stack (columns), and the per-matrix ``ok`` mask."""
+    finite = torch.isfinite(A).flatten(1).all(-1)
+    A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
+    _, Q, ok = _eigh(A, config.retry_in_float64)
+    return Q.to(A.dtype), ok & finite
+
+
+def inverse_root_newton(A: torch.Tensor, exponent: float, epsilon: float,
+                        config: CoupledNewtonConfig = CoupledNewtonConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + epsilon I)^(-exponent)`` by the coupled Newton iteration, ``exponent = 1/p``, p integer.
+
+    Iterates X_{j+1} = X_j T_j, M_{j+1} = T_j^p M_j with T_j = ((p+1) I - M_j) / p, starting from
+    X_0 = z^(1/p) I, M_0 = z A, z = (1+p) / (2 ||A||_F); M_j -> I and X_j -> A^(-1/p). Matmuls only,
+    batched over the stack; converged matrices are frozen. ``ok`` is False where the residual
+    ``max|M - I|`` did not reach the tolerance or the result is not finite.
+    """
+    p = int(round(1.0 / exponent))
+    B, d, _ = A.shape
+    work = A.to(torch.float64 if A.dtype == torch.float64 else torch.float32)
+    eye = torch.eye(d, dtype=work.dtype, device=A.device).expand(B, d, d)
+    work = work + epsilon * eye
+    norm = torch.linalg.matrix_norm(work).clamp_min(torch.finfo(work.dtype).tiny)
+    z = ((1 + p) / (2 * norm))[:, None, None]
+    X = z.pow(1.0 / p) * eye
+    M = z * work
+    done = torch.zeros(B, dtype=torch.bool, device=A.device)
+    for _ in range(config.max_iterations):
+        residual = (M - eye).abs().flatten(1).amax(-1)
+        done = done | (residual < config.tolerance)
+        if bool(done.all()):
+            break
+        T = ((p + 1) * eye - M) / p
+        X_next = X @ T
+        M_next = torch.linalg.matrix_power(T, p) @ M
+        keep = done[:, None, None]
+        X = torch.where(keep, X, X_next)
+        M = torch.where(keep, M, M_next)
+    residual = (M - eye).abs().flatten(1).amax(-1)
+    ok = (residual < config.tolerance) & torch.isfinite(X).flatten(1).all(-1)
+    return X.to(A.dtype), ok
