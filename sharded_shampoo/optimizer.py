@@ -278,18 +278,21 @@ class ShardedShampoo(Optimizer):
                 raise ValueError(f"ShardedShampoo does not support sparse gradients (parameter "
                                  f"{self._names[i]!r}); use a dense embedding or a sparse optimizer for it.")
             grads[i] = local_tensor(p.grad)
-        flags = torch.zeros(2 * len(self._params), dtype=torch.float32, device=self._device)
+        # one small all-reduce carries, per parameter: has-gradient, non-finite, non-zero
+        P = len(self._params)
+        flags = torch.zeros(3 * P, dtype=torch.float32, device=self._device)
         if grads:
             idx = list(grads)
             flags[idx] = 1.0
+            # max-abs norm: NaN/Inf iff an entry is; a 2-norm overflows for large finite fp16/fp32 grads
+            norms = torch.stack(torch._foreach_norm([grads[i] for i in idx], ord=math.inf)).float()
             if self.nonfinite_grads != "ignore":
-                norms = torch.stack(torch._foreach_norm([grads[i] for i in idx])).float()
-                flags[[len(self._params) + i for i in idx]] = (~torch.isfinite(norms)).float()
+                flags[[P + i for i in idx]] = (~torch.isfinite(norms)).float()
+            flags[[2 * P + i for i in idx]] = (norms != 0).float()
         world = self._mesh_spec.world_size
         if world > 1:
             dist.all_reduce(flags, group=self._process_group)
         flags = flags.tolist()
-        P = len(self._params)
         partial = [self._names[i] for i in range(P) if 0 < flags[i] < world]
         if partial:
             raise RuntimeError(f"parameters {partial} have a gradient on some ranks but not on others; every rank "
@@ -301,6 +304,11 @@ class ShardedShampoo(Optimizer):
                     f"non-finite (NaN/Inf) gradient in parameters {bad}; nothing was updated. Pass "
                     "nonfinite_grads='skip' to skip such steps instead.")
             return grads, set()
+        if all(g["lr"] == 0 for g in self.param_groups) and not any(flags[2 * P:]):
+            # the state-initialisation step (zero lr, zero grads, as torch's get_state_dict and
+            # torchtitan issue it): state already exists, so it must change nothing
+            self.last_step_was_init = True
+            return grads, set()
         active = {i for i in range(P) if flags[i] == world}
         return grads, active
 
@@ -311,6 +319,7 @@ class ShardedShampoo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_structure()
+        self.last_step_was_init = False
         grads, active = self._collect_grads()
         self.last_step_skipped = not active
         if not active:

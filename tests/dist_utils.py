@@ -38,7 +38,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         result = ("error", traceback.format_exc())
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()  # let in-flight gloo work finish before teardown
+            finally:
+                dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 

@@ -1,0 +1,229 @@
+"""Train a small GPT-style byte-level model with FSDP2 and ShardedShampoo (or AdamW).
+
+The text is the Python standard library's own source, so the run needs no download.
+Launch with torchrun (CPU/gloo by default, NCCL when CUDA is available):
+
+    torchrun --nproc-per-node 2 scripts/train.py --steps 60 --optimizer shampoo
+
+The global batch is fixed and split evenly across ranks, and FSDP averages the gradients, so
+the loss curve is the same on any number of processes (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_corpus(max_bytes: int) -> torch.Tensor:
+    """Bytes of the standard library's .py files (sorted, so every rank reads the same text)."""
+    root = os.path.dirname(os.__file__)
+    chunks: list[bytes] = []
+    total = 0
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+
+
+def global_batch(corpus: torch.Tensor, step: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    """The step's global batch of ``batch`` windows of ``seq + 1`` bytes (same on every rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, corpus.numel() - seq - 1, (batch,), generator=g)
+    return torch.stack([corpus[s:s + seq + 1] for s in starts.tolist()])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, dim: int, layers: int, heads: int, seq: int, vocab: int = 256) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(seq, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizer", choices=("shampoo", "adamw"), default="shampoo")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32, help="global batch (split across ranks)")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-3 (shampoo), 1e-3 (adamw)")
+    p.add_argument("--max-preconditioner-dim", type=int, default=512)
+    p.add_argument("--precondition-frequency", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus-bytes", type=int, default=2_000_000)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--plot", default=None, help="write the loss curve to this PNG (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "seq", "dim", "layers", "heads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.dim % args.heads:
+        p.error("--dim must be divisible by --heads")
+    return args
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    from sharded_shampoo import AdamGrafting, ShardedShampoo
+
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.01)
+    return ShardedShampoo(model.named_parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), epsilon=1e-10,
+                          weight_decay=0.01, max_preconditioner_dim=args.max_preconditioner_dim,
+                          precondition_frequency=args.precondition_frequency,
+                          grafting=AdamGrafting(beta2=0.95, epsilon=1e-8))
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initialise the process group if launched by torchrun; return rank, world size, device."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world, torch.device("cuda")
+    return rank, world, torch.device("cpu")
+
+
+def train(args: argparse.Namespace) -> list[float]:
+    """Run the training loop; return the global mean loss of every step (on every rank)."""
+    rank, world, device = setup_distributed()
+    if args.batch % world:
+        raise ValueError(f"--batch {args.batch} must be divisible by the number of processes ({world}).")
+    torch.manual_seed(args.seed)
+    model = TinyGPT(args.dim, args.layers, args.heads, args.seq).to(device)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = build_optimizer(args, model)
+    corpus = load_corpus(args.corpus_bytes)
+    local = args.batch // world
+    losses: list[float] = []
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc=f"{args.optimizer} x{world}", unit="step")
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        batch = global_batch(corpus, step, args.batch, args.seq, args.seed)[rank * local:(rank + 1) * local]
+        batch = batch.to(device)
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+            if device.type != "cuda":
+                mean /= world
+        losses.append(float(mean))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
+            msg = f"step {step:4d}  loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.1f}s)"
+            (bar.write if bar is not None else print)(msg)
+    if bar is not None:
+        bar.close()
+    if rank == 0 and args.plot:
+        save_plot(losses, args)
+    return losses
+
+
+def save_plot(losses: list[float], args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'sharded-shampoo[plot]'", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(losses)), losses, label=args.optimizer)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/byte)")
+    ax.set_title(f"TinyGPT on stdlib source, {args.optimizer}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+    print(f"wrote {args.plot} (final loss {losses[-1]:.4f}, {math.exp(losses[-1]):.2f} perplexity)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # let in-flight gloo work finish before teardown
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
