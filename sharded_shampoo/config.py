@@ -128,7 +128,8 @@ class CoupledNewtonConfig:
     tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+        m = self.max_iterations
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"CoupledNewtonConfig.max_iterations must be an integer >= 1; got {self.max_iterations!r}.")
         _check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
 

@@ -154,10 +154,12 @@ class ShardedShampoo(Optimizer):
             raise NotImplementedError("ShardedShampoo plans blocks and owners once at construction; adding a "
                                       "param group later is not supported. Construct a new optimizer with all "
                                       "groups instead.")
-        names = param_group.pop("param_names", None)
+        # every group carries "param_names" into torch's add_param_group: torch rejects a mix of
+        # groups with and without names (which made a second param group fail)
+        if not param_group.get("param_names"):
+            param_group["param_names"] = [None] * len(param_group["params"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["param_names"] = names or [None] * len(group["params"])
         _validate_group(group)
         for p in group["params"]:
             if p.is_complex():
@@ -239,8 +241,16 @@ class ShardedShampoo(Optimizer):
                                  preconditioner=group["preconditioner"])
 
     def _init_state(self) -> None:
-        """Expose bucket state as per-block views in ``self.state`` and allocate momentum shards."""
+        """Expose bucket state as per-block views in ``self.state`` and allocate momentum shards.
+
+        Every trainable parameter gets an entry, empty on ranks that own none of its blocks, so
+        ``self.state`` is non-empty on every rank: torch's ``_init_optim_state`` (get_state_dict)
+        then skips its init step everywhere instead of stepping (a collective) on some ranks only,
+        and ``set_state_dict(strict=True)`` finds state for every trainable parameter.
+        """
         self.state.clear()
+        for i in self._trainable:
+            self.state[self._params[i]] = {}
         for b, (bi, j) in self._bucket_of_block.items():
             block = self.plan.blocks[b]
             p = self._params[self._block_params[b]]
@@ -284,8 +294,10 @@ class ShardedShampoo(Optimizer):
         if grads:
             idx = list(grads)
             flags[idx] = 1.0
-            # max-abs norm: NaN/Inf iff an entry is; a 2-norm overflows for large finite fp16/fp32 grads
-            norms = torch.stack(torch._foreach_norm([grads[i] for i in idx], ord=math.inf)).float()
+            # max-abs norm: NaN/Inf iff an entry is (a 2-norm overflows for large finite fp16/fp32 grads);
+            # it has no identity, so 0-element grads stand in as one zero
+            norms = torch.stack(torch._foreach_norm([grads[i] if grads[i].numel() else grads[i].new_zeros(1)
+                                                     for i in idx], ord=math.inf)).float()
             if self.nonfinite_grads != "ignore":
                 flags[[P + i for i in idx]] = (~torch.isfinite(norms)).float()
             flags[[2 * P + i for i in idx]] = (norms != 0).float()

@@ -91,6 +91,7 @@ class BlockBucket:
         self.filtered_grad = zeros(B, *self.shape) if hp.beta1 > 0 else None
         self.step = torch.zeros(B, dtype=torch.int64, device=device)
         self.failures = torch.zeros(B, dtype=torch.int64, device=device)
+        self._active_index: Optional[list[int]] = None  # bucket rows of the stacks during a masked step
 
     # ------------------------------------------------------------------ state views
 
@@ -134,11 +135,13 @@ class BlockBucket:
             return torch.zeros_like(G)
         full = self._stacks()
         self._set_stacks([None if s is None else s.index_select(0, idx) for s in full])
+        self._active_index = idx.tolist()
         try:
             P_sub = self._step_all(G.index_select(0, idx), amortized, precondition)
             sub = self._stacks()
         finally:
             self._set_stacks(full)
+            self._active_index = None
         for dst, src in zip(full, sub):
             if dst is not None:
                 dst.index_copy_(0, idx, src)
@@ -184,11 +187,18 @@ class BlockBucket:
             P = self._eigen_corrected_direction(G, M, bc2)
         else:
             P = apply_kronecker(M, self._kron_list(self.roots))
+        bshape = (-1,) + (1,) * len(self.shape)
+        p_norm = P.flatten(1).norm(dim=1)
+        # P == 0 means "no root yet" (zero-initialised roots: the block had no gradient on its
+        # amortized step, or its first root failed); a real root is positive definite, so P == 0
+        # only if M == 0, where the grafting direction is 0 as well. Such blocks use the grafting
+        # direction, as before start_preconditioning_step, instead of 0 * (g_norm / tiny) = NaN.
+        no_root = p_norm == 0
         if hp.grafting is not None:
-            g_norm = graft.flatten(1).norm(dim=1)
-            p_norm = P.flatten(1).norm(dim=1).clamp_min(torch.finfo(P.dtype).tiny)
-            P.mul_((g_norm / p_norm).view((-1,) + (1,) * len(self.shape)))
-        return P
+            scale = torch.where(no_root, torch.zeros_like(p_norm),
+                                graft.flatten(1).norm(dim=1) / p_norm.clamp_min(torch.finfo(P.dtype).tiny))
+            P.mul_(scale.view(bshape))
+        return torch.where(no_root.view(bshape), graft, P)  # no host sync: a where, not an if
 
     def _kron_list(self, mats: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = [None] * len(self.shape)
@@ -211,7 +221,8 @@ class BlockBucket:
 
     def _amortized(self, bc2: torch.Tensor) -> None:
         hp = self.hp
-        all_ok = torch.ones(len(self.blocks), dtype=torch.bool, device=self.device)
+        # sized by the (possibly masked, see step_blocks) stacks, not by the whole bucket
+        all_ok = torch.ones(self.failures.shape[0], dtype=torch.bool, device=self.device)
         for n, i in enumerate(self.factor_dims):
             F_hat = self.factors[n] / bc2.view(-1, 1, 1)
             if self.is_eigen:
@@ -225,7 +236,8 @@ class BlockBucket:
         self.failures.copy_(torch.where(all_ok, torch.zeros_like(self.failures), self.failures + 1))
         limit = hp.preconditioner.max_consecutive_root_failures
         if bool((self.failures >= limit).any()):
-            bad = [b.block_id for b, f in zip(self.blocks, self.failures.tolist()) if f >= limit]
+            rows = self._active_index if self._active_index is not None else range(len(self.blocks))
+            bad = [self.blocks[r].block_id for r, f in zip(rows, self.failures.tolist()) if f >= limit]
             raise RootFailureError(
                 f"the inverse root / eigenbasis of blocks {bad} failed {limit} consecutive times (non-finite "
                 "or non-convergent factors). Raise epsilon, use root=EighRootConfig(retry_in_float64=True), "

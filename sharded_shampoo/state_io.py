@@ -6,6 +6,11 @@ Layout follows ``torch.optim.Optimizer``: ``state`` keyed by the parameter's glo
 objects are stored as plain dicts (``config_to_dict``) so the result loads with
 ``torch.load(weights_only=True)``.
 
+Multi-process: each rank's ``state`` holds only the blocks it owns, and ``momentum`` of a DTensor
+parameter is returned as a DTensor with the parameter's mesh and placements, so the dict works
+with ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, flattened or not):
+every block key exists on exactly one rank and DCP reshards momentum like the parameter.
+
 Loading checks everything first (parameter count, names, block keys, tensor shapes and the
 structural settings) and raises a ValueError naming the first difference; only then are the
 tensors copied in place into the live (stacked) state, so a failed load changes nothing.
@@ -26,9 +31,36 @@ _CONFIG_KEYS = ("grafting", "preconditioner", "blocking")
 _STRUCTURAL = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
 
 
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _momentum_out(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor parameter's momentum as a DTensor over the same storage (so DCP reshards it)."""
+    if not _is_dtensor(p):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _momentum_in(p: torch.Tensor, src: Any) -> Any:
+    """The local shard of a loaded DTensor momentum, laid out like the parameter ``p``."""
+    if not _is_dtensor(src):
+        return src
+    if _is_dtensor(p) and (src.device_mesh != p.device_mesh or tuple(src.placements) != tuple(p.placements)):
+        src = src.redistribute(p.device_mesh, p.placements)
+    return src.to_local() if _is_dtensor(p) else src.full_tensor()
+
+
 def optimizer_state_dict(opt: "ShardedShampoo") -> dict[str, Any]:
     index = {id(p): i for i, p in enumerate(opt._params)}
-    state = {index[id(p)]: dict(s) for p, s in opt.state.items()}
+    state = {}
+    for p, s in opt.state.items():
+        entry = dict(s)
+        if "momentum" in entry:
+            entry["momentum"] = _momentum_out(p, entry["momentum"])
+        state[index[id(p)]] = entry
     groups = []
     for group in opt.param_groups:
         g = {k: (config_to_dict(v) if k in _CONFIG_KEYS else v) for k, v in group.items() if k != "params"}
@@ -79,12 +111,14 @@ def load_optimizer_state(opt: "ShardedShampoo", state_dict: dict[str, Any]) -> N
     saved_state = state_dict["state"]
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     live_keys = {index[id(p)]: _flat_items(s) for p, s in opt.state.items()}
+    inverse = {v: k for k, v in mapping.items()}
     for i in sorted(set(live_keys) | {mapping.get(k, -1) for k in saved_state}):
         if i == -1:
             raise ValueError(f"state dict has state for parameter indices {sorted(set(saved_state) - set(mapping))} "
                              "that belong to no param group.")
-        inverse = {v: k for k, v in mapping.items()}
         saved_flat = _flat_items(saved_state.get(inverse[i], {}))
+        if "momentum" in saved_flat:
+            saved_flat["momentum"] = _momentum_in(opt._params[i], saved_flat["momentum"])
         live_flat = live_keys.get(i, {})
         if set(saved_flat) != set(live_flat):
             missing = sorted(set(live_flat) - set(saved_flat))

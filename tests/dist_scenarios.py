@@ -138,7 +138,15 @@ def scenario_invariance(rank: int, world: int, cases: list[tuple], refs: dict[tu
     out = {}
     for case in cases:
         layout, config, mesh_shape, comm_dtype, skip_every = case
-        params, _ = distributed_run(layout, config, mesh_shape, comm_dtype, skip_every)
+        params, opt = distributed_run(layout, config, mesh_shape, comm_dtype, skip_every)
         out[repr(case)] = max_rel_diff(params, refs[(config, skip_every)])
+        out[repr(case) + ".bytes"] = (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes)
         dist.barrier()
     return out
+
+
+def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
+    """scripts/train.py's loop on this rank (FSDP2 over the world)."""
+    import train
+
+    return train.train(train.parse_args(argv))

@@ -12,6 +12,7 @@ import pickle
 import socket
 import tempfile
 import traceback
+from datetime import timedelta
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
     torch.set_num_threads(1)
     result: Any
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # a bounded timeout turns a mismatched collective into an error instead of a hang
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent
         result = ("error", traceback.format_exc())
