@@ -23,7 +23,7 @@ from .executor import StepExecutor, local_tensor
 from .layout import MeshSpec, ParamSpec
 from .mesh import resolve_mesh
 from .plan import PlanSettings, make_plan
-from .preconditioner import BlockBucket, BucketHyperparams, bucket_key
+from .preconditioner import BlockBucket, BucketHyperparams, RootFailureError, bucket_key
 from .routing import build_schedule
 from .state_io import load_optimizer_state, optimizer_state_dict
 
@@ -350,22 +350,48 @@ class ShardedShampoo(Optimizer):
                                              [local_tensor(self._params[i]) for i in idx], alpha=wd)
                     grads.update(zip(idx, new))
         stacks = self._executor.gather(grads)
+        schedule = [self._schedule(group) for group in self.param_groups]
         directions = []
         for bi, (bucket, G) in enumerate(zip(self._buckets, stacks)):
-            group = self.param_groups[self._bucket_group[bi]]
-            bucket.hp = self._hyperparams(group)
-            t = group["step"] + 1
-            freq = group["precondition_frequency"]
-            start = group["start_preconditioning_step"] or freq
-            amortized = t >= start and (t % freq == 0 or t == start)
+            gi = self._bucket_group[bi]
+            bucket.hp = self._hyperparams(self.param_groups[gi])
+            amortized, precondition = schedule[gi]
             mask = torch.tensor([self._block_params[b] in active for b in self._bucket_members[bi]],
                                 device=self._device) if len(active) < len(self._trainable) else None
-            directions.append(bucket.step_blocks(G, mask, t, amortized, precondition=t >= start))
+            directions.append(bucket.step_blocks(G, mask, self.param_groups[gi]["step"] + 1, amortized,
+                                                 precondition))
         updates = self._executor.scatter(directions, active)
         self._apply(updates)
         for group in self.param_groups:
             group["step"] += 1
+        if any(a for a, _ in schedule):
+            self._raise_on_exhausted_roots()
         return loss
+
+    @staticmethod
+    def _schedule(group: dict[str, Any]) -> tuple[bool, bool]:
+        """(amortized step?, precondition?) for the group's next step; the same on every rank."""
+        t = group["step"] + 1
+        freq = group["precondition_frequency"]
+        start = group["start_preconditioning_step"] or freq
+        return t >= start and (t % freq == 0 or t == start), t >= start
+
+    def _raise_on_exhausted_roots(self) -> None:
+        """After a completed amortized step: raise on every rank if any owner hit the failure limit."""
+        exhausted = [b for bucket in self._buckets for b in bucket.exhausted]
+        limits = sorted({bk.hp.preconditioner.max_consecutive_root_failures for bk in self._buckets if bk.exhausted})
+        for bucket in self._buckets:
+            bucket.exhausted = []
+        count = torch.tensor([float(len(exhausted))], device=self._device)
+        if self._mesh_spec.world_size > 1:
+            dist.all_reduce(count, group=self._process_group)
+        if count.item() > 0:
+            where = f"blocks {exhausted}" if exhausted else f"{int(count.item())} blocks owned by other ranks"
+            raise RootFailureError(
+                f"the inverse root / eigenbasis of {where} failed max_consecutive_root_failures={limits or '?'} "
+                "times in a row "
+                "(non-finite or non-convergent factors). This step was applied with the previous roots. Raise "
+                "epsilon, lower the learning rate, or raise max_consecutive_root_failures.")
 
     def _apply(self, updates: list) -> None:
         """Decoupled weight decay, momentum/Nesterov and the lr step on this rank's shards, per group."""

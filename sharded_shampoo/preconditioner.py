@@ -92,6 +92,7 @@ class BlockBucket:
         self.step = torch.zeros(B, dtype=torch.int64, device=device)
         self.failures = torch.zeros(B, dtype=torch.int64, device=device)
         self._active_index: Optional[list[int]] = None  # bucket rows of the stacks during a masked step
+        self.exhausted: list[str] = []  # blocks that reached max_consecutive_root_failures this step
 
     # ------------------------------------------------------------------ state views
 
@@ -236,12 +237,9 @@ class BlockBucket:
         self.failures.copy_(torch.where(all_ok, torch.zeros_like(self.failures), self.failures + 1))
         limit = hp.preconditioner.max_consecutive_root_failures
         if bool((self.failures >= limit).any()):
+            # recorded, not raised: the optimizer finishes the step on every rank, then raises
             rows = self._active_index if self._active_index is not None else range(len(self.blocks))
-            bad = [self.blocks[r].block_id for r, f in zip(rows, self.failures.tolist()) if f >= limit]
-            raise RootFailureError(
-                f"the inverse root / eigenbasis of blocks {bad} failed {limit} consecutive times (non-finite "
-                "or non-convergent factors). Raise epsilon, use root=EighRootConfig(retry_in_float64=True), "
-                "lower the learning rate, or raise max_consecutive_root_failures.")
+            self.exhausted.extend(self.blocks[r].block_id for r, f in zip(rows, self.failures.tolist()) if f >= limit)
 
     def _update_corrected_eigenvalues(self, G: torch.Tensor) -> None:
         """D <- beta2 D + (1 - beta2) (G rotated into the current eigenbasis)^2 (sum when beta2 == 1)."""

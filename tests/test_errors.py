@@ -334,9 +334,6 @@ def test_nonfinite_factor_keeps_previous_root_counts_and_raises():
     assert "v.block_0" not in str(info.value) and "3" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RootFailureError is raised from inside the bucket loop after "
-                   "earlier buckets (and the failing bucket's factors/step counters) were already advanced, "
-                   "while parameters and the group step were not: the step is half-applied")
 def test_root_failure_error_leaves_a_consistent_state():
     params = _params()
     opt = _root_opt(params)
