@@ -7,6 +7,13 @@ Launch with torchrun (CPU/gloo by default, NCCL when CUDA is available):
 
 The global batch is fixed and split evenly across ranks, and FSDP averages the gradients, so
 the loss curve is the same on any number of processes (up to float rounding).
+
+Checkpoints (``sharded_shampoo.checkpointing``, DCP) can be saved with one number of processes
+and resumed with another; the batch of a step is a function of the step index, so a resumed
+run continues exactly where the saved one stopped:
+
+    torchrun --nproc-per-node 2 scripts/train.py --steps 40 --save-every 20 --checkpoint-dir ckpt
+    python scripts/train.py --steps 60 --resume ckpt        # 1 process, steps 40..59
 """
 
 from __future__ import annotations
@@ -103,15 +110,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 (shampoo), 1e-3 (adamw)")
     p.add_argument("--max-preconditioner-dim", type=int, default=512)
     p.add_argument("--precondition-frequency", type=int, default=10)
+    p.add_argument("--epsilon", type=float, default=1e-10, help="Shampoo's epsilon (root regulariser)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint every N steps (and after the last step) into --checkpoint-dir")
+    p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
+                   help="where --save-every writes step_N/ directories and the 'latest' pointer")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="resume from a checkpoint directory (its 'latest') or one step_N directory; "
+                        "works with any number of processes")
+    p.add_argument("--async-save", action="store_true",
+                   help="save with dcp.async_save; training continues while the checkpoint is written")
+    p.add_argument("--keep-last", type=int, default=None, metavar="K",
+                   help="keep only the K newest checkpoints")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "seq", "dim", "layers", "heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.save_every < 0:
+        p.error("--save-every must be >= 0 (0: no checkpoints)")
+    if args.keep_last is not None and args.keep_last < 1:
+        p.error("--keep-last must be >= 1")
     if args.dim % args.heads:
         p.error("--dim must be divisible by --heads")
     return args
@@ -122,7 +145,7 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
 
     if args.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.01)
-    return ShardedShampoo(model.named_parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), epsilon=1e-10,
+    return ShardedShampoo(model.named_parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), epsilon=args.epsilon,
                           weight_decay=0.01, max_preconditioner_dim=args.max_preconditioner_dim,
                           precondition_frequency=args.precondition_frequency,
                           grafting=AdamGrafting(beta2=0.95, epsilon=1e-8))
@@ -142,7 +165,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def train(args: argparse.Namespace) -> list[float]:
-    """Run the training loop; return the global mean loss of every step (on every rank)."""
+    """Run the training loop; return the global mean loss of every step it ran (on every rank).
+
+    With ``--resume`` the loop starts at the checkpoint's step, so the list covers steps
+    ``[start, --steps)``.
+    """
     rank, world, device = setup_distributed()
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the number of processes ({world}).")
@@ -157,6 +184,18 @@ def train(args: argparse.Namespace) -> list[float]:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = build_optimizer(args, model)
+    start = 0
+    if args.resume:
+        from sharded_shampoo.checkpointing import load_checkpoint
+
+        run = load_checkpoint(args.resume, model, opt, extra=run_identity(args, 0))
+        if {k: v for k, v in run.items() if k != "step"} != {k: v for k, v in run_identity(args, 0).items()
+                                                             if k != "step"}:
+            raise ValueError(f"--resume {args.resume}: the checkpoint was written with other data settings "
+                             f"{run}; pass the same --seed/--batch/--seq/--corpus-bytes to resume exactly.")
+        start = int(run["step"])
+        if rank == 0:
+            print(f"resumed from {args.resume} at step {start} on {world} process(es)")
     corpus = load_corpus(args.corpus_bytes)
     local = args.batch // world
     losses: list[float] = []
@@ -164,9 +203,10 @@ def train(args: argparse.Namespace) -> list[float]:
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, desc=f"{args.optimizer} x{world}", unit="step")
+        bar = tqdm(total=args.steps, initial=start, desc=f"{args.optimizer} x{world}", unit="step")
     t0 = time.perf_counter()
-    for step in range(args.steps):
+    handle = None
+    for step in range(start, args.steps):
         batch = global_batch(corpus, step, args.batch, args.seq, args.seed)[rank * local:(rank + 1) * local]
         batch = batch.to(device)
         logits = model(batch[:, :-1])
@@ -186,11 +226,31 @@ def train(args: argparse.Namespace) -> list[float]:
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
             msg = f"step {step:4d}  loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.1f}s)"
             (bar.write if bar is not None else print)(msg)
+        if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            handle = save_step(args, step + 1, model, opt)
+    if handle is not None:
+        handle.wait()   # an async save publishes its checkpoint ('latest') here
     if bar is not None:
         bar.close()
     if rank == 0 and args.plot:
         save_plot(losses, args)
     return losses
+
+
+def run_identity(args: argparse.Namespace, step: int) -> dict[str, int]:
+    """What a checkpoint records next to model and optimizer: the step index and the data settings."""
+    return {"step": step, "seed": args.seed, "batch": args.batch, "seq": args.seq, "corpus_bytes": args.corpus_bytes}
+
+
+def save_step(args: argparse.Namespace, step: int, model: nn.Module, opt: torch.optim.Optimizer):
+    """Save the state after ``step`` steps as ``--checkpoint-dir/step_{step}`` (collective)."""
+    from sharded_shampoo.checkpointing import save_checkpoint
+
+    handle = save_checkpoint(args.checkpoint_dir, step, model, opt, extra=run_identity(args, step),
+                             async_=args.async_save, keep_last=args.keep_last)
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not args.async_save:
+        print(f"saved {handle.path}")
+    return handle
 
 
 def save_plot(losses: list[float], args: argparse.Namespace) -> None:

@@ -1,0 +1,149 @@
+"""What a checkpoint must agree on with the optimizer that loads it, and a readable diff.
+
+The *description* (:func:`describe`) records, for a ``ShardedShampoo``, everything that decides
+the block plan and the state layout -- trainable parameter names, global shapes and param-group
+membership, and per group ``max_preconditioner_dim``, ``preconditioner``, ``grafting``,
+``blocking``, whether ``betas[0] > 0`` and whether ``momentum > 0`` -- plus the block plan
+itself (ids, shapes, exponents). Its *fingerprint* is a hash of exactly that. Owners, the world
+size and the mesh are recorded for information only and are not part of the fingerprint: they
+change when a run resumes on another number of ranks, and the loader re-plans them.
+
+Settings outside the description (``lr``, ``betas`` values, ``epsilon``, ``weight_decay``,
+``momentum``/``dampening`` values, ``use_nesterov``, ``precondition_frequency``,
+``start_preconditioning_step``, ``use_bias_correction``, ``comm_dtype``, ``nonfinite_grads``,
+parameter dtypes and placements) may change across a resume.
+
+:func:`check_compatible` compares a saved description with the live one and raises
+:class:`IncompatibleCheckpointError` naming the first things that differ. It is pure (no
+tensors, no communication), so the loaders call it before any state is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from sharded_shampoo.config import config_from_dict, config_to_dict
+
+if TYPE_CHECKING:
+    from sharded_shampoo import ShardedShampoo
+
+FORMAT = "sharded-shampoo.checkpoint/1"
+#: per-group settings that decide the block plan or the state layout
+STRUCTURAL_KEYS = ("max_preconditioner_dim", "preconditioner", "grafting", "blocking", "has_beta1",
+                   "has_momentum")
+_CONFIG_KEYS = ("preconditioner", "grafting", "blocking")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint was written with other parameter shapes or structural optimizer settings."""
+
+
+def _canonical(obj: Any) -> Any:
+    """``config_to_dict`` output with mapping entries sorted, so equal configs hash equally."""
+    if isinstance(obj, dict):
+        if "__mapping__" in obj:
+            items = [[_canonical(k), _canonical(v)] for k, v in obj["__mapping__"]]
+            return {"__mapping__": sorted(items, key=lambda kv: json.dumps(kv, sort_keys=True))}
+        return {k: _canonical(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def describe(opt: "ShardedShampoo") -> dict[str, Any]:
+    """The JSON-safe description of ``opt`` that a checkpoint records (see the module doc)."""
+    groups = []
+    for g in opt.param_groups:
+        groups.append({
+            "max_preconditioner_dim": g["max_preconditioner_dim"],
+            "preconditioner": _canonical(config_to_dict(g["preconditioner"])),
+            "grafting": _canonical(config_to_dict(g["grafting"])),
+            "blocking": _canonical(config_to_dict(g["blocking"])),
+            "has_beta1": bool(g["betas"][0] > 0),
+            "has_momentum": bool(g["momentum"] > 0),
+        })
+    params = [{"name": opt._names[i], "shape": list(opt._specs[i].shape), "group": opt._group_of[i]}
+              for i in opt._trainable]
+    blocks = [[b.block_id, list(b.shape), list(b.exponents)] for b in opt.plan.blocks]
+    structure = {"params": params, "groups": groups, "blocks": blocks}
+    digest = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "format": FORMAT,
+        "fingerprint": digest,
+        "params": params,
+        "groups": groups,
+        "num_blocks": len(blocks),
+        # informational only (not fingerprinted): the layout this checkpoint was written from
+        "mesh_shape": list(opt._mesh_spec.shape),
+        "world_size": opt._mesh_spec.world_size,
+    }
+
+
+def fingerprint(opt: "ShardedShampoo") -> str:
+    return describe(opt)["fingerprint"]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict) and ("__config__" in value or "__dtype__" in value or "__mapping__" in value):
+        return repr(config_from_dict(value))
+    return repr(value)
+
+
+def differences(saved: dict[str, Any], live: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two descriptions, most fundamental first."""
+    out: list[str] = []
+    s_params = {p["name"]: p for p in saved.get("params", [])}
+    l_params = {p["name"]: p for p in live["params"]}
+    missing = [n for n in l_params if n not in s_params]
+    extra = [n for n in s_params if n not in l_params]
+    if missing:
+        out.append(f"trainable parameters {missing} have no state in the checkpoint (absent or frozen when it "
+                   "was saved)")
+    if extra:
+        out.append(f"the checkpoint has state for parameters {extra} that this optimizer does not train")
+    for name, lp in l_params.items():
+        sp = s_params.get(name)
+        if sp is None:
+            continue
+        if list(sp["shape"]) != list(lp["shape"]):
+            out.append(f"parameter {name!r} has global shape {tuple(sp['shape'])} in the checkpoint but "
+                       f"{tuple(lp['shape'])} now")
+        if sp["group"] != lp["group"]:
+            out.append(f"parameter {name!r} is in param group {sp['group']} in the checkpoint but in group "
+                       f"{lp['group']} now")
+    if [n for n in s_params] != [n for n in l_params] and not missing and not extra:
+        out.append("trainable parameters are in another order than in the checkpoint")
+    s_groups, l_groups = saved.get("groups", []), live["groups"]
+    if len(s_groups) != len(l_groups):
+        out.append(f"the checkpoint has {len(s_groups)} param groups, the optimizer {len(l_groups)}")
+    for gi, (sg, lg) in enumerate(zip(s_groups, l_groups)):
+        for key in STRUCTURAL_KEYS:
+            if _canonical(sg.get(key)) != _canonical(lg.get(key)):
+                what = {"has_beta1": "betas[0] > 0", "has_momentum": "momentum > 0"}.get(key, key)
+                out.append(f"param group {gi}: {what} differs (checkpoint {_fmt(sg.get(key))}, optimizer "
+                           f"{_fmt(lg.get(key))})")
+    if not out and saved.get("fingerprint") != live["fingerprint"]:
+        out.append(f"the block plan differs (checkpoint {saved.get('num_blocks')} blocks, fingerprint "
+                   f"{saved.get('fingerprint')}; optimizer {live['num_blocks']} blocks, fingerprint "
+                   f"{live['fingerprint']})")
+    return out
+
+
+def check_compatible(saved: dict[str, Any] | None, live: dict[str, Any], where: str = "checkpoint") -> None:
+    """Raise :class:`IncompatibleCheckpointError` unless ``saved`` describes the same plan as ``live``."""
+    if saved is None:
+        raise IncompatibleCheckpointError(
+            f"{where} has no ShardedShampoo description (it was not written by sharded_shampoo.checkpointing "
+            "or by a TrainState); load it with torch.distributed.checkpoint and set_state_dict directly.")
+    if saved.get("format") != FORMAT:
+        raise IncompatibleCheckpointError(f"{where} has format {saved.get('format')!r}; this version reads "
+                                          f"{FORMAT!r}.")
+    if saved.get("fingerprint") == live["fingerprint"]:
+        return
+    diffs = differences(saved, live)
+    raise IncompatibleCheckpointError(
+        f"{where} does not match this optimizer: " + "; ".join(diffs) + ". These settings decide the block plan "
+        "and the state layout and must be the same when resuming (lr, betas values, epsilon, weight_decay, "
+        "precondition_frequency, start_preconditioning_step, the number of ranks and the mesh may change).")

@@ -1,0 +1,109 @@
+"""``TrainState``: the model and its optimizer as one DCP ``Stateful``.
+
+``dcp.save({"app": TrainState(model, opt)}, checkpoint_id=path)`` and the matching
+``dcp.load`` work directly; :mod:`.storage` builds the crash-safe save/load pair on top.
+
+The state dict is torch's own ``get_state_dict(model, optimizer)`` (FSDP2/HSDP DTensors for
+the model, the optimizer's FQN-keyed state, flattened or nested) plus two small entries:
+
+- ``shampoo_meta``: the JSON description of the block plan and structural settings
+  (:func:`.compat.describe`), written once (every rank has the same value, DCP dedups it);
+- ``shampoo_plan_<fingerprint>``: a guard entry whose *key* carries the fingerprint. Loading
+  requests the live optimizer's guard key, so DCP's load planning -- which runs on every rank
+  before any byte is read -- fails with "Missing key ... shampoo_plan_<fp>" when the plan or a
+  structural setting differs, and no live tensor is touched even though DCP loads in place.
+  :func:`.storage.load_checkpoint` checks the description first and raises a readable
+  :class:`.compat.IncompatibleCheckpointError` instead.
+
+ShardedShampoo's block state keys are ``optim.state.{fqn}.block_{i}.{kind}`` (the same in the
+flattened and the nested layout), momentum is ``optim.state.{fqn}.momentum`` (a DTensor shaped
+like the parameter); no key contains a rank or a world size. Each block exists on its owner
+only, so DCP writes it exactly once, and on load every rank requests the blocks it owns under
+the *new* plan, which is how a checkpoint resumes on another world size or mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from sharded_shampoo import ShardedShampoo
+
+from .compat import check_compatible, describe
+
+META_KEY = "shampoo_meta"
+GUARD_PREFIX = "shampoo_plan_"
+HYPERPARAMETER_MODES = ("checkpoint", "current")
+#: param-group entries that are state, never "hyperparameters" kept from the live optimizer
+_GROUP_STATE_KEYS = ("params", "param_names", "step")
+
+
+class TrainState(Stateful):
+    """Model + optimizer (+ small ``extra`` values such as the step index) for DCP.
+
+    Args:
+        model: the (FSDP2/HSDP-wrapped or plain) module.
+        optimizer: a ``ShardedShampoo`` (fingerprinted and checked) or any torch optimizer.
+        extra: plain values saved next to them (ints, floats, strings, tensors); after a load,
+            ``self.extra`` holds the checkpoint's values for the keys given here.
+        flatten_optimizer_state_dict: passed to ``StateDictOptions``; load with the value the
+            checkpoint was saved with (``storage.load_checkpoint`` detects it).
+        hyperparameters: ``"checkpoint"`` (torch's convention: lr, betas, ... come back from the
+            checkpoint) or ``"current"`` (keep the live param-group values, e.g. a new lr or
+            precondition_frequency; step counters and statistics still come from the checkpoint).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 extra: Optional[Mapping[str, Any]] = None, flatten_optimizer_state_dict: bool = True,
+                 hyperparameters: str = "checkpoint") -> None:
+        if hyperparameters not in HYPERPARAMETER_MODES:
+            raise ValueError(f"TrainState.hyperparameters must be one of {HYPERPARAMETER_MODES}; "
+                             f"got {hyperparameters!r}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.flatten_optimizer_state_dict = flatten_optimizer_state_dict
+        self.hyperparameters = hyperparameters
+
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(flatten_optimizer_state_dict=self.flatten_optimizer_state_dict)
+
+    def describe(self) -> Optional[dict[str, Any]]:
+        """The optimizer's plan description, or None for optimizers other than ShardedShampoo."""
+        return describe(self.optimizer) if isinstance(self.optimizer, ShardedShampoo) else None
+
+    def guard_key(self) -> Optional[str]:
+        meta = self.describe()
+        return None if meta is None else GUARD_PREFIX + meta["fingerprint"]
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        out: dict[str, Any] = {}
+        meta = self.describe()
+        if meta is not None:
+            # first: DCP's load planning reports the first missing key, so a mismatch names the guard
+            out[GUARD_PREFIX + meta["fingerprint"]] = meta["fingerprint"]
+            out[META_KEY] = json.dumps(meta, sort_keys=True)
+        out.update(model=model_sd, optim=optim_sd, extra=dict(self.extra))
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = self.describe()
+        if meta is not None:
+            raw = state_dict.get(META_KEY)
+            check_compatible(json.loads(raw) if isinstance(raw, str) and raw else None, meta)
+        keep = None
+        if self.hyperparameters == "current":
+            keep = [{k: v for k, v in g.items() if k not in _GROUP_STATE_KEYS} for g in self.optimizer.param_groups]
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"], options=self._options())
+        if keep is not None:
+            for group, values in zip(self.optimizer.param_groups, keep):
+                group.update(values)
+        self.extra.update({k: v for k, v in state_dict.get("extra", {}).items() if k in self.extra})

@@ -1,0 +1,175 @@
+"""Checkpoint benchmark: save/load time and size of the benchmark model + ShardedShampoo with DCP.
+
+The model is ``bench_step.build_model()`` (the ~20M-parameter Linear stack of the step
+benchmark) with the step benchmark's optimizer settings. Run it on one process or sharded with
+FSDP2 under torchrun; it reports, in one run:
+
+- sync save time (median of ``--repeats``; ``save_checkpoint``: DCP write + fsync + publish),
+  async save time until ``save_checkpoint`` returns (staging copy) and until ``wait()``;
+- load time into freshly built model + optimizer (``load_checkpoint``);
+- checkpoint size on disk, split into model, optimizer state and small objects, and the
+  optimizer-state tensor bytes per rank file against the planner's analytic per-rank
+  ``optimizer_state_bytes`` (they must be equal: each rank writes exactly the blocks it owns
+  and its momentum shards; the on-disk excess is torch.save's per-tensor framing).
+
+    python scripts/bench_checkpoint.py [--dir /tmp/bench_ckpt] [--repeats 3] [--markdown]
+    torchrun --nproc-per-node 2 scripts/bench_checkpoint.py --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import build_model  # noqa: E402  (the step benchmark's model)
+
+from sharded_shampoo import AdamGrafting, ShardedShampoo  # noqa: E402
+from sharded_shampoo.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+
+
+def build(args: argparse.Namespace, world: int) -> tuple[torch.nn.Module, ShardedShampoo]:
+    model = build_model()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    opt = ShardedShampoo(model.named_parameters(), lr=1e-4, betas=(0.9, 0.999), epsilon=1e-8,
+                         momentum=args.momentum, max_preconditioner_dim=args.max_preconditioner_dim,
+                         precondition_frequency=100, grafting=AdamGrafting())
+    return model, opt
+
+
+def one_step(model: torch.nn.Module, opt: ShardedShampoo) -> None:
+    from torch.distributed.tensor import distribute_tensor
+
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        grad = torch.randn(p.shape, generator=g) * 1e-2
+        p.grad = distribute_tensor(grad, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else grad
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def timed(fn: Any) -> float:
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    if dist.is_initialized():
+        dist.barrier()
+    return time.perf_counter() - t0
+
+
+def sizes(path: str) -> dict[str, Any]:
+    """Bytes on disk by kind, from DCP's metadata (tensor payload and stored length per item)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(path).read_metadata()
+    payload: dict[str, int] = defaultdict(int)
+    stored: dict[str, int] = defaultdict(int)
+    optim_payload_by_file: dict[str, int] = defaultdict(int)
+    for index, info in md.storage_data.items():
+        key = index.fqn
+        kind = "optim" if key.startswith("app.optim.state.") else "model" if key.startswith("app.model.") else "other"
+        stored[kind] += info.length
+        meta = md.state_dict_metadata[key]
+        if isinstance(meta, TensorStorageMetadata):
+            itemsize = torch.empty((), dtype=meta.properties.dtype).element_size()
+            chunk = next(c for c in meta.chunks if tuple(c.offsets) == tuple(index.offset or ()))
+            numel = 1
+            for s in chunk.sizes:
+                numel *= s
+            payload[kind] += numel * itemsize
+            if kind == "optim":
+                optim_payload_by_file[info.relative_path] += numel * itemsize
+    files = {name: os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)}
+    return {"payload": dict(payload), "stored": dict(stored), "files": files,
+            "optim_by_file": dict(optim_payload_by_file), "total": sum(files.values())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", default="/tmp/bench_checkpoint")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-preconditioner-dim", type=int, default=512)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--markdown", action="store_true", help="print a markdown section for docs/benchmarks.md")
+    args = p.parse_args()
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(0)
+    if rank == 0:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        shutil.rmtree(args.dir + "_async", ignore_errors=True)
+    model, opt = build(args, world)
+    one_step(model, opt)
+
+    saves = [timed(lambda s=s: save_checkpoint(args.dir, s, model, opt, keep_last=1)) for s in range(args.repeats)]
+    path = os.path.join(args.dir, f"step_{args.repeats - 1}")
+    handle_box: list[Any] = []
+    t_async_return = timed(lambda: handle_box.append(save_checkpoint(args.dir + "_async", 0, model, opt,
+                                                                     async_=True)))
+    t_async_total = t_async_return + timed(lambda: handle_box[0].wait())
+    model2, opt2 = build(args, world)
+    loads = [timed(lambda: load_checkpoint(path, model2, opt2)) for _ in range(args.repeats)]
+    info = sizes(path)
+    analytic = [r.optimizer_state_bytes for r in opt.plan.ranks]
+    if rank == 0:
+        n_params = sum(q.numel() for q in model.parameters())
+        cmd = ("torchrun --nproc-per-node %d " % world if world > 1 else "python ") + "scripts/bench_checkpoint.py " + \
+            " ".join(sys.argv[1:])
+        mb = 1 / 2 ** 20
+        lines = [
+            f"### {world} process{'es' if world > 1 else ''} ({'FSDP2' if world > 1 else 'no process group'})",
+            "",
+            f"`{cmd.strip()}` -- model {n_params / 1e6:.1f}M parameters, {len(opt.plan.blocks)} blocks, "
+            f"max_preconditioner_dim={args.max_preconditioner_dim}, momentum={args.momentum}, "
+            f"torch threads {torch.get_num_threads()}",
+            "",
+            "| measurement | value |",
+            "|---|---|",
+            f"| save (sync, median of {args.repeats}) | {statistics.median(saves):.2f} s |",
+            f"| async save: blocking part (staging copy) | {t_async_return:.2f} s |",
+            f"| async save: until `wait()` published it | {t_async_total:.2f} s |",
+            f"| load (median of {args.repeats}) | {statistics.median(loads):.2f} s |",
+            f"| checkpoint on disk (all files) | {info['total'] * mb:.1f} MiB |",
+            f"| model tensors: payload / stored | {info['payload'].get('model', 0) * mb:.1f} / "
+            f"{info['stored'].get('model', 0) * mb:.1f} MiB |",
+            f"| optimizer state tensors: payload / stored | {info['payload'].get('optim', 0) * mb:.1f} / "
+            f"{info['stored'].get('optim', 0) * mb:.1f} MiB |",
+            f"| planner's analytic optimizer state (sum over ranks) | {sum(analytic) * mb:.1f} MiB |",
+            f"| other objects (param groups, plan description) stored | {info['stored'].get('other', 0) / 1024:.1f} "
+            "KiB |",
+            "",
+            "| rank | optimizer-state bytes in its file | planner's analytic bytes | equal |",
+            "|---|---|---|---|",
+        ]
+        for r in range(world):
+            written = info["optim_by_file"].get(f"__{r}_0.distcp", 0)
+            lines.append(f"| {r} | {written:,} | {analytic[r]:,} | {'yes' if written == analytic[r] else 'NO'} |")
+        text = "\n".join(lines)
+        print(text if args.markdown else text.replace("`", ""))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Multi-process DCP checkpoints: resharding across world sizes and meshes, async and killed saves.
+
+Four launches (4, 2, 3 and 2 ranks) share one directory of checkpoints; every resumed run is
+compared with the uninterrupted single-process run after 10 more steps (fp32: <= 1e-6).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from torch.distributed.checkpoint import FileSystemReader
+
+import ckpt_scenarios as cs
+from dist_utils import run_ranks
+from sharded_shampoo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+
+BOUND = 1e-6
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict[str, dict]:
+    return {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected")}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("ckpts"))
+
+
+@pytest.fixture(scope="module")
+def four(root: str, refs: dict) -> list[dict]:
+    return run_ranks(4, cs.scenario_four, root, refs)
+
+
+@pytest.fixture(scope="module")
+def two(root: str, refs: dict, four: list[dict]) -> list[dict]:
+    # D: written by a single process without any process group (1 -> 2)
+    model, opt = cs.build("single", "eigen_corrected")
+    cs.feed(model, opt, 0, cs.SAVE_AT)
+    save_checkpoint(os.path.join(root, "D"), cs.SAVE_AT, model, opt, extra={"step": cs.SAVE_AT})
+    return run_ranks(2, cs.scenario_two, root, refs)
+
+
+def test_hsdp_2x2_to_fsdp_4(four: list[dict]) -> None:
+    diffs = [r["hsdp2x2->fsdp4"] for r in four]
+    assert max(diffs) <= BOUND, diffs
+
+
+def test_each_rank_writes_only_its_blocks_and_shards(root: str, four: list[dict]) -> None:
+    owners = four[0]["owners_A"]
+    assert all(r["owners_A"] == owners for r in four)  # the plan is the same on every rank
+    md = FileSystemReader(latest_checkpoint(os.path.join(root, "A"))).read_metadata()
+    files: dict[str, set[str]] = {}
+    for index, info in md.storage_data.items():
+        files.setdefault(index.fqn, set()).add(info.relative_path)
+    block_keys = [k for k in md.state_dict_metadata if ".block_" in k]
+    assert block_keys and not any("rank" in k or "world" in k for k in md.state_dict_metadata)
+    for key in block_keys:
+        block_id = key.split("app.optim.state.", 1)[1].rsplit(".", 1)[0]
+        assert files[key] == {f"__{owners[block_id]}_0.distcp"}, (key, files[key])
+    # every owned block appears exactly once in the checkpoint
+    assert {k.split("app.optim.state.", 1)[1].rsplit(".", 1)[0] for k in block_keys} == set(owners)
+    # momentum is one global tensor assembled from 4 row shards written by their holders
+    mom = md.state_dict_metadata["app.optim.state.inp.weight.momentum"]
+    assert tuple(mom.size) == (33, 12) and len(mom.chunks) == 4
+    assert files["app.optim.state.inp.weight.momentum"] == {f"__{r}_0.distcp" for r in range(4)}
+    # HSDP: the replicated shards of momentum are written once, not once per replica
+    md_b = FileSystemReader(latest_checkpoint(os.path.join(root, "B"))).read_metadata()
+    assert len(md_b.state_dict_metadata["app.optim.state.inp.weight.momentum"].chunks) == 2
+
+
+def test_rank_without_blocks_get_state_dict_and_init_step(four: list[dict]) -> None:
+    owned = [r["owned_blocks"] for r in four]
+    assert sum(owned) == 1 and owned.count(0) == 3, owned
+    assert all(r["small_roundtrip_unchanged"] for r in four)
+    assert all(r["init_step_flag"] and r["init_step_unchanged"] for r in four)
+
+
+@pytest.mark.parametrize("how", ["pair", "raw_nested", "raw_flat"])
+def test_fsdp_4_to_2(two: list[dict], how: str) -> None:
+    diffs = [r[f"fsdp4->fsdp2 {how}"] for r in two]
+    assert max(diffs) <= BOUND, diffs
+
+
+def test_single_process_to_fsdp_2(two: list[dict]) -> None:
+    diffs = [r["single->fsdp2"] for r in two]
+    assert max(diffs) <= BOUND, diffs
+
+
+def test_async_save_stages_then_publishes_on_wait(two: list[dict]) -> None:
+    for r in two:
+        assert r["latest_before_wait"] is None
+        assert r["latest_after_wait"] == "step_10"
+        assert r["async_snapshot_equal"]
+
+
+def test_incompatible_load_fails_on_every_rank_before_touching_state(two: list[dict]) -> None:
+    for r in two:
+        e = r["errors"]
+        assert e["max_dim"] is not None and "max_preconditioner_dim differs (checkpoint 16, optimizer 8)" in e["max_dim"]
+        assert e["kind"] is not None and "preconditioner differs" in e["kind"] and "EigenvalueCorrected" in e["kind"]
+        for case in ("max_dim", "kind"):
+            assert e[case + " dcp"] is not None and "shampoo_plan_" in e[case + " dcp"]
+            assert e[case + " unchanged"]
+
+
+def test_fsdp_2_to_3_from_async_checkpoint(root: str, refs: dict, two: list[dict]) -> None:
+    diffs = [r["fsdp2->fsdp3"] for r in run_ranks(3, cs.scenario_three, root, refs)]
+    assert max(diffs) <= BOUND, diffs
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_fsdp_4_to_single_process(root: str, refs: dict, four: list[dict]) -> None:
+    assert cs.resume_diff("single", "root_inverse", (1,), os.path.join(root, "A"), refs["root_inverse"]) <= BOUND
+    assert cs.resume_diff("single", "root_inverse", (1,), os.path.join(root, "A_raw_nested"), refs["root_inverse"],
+                          how="raw_nested") <= BOUND
+
+
+def test_killed_save_leaves_previous_checkpoint_and_pointer(tmp_path) -> None:
+    root = str(tmp_path)
+    with pytest.raises(Exception):
+        run_ranks(2, cs.scenario_killed_save, root)
+    assert open(os.path.join(root, "latest")).read().strip() == "step_5"
+    assert os.path.isdir(os.path.join(root, "step_10.tmp"))          # the interrupted save ...
+    assert not os.path.exists(os.path.join(root, "step_10"))         # ... was never published
+    assert not os.path.exists(os.path.join(root, "step_10.tmp", ".metadata"))
+    # the previous checkpoint loads (here on 1 process) and is exactly the 5-step state
+    ref_params, ref_opt = cs.reference("root_inverse", 5)
+    model, opt = cs.build("single", "root_inverse")
+    assert load_checkpoint(root, model, opt, extra={"step": -1}) == {"step": 5}
+    # 2 ranks vs 1 process: float rounding only (the step is world-size invariant up to it)
+    assert cs.close(cs.opt_snapshot(opt), cs.opt_snapshot(ref_opt), tol=1e-4)
+    assert cs.close(cs.full_params(model), ref_params, tol=1e-5)
+    # saving step 10 again replaces the stale partial directory and moves the pointer
+    cs.feed(model, opt, 5, 10)
+    save_checkpoint(root, 10, model, opt, extra={"step": 10})
+    assert open(os.path.join(root, "latest")).read().strip() == "step_10"
+    assert not os.path.exists(os.path.join(root, "step_10.tmp"))
