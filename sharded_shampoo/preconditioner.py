@@ -93,6 +93,9 @@ class BlockBucket:
         self.failures = torch.zeros(B, dtype=torch.int64, device=device)
         self._active_index: Optional[list[int]] = None  # bucket rows of the stacks during a masked step
         self.exhausted: list[str] = []  # blocks that reached max_consecutive_root_failures this step
+        # host-side cache: does every block have a usable (non-zero) root? Eigenbases start as the
+        # identity; inverse roots start at zero. None = unknown (after an amortized step or a load).
+        self.roots_ready: Optional[bool] = self.is_eigen
 
     # ------------------------------------------------------------------ state views
 
@@ -130,7 +133,16 @@ class BlockBucket:
         state is untouched and their direction is zero.
         """
         if active is None or bool(active.all()):
-            return self._step_all(G, amortized, precondition)
+            P = self._step_all(G, amortized, precondition)
+        else:
+            P = self._step_masked(G, active, amortized, precondition)
+        if self.roots_ready is None and self.factor_dims:
+            # once per amortized step (which syncs anyway): lets later steps skip the fallback pass
+            self.roots_ready = bool(torch.stack([(r.flatten(1).abs().amax(1) > 0) for r in self.roots]).all())
+        return P
+
+    def _step_masked(self, G: torch.Tensor, active: torch.Tensor, amortized: bool,
+                     precondition: bool) -> torch.Tensor:
         idx = active.nonzero().flatten()
         if idx.numel() == 0:
             return torch.zeros_like(G)
@@ -168,6 +180,7 @@ class BlockBucket:
         bc2 = self._bias_correction(beta2)
         if amortized and self.factor_dims:
             self._amortized(bc2)
+            self.roots_ready = None
         if self.is_eigen and self.factor_dims:
             # D accumulates on every step, also before start_preconditioning_step: its bias
             # correction 1 - beta2^t counts every step of the block.
@@ -189,6 +202,11 @@ class BlockBucket:
         else:
             P = apply_kronecker(M, self._kron_list(self.roots))
         bshape = (-1,) + (1,) * len(self.shape)
+        if self.roots_ready:
+            if hp.grafting is not None:
+                p_norm = P.flatten(1).norm(dim=1).clamp_min(torch.finfo(P.dtype).tiny)
+                P.mul_((graft.flatten(1).norm(dim=1) / p_norm).view(bshape))
+            return P
         p_norm = P.flatten(1).norm(dim=1)
         # P == 0 means "no root yet" (zero-initialised roots: the block had no gradient on its
         # amortized step, or its first root failed); a real root is positive definite, so P == 0
