@@ -1,0 +1,280 @@
+"""Cost and memory model of one preconditioner block: bytes by kind, FLOPs, workspace.
+
+Pure functions of a :class:`~sharded_shampoo.blocking.Block` and the config that decides its
+state. The balancer (``balance.py``) spreads blocks over ranks on these numbers and the
+dry-run planner reports them, so two properties matter:
+
+* **State bytes are exact.** They are the bytes the optimizer allocates for the block on its
+  owner (see the table in ``docs/cost_model.md``); the distributed tests check equality.
+* **FLOPs are a model.** They count the dominant matrix work (factor update, preconditioning,
+  eigendecomposition / Newton iterations) plus a few FLOPs per element for the diagonal work.
+  Only their *ratios* steer the balance; ``scripts/calibrate_cost_model.py`` measures the
+  eigendecomposition constant on the machine at hand and records the fit in
+  ``docs/cost_model.md``.
+
+Every constant lives in :class:`CostModel` so a calibrated model can be passed to
+``make_plan(..., cost_model=...)`` without touching module globals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+
+from .blocking import Block, merged_shape
+from .config import (
+    AdaGradGrafting,
+    AdamGrafting,
+    BlockingConfig,
+    CoupledNewtonConfig,
+    EigenvalueCorrectedShampoo,
+    EighRootConfig,
+    GraftingConfig,
+    PreconditionerConfig,
+    RMSpropGrafting,
+    RootInverseShampoo,
+    default_exponent,
+)
+
+#: Kinds of per-block optimizer state, in report order. "momentum" is per rank (it lives with
+#: the local shard), so it is not a block kind; see :data:`RANK_STATE_KINDS`.
+BLOCK_STATE_KINDS: tuple[str, ...] = (
+    "factors", "roots", "eigenvalues", "grafting", "filtered_grad", "counters")
+#: All optimizer-state kinds a rank can hold.
+RANK_STATE_KINDS: tuple[str, ...] = BLOCK_STATE_KINDS + ("momentum",)
+#: Per-block counters: an int64 step counter and an int64 consecutive-root-failure counter.
+COUNTER_BYTES_PER_BLOCK = 16
+
+
+def dtype_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (without allocating real memory)."""
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """FLOP constants of the cost model. Defaults are textbook operation counts.
+
+    ``eigh_flops_per_d3``: symmetric eigendecomposition with eigenvectors (Householder
+    tridiagonalisation + implicit QR, Golub & Van Loan) ~ 9 d^3. Its *effective* value on a
+    machine (eigh is less GEMM-efficient than a matmul) is what the calibration script fits.
+    ``root_form_flops_per_d3``: forming ``Q diag(lambda^-e) Q^T`` from the eigenpairs, one
+    d x d x d GEMM = 2 d^3.
+    ``newton_iterations``: iterations charged to the coupled Newton root (capped by the
+    config's ``max_iterations``); each iteration of a p-th root costs ``p + 1`` GEMMs of 2 d^3.
+    ``*_elementwise_flops``: FLOPs per block element for the diagonal work done every step.
+    """
+
+    eigh_flops_per_d3: float = 9.0
+    root_form_flops_per_d3: float = 2.0
+    newton_iterations: int = 20
+    filtered_grad_elementwise_flops: float = 3.0       # M = b1*M + (1-b1)*G: mul, mul, add
+    adagrad_elementwise_flops: float = 5.0             # square, accumulate, sqrt, +eps, divide
+    rmsprop_elementwise_flops: float = 6.0             # square, EMA (2 mul + add), sqrt, +eps, divide
+    adam_elementwise_flops: float = 7.0                # as RMSprop + bias-correction scale
+    graft_rescale_elementwise_flops: float = 5.0       # two squared norms (2 each) + scale (1)
+    eigenvalue_correction_elementwise_flops: float = 6.0  # EMA of squared rotated grad, sqrt, +eps, div
+
+    def __post_init__(self) -> None:
+        for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "filtered_grad_elementwise_flops",
+                     "adagrad_elementwise_flops", "rmsprop_elementwise_flops", "adam_elementwise_flops",
+                     "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"CostModel.{name} must be a number >= 0; got {value!r}.")
+        if not isinstance(self.newton_iterations, int) or self.newton_iterations < 1:
+            raise ValueError(f"CostModel.newton_iterations must be an integer >= 1; got {self.newton_iterations!r}.")
+
+
+DEFAULT_COST_MODEL = CostModel()
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Everything the planner needs to know about one block.
+
+    ``state_bytes`` maps each kind of :data:`BLOCK_STATE_KINDS` to bytes on the owner.
+    ``step_flops`` is the work of an ordinary step; ``amortized_flops`` the extra work of a
+    root/eigenbasis refresh (every ``precondition_frequency`` steps);
+    ``amortized_workspace_bytes`` the transient memory that refresh needs for this block.
+    """
+
+    state_bytes: Mapping[str, int]
+    step_flops: float
+    amortized_flops: float
+    amortized_workspace_bytes: int
+
+    @property
+    def total_state_bytes(self) -> int:
+        return sum(self.state_bytes.values())
+
+    def balance_cost(self, precondition_frequency: int) -> float:
+        """The balancer's weight: step cost + amortized cost spread over the refresh period."""
+        return self.step_flops + self.amortized_flops / precondition_frequency
+
+
+def _grafting_needs_state(grafting: GraftingConfig | None) -> bool:
+    return isinstance(grafting, (AdaGradGrafting, RMSpropGrafting, AdamGrafting))
+
+
+def block_state_bytes(block: Block, preconditioner: PreconditionerConfig, grafting: GraftingConfig | None,
+                      beta1: float) -> dict[str, int]:
+    """Exact bytes of each state kind the owner allocates for ``block``.
+
+    S = ``preconditioner.factor_dtype`` itemsize. factors: sum d^2 S over factor dims; roots
+    (inverse roots, or eigenbases for the eigenvalue-corrected mode): the same amount;
+    eigenvalues (eigenvalue-corrected only): numel S; grafting (AdaGrad/RMSprop/Adam): numel S;
+    filtered_grad (beta1 > 0): numel S; counters: 16 bytes.
+    """
+    s = dtype_itemsize(preconditioner.factor_dtype)
+    square = sum(d * d for d in block.factor_dims) * s
+    numel = block.numel
+    return {
+        "factors": square,
+        "roots": square,
+        "eigenvalues": numel * s if isinstance(preconditioner, EigenvalueCorrectedShampoo) else 0,
+        "grafting": numel * s if _grafting_needs_state(grafting) else 0,
+        "filtered_grad": numel * s if beta1 > 0 else 0,
+        "counters": COUNTER_BYTES_PER_BLOCK,
+    }
+
+
+def _grafting_elementwise_flops(grafting: GraftingConfig, model: CostModel) -> float:
+    if isinstance(grafting, AdaGradGrafting):
+        return model.adagrad_elementwise_flops
+    if isinstance(grafting, RMSpropGrafting):
+        return model.rmsprop_elementwise_flops
+    if isinstance(grafting, AdamGrafting):
+        return model.adam_elementwise_flops
+    return 0.0  # SGD grafting: the norms only (counted as rescale)
+
+
+def _elementwise_flops(block: Block, preconditioner: PreconditionerConfig, grafting: GraftingConfig | None,
+                       beta1: float, model: CostModel) -> float:
+    per_element = 0.0
+    if beta1 > 0:
+        per_element += model.filtered_grad_elementwise_flops
+    if grafting is not None:
+        per_element += _grafting_elementwise_flops(grafting, model)
+        if block.preconditioned:
+            per_element += model.graft_rescale_elementwise_flops
+    if isinstance(preconditioner, EigenvalueCorrectedShampoo):
+        per_element += model.eigenvalue_correction_elementwise_flops
+    return per_element * block.numel
+
+
+def block_step_flops(block: Block, preconditioner: PreconditionerConfig, grafting: GraftingConfig | None,
+                     beta1: float, model: CostModel = DEFAULT_COST_MODEL) -> float:
+    """Modeled FLOPs of one ordinary step for ``block``.
+
+    Per factor dim d: factor update G_(i) G_(i)^T = 2 numel d; preconditioning one mode
+    product = 2 numel d (eigenvalue-corrected: rotate into and out of the eigenbasis,
+    4 numel d). Plus the elementwise work (filtered gradient, grafting, eigenvalue correction).
+    """
+    product_flops = 4 if isinstance(preconditioner, EigenvalueCorrectedShampoo) else 2
+    numel = block.numel
+    matrix = sum((2 + product_flops) * numel * d for d in block.factor_dims)
+    return float(matrix) + _elementwise_flops(block, preconditioner, grafting, beta1, model)
+
+
+def _newton_root(exponent: float) -> int:
+    """The integer p of a ``1/p`` root (coupled Newton needs one; config validation ensures it)."""
+    return max(1, round(1.0 / exponent))
+
+
+def block_amortized_flops(block: Block, preconditioner: PreconditionerConfig,
+                          model: CostModel = DEFAULT_COST_MODEL) -> float:
+    """Modeled FLOPs of one root / eigenbasis refresh of ``block``.
+
+    Eigh roots: (eigh + root formation) d^3 per factor dim. Coupled Newton: iterations x
+    (p + 1) GEMMs x 2 d^3. Eigenvalue-corrected: one eigh per factor dim (the eigenbasis).
+    """
+    total = 0.0
+    for d, e in zip(block.shape, block.exponents):
+        if e == 0:
+            continue
+        if isinstance(preconditioner, EigenvalueCorrectedShampoo):
+            total += model.eigh_flops_per_d3 * d ** 3
+        elif isinstance(preconditioner.root, CoupledNewtonConfig):
+            iterations = min(model.newton_iterations, preconditioner.root.max_iterations)
+            total += iterations * (_newton_root(e) + 1) * 2.0 * d ** 3
+        else:
+            total += (model.eigh_flops_per_d3 + model.root_form_flops_per_d3) * d ** 3
+    return total
+
+
+def block_amortized_workspace_bytes(block: Block, preconditioner: PreconditionerConfig) -> int:
+    """Transient bytes of refreshing ``block``'s largest factor (one factor at a time).
+
+    eigh: a working copy of the factor, the eigenvectors, the root product (3 d^2) and the
+    eigenvalues (d), in the compute dtype: at least fp32, and fp64 when a failed fp32 eigh is
+    retried in fp64 (counted because a memory plan must survive the rare retry).
+    Coupled Newton: iterate X, M, the update T and one GEMM temporary (4 d^2).
+    """
+    if not block.factor_dims:
+        return 0
+    d = max(block.factor_dims)
+    s = max(dtype_itemsize(preconditioner.factor_dtype), 4)
+    if isinstance(preconditioner, RootInverseShampoo):
+        if isinstance(preconditioner.root, CoupledNewtonConfig):
+            return 4 * d * d * s
+        if isinstance(preconditioner.root, EighRootConfig) and preconditioner.root.retry_in_float64:
+            s = 8
+    return (3 * d * d + d) * s
+
+
+def block_cost(block: Block, preconditioner: PreconditionerConfig, grafting: GraftingConfig | None,
+               beta1: float, model: CostModel = DEFAULT_COST_MODEL) -> BlockCost:
+    """All costs of one block (see the individual functions for the formulas)."""
+    return BlockCost(
+        state_bytes=MappingProxyType(block_state_bytes(block, preconditioner, grafting, beta1)),
+        step_flops=block_step_flops(block, preconditioner, grafting, beta1, model),
+        amortized_flops=block_amortized_flops(block, preconditioner, model),
+        amortized_workspace_bytes=block_amortized_workspace_bytes(block, preconditioner),
+    )
+
+
+def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preconditioner: PreconditionerConfig,
+                      grafting: GraftingConfig | None, beta1: float,
+                      blocking: BlockingConfig = BlockingConfig()) -> tuple[int, int, int]:
+    """``(largest block, total, number of blocks)`` of one parameter's state, without listing blocks.
+
+    The same bytes as summing :func:`block_state_bytes` over ``plan_blocks``, in O(order): each
+    merged dim ``m`` splits into ``q = m // D`` chunks of ``D`` and a remainder ``r``, so the sum of
+    ``d_i^2`` over all blocks is ``(q D^2 + r^2) * prod(chunk counts of the other dims)``. Block 0
+    (full-size chunks) is the largest. Used to search for a ``max_preconditioner_dim`` that fits
+    a memory cap over every candidate quickly, also where a plan would have millions of blocks.
+    """
+    d = max_preconditioner_dim
+    merged = merged_shape(shape, d, blocking.merge_dims)
+    if any(m == 0 for m in shape):
+        return 0, 0, 0
+    # Block 0 (full-size chunks), built directly: re-planning its shape would squeeze size-1
+    # chunks. Exponents follow blocking.plan_parameter_blocks (tests check the equality).
+    order = len(merged)
+    if order == 1 and not blocking.precondition_1d:
+        exponents: tuple[float, ...] = (0.0,)
+    else:
+        exponents = tuple(default_exponent(preconditioner, order, i) for i in range(order))
+    b0 = Block(block_id="p.block_0", param_name="p", param_shape=tuple(shape), merged_shape=merged,
+               ranges=tuple((0, min(m, d)) for m in merged), exponents=exponents)
+    largest = block_state_bytes(b0, preconditioner, grafting, beta1)
+    s = dtype_itemsize(preconditioner.factor_dtype)
+    counts = [-(-m // d) for m in merged]
+    sumsq = [(m // d) * d * d + (m % d) ** 2 for m in merged]
+    n_blocks = math.prod(counts)
+    factor_entries = sum(sumsq[i] * (n_blocks // counts[i]) for i, e in enumerate(b0.exponents) if e != 0)
+    per_element = sum(largest[k] for k in ("eigenvalues", "grafting", "filtered_grad")) // b0.numel
+    total = 2 * s * factor_entries + per_element * math.prod(merged) + COUNTER_BYTES_PER_BLOCK * n_blocks
+    return sum(largest.values()), total, n_blocks
+
+
+__all__ = [
+    "BLOCK_STATE_KINDS", "RANK_STATE_KINDS", "COUNTER_BYTES_PER_BLOCK", "CostModel", "DEFAULT_COST_MODEL",
+    "BlockCost", "block_state_bytes", "block_step_flops", "block_amortized_flops",
+    "block_amortized_workspace_bytes", "block_cost", "dtype_itemsize", "param_state_bytes",
+]

@@ -1,0 +1,209 @@
+"""Greedy LPT balancer: classical bounds, determinism, locality, holder groups, memory cap."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from sharded_shampoo.balance import (
+    BlockDoesNotFitError,
+    assign_owners,
+    imbalance,
+    lower_bound,
+    pigeonhole_lower_bound,
+    rank_loads,
+    round_robin_param_owners,
+)
+
+
+def ids(n):
+    return [f"b{i:05d}" for i in range(n)]
+
+
+def brute_force_opt(costs, n_ranks):
+    """Optimal makespan by enumerating assignments (first job pinned to rank 0 by symmetry)."""
+    best = math.inf
+    for rest in itertools.product(range(n_ranks), repeat=len(costs) - 1):
+        loads = [0.0] * n_ranks
+        loads[0] += costs[0]
+        for c, r in zip(costs[1:], rest):
+            loads[r] += c
+        best = min(best, max(loads))
+    return best
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_graham_worst_case_is_tight(n):
+    # Graham's instance: 2n+1 jobs 2n-1, 2n-1, 2n-2, 2n-2, ..., n+1, n+1, n, n, n.
+    # OPT = 3n = lower bound (total / n); LPT = 4n - 1, i.e. exactly (4/3 - 1/(3n)) x OPT.
+    costs = [float(c) for k in range(2 * n - 1, n, -1) for c in (k, k)] + [float(n)] * 3
+    owners = assign_owners(costs, ids(len(costs)), n, tolerance=0.0)
+    loads = rank_loads(costs, owners, n)
+    assert lower_bound(costs, n) == 3 * n
+    assert max(loads) == 4 * n - 1
+    assert max(loads) == pytest.approx((4 / 3 - 1 / (3 * n)) * lower_bound(costs, n))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_lpt_within_classical_bound_of_optimal(seed):
+    rng = random.Random(seed)
+    n = rng.choice([2, 3])
+    costs = [float(rng.randint(1, 30)) for _ in range(rng.randint(n + 1, 8))]
+    opt = brute_force_opt(costs, n)
+    assert opt >= lower_bound(costs, n)
+    for tol in (0.0, 0.01):
+        loads = rank_loads(costs, assign_owners(costs, ids(len(costs)), n, tolerance=tol), n)
+        # tolerance widens the window by tol x mean at most
+        assert max(loads) <= (4 / 3 - 1 / (3 * n)) * opt + tol * sum(costs) / n + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_many_small_blocks_within_bound_of_lower_bound(seed):
+    # When no block exceeds a third of the lower bound, LPT's max <= total/N + p_max (1 - 1/N)
+    # <= (4/3 - 1/(3N)) x lower bound: checkable without knowing OPT.
+    rng = random.Random(100 + seed)
+    n = rng.choice([4, 16, 64])
+    costs = [rng.uniform(1.0, 10.0) for _ in range(rng.randint(4 * n, 20 * n))]
+    lb = lower_bound(costs, n)
+    assert max(costs) <= lb / 3
+    for tol in (0.0, 0.01):
+        loads = rank_loads(costs, assign_owners(costs, ids(len(costs)), n, tolerance=tol), n)
+        window = tol * sum(costs) / n
+        assert max(loads) <= sum(costs) / n + max(costs) * (1 - 1 / n) + window + 1e-9
+        assert max(loads) <= (4 / 3 - 1 / (3 * n)) * lb + window + 1e-9
+
+
+@pytest.mark.parametrize("per_rank", [1, 3, 150])
+@pytest.mark.parametrize("tol", [0.0, 0.01])
+def test_equal_blocks_dividing_evenly_hit_the_lower_bound(per_rank, tol):
+    n = 16
+    costs = [7.5] * (n * per_rank)
+    owners = assign_owners(costs, ids(len(costs)), n, memory_bytes=[100] * len(costs), tolerance=tol)
+    loads = rank_loads(costs, owners, n)
+    assert loads == [7.5 * per_rank] * n
+    assert max(loads) == lower_bound(costs, n)
+    assert imbalance(loads) == 1.0
+
+
+def test_deterministic_under_input_permutation():
+    rng = random.Random(7)
+    n, m = 12, 300
+    costs = [float(rng.choice([1, 2, 3, 5, 8, 8, 8])) for _ in range(m)]   # many exact ties
+    block_ids = [f"p{rng.randint(0, 40)}.block_{i}" for i in range(m)]
+    holders = [{rng.randrange(n): rng.randint(1, 9) for _ in range(rng.randint(0, 3))} for _ in range(m)]
+    mem = [rng.randint(1, 50) for _ in range(m)]
+    ref = assign_owners(costs, block_ids, n, locality=lambda i: holders[i], memory_bytes=mem)
+    by_id = dict(zip(block_ids, ref))
+    for seed in range(3):
+        perm = list(range(m))
+        random.Random(seed).shuffle(perm)
+        got = assign_owners([costs[i] for i in perm], [block_ids[i] for i in perm], n,
+                            locality=lambda j: holders[perm[j]], memory_bytes=[mem[i] for i in perm])
+        assert {block_ids[i]: got[j] for j, i in enumerate(perm)} == by_id
+
+
+def test_locality_prefers_the_holder_among_near_least_loaded():
+    # Everyone starts empty: the block goes to the rank holding most of it, not to rank 0.
+    owners = assign_owners([10.0], ["x"], 8, locality=lambda i: {5: 3, 6: 7})
+    assert owners == [6]
+    # Without locality: plain LPT picks the lowest least-loaded rank.
+    assert assign_owners([10.0], ["x"], 8) == [0]
+
+
+def test_locality_respects_the_tolerance_window():
+    # 100 unit blocks on 4 ranks -> mean 25, window 1% -> 0.25. The first block loads rank 2 by 1,
+    # beyond the window: the second block, also held by rank 2, must go elsewhere.
+    costs = [1.0] * 100
+    held = {0: {2: 5}, 1: {2: 5}}
+    owners = assign_owners(costs, ids(100), 4, locality=lambda i: held.get(i, {}), tolerance=0.01)
+    assert owners[0] == 2 and owners[1] != 2
+    # A wide window lets locality win both.
+    owners = assign_owners(costs, ids(100), 4, locality=lambda i: held.get(i, {}), tolerance=0.2)
+    assert owners[0] == 2 and owners[1] == 2
+    assert max(rank_loads(costs, owners, 4)) <= 25 + 0.2 * 25
+
+
+def test_holder_groups_pick_least_loaded_replica():
+    # HSDP 2 x 2: ranks {0, 2} hold shard 0, {1, 3} hold shard 1. Two blocks held by shard 1
+    # go to both replicas of shard 1 (1 first, then 3) instead of piling onto one rank.
+    costs = [10.0, 10.0]
+    groups = [[0, 2], [1, 3]]
+    owners = assign_owners(costs, ["a", "b"], 4, locality=lambda i: {1: 100}, holder_groups=groups,
+                           tolerance=0.0)
+    assert owners == [1, 3]
+    with pytest.raises(ValueError, match="disjoint"):
+        assign_owners(costs, ["a", "b"], 4, holder_groups=[[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"holder_groups\[0\]"):
+        assign_owners(costs, ["a", "b"], 4, holder_groups=[[0, 9]])
+
+
+def test_memory_preference_spreads_light_but_big_blocks():
+    # 8 heavy blocks fill 8 ranks evenly; 40 light blocks with big state must spread over the
+    # window instead of piling onto the single least-loaded rank.
+    costs = [100.0] * 8 + [0.01] * 40
+    mem = [10] * 8 + [1000] * 40
+    owners = assign_owners(costs, ids(48), 8, memory_bytes=mem)
+    per_rank = [sum(m for m, r in zip(mem, owners) if r == k) for k in range(8)]
+    assert max(per_rank) - min(per_rank) <= 1000
+    assert max(rank_loads(costs, owners, 8)) <= 100 + 0.01 * 5 + 1e-9
+
+
+def test_memory_cap_is_respected_and_errors_name_the_block():
+    costs = [5.0, 4.0, 3.0, 2.0]
+    mem = [60, 50, 40, 30]
+    owners = assign_owners(costs, ["a", "b", "c", "d"], 2, memory_bytes=mem, memory_cap_bytes=100,
+                           base_memory_bytes=[0, 0])
+    used = [sum(m for m, r in zip(mem, owners) if r == k) for k in range(2)]
+    assert max(used) <= 100
+    with pytest.raises(BlockDoesNotFitError, match="'big'") as info:
+        assign_owners([1.0, 9.0], ["small", "big"], 2, memory_bytes=[10, 95], memory_cap_bytes=100,
+                      base_memory_bytes=[10, 20])
+    assert info.value.block_id == "big" and info.value.block_index == 1
+    assert info.value.block_bytes == 95 and info.value.largest_free_bytes == 90
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(costs=[1.0], block_ids=["a", "b"], num_ranks=2), "same length"),
+    (dict(costs=[1.0, -1.0], block_ids=["a", "b"], num_ranks=2), r"costs\[1\]"),
+    (dict(costs=[1.0, float("nan")], block_ids=["a", "b"], num_ranks=2), r"costs\[1\]"),
+    (dict(costs=[1.0, 1.0], block_ids=["a", "a"], num_ranks=2), "unique"),
+    (dict(costs=[1.0], block_ids=["a"], num_ranks=0), "num_ranks"),
+    (dict(costs=[1.0], block_ids=["a"], num_ranks=2, tolerance=-0.1), "tolerance"),
+    (dict(costs=[1.0], block_ids=["a"], num_ranks=2, memory_cap_bytes=10), "memory_bytes"),
+    (dict(costs=[1.0], block_ids=["a"], num_ranks=2, memory_bytes=[1], base_memory_bytes=[0]),
+     "base_memory_bytes"),
+])
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        assign_owners(**kwargs)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pigeonhole_bound_is_a_valid_lower_bound(seed):
+    rng = random.Random(300 + seed)
+    n = rng.choice([2, 3])
+    costs = [float(rng.randint(1, 20)) for _ in range(rng.randint(n + 1, 8))]
+    assert lower_bound(costs, n) <= pigeonhole_lower_bound(costs, n) <= brute_force_opt(costs, n)
+
+
+def test_pigeonhole_bound_shows_lpt_optimal_on_coarse_problems():
+    # 146 equal big blocks + small ones on 64 ranks (GPT-2 small's shape): some rank must take 3.
+    costs = [5.8] * 146 + [0.1] * 150
+    lb, tight = lower_bound(costs, 64), pigeonhole_lower_bound(costs, 64)
+    assert tight == pytest.approx(3 * 5.8) and lb < tight
+    loads = rank_loads(costs, assign_owners(costs, ids(len(costs)), 64), 64)
+    assert max(loads) == pytest.approx(tight)
+
+
+def test_helpers():
+    assert lower_bound([], 4) == 0.0
+    assert lower_bound([1.0, 1.0, 10.0], 4) == 10.0
+    assert lower_bound([3.0] * 8, 4) == 6.0
+    assert imbalance([1.0, 3.0]) == 1.5
+    assert imbalance([0.0, 0.0]) == 1.0
+    assert round_robin_param_owners([0, 0, 1, 2, 3, 3], 3) == [0, 0, 1, 2, 0, 0]
+    assert assign_owners([], [], 3) == []

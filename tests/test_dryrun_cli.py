@@ -1,0 +1,225 @@
+"""Dry-run planner end to end: fake process group + fully_shard on meta, CLI in-process, JSON, PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sharded_shampoo.cli import main
+from sharded_shampoo.dryrun import (
+    DryRunError,
+    format_report,
+    parse_dtype,
+    parse_mesh,
+    plan_model,
+    resolve_model,
+    sharded_param_specs,
+    write_png,
+)
+from sharded_shampoo.layout import MeshSpec, ParamSpec
+from sharded_shampoo.plan import JSON_SCHEMA, PlanSettings, make_plan
+from sharded_shampoo.presets import LLAMA_TINY, PRESETS, Llama, fsdp_units
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group():
+    assert not dist.is_initialized()
+    yield
+    assert not dist.is_initialized(), "the dry-run must destroy its fake process group"
+
+
+def test_parse_mesh():
+    assert parse_mesh("64") == (64,)
+    assert parse_mesh("16x64") == (16, 64)
+    assert parse_mesh(" 2X3 ") == (2, 3)
+    for bad in ("", "16x", "x4", "2x3x4", "a", "-4", "4.0", "16*64"):
+        with pytest.raises(ValueError, match="--mesh"):
+            parse_mesh(bad)
+    with pytest.raises(ValueError, match="zero"):
+        parse_mesh("0x4")
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16
+    assert parse_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="--param-dtype 'int8'"):
+        parse_dtype("int8")
+
+
+def test_resolve_model_errors(tmp_path, monkeypatch):
+    assert resolve_model("llama-tiny")[0] == "llama-tiny"
+    with pytest.raises(ValueError, match="'llama9' is not a preset"):
+        resolve_model("llama9")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_pkg_xyz.models'"):
+        resolve_model("no_such_pkg_xyz.models:build")
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        resolve_model("json:nope")
+    with pytest.raises(ValueError, match="not a callable"):
+        resolve_model("json.decoder:NaN")
+    with pytest.raises(ValueError, match="both parts"):
+        resolve_model("json:")
+
+
+def test_fsdp_units_default_rule():
+    with torch.device("meta"):
+        model = Llama(LLAMA_TINY)
+    assert fsdp_units(model) == list(model.layers)
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 1))
+    assert fsdp_units(seq) == [seq[1][0]]
+
+
+def test_sharded_specs_from_fake_pg_fsdp():
+    specs, mesh = sharded_param_specs(PRESETS["llama-tiny"], (4,))
+    assert mesh == MeshSpec((4,))
+    with torch.device("meta"):
+        expected = [(n, tuple(p.shape)) for n, p in Llama(LLAMA_TINY).named_parameters()]
+    assert [(s.name, s.shape) for s in specs] == expected
+    assert all(s.sharded and s.dtype == torch.float32 for s in specs)
+    # HSDP and bf16: same shapes, (Replicate, Shard(0)) -> sharded, on a 2-D mesh
+    specs2, mesh2 = sharded_param_specs(PRESETS["llama-tiny"], (2, 3), torch.bfloat16)
+    assert mesh2 == MeshSpec((2, 3))
+    assert [(s.name, s.shape) for s in specs2] == expected
+    assert all(s.sharded and s.dtype == torch.bfloat16 for s in specs2)
+
+
+def test_dry_run_plan_equals_make_plan_on_the_same_specs():
+    plan = plan_model("llama-tiny", "2x2", PlanSettings(max_preconditioner_dim=128))
+    with torch.device("meta"):
+        specs = [ParamSpec(n, tuple(p.shape), p.dtype, True) for n, p in Llama(LLAMA_TINY).named_parameters()]
+    direct = make_plan(specs, MeshSpec((2, 2)), PlanSettings(max_preconditioner_dim=128))
+    assert plan.owners == direct.owners
+    assert [r.to_json() for r in plan.ranks] == [r.to_json() for r in direct.ranks]
+
+
+def test_cli_end_to_end_tiny_model(tmp_path, capsys):
+    out_json, out_png = tmp_path / "plan.json", tmp_path / "plan.png"
+    rc = main(["plan", "--model", "llama-tiny", "--mesh", "4", "--max-preconditioner-dim", "256",
+               "--precondition-frequency", "50", "--param-dtype", "bf16", "--json", str(out_json),
+               "--png", str(out_png)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "model llama-tiny | mesh 4 (FSDP)" in text and "imbalance max/mean" in text
+    data = json.loads(out_json.read_text())
+    assert data["schema"] == JSON_SCHEMA and data["model"] == "llama-tiny"
+    assert data["mesh"] == {"shape": [4], "world_size": 4}
+    assert data["settings"][0]["max_preconditioner_dim"] == 256
+    assert data["settings"][0]["precondition_frequency"] == 50
+    params = sum(p.numel() for p in Llama(LLAMA_TINY).parameters())
+    # bf16 params: 2 bytes each, split over 4 shards (every dim-0 divides evenly by 4 here)
+    assert [r["param_bytes"] for r in data["ranks"]] == [params * 2 // 4] * 4
+    assert all(r["grad_bytes"] == r["param_bytes"] for r in data["ranks"])
+    for r in data["ranks"]:
+        assert sum(r["optimizer_state_breakdown"].values()) == r["optimizer_state_bytes"]
+    assert {b["owner"] for b in data["blocks"]} == {0, 1, 2, 3}
+    assert data["summary"]["num_blocks"] == len(data["blocks"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_hsdp_and_large_mesh_table(capsys):
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "2x16", "--json-no-blocks"]) == 0
+    text = capsys.readouterr().out
+    assert "mesh 2x16 (HSDP: replicate x shard)" in text
+    assert "over 32 ranks" in text and "median" in text and "busiest 8 ranks" in text
+
+
+def test_cli_module_factory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models_for_plan.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class Tower(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList(nn.Linear(96, 96) for _ in range(3))
+                self.head = nn.Linear(96, 10, bias=False)
+                self.frozen = nn.Linear(4, 4)
+                self.frozen.requires_grad_(False)
+
+        def build():
+            return Tower()
+
+        def not_a_module():
+            return 42
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out_json = tmp_path / "p.json"
+    assert main(["plan", "--model", "my_models_for_plan:build", "--mesh", "3", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    names = [p["name"] for p in data["params"]]
+    assert names == [f"blocks.{i}.{w}" for i in range(3) for w in ("weight", "bias")] + ["head.weight"]
+    assert all(p["sharded"] for p in data["params"])
+    # head.weight (10 x 96): torch.chunk over 3 shards -> 4, 4, 2 rows
+    head = 10 * 96 * 4
+    per_rank = [r["param_bytes"] for r in data["ranks"]]
+    assert sum(per_rank) == 3 * (96 * 96 + 96) * 4 + head
+    assert main(["plan", "--model", "my_models_for_plan:not_a_module", "--mesh", "2"]) == 2
+    assert "returned a int" in capsys.readouterr().err
+    sys.modules.pop("my_models_for_plan", None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--model", "llama-tiny", "--mesh", "16x"], "--mesh '16x' is not valid"),
+    (["plan", "--model", "gpt5", "--mesh", "8"], "'gpt5' is not a preset"),
+    (["plan", "--model", "nowhere_pkg_q.mod:f", "--mesh", "8"], "cannot import module 'nowhere_pkg_q.mod'"),
+    (["plan", "--model", "llama-tiny", "--mesh", "8", "--param-dtype", "fp8"], "--param-dtype 'fp8'"),
+    (["plan", "--model", "llama-tiny", "--mesh", "8", "--max-preconditioner-dim", "0"], "--max-preconditioner-dim"),
+    (["plan", "--model", "llama-tiny", "--mesh", "8", "--memory-cap-gib", "-1"], "--memory-cap-gib"),
+    (["plan", "--mesh", "8"], "needs --model"),
+    (["plan", "--model", "llama-tiny", "--mesh", "8", "--beta1", "1.5"], "--beta1 must be a number in [0, 1)"),
+    (["plan", "--model", "llama-tiny", "--mesh", "8", "--factor-dtype", "bf16"], "factor_dtype must be"),
+])
+def test_cli_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err
+
+
+def test_cli_memory_cap_error(capsys):
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "2", "--memory-cap-gib", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "block '" in err and "max_preconditioner_dim" in err
+
+
+def test_cli_usage_and_listing(capsys):
+    assert main(["plan", "--list-models"]) == 0
+    assert capsys.readouterr().out.split() == sorted(PRESETS)
+    assert main(["--help"]) == 0
+    assert main(["plan", "--bogus"]) == 2
+
+
+def test_live_process_group_is_refused():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with pytest.raises(DryRunError, match="already initialized"):
+            sharded_param_specs(PRESETS["llama-tiny"], (2,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_png_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    plan = make_plan([ParamSpec("w", (8, 8), torch.float32, True)], MeshSpec((2,)), PlanSettings())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(DryRunError, match=r"sharded-shampoo\[plot\]"):
+        write_png(plan, str(tmp_path / "x.png"))
+
+
+def test_presets_match_published_sizes():
+    counts = {}
+    for name in ("llama3-8b", "llama3-70b", "llama3-405b", "gpt2-small", "resnet50"):
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in PRESETS[name]().parameters())
+    assert counts == {"llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496,
+                      "llama3-405b": 405_853_388_800, "gpt2-small": 124_439_808, "resnet50": 25_557_032}
+
+
+def test_format_report_small_mesh_lists_every_rank():
+    plan = make_plan([ParamSpec("w", (64, 64), torch.float32, True)], MeshSpec((2, 2)), PlanSettings())
+    text = format_report(plan, "toy")
+    lines = text.splitlines()
+    assert any(line.split()[:3] == ["3", "1", "1"] for line in lines)   # rank 3 = replica 1, shard 1
+    assert "max/lower bound 1.0000" in text
