@@ -150,3 +150,16 @@ def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
     import train
 
     return train.train(train.parse_args(argv))
+
+
+def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...]) -> list[int]:
+    """Per-rank optimizer-state bytes predicted by the dry-run (meta device + fake process group)."""
+    from sharded_shampoo.dryrun import plan_model
+    from sharded_shampoo.plan import PlanSettings
+
+    c = CONFIGS[config]
+    settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], preconditioner=c["preconditioner"],
+                            grafting=c["grafting"], beta1=c["betas"][0], momentum=c.get("momentum", 0.0),
+                            precondition_frequency=c["precondition_frequency"])
+    plan = plan_model(make_model, mesh_shape, settings)
+    return [r.optimizer_state_bytes for r in plan.ranks]

@@ -26,9 +26,14 @@ def _refs(cases: list[tuple]) -> dict:
 
 def _check(results: list[dict], cases: list[tuple]) -> None:
     for case in cases:
+        layout, config, mesh_shape = case[:3]
+        # the dry-run (meta device, fake process group) predicts every rank's allocation exactly
+        dry = sc.dryrun_state_bytes(config, mesh_shape) if layout in ("fsdp", "hsdp") else None
         for rank, r in enumerate(results):
             real, planned = r[repr(case) + ".bytes"]
             assert real == planned, f"{case} rank {rank}: allocated {real} B of state, planner says {planned} B"
+            if dry is not None:
+                assert real == dry[rank], f"{case} rank {rank}: allocated {real} B, dry-run says {dry[rank]} B"
         diffs = [r[repr(case)] for r in results]
         bound = BF16_BOUND if case[3] == BF16 else 1e-6
         assert max(diffs) <= bound, f"{case}: max relative difference {max(diffs):.3g} > {bound}"
