@@ -55,8 +55,8 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, sync: bool) -> float:
     return statistics.median(times)
 
 
-def shampoo(model: nn.Module, args: argparse.Namespace) -> ShardedShampoo:
-    return ShardedShampoo(model.named_parameters(), lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
+def shampoo(model: nn.Module, args: argparse.Namespace, mesh: object = None) -> ShardedShampoo:
+    return ShardedShampoo(model.named_parameters(), mesh=mesh, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
                           precondition_frequency=1000, start_preconditioning_step=1, epsilon=1e-8,
                           grafting=AdamGrafting())
 
@@ -76,7 +76,7 @@ def main() -> None:
     if rank == 0:
         model = build(args.width, args.depth)
         set_grads(model)
-        t_single = time_steps(shampoo(model, args), args.steps, sync=False)
+        t_single = time_steps(shampoo(model, args, mesh="local"), args.steps, sync=False)
     dist.barrier()
 
     from torch.distributed.device_mesh import init_device_mesh

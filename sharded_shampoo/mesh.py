@@ -5,7 +5,8 @@ Supported layouts (anything else raises NotImplementedError naming the parameter
 - 2-D HSDP mesh (replicate, shard): ``(Replicate(), Shard(0))`` or ``(Replicate(), Replicate())``;
 - plain tensors: replicated on every rank of the mesh (DDP, or unsharded parameters).
 With no DTensor and no ``mesh`` argument, a default process group of size > 1 means DDP-style
-replication over the world; otherwise the optimizer runs on one rank.
+replication over the world; otherwise the optimizer runs on one rank. ``mesh="local"`` forces
+a single-rank optimizer even when a process group exists (independent per-rank models).
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def resolve_mesh(params: list[torch.Tensor], names: list[str], mesh: Any = None)
     for p in params:
         if _is_dtensor(p) and all(p.device_mesh is not m for m in dmeshes):
             dmeshes.append(p.device_mesh)
+    if isinstance(mesh, str):
+        if mesh != "local":
+            raise ValueError(f"mesh must be None, 'local' or a DeviceMesh; got {mesh!r}.")
+        if dmeshes:
+            raise ValueError("mesh='local' runs the optimizer on this rank alone, but some parameters are "
+                             "DTensors; pass their DeviceMesh (or None) instead.")
+        specs = [ParamSpec(n, tuple(p.shape), p.dtype, sharded=False) for p, n in zip(params, names)]
+        return ResolvedMesh(MeshSpec((1,)), None, 0, specs)
     if mesh is None:
         if len(dmeshes) > 1 and any(m != dmeshes[0] for m in dmeshes[1:]):
             raise ValueError("parameters live on different device meshes; pass mesh= explicitly (the mesh "

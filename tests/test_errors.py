@@ -535,3 +535,13 @@ def test_no_global_torch_setting_changed_and_nothing_written(tmp_path, monkeypat
     assert _globals() == before
     assert list(tmp_path.iterdir()) == []
     assert written == []
+
+
+def test_mesh_argument_is_validated():
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="mesh must be None, 'local' or a DeviceMesh"):
+        ShardedShampoo([p], mesh="global")
+    with pytest.raises(ValueError, match="mesh must be a 1-D or 2-D"):
+        ShardedShampoo([p], mesh=object())
+    opt = ShardedShampoo([p], mesh="local")
+    assert opt.plan.mesh.world_size == 1
