@@ -10,7 +10,10 @@ ids, so the input order does not matter), loads are accumulated in that fixed or
 go to the lowest rank, and the locality threshold uses ``math.fsum`` (order-independent).
 
 Preferences inside a window: every rank whose load is at most
-``min_load + tolerance * (total_cost / num_ranks)`` is an acceptable owner for load purposes.
+``min_load + tolerance * (total_cost / num_ranks)`` is an acceptable owner for load purposes;
+a rank holding part of the block is also acceptable while its load after taking the block stays
+within ``max(total / N, largest block)`` (the makespan lower bound), so blocks
+aligned with FSDP shards stay on their holders and need no communication.
 Among them the balancer prefers, in order,
 1. locality: the rank holding the most of the block's elements (a block whose data a rank
    already holds costs less communication there), ties by less memory, less load, lower rank;
@@ -135,6 +138,9 @@ def assign_owners(
     loads = [0.0] * num_ranks
     mem = [int(b) for b in base_memory_bytes] if base_memory_bytes is not None else [0] * num_ranks
     window = tolerance * math.fsum(costs) / num_ranks
+    # a holder may also take a block while it stays within the makespan lower bound: this keeps
+    # shard-aligned blocks on their holders (no traffic) without costing balance beyond the bound
+    bound = max(math.fsum(costs) / num_ranks, max(costs))
     # Lazy min-heaps: an entry (key, rank) is current iff key equals loads[rank] (or mem[rank]).
     load_heap = [(0.0, r) for r in range(num_ranks)]
     mem_heap = sorted((m, r) for r, m in enumerate(mem))
@@ -166,7 +172,7 @@ def assign_owners(
                     r = _least_loaded_fitting(group_heaps[g], loads, mem, need, cap)
                     if r < 0:
                         continue
-                if loads[r] <= limit:
+                if loads[r] <= limit or loads[r] + cost <= bound:
                     key = (-held, mem[r], loads[r], r)
                     if best is None or key < best:
                         best = key
