@@ -65,7 +65,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--max-preconditioner-dim", type=int, default=512)
+    p.add_argument("--max-preconditioner-dim", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -294,12 +294,23 @@ class ShardedShampoo(Optimizer):
         if grads:
             idx = list(grads)
             flags[idx] = 1.0
-            # max-abs norm: NaN/Inf iff an entry is (a 2-norm overflows for large finite fp16/fp32 grads);
-            # it has no identity, so 0-element grads stand in as one zero
-            norms = torch.stack(torch._foreach_norm([grads[i] if grads[i].numel() else grads[i].new_zeros(1)
-                                                     for i in idx], ord=math.inf)).float()
+            # fp32 2-norms in one foreach pass (the max-abs norm is ~7x slower on CPU); a norm can only
+            # be non-finite through a NaN/Inf entry or an overflow of huge finite values, so those
+            # (rare) tensors are confirmed entry by entry
+            norms = torch.zeros(len(idx), dtype=torch.float64, device=self._device)
+            wide = [k for k, i in enumerate(idx) if grads[i].dtype in (torch.float32, torch.float64)]
+            narrow = [k for k, i in enumerate(idx) if grads[i].dtype not in (torch.float32, torch.float64)]
+            for ks, dtype in ((wide, None), (narrow, torch.float32)):  # fp16/bf16 norms accumulate in fp32
+                if ks:
+                    norms[ks] = torch.stack(torch._foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double()
             if self.nonfinite_grads != "ignore":
-                flags[[P + i for i in idx]] = (~torch.isfinite(norms)).float()
+                bad = ~torch.isfinite(norms)
+                if bool(bad.any()):
+                    for k in bad.nonzero().flatten().tolist():
+                        bad[k] = not bool(torch.isfinite(grads[idx[k]]).all())
+                        if not bad[k]:
+                            norms[k] = 1.0  # huge but finite: non-zero
+                flags[[P + i for i in idx]] = bad.float()
             flags[[2 * P + i for i in idx]] = (norms != 0).float()
         world = self._mesh_spec.world_size
         if world > 1:
