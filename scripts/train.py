@@ -60,39 +60,11 @@ def global_batch(corpus: torch.Tensor, step: int, batch: int, seq: int, seed: in
 # ----------------------------------------------------------------------------- model
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """A small byte-level GPT-2 (the planner's gpt2 preset architecture, 256-token vocabulary)."""
+    from sharded_shampoo.presets import GPT2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, dim: int, layers: int, heads: int, seq: int, vocab: int = 256) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.zeros(seq, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+    return GPT2(n_layers=args.layers, width=args.dim, heads=args.heads, context=args.seq, vocab_size=256)
 
 
 # ----------------------------------------------------------------------------- training
@@ -174,13 +146,13 @@ def train(args: argparse.Namespace) -> list[float]:
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} must be divisible by the number of processes ({world}).")
     torch.manual_seed(args.seed)
-    model = TinyGPT(args.dim, args.layers, args.heads, args.seq).to(device)
+    model = build_model(args).to(device)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
-        for block in model.blocks:
+        for block in model.h:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = build_optimizer(args, model)
@@ -266,7 +238,7 @@ def save_plot(losses: list[float], args: argparse.Namespace) -> None:
     ax.plot(range(len(losses)), losses, label=args.optimizer)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/byte)")
-    ax.set_title(f"TinyGPT on stdlib source, {args.optimizer}")
+    ax.set_title(f"byte-level GPT on stdlib source, {args.optimizer}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
