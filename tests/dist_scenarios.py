@@ -34,9 +34,14 @@ class Toy(nn.Module):
         return self.out(torch.tanh(self.inp(x))) + self.cube.sum()
 
 
-def make_model() -> Toy:
+def make_model(kind: str = "toy") -> nn.Module:
+    """``toy``: :class:`Toy`; ``one_block``: a single 3x4 weight, so all but one rank own nothing."""
     torch.manual_seed(0)
-    return Toy()
+    return Toy() if kind == "toy" else nn.Sequential(nn.Linear(4, 3, bias=False))
+
+
+def model_kind(layout: str) -> str:
+    return "one_block" if layout.endswith("one_block") else "toy"
 
 
 def grad_for(name: str, shape: torch.Size, step: int) -> torch.Tensor:
@@ -68,9 +73,9 @@ def run_steps(model: nn.Module, opt: ShardedShampoo, set_grad: Any, skip_every: 
         opt.step()
 
 
-def reference(config: str, skip_every: int = 0) -> dict[str, torch.Tensor]:
+def reference(config: str, skip_every: int = 0, kind: str = "toy") -> dict[str, torch.Tensor]:
     """Single-process trajectory (no process group)."""
-    model = make_model()
+    model = make_model(kind)
     opt = ShardedShampoo(model.named_parameters(), **CONFIGS[config])
 
     def set_grad(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -99,7 +104,7 @@ def distributed_run(layout: str, config: str, mesh_shape: tuple[int, ...], comm_
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    model = make_model()
+    model = make_model(model_kind(layout))
     names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     if layout in ("fsdp", "hsdp"):
@@ -108,6 +113,8 @@ def distributed_run(layout: str, config: str, mesh_shape: tuple[int, ...], comm_
         fully_shard(model, mesh=mesh)
     elif layout == "mixed":
         fully_shard(model.inp, mesh=mesh)
+    elif layout == "fsdp_one_block":
+        fully_shard(model, mesh=mesh)
     opt = ShardedShampoo(model.named_parameters(), comm_dtype=comm_dtype,
                          mesh=mesh if layout != "ddp" else None, **CONFIGS[config])
 
@@ -139,7 +146,7 @@ def scenario_invariance(rank: int, world: int, cases: list[tuple], refs: dict[tu
     for case in cases:
         layout, config, mesh_shape, comm_dtype, skip_every = case
         params, opt = distributed_run(layout, config, mesh_shape, comm_dtype, skip_every)
-        out[repr(case)] = max_rel_diff(params, refs[(config, skip_every)])
+        out[repr(case)] = max_rel_diff(params, refs[(model_kind(layout), config, skip_every)])
         out[repr(case) + ".bytes"] = (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes)
         dist.barrier()
     return out
@@ -152,7 +159,7 @@ def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
     return train.train(train.parse_args(argv))
 
 
-def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...]) -> list[int]:
+def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...], kind: str = "toy") -> list[int]:
     """Per-rank optimizer-state bytes predicted by the dry-run (meta device + fake process group)."""
     from sharded_shampoo.dryrun import plan_model
     from sharded_shampoo.plan import PlanSettings
@@ -161,5 +168,5 @@ def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...]) -> list[int]:
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], preconditioner=c["preconditioner"],
                             grafting=c["grafting"], beta1=c["betas"][0], momentum=c.get("momentum", 0.0),
                             precondition_frequency=c["precondition_frequency"])
-    plan = plan_model(make_model, mesh_shape, settings)
+    plan = plan_model(lambda: make_model(kind), mesh_shape, settings)
     return [r.optimizer_state_bytes for r in plan.ranks]

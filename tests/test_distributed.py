@@ -21,14 +21,21 @@ BF16_BOUND = 1e-2
 
 
 def _refs(cases: list[tuple]) -> dict:
-    return {(c[1], c[4]): sc.reference(c[1], c[4]) for c in cases}
+    return {(sc.model_kind(c[0]), c[1], c[4]): sc.reference(c[1], c[4], sc.model_kind(c[0])) for c in cases}
 
 
 def _check(results: list[dict], cases: list[tuple]) -> None:
     for case in cases:
+        if case[0] == "fsdp_one_block":
+            from sharded_shampoo import plan_blocks
+
+            c = sc.CONFIGS[case[1]]
+            blocks = plan_blocks([("0.weight", (3, 4))], c["max_preconditioner_dim"], c["preconditioner"])
+            assert len(blocks) == 1 and len(results) == 4, "three of the four ranks must own nothing"
         layout, config, mesh_shape = case[:3]
         # the dry-run (meta device, fake process group) predicts every rank's allocation exactly
-        dry = sc.dryrun_state_bytes(config, mesh_shape) if layout in ("fsdp", "hsdp") else None
+        dry = sc.dryrun_state_bytes(config, mesh_shape, sc.model_kind(layout)) \
+            if layout in ("fsdp", "hsdp", "fsdp_one_block") else None
         for rank, r in enumerate(results):
             real, planned = r[repr(case) + ".bytes"]
             assert real == planned, f"{case} rank {rank}: allocated {real} B of state, planner says {planned} B"
@@ -63,6 +70,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("fsdp", "root_inverse", (4,), F32, 0),      # 3-row parameter: one rank holds an empty shard
         ("hsdp", "root_inverse", (2, 2), F32, 0),
         ("hsdp", "eigen_corrected", (2, 2), F32, 0),
+        ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
     ]
     _check(run_ranks(4, sc.scenario_invariance, cases, _refs(cases)), cases)
 

@@ -545,3 +545,16 @@ def test_mesh_argument_is_validated():
         ShardedShampoo([p], mesh=object())
     opt = ShardedShampoo([p], mesh="local")
     assert opt.plan.mesh.world_size == 1
+
+
+def test_unsupported_placements_raise_naming_the_parameter():
+    from torch.distributed.tensor import Replicate, Shard
+
+    from sharded_shampoo.mesh import _sharded_from_placements
+
+    assert _sharded_from_placements("w", (Shard(0),), 1) is True
+    assert _sharded_from_placements("w", (Replicate(), Shard(0)), 2) is True  # HSDP
+    assert _sharded_from_placements("w", (Replicate(), Replicate()), 2) is False
+    for placements, ndim in (((Shard(1),), 1), ((Shard(0), Shard(1)), 2), ((Shard(0), Replicate()), 2)):
+        with pytest.raises(NotImplementedError, match=r"'layers.0.w'.*Shard\(0\)"):
+            _sharded_from_placements("layers.0.w", placements, ndim)
