@@ -69,7 +69,7 @@ def _validate_group(g: dict[str, Any]) -> None:
         raise ValueError(f"ShardedShampoo.blocking must be a BlockingConfig; got {g['blocking']!r}.")
 
 
-def _split_named(params: Any) -> tuple[list[dict[str, Any]], bool]:
+def _split_named(params: Any) -> list[dict[str, Any]]:
     """Normalise params / named_parameters / group dicts into group dicts with 'params' and 'names'."""
     if isinstance(params, torch.Tensor):
         raise TypeError("ShardedShampoo expects an iterable of parameters, named parameters or param-group "
@@ -97,7 +97,7 @@ def _split_named(params: Any) -> tuple[list[dict[str, Any]], bool]:
         g["params"] = tensors
         g["param_names"] = names
         out.append(g)
-    return out, False
+    return out
 
 
 class ShardedShampoo(Optimizer):
@@ -139,7 +139,7 @@ class ShardedShampoo(Optimizer):
                         start_preconditioning_step=start_preconditioning_step,
                         use_bias_correction=use_bias_correction, grafting=grafting,
                         preconditioner=preconditioner, blocking=blocking, step=0)
-        groups, _ = _split_named(params)
+        groups = _split_named(params)
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False

@@ -21,7 +21,7 @@ import torch
 
 from .blocking import Block
 from .config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
-                     GraftingConfig, PreconditionerConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
+                     GraftingConfig, PreconditionerConfig, RMSpropGrafting, SGDGrafting)
 from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
 
 
@@ -295,8 +295,4 @@ class BlockBucket:
 def bucket_key(group_index: int, block: Block) -> tuple:
     """Blocks with equal keys are stacked into one bucket."""
     return (group_index, block.shape, block.exponents)
-
-
-def is_root_inverse(config: PreconditionerConfig) -> bool:
-    return isinstance(config, RootInverseShampoo)
 
