@@ -6,7 +6,7 @@ so the math of a step is identical on 1 or 1024 ranks, and the block ids
 
 The procedure, per parameter:
 1. squeeze: drop size-1 dims (a 0-d or all-ones shape becomes ``(1,)``);
-2. merge: fold consecutive dims while their product stays <= ``max_preconditioner_dim``;
+2. merge: fold consecutive dims, last dim first, while their product stays <= ``max_preconditioner_dim``;
 3. split: cut each merged dim into chunks of at most ``max_preconditioner_dim``.
 Blocks are numbered in row-major order over the chunk grid.
 
@@ -72,17 +72,22 @@ class Block:
 
 
 def merged_shape(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool = True) -> tuple[int, ...]:
-    """Squeeze size-1 dims, then merge consecutive dims while the product fits the limit."""
+    """Squeeze size-1 dims, then merge consecutive dims, from the last dim backwards, while the
+    product fits the limit (the reference implementation's rule, so blocks match it).
+
+    Every merged dim is a contiguous group of original dims and the first group starts at dim 0,
+    so a ``Shard(0)`` shard is still a whole number of merged-dim-0 rows.
+    """
     squeezed = [int(d) for d in shape if d != 1] or [1]
     if not merge_dims:
         return tuple(squeezed)
-    out = [squeezed[0]]
-    for d in squeezed[1:]:
+    out = [squeezed[-1]]
+    for d in reversed(squeezed[:-1]):
         if out[-1] * d <= max_preconditioner_dim:
             out[-1] *= d
         else:
             out.append(d)
-    return tuple(out)
+    return tuple(reversed(out))
 
 
 def _chunks(size: int, limit: int) -> list[tuple[int, int]]:

@@ -183,7 +183,7 @@ class EigenvalueCorrectedShampoo:
 
     The eigenbasis Q_i of each factor is refreshed every ``precondition_frequency`` steps; the
     corrected eigenvalues D (EMA of the squared rotated gradient with ``betas[1]``) are updated
-    every step; direction = Q ( (Q^T M Q) * (D_hat + eps)^(-e) ) with e = 1/2 by default
+    every step; direction = Q ( (Q^T M Q) / (D_hat^e + eps) ) with e = 1/2 by default
     (``inverse_exponent_override`` may change it per order; 0 on a dim skips its rotation).
     """
 

@@ -45,7 +45,7 @@ def _validate_group(g: dict[str, Any]) -> None:
     _check_range("ShardedShampoo", "epsilon", g["epsilon"], 0.0, math.inf, low_open=True)
     _check_range("ShardedShampoo", "weight_decay", g["weight_decay"], 0.0, math.inf)
     _check_range("ShardedShampoo", "momentum", g["momentum"], 0.0, 1.0, high_open=True)
-    _check_range("ShardedShampoo", "dampening", g["dampening"], 0.0, 1.0)
+    _check_range("ShardedShampoo", "dampening", g["dampening"], 0.0, 1.0, high_open=True)
     if g["use_nesterov"] and g["momentum"] == 0:
         raise ValueError("ShardedShampoo.use_nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or "
                          "use_nesterov=False.")
@@ -423,7 +423,9 @@ class ShardedShampoo(Optimizer):
                            for pc, _ in items]
                 torch._foreach_mul_(m_views, mu)
                 torch._foreach_add_(m_views, dirs, alpha=1.0 - group["dampening"])
-                if group["use_nesterov"]:
+                if group["use_nesterov"]:  # P <- (1 - dampening) P + mu B, as in the reference
+                    if group["dampening"]:
+                        torch._foreach_mul_(dirs, 1.0 - group["dampening"])
                     torch._foreach_add_(dirs, m_views, alpha=mu)
                 else:
                     dirs = m_views

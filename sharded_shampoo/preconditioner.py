@@ -79,11 +79,9 @@ class BlockBucket:
         self.is_eigen = isinstance(hp.preconditioner, EigenvalueCorrectedShampoo)
         zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.factors = [zeros(B, self.shape[i], self.shape[i]) for i in self.factor_dims]
-        if self.is_eigen:
-            eye = [torch.eye(self.shape[i], dtype=dtype, device=device).repeat(B, 1, 1) for i in self.factor_dims]
-            self.roots = eye
-        else:
-            self.roots = [zeros(B, self.shape[i], self.shape[i]) for i in self.factor_dims]
+        # inverse roots and eigenbases both start as the identity (as in the reference), so a block
+        # whose first root is not available yet preconditions with the identity
+        self.roots = [torch.eye(self.shape[i], dtype=dtype, device=device).repeat(B, 1, 1) for i in self.factor_dims]
         self.eigenvalues = zeros(B, *self.shape) if self.is_eigen and self.factor_dims else None
         g = hp.grafting
         self.grafting_state = zeros(B, *self.shape) if isinstance(
@@ -93,9 +91,6 @@ class BlockBucket:
         self.failures = torch.zeros(B, dtype=torch.int64, device=device)
         self._active_index: Optional[list[int]] = None  # bucket rows of the stacks during a masked step
         self.exhausted: list[str] = []  # blocks that reached max_consecutive_root_failures this step
-        # host-side cache: does every block have a usable (non-zero) root? Eigenbases start as the
-        # identity; inverse roots start at zero. None = unknown (after an amortized step or a load).
-        self.roots_ready: Optional[bool] = self.is_eigen
 
     # ------------------------------------------------------------------ state views
 
@@ -133,13 +128,8 @@ class BlockBucket:
         state is untouched and their direction is zero.
         """
         if active is None or bool(active.all()):
-            P = self._step_all(G, amortized, precondition)
-        else:
-            P = self._step_masked(G, active, amortized, precondition)
-        if self.roots_ready is None and self.factor_dims:
-            # once per amortized step (which syncs anyway): lets later steps skip the fallback pass
-            self.roots_ready = bool(torch.stack([(r.flatten(1).abs().amax(1) > 0) for r in self.roots]).all())
-        return P
+            return self._step_all(G, amortized, precondition)
+        return self._step_masked(G, active, amortized, precondition)
 
     def _step_masked(self, G: torch.Tensor, active: torch.Tensor, amortized: bool,
                      precondition: bool) -> torch.Tensor:
@@ -162,9 +152,13 @@ class BlockBucket:
         P.index_copy_(0, idx, P_sub)
         return P
 
-    def _bias_correction(self, beta: float) -> torch.Tensor:
+    def _bias_correction(self, beta: float, always: bool = False) -> torch.Tensor:
+        """``1 - beta^t`` per block, shaped to broadcast (ones without bias correction or beta = 1).
+
+        ``always``: ignore ``use_bias_correction`` (Adam grafting is always bias-corrected).
+        """
         shape = (-1,) + (1,) * len(self.shape)
-        if not self.hp.use_bias_correction or beta >= 1.0:
+        if not (self.hp.use_bias_correction or always) or beta >= 1.0:
             return torch.ones(self.step.shape, dtype=self.dtype, device=self.device).view(shape)
         return (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=self.device),
                                 self.step.to(torch.float64))).to(self.dtype).view(shape)
@@ -180,7 +174,6 @@ class BlockBucket:
         bc2 = self._bias_correction(beta2)
         if amortized and self.factor_dims:
             self._amortized(bc2)
-            self.roots_ready = None
         if self.is_eigen and self.factor_dims:
             # D accumulates on every step, also before start_preconditioning_step: its bias
             # correction 1 - beta2^t counts every step of the block.
@@ -204,27 +197,13 @@ class BlockBucket:
             P = self._eigen_corrected_direction(G, M, bc2)
         else:
             P = apply_kronecker(M, self._kron_list(self.roots))
-        bshape = (-1,) + (1,) * len(self.shape)
-        if self.roots_ready:
-            if hp.grafting is not None:
-                p_norm = P.flatten(1).norm(dim=1).clamp_min(torch.finfo(P.dtype).tiny)
-                P.mul_((graft.flatten(1).norm(dim=1) / p_norm).view(bshape))
-            elif bc1 is not None:
-                P.div_(bc1)
-            return P
-        p_norm = P.flatten(1).norm(dim=1)
-        # P == 0 means "no root yet" (zero-initialised roots: the block had no gradient on its
-        # amortized step, or its first root failed); a real root is positive definite, so P == 0
-        # only if M == 0, where the grafting direction is 0 as well. Such blocks use the grafting
-        # direction, as before start_preconditioning_step, instead of 0 * (g_norm / tiny) = NaN.
-        no_root = p_norm == 0
         if hp.grafting is not None:
-            scale = torch.where(no_root, torch.zeros_like(p_norm),
-                                graft.flatten(1).norm(dim=1) / p_norm.clamp_min(torch.finfo(P.dtype).tiny))
-            P.mul_(scale.view(bshape))
+            # per-block rescale to the grafting direction's norm (+1e-16 as in the reference)
+            p_norm = P.flatten(1).norm(dim=1).add_(1e-16)
+            P.mul_((graft.flatten(1).norm(dim=1) / p_norm).view((-1,) + (1,) * len(self.shape)))
         elif bc1 is not None:
             P.div_(bc1)
-        return torch.where(no_root.view(bshape), graft, P)  # no host sync: a where, not an if
+        return P
 
     def _kron_list(self, mats: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = [None] * len(self.shape)
@@ -248,7 +227,7 @@ class BlockBucket:
             V.mul_(g.beta2).addcmul_(G, G, value=1.0 - g.beta2)
         a = torch.ones((), dtype=V.dtype, device=V.device) if bc1 is None else bc1
         if isinstance(g, AdamGrafting):
-            a = a / self._bias_correction(g.beta2).sqrt()
+            a = a / self._bias_correction(g.beta2, always=True).sqrt()
         c = g.epsilon if bc1 is None else bc1 * g.epsilon
         return M / torch.addcmul(torch.as_tensor(c, dtype=V.dtype, device=V.device), V.sqrt(), a)
 
@@ -259,7 +238,7 @@ class BlockBucket:
         for n, i in enumerate(self.factor_dims):
             F_hat = self.factors[n] / bc2.view(-1, 1, 1)
             if self.is_eigen:
-                new, ok = eigenbasis(F_hat)
+                new, ok = eigenbasis(F_hat, hp.epsilon)
             elif isinstance(hp.preconditioner.root, CoupledNewtonConfig):
                 new, ok = inverse_root_newton(F_hat, self.exponents[i], hp.epsilon, hp.preconditioner.root)
             else:
@@ -288,8 +267,9 @@ class BlockBucket:
         Qs = self._kron_list(self.roots)
         exponent = next(e for e in self.exponents if e != 0)
         M_rot = apply_kronecker(M, Qs, transpose=True)
-        scale = (self.eigenvalues / bc2).add_(hp.epsilon).pow_(-exponent)
-        return apply_kronecker(M_rot.mul_(scale), Qs)
+        # the root before epsilon, as in the reference (and torch Adam): (D_hat^e + eps)
+        denom = (self.eigenvalues / bc2).pow_(exponent).add_(hp.epsilon)
+        return apply_kronecker(M_rot.div_(denom), Qs)
 
 
 def bucket_key(group_index: int, block: Block) -> tuple:

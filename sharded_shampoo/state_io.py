@@ -136,8 +136,7 @@ def load_optimizer_state(opt: "ShardedShampoo", state_dict: dict[str, Any]) -> N
     with torch.no_grad():
         for dst, src in copies:
             dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
-    for bucket in opt._buckets:
-        bucket.roots_ready = None if bucket.factor_dims else bucket.roots_ready  # roots were overwritten
+
     for saved, live in zip(groups, opt.param_groups):
         for k, v in saved.items():
             if k in ("params", "param_names") or k in _STRUCTURAL:

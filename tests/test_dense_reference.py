@@ -132,7 +132,8 @@ class DenseShampoo:
             elif self.eigen:
                 e = next(x for x in b.exponents if x != 0)
                 M_rot = K.T @ M_hat.reshape(-1)
-                scaled = M_rot * (b.D.reshape(-1) / bc2 + self.eps).pow(-e)
+                # the root before epsilon (as the reference implementation and torch Adam do)
+                scaled = M_rot / ((b.D.reshape(-1) / bc2).pow(e) + self.eps)
                 P = (K @ scaled).reshape(b.shape)
             else:
                 P = (K @ M_hat.reshape(-1)).reshape(b.shape)
@@ -291,6 +292,11 @@ def test_eigenvalue_corrected_amortized(beta2):
     """Eigenbasis refreshed every 3 steps; D keeps accumulating every step, from step 1."""
     _run((6, 5), (6, 5), 8, (0.5, 0.5), eigen=True, steps=8, freq=3, beta1=0.9, beta2=beta2, lr=0.01,
          eps=1e-8)
+
+
+def test_eigenvalue_corrected_epsilon_is_added_after_the_root():
+    # a large epsilon makes (D^e + eps) and (D + eps)^e clearly different
+    _run((6, 5), (6, 5), 8, (0.5, 0.5), eigen=True, steps=6, freq=2, beta1=0.9, beta2=0.95, lr=0.01, eps=1e-2)
 
 
 def test_eigenvalue_corrected_skipped_dim():

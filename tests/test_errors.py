@@ -411,9 +411,9 @@ def test_eigh_failure_retried_in_float64(monkeypatch):
     assert not bool(ok.any())
 
 
-def test_block_without_root_uses_grafting_direction_not_nan():
-    """A parameter with no gradient on the amortized step has no root yet; its next steps must be
-    finite (the grafting direction), not 0 * (norm / tiny) = NaN."""
+def test_block_without_root_uses_the_identity_root():
+    """A parameter with no gradient on the amortized step has no root yet: its roots are still the
+    initial identity (as in the reference), so its next step is M rescaled to the grafting norm."""
     params = make_params(torch.float32, shapes={"a": (6, 5), "b": (8, 8)})
     opt = ShardedShampoo(list(params.items()), lr=0.01, precondition_frequency=4, max_preconditioner_dim=8,
                          grafting=SGDGrafting(), betas=(0.0, 1.0))
@@ -421,10 +421,11 @@ def test_block_without_root_uses_grafting_direction_not_nan():
         set_grads(params.values(), t, skip=(1,) if t == 3 else ())  # "b" misses the amortized step 4
         opt.step()
     b = params["b"]
-    assert float(opt.state[b]["block_0"]["root_0"].abs().max()) == 0.0
+    torch.testing.assert_close(opt.state[b]["block_0"]["root_0"], torch.eye(8))
     set_grads(params.values(), 4)
     before = b.detach().clone()
     opt.step()
+    assert torch.isfinite(b).all()
     torch.testing.assert_close(b.detach(), before - 0.01 * b.grad, rtol=0, atol=1e-6)
 
 

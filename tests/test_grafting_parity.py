@@ -96,7 +96,8 @@ def test_adam_grafting_matches_torch_adamw_decoupled(dtype):
 
 
 def test_adam_grafting_without_bias_correction_matches_manual():
-    """use_bias_correction=False: M and V enter raw (no 1-beta^t division)."""
+    """use_bias_correction=False: M enters raw; Adam grafting's V is still bias-corrected, as in the
+    reference implementation (its Adam grafting always corrects)."""
     params = make_params(torch.float64, shapes={"w": (5, 4), "b": (3,)})
     opt = _ours(AdamGrafting(beta2=0.9, epsilon=1e-8), (0.8, 0.999), lr=0.01, use_bias_correction=False)(
         list(params.items()))
@@ -109,6 +110,23 @@ def test_adam_grafting_without_bias_correction_matches_manual():
             g = grad_for(ref[n], i, t)
             m[n] = 0.8 * m[n] + 0.2 * g
             v[n] = 0.9 * v[n] + 0.1 * g * g
-            ref[n] = ref[n] - 0.01 * m[n] / (v[n].sqrt() + 1e-8)
+            ref[n] = ref[n] - 0.01 * m[n] / ((v[n] / (1 - 0.9 ** (t + 1))).sqrt() + 1e-8)
+        opt.step()
+        assert_params_close(params.values(), ref.values(), TOL, what=f"step {t}:")
+
+
+def test_nesterov_with_dampening_matches_the_reference_formula():
+    """B <- mu B + (1 - d) P;  P <- (1 - d) P + mu B  (the reference implementation's Nesterov)."""
+    params = make_params(torch.float64, shapes={"w": (5, 4), "b": (3,)})
+    opt = _ours(SGDGrafting(), (0.0, 0.999), lr=0.01, momentum=0.9, dampening=0.5, use_nesterov=True)(
+        list(params.items()))
+    ref = {n: p.detach().clone() for n, p in params.items()}
+    buf = {n: torch.zeros_like(p) for n, p in ref.items()}
+    for t in range(8):
+        set_grads(params.values(), t)
+        for i, n in enumerate(ref):
+            g = grad_for(ref[n], i, t)
+            buf[n] = 0.9 * buf[n] + 0.5 * g
+            ref[n] = ref[n] - 0.01 * (0.5 * g + 0.9 * buf[n])
         opt.step()
         assert_params_close(params.values(), ref.values(), TOL, what=f"step {t}:")
