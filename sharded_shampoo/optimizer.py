@@ -412,6 +412,7 @@ class ShardedShampoo(Optimizer):
         for gi, items in by_group.items():
             group = self.param_groups[gi]
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # a 0-d tensor lr (schedulers, compile)
             p_views = [self._executor.local_piece_view(local_tensor(self._params[pc.param_index]), pc)
                        for pc, _ in items]
             # directions are per-step buffers of this rank (P stacks or the receive buffer): safe to edit

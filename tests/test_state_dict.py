@@ -206,3 +206,17 @@ def test_zero_grad_and_closure():
     assert losses[-1] < losses[0]
     opt.zero_grad()
     assert w.grad is None
+
+
+def test_tensor_learning_rate_matches_float_learning_rate():
+    a = make_params(torch.float64, shapes={"w": (5, 4), "b": (3,)})
+    b = {n: torch.nn.Parameter(p.detach().clone()) for n, p in a.items()}
+    opt_a = ShardedShampoo(list(a.items()), lr=0.01, precondition_frequency=2)
+    opt_b = ShardedShampoo(list(b.items()), lr=torch.tensor(0.01, dtype=torch.float64), precondition_frequency=2)
+    for t in range(4):
+        set_grads(a.values(), t)
+        set_grads(b.values(), t)
+        opt_a.step()
+        opt_b.step()
+    for n in a:
+        assert torch.equal(a[n], b[n])
