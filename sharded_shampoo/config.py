@@ -254,7 +254,11 @@ class BlockingConfig:
     merge_dims: bool = True
 
 
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
+#: Group settings that decide the block plan and the state layout: fixed after construction and
+#: required to match when state is loaded.
+STRUCTURAL_SETTINGS = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
 
 
 def config_to_dict(config: Any) -> Any:

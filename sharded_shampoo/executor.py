@@ -69,7 +69,8 @@ class StepExecutor:
 
     # ------------------------------------------------------------------ views
 
-    def _local_piece(self, local: torch.Tensor, piece: Piece) -> torch.Tensor:
+    def local_piece(self, local: torch.Tensor, piece: Piece) -> torch.Tensor:
+        """The part of ``local`` (this rank's shard of the piece's parameter) that the piece covers."""
         lp = self.locals[piece.param_index]
         block = self.blocks[piece.block_index]
         view = lp.merged_view(local)[piece.row_start - lp.held[0]:piece.row_end - lp.held[0]]
@@ -114,9 +115,9 @@ class StepExecutor:
         s = self.schedule
         for piece in s.grad_local:
             dst.append(self._buffer_piece(stacks, piece))
-            src.append(self._local_piece(grads[piece.param_index], piece))
+            src.append(self.local_piece(grads[piece.param_index], piece))
         if self.world_size > 1:
-            send_src = [self._local_piece(grads[p.param_index], p) for pieces in s.grad_send for p in pieces]
+            send_src = [self.local_piece(grads[p.param_index], p) for pieces in s.grad_send for p in pieces]
             recv = self._exchange(s.grad_send, send_src, self.grad_send_sizes, self.grad_recv_sizes)
             recv_pieces = [p for pieces in s.grad_recv for p in pieces]
             dst.extend(self._buffer_piece(stacks, p) for p in recv_pieces)
@@ -137,6 +138,3 @@ class StepExecutor:
             recv_pieces = [p for pieces in s.update_recv for p in pieces]
             out.extend(zip(recv_pieces, self._flat_views(recv, recv_pieces)))
         return [(p, u) for p, u in out if p.param_index in active]
-
-    def local_piece_view(self, local: torch.Tensor, piece: Piece) -> torch.Tensor:
-        return self._local_piece(local, piece)

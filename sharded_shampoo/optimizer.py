@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from .config import (NONFINITE_POLICIES, AdaGradGrafting, BlockingConfig, EigenvalueCorrectedShampoo,
+from .config import (NONFINITE_POLICIES, STRUCTURAL_SETTINGS, AdaGradGrafting, BlockingConfig, EigenvalueCorrectedShampoo,
                      GraftingConfig, PreconditionerConfig, RootInverseShampoo, SGDGrafting, AdamGrafting,
                      RMSpropGrafting, _check_range)
 from .executor import StepExecutor, local_tensor
@@ -27,7 +27,6 @@ from .preconditioner import BlockBucket, BucketHyperparams, RootFailureError, bu
 from .routing import build_schedule
 from .state_io import load_optimizer_state, optimizer_state_dict
 
-_STRUCTURAL = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -125,7 +124,7 @@ class ShardedShampoo(Optimizer):
         comm_dtype: torch.dtype = torch.float32,
         nonfinite_grads: str = "raise",
     ) -> None:
-        if nonfinite_grads not in NONFINITE_POLICIES + ("ignore",):
+        if nonfinite_grads not in NONFINITE_POLICIES:
             raise ValueError(f"ShardedShampoo.nonfinite_grads must be one of 'raise', 'skip', 'ignore'; "
                              f"got {nonfinite_grads!r}.")
         if comm_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -223,10 +222,14 @@ class ShardedShampoo(Optimizer):
         self._executor = StepExecutor(self.plan.blocks, block_params, self._specs, self._mesh_spec, schedule,
                                       self._buckets, bucket_of_block, self.comm_dtype, self._process_group,
                                       device)
-        self._structure = [{k: g[k] for k in _STRUCTURAL} | {"has_beta1": g["betas"][0] > 0,
-                                                             "has_momentum": g["momentum"] > 0}
-                           for g in self.param_groups]
+        self._structure = [self._structural(g) for g in self.param_groups]
         self._init_state()
+
+    @staticmethod
+    def _structural(group: dict[str, Any]) -> dict[str, Any]:
+        """What of a group decides the plan and state layout (compared at every step)."""
+        return {k: group[k] for k in STRUCTURAL_SETTINGS} | {"has_beta1": group["betas"][0] > 0,
+                                                             "has_momentum": group["momentum"] > 0}
 
     def _settings(self, group: dict[str, Any]) -> PlanSettings:
         return PlanSettings(max_preconditioner_dim=group["max_preconditioner_dim"],
@@ -264,8 +267,7 @@ class ShardedShampoo(Optimizer):
 
     def _check_structure(self) -> None:
         for gi, (group, frozen) in enumerate(zip(self.param_groups, self._structure)):
-            now = {k: group[k] for k in _STRUCTURAL} | {"has_beta1": group["betas"][0] > 0,
-                                                        "has_momentum": group["momentum"] > 0}
+            now = self._structural(group)
             changed = [k for k in now if now[k] != frozen[k]]
             if changed:
                 raise ValueError(f"param group {gi} changed {changed} after construction; these decide the block "
@@ -369,8 +371,7 @@ class ShardedShampoo(Optimizer):
             amortized, precondition = schedule[gi]
             mask = torch.tensor([self._block_params[b] in active for b in self._bucket_members[bi]],
                                 device=self._device) if len(active) < len(self._trainable) else None
-            directions.append(bucket.step_blocks(G, mask, self.param_groups[gi]["step"] + 1, amortized,
-                                                 precondition))
+            directions.append(bucket.step_blocks(G, mask, amortized, precondition))
         updates = self._executor.scatter(directions, active)
         self._apply(updates)
         for group in self.param_groups:
@@ -413,14 +414,14 @@ class ShardedShampoo(Optimizer):
             group = self.param_groups[gi]
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             lr = float(lr) if isinstance(lr, torch.Tensor) else lr  # a 0-d tensor lr (schedulers, compile)
-            p_views = [self._executor.local_piece_view(local_tensor(self._params[pc.param_index]), pc)
+            p_views = [self._executor.local_piece(local_tensor(self._params[pc.param_index]), pc)
                        for pc, _ in items]
             # directions are per-step buffers of this rank (P stacks or the receive buffer): safe to edit
             dirs = [u if u.dtype in (torch.float32, torch.float64) else u.float() for _, u in items]
             if wd != 0 and group["use_decoupled_weight_decay"]:
                 torch._foreach_add_(dirs, p_views, alpha=wd)
             if mu > 0:
-                m_views = [self._executor.local_piece_view(self.state[self._params[pc.param_index]]["momentum"], pc)
+                m_views = [self._executor.local_piece(self.state[self._params[pc.param_index]]["momentum"], pc)
                            for pc, _ in items]
                 torch._foreach_mul_(m_views, mu)
                 torch._foreach_add_(m_views, dirs, alpha=1.0 - group["dampening"])

@@ -120,7 +120,7 @@ class BlockBucket:
 
     # ------------------------------------------------------------------ the step
 
-    def step_blocks(self, G: torch.Tensor, active: Optional[torch.Tensor], group_step: int,
+    def step_blocks(self, G: torch.Tensor, active: Optional[torch.Tensor],
                     amortized: bool, precondition: bool) -> torch.Tensor:
         """Advance the state of the bucket with block gradients ``G: [B, *shape]``; return directions.
 

@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import config_from_dict, config_to_dict
+from .config import STRUCTURAL_SETTINGS as _STRUCTURAL, config_from_dict, config_to_dict
 
 if TYPE_CHECKING:
     from .optimizer import ShardedShampoo
 
 _CONFIG_KEYS = ("grafting", "preconditioner", "blocking")
-_STRUCTURAL = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
 
 
 def _is_dtensor(t: Any) -> bool:

@@ -84,9 +84,9 @@ def test_bucket_equals_single_block_buckets(case, dtype):
     steps = 7
     for t, G in enumerate(_grads(shape, steps, B, dtype=dtype), start=1):
         amortized = t >= 2 and (t % 2 == 0 or t == 2)
-        P = big.step_blocks(G.clone(), None, t, amortized, precondition=t >= 2)
+        P = big.step_blocks(G.clone(), None, amortized, precondition=t >= 2)
         for j, s in enumerate(singles):
-            Pj = s.step_blocks(G[j:j + 1].clone(), None, t, amortized, precondition=t >= 2)
+            Pj = s.step_blocks(G[j:j + 1].clone(), None, amortized, precondition=t >= 2)
             d = max_rel_diff(P[j], Pj[0])
             assert d <= tol, f"{case} step {t} block {j}: direction differs by {d:.3e}"
     for j, s in enumerate(singles):
@@ -107,13 +107,13 @@ def test_inactive_mask_leaves_state_untouched(case):
         active[(t + 1) % B] = False  # at least one inactive
         before = [_state(big, j) for j in range(B)]
         amortized = t % 2 == 0
-        P = big.step_blocks(G.clone(), active, t, amortized, precondition=t >= 2)
+        P = big.step_blocks(G.clone(), active, amortized, precondition=t >= 2)
         for j in range(B):
             if not bool(active[j]):
                 assert torch.equal(P[j], torch.zeros_like(P[j])), "inactive block got a direction"
                 _assert_state_close(_state(big, j), before[j], 0.0, f"inactive block {j} at step {t}")
             else:
-                Pj = singles[j].step_blocks(G[j:j + 1].clone(), None, t, amortized, precondition=t >= 2)
+                Pj = singles[j].step_blocks(G[j:j + 1].clone(), None, amortized, precondition=t >= 2)
                 d = max_rel_diff(P[j], Pj[0])
                 assert d <= TOL, f"step {t} block {j}: {d:.3e}"
     for j in range(B):
