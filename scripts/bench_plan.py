@@ -1,6 +1,6 @@
 """Benchmark the dry-run planner: wall time and peak RSS of the CLI, and modeled balance per preset.
 
-1. Runs ``python -m sharded_shampoo.cli plan --model llama3-405b --mesh 32x64`` (by default) in a
+1. Runs ``python -m sharded_shampoo.dryrun.cli plan --model llama3-405b --mesh 32x64`` (by default) in a
    fresh subprocess and reads its peak RSS from ``os.wait4`` (exact, no polling).
 2. Plans every preset in-process on ``--ranks`` FSDP ranks with ``max_preconditioner_dim``
    1024 and reports max/mean, max / lower bound and what whole-parameter round-robin gives.
@@ -23,15 +23,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from sharded_shampoo.dryrun import plan_model  # noqa: E402
-from sharded_shampoo.plan import PlanSettings  # noqa: E402
-from sharded_shampoo.presets import preset_names  # noqa: E402
+from sharded_shampoo.planning.plan import PlanSettings  # noqa: E402
+from sharded_shampoo.dryrun.presets import preset_names  # noqa: E402
 
 
 def run_cli(argv: list[str]) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes, exit status, stdout) of one CLI run in a fresh process."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sharded_shampoo.cli", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "sharded_shampoo.dryrun.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, cwd=REPO)
     assert proc.stdout is not None
     out = proc.stdout.read().decode()

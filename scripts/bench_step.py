@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sharded_shampoo import AdamGrafting, ShardedShampoo
-from sharded_shampoo.matrix_functions import inverse_root_eigh
+from sharded_shampoo.compute.matrix_functions import inverse_root_eigh
 
 SHAPES = [(1024, 1024)] * 6 + [(2048, 1024)] * 2 + [(1024, 3072)] * 2 + [(512, 512)] * 8 + [(768, 1280)]
 

@@ -1,4 +1,4 @@
-"""Calibrate the FLOP model of ``sharded_shampoo.costs`` against measured times on this machine.
+"""Calibrate the FLOP model of ``sharded_shampoo.planning.costs`` against measured times on this machine.
 
 The balancer only needs *relative* costs: how expensive a root refresh (eigh) is compared
 with the GEMMs of an ordinary step. The cost model counts eigh as ``eigh_flops_per_d3 * d^3``

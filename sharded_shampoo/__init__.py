@@ -1,11 +1,11 @@
 """sharded-shampoo: Distributed Shampoo native to DTensor, FSDP2, HSDP and DCP."""
 
-from .blocking import Block, plan_blocks
+from .planning.blocking import Block, plan_blocks
 from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                      EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
-from .layout import MeshSpec, ParamSpec
+from .planning.layout import MeshSpec, ParamSpec
 from .optimizer import NonFiniteGradientError, ShardedShampoo
-from .preconditioner import RootFailureError
+from .compute.preconditioner import RootFailureError
 
 __version__ = "0.1.0"
 

@@ -19,13 +19,13 @@ from torch.optim import Optimizer
 from .config import (NONFINITE_POLICIES, STRUCTURAL_SETTINGS, AdaGradGrafting, BlockingConfig, EigenvalueCorrectedShampoo,
                      GraftingConfig, PreconditionerConfig, RootInverseShampoo, SGDGrafting, AdamGrafting,
                      RMSpropGrafting, _check_range)
-from .executor import StepExecutor, local_tensor
-from .layout import MeshSpec, ParamSpec
-from .mesh import resolve_mesh
-from .plan import PlanSettings, make_plan
-from .preconditioner import BlockBucket, BucketHyperparams, RootFailureError, bucket_key
-from .routing import build_schedule
-from .state_io import load_optimizer_state, optimizer_state_dict
+from .runtime.executor import StepExecutor, local_tensor
+from .planning.layout import MeshSpec, ParamSpec
+from .runtime.placements import resolve_mesh
+from .planning.plan import PlanSettings, make_plan
+from .compute.preconditioner import BlockBucket, BucketHyperparams, RootFailureError, bucket_key
+from .runtime.routing import build_schedule
+from .runtime.state_io import load_optimizer_state, optimizer_state_dict
 
 
 

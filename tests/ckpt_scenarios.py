@@ -95,7 +95,7 @@ def opt_snapshot(opt: ShardedShampoo) -> dict[str, Any]:
 
 def snapshot(model: nn.Module, opt: ShardedShampoo) -> dict[str, Any]:
     """A deep copy of everything a load could change: local parameter shards, state, param groups."""
-    from sharded_shampoo.executor import local_tensor
+    from sharded_shampoo.runtime.executor import local_tensor
 
     return {"params": {n: local_tensor(p.detach()).clone() for n, p in model.named_parameters()},
             **opt_snapshot(opt)}

@@ -162,7 +162,7 @@ def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
 def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...], kind: str = "toy") -> list[int]:
     """Per-rank optimizer-state bytes predicted by the dry-run (meta device + fake process group)."""
     from sharded_shampoo.dryrun import plan_model
-    from sharded_shampoo.plan import PlanSettings
+    from sharded_shampoo.planning.plan import PlanSettings
 
     c = CONFIGS[config]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], preconditioner=c["preconditioner"],

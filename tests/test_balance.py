@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from sharded_shampoo.balance import (
+from sharded_shampoo.planning.balance import (
     BlockDoesNotFitError,
     assign_owners,
     imbalance,

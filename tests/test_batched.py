@@ -15,10 +15,10 @@ import torch
 
 from _numerics import grad_for, make_params, max_rel_diff, set_grads
 from sharded_shampoo import ShardedShampoo
-from sharded_shampoo.blocking import Block
+from sharded_shampoo.planning.blocking import Block
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     RMSpropGrafting, RootInverseShampoo, SGDGrafting)
-from sharded_shampoo.preconditioner import BlockBucket, BucketHyperparams, apply_kronecker
+from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams, apply_kronecker
 
 B = 9
 # float64 factors: stacking must be exact up to round-off (1e-6 is loose there); float32 factors:

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from sharded_shampoo import RootInverseShampoo, plan_blocks
-from sharded_shampoo.blocking import merged_shape
-from sharded_shampoo.layout import MeshSpec, ParamSpec, held_merged_rows
+from sharded_shampoo.planning.blocking import merged_shape
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, held_merged_rows
 
 
 @pytest.mark.parametrize("shape, limit, expected", [

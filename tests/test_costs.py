@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharded_shampoo.blocking import plan_blocks
+from sharded_shampoo.planning.blocking import plan_blocks
 from sharded_shampoo.config import (
     AdaGradGrafting,
     AdamGrafting,
@@ -17,7 +17,7 @@ from sharded_shampoo.config import (
     RootInverseShampoo,
     SGDGrafting,
 )
-from sharded_shampoo.costs import (
+from sharded_shampoo.planning.costs import (
     BLOCK_STATE_KINDS,
     CostModel,
     block_amortized_flops,
@@ -146,7 +146,7 @@ def test_cost_model_validation(field, value):
 def test_param_state_bytes_matches_summing_blocks():
     import random
 
-    from sharded_shampoo.costs import param_state_bytes
+    from sharded_shampoo.planning.costs import param_state_bytes
 
     rng = random.Random(0)
     checked = 0

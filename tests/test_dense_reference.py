@@ -20,7 +20,7 @@ from _numerics import block_boxes, grad_for, kron_all, max_rel_diff
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
-from sharded_shampoo.matrix_functions import inverse_root_eigh, inverse_root_newton
+from sharded_shampoo.compute.matrix_functions import inverse_root_eigh, inverse_root_newton
 
 F64 = torch.float64
 TOL = 1e-5

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sharded_shampoo.cli import main
+from sharded_shampoo.dryrun.cli import main
 from sharded_shampoo.dryrun import (
     DryRunError,
     format_report,
@@ -21,9 +21,9 @@ from sharded_shampoo.dryrun import (
     sharded_param_specs,
     write_png,
 )
-from sharded_shampoo.layout import MeshSpec, ParamSpec
-from sharded_shampoo.plan import JSON_SCHEMA, PlanSettings, make_plan
-from sharded_shampoo.presets import LLAMA_TINY, PRESETS, Llama, fsdp_units
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec
+from sharded_shampoo.planning.plan import JSON_SCHEMA, PlanSettings, make_plan
+from sharded_shampoo.dryrun.presets import LLAMA_TINY, PRESETS, Llama, fsdp_units
 
 
 @pytest.fixture(autouse=True)

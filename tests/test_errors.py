@@ -15,13 +15,13 @@ import re
 import pytest
 import torch
 
-import sharded_shampoo.preconditioner as preconditioner_mod
+import sharded_shampoo.compute.preconditioner as preconditioner_mod
 from _numerics import make_params, set_grads
 from sharded_shampoo import NonFiniteGradientError, RootFailureError, ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                                     EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,
                                     SGDGrafting)
-from sharded_shampoo.matrix_functions import inverse_root_eigh
+from sharded_shampoo.compute.matrix_functions import inverse_root_eigh
 
 SHAPES = {"w": (6, 5), "b": (5,), "v": (4, 4)}
 
@@ -551,7 +551,7 @@ def test_mesh_argument_is_validated():
 def test_unsupported_placements_raise_naming_the_parameter():
     from torch.distributed.tensor import Replicate, Shard
 
-    from sharded_shampoo.mesh import _sharded_from_placements
+    from sharded_shampoo.runtime.placements import _sharded_from_placements
 
     assert _sharded_from_placements("w", (Shard(0),), 1) is True
     assert _sharded_from_placements("w", (Replicate(), Shard(0)), 2) is True  # HSDP

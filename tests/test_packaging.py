@@ -28,7 +28,7 @@ def test_wheel_layout(wheel: Path) -> None:
     assert "sharded_shampoo/py.typed" in names
     assert not any(n.startswith("checkpointing/") for n in names), "no top-level checkpointing package"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "sharded-shampoo = sharded_shampoo.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "sharded-shampoo = sharded_shampoo.dryrun.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_wheel_imports_checkpointing(wheel: Path, tmp_path: Path) -> None:

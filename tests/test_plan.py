@@ -11,12 +11,12 @@ import re
 import pytest
 import torch
 
-from sharded_shampoo.balance import lower_bound
+from sharded_shampoo.planning.balance import lower_bound
 from sharded_shampoo.config import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, SGDGrafting
-from sharded_shampoo.costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, block_cost
-from sharded_shampoo.layout import MeshSpec, ParamSpec, held_merged_rows, held_rows
-from sharded_shampoo.plan import JSON_SCHEMA, PlanSettings, make_plan, param_specs_from_tensors
-from sharded_shampoo.presets import LLAMA3_8B, LLAMA3_70B, Llama
+from sharded_shampoo.planning.costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, block_cost
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, held_merged_rows, held_rows
+from sharded_shampoo.planning.plan import JSON_SCHEMA, PlanSettings, make_plan, param_specs_from_tensors
+from sharded_shampoo.dryrun.presets import LLAMA3_8B, LLAMA3_70B, Llama
 
 MIXED = [
     ParamSpec("emb", (1000, 64), torch.float32, True),
@@ -285,8 +285,8 @@ def test_same_plan_in_processes_with_different_hash_seeds():
     import sys
 
     code = ("import hashlib, torch\n"
-            "from sharded_shampoo.plan import make_plan, PlanSettings\n"
-            "from sharded_shampoo.layout import MeshSpec, ParamSpec\n"
+            "from sharded_shampoo.planning.plan import make_plan, PlanSettings\n"
+            "from sharded_shampoo.planning.layout import MeshSpec, ParamSpec\n"
             "ps = [ParamSpec(f'l{i}.w{j}', (96 * (j + 1), 64 + 32 * i), torch.float32, True)"
             " for i in range(12) for j in range(3)] + [ParamSpec('r', (70, 5), torch.float32, False)]\n"
             "p = make_plan(ps, MeshSpec((3, 4)), PlanSettings(max_preconditioner_dim=64))\n"

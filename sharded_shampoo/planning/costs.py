@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 
 from .blocking import Block, merged_shape
-from .config import (
+from ..config import (
     AdaGradGrafting,
     AdamGrafting,
     BlockingConfig,

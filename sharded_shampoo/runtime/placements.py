@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .layout import MeshSpec, ParamSpec
+from ..planning.layout import MeshSpec, ParamSpec
 
 
 @dataclass

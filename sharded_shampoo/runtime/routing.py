@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .blocking import Block
-from .layout import MeshSpec, ParamSpec, held_merged_rows
+from ..planning.blocking import Block
+from ..planning.layout import MeshSpec, ParamSpec, held_merged_rows
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .blocking import Block
-from .layout import MeshSpec, ParamSpec, held_merged_rows
-from .preconditioner import BlockBucket
+from ..planning.blocking import Block
+from ..planning.layout import MeshSpec, ParamSpec, held_merged_rows
+from ..compute.preconditioner import BlockBucket
 from .routing import Piece, RankSchedule
 
 

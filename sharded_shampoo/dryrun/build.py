@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .costs import CostModel, DEFAULT_COST_MODEL, RANK_STATE_KINDS
-from .layout import MeshSpec, ParamSpec
-from .plan import PlanSettings, ShampooPlan, make_plan, param_specs_from_tensors
+from ..planning.costs import CostModel, DEFAULT_COST_MODEL, RANK_STATE_KINDS
+from ..planning.layout import MeshSpec, ParamSpec
+from ..planning.plan import PlanSettings, ShampooPlan, make_plan, param_specs_from_tensors
 from .presets import PRESETS, fsdp_units, preset_names
 
 ModelSource = str | Callable[[], nn.Module]

@@ -36,7 +36,7 @@ import torch
 from .accounting import RankReport, plan_summary, rank_reports
 from .balance import DEFAULT_LOCALITY_TOLERANCE, BlockDoesNotFitError, assign_owners
 from .blocking import Block, plan_blocks
-from .config import (
+from ..config import (
     AdaGradGrafting,
     AdamGrafting,
     BlockingConfig,

@@ -15,7 +15,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .config import (
+from ..config import (
     AdaGradGrafting,
     AdamGrafting,
     EigenvalueCorrectedShampoo,
@@ -23,8 +23,8 @@ from .config import (
     RootInverseShampoo,
     SGDGrafting,
 )
-from .dryrun import DryRunError, format_report, parse_dtype, parse_mesh, resolve_model, sharded_param_specs, write_png
-from .plan import PlanSettings, make_plan
+from .build import DryRunError, format_report, parse_dtype, parse_mesh, resolve_model, sharded_param_specs, write_png
+from ..planning.plan import PlanSettings, make_plan
 from .presets import preset_names
 
 _GRAFTING = {

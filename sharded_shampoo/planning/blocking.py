@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import BlockingConfig, PreconditionerConfig, default_exponent
+from ..config import BlockingConfig, PreconditionerConfig, default_exponent
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import CoupledNewtonConfig, EighRootConfig
+from ..config import CoupledNewtonConfig, EighRootConfig
 
 
 def _eigh(A: torch.Tensor, retry_in_float64: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import STRUCTURAL_SETTINGS as _STRUCTURAL, config_from_dict, config_to_dict
+from ..config import STRUCTURAL_SETTINGS as _STRUCTURAL, config_from_dict, config_to_dict
 
 if TYPE_CHECKING:
-    from .optimizer import ShardedShampoo
+    from ..optimizer import ShardedShampoo
 
 _CONFIG_KEYS = ("grafting", "preconditioner", "blocking")
 

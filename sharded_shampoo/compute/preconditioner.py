@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from .blocking import Block
-from .config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
+from ..planning.blocking import Block
+from ..config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                      GraftingConfig, PreconditionerConfig, RMSpropGrafting, SGDGrafting)
 from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
 
