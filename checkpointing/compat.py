@@ -24,16 +24,13 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from sharded_shampoo.config import config_from_dict, config_to_dict
+from sharded_shampoo.config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_KEYS, config_from_dict, config_to_dict,
+                                    structural_signature)
 
 if TYPE_CHECKING:
     from sharded_shampoo import ShardedShampoo
 
 FORMAT = "sharded-shampoo.checkpoint/1"
-#: per-group settings that decide the block plan or the state layout
-STRUCTURAL_KEYS = ("max_preconditioner_dim", "preconditioner", "grafting", "blocking", "has_beta1",
-                   "has_momentum")
-_CONFIG_KEYS = ("preconditioner", "grafting", "blocking")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -56,16 +53,11 @@ def describe(opt: "ShardedShampoo") -> dict[str, Any]:
     """The JSON-safe description of ``opt`` that a checkpoint records (see the module doc)."""
     groups = []
     for g in opt.param_groups:
-        groups.append({
-            "max_preconditioner_dim": g["max_preconditioner_dim"],
-            "preconditioner": _canonical(config_to_dict(g["preconditioner"])),
-            "grafting": _canonical(config_to_dict(g["grafting"])),
-            "blocking": _canonical(config_to_dict(g["blocking"])),
-            "has_beta1": bool(g["betas"][0] > 0),
-            "has_momentum": bool(g["momentum"] > 0),
-        })
-    params = [{"name": opt._names[i], "shape": list(opt._specs[i].shape), "group": opt._group_of[i]}
-              for i in opt._trainable]
+        sig = structural_signature(g)
+        groups.append({k: (_canonical(config_to_dict(v)) if k in CONFIG_OBJECT_SETTINGS else v)
+                       for k, v in sig.items()})
+    params = [{"name": rec.name, "shape": list(rec.spec.shape), "group": rec.group}
+              for rec in opt.runtime.trainable]
     blocks = [[b.block_id, list(b.shape), list(b.exponents)] for b in opt.plan.blocks]
     structure = {"params": params, "groups": groups, "blocks": blocks}
     digest = hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()[:16]
@@ -76,8 +68,8 @@ def describe(opt: "ShardedShampoo") -> dict[str, Any]:
         "groups": groups,
         "num_blocks": len(blocks),
         # informational only (not fingerprinted): the layout this checkpoint was written from
-        "mesh_shape": list(opt._mesh_spec.shape),
-        "world_size": opt._mesh_spec.world_size,
+        "mesh_shape": list(opt.plan.mesh.shape),
+        "world_size": opt.plan.mesh.world_size,
     }
 
 

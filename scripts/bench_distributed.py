@@ -90,7 +90,7 @@ def main() -> None:
     set_grads(model)
     opt = shampoo(model, args)
     t_dist = time_steps(opt, args.steps, sync=True)
-    ex = opt._executor
+    ex = opt.executor
     itemsize = torch.empty((), dtype=opt.comm_dtype).element_size()
     sent = (sum(ex.grad_send_sizes) + sum(ex.update_send_sizes)) * itemsize
     grad_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
@@ -114,7 +114,7 @@ def main() -> None:
         print(f"| max bytes sent per rank per step | {sent_all.item() / 2**20:.2f} MiB |")
         print(f"| gradient bytes / N | {grad_bytes / world / 2**20:.2f} MiB |")
         print(f"| ratio (target <= 2.10) | {sent_all.item() / (grad_bytes / world):.2f} |")
-        print(f"| modeled imbalance (max/mean load) | {opt.plan.summary.get('imbalance', float('nan')):.3f} |")
+        print(f"| modeled imbalance (max/mean load) | {opt.plan.summary.imbalance:.3f} |")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_model(name, (args.ranks,), PlanSettings(max_preconditioner_dim=1024))
         dt = time.perf_counter() - t0
         s = plan.summary
-        rows.append((name, s["num_params"], s["num_blocks"], s["imbalance"], s["max_over_lower_bound"],
-                     s["max_over_tight_lower_bound"], s["round_robin_param_imbalance"],
-                     s["round_robin_param_max_over_lower_bound"], s["persistent_bytes_imbalance"], dt))
+        rows.append((name, s.num_params, s.num_blocks, s.imbalance, s.max_over_lower_bound,
+                     s.max_over_tight_lower_bound, s.round_robin_param_imbalance,
+                     s.round_robin_param_max_over_lower_bound, s.persistent_bytes_imbalance, dt))
 
     cmd = f"PYTHONPATH=. python scripts/bench_plan.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = [

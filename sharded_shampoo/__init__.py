@@ -3,14 +3,15 @@
 from .planning.blocking import Block, plan_blocks
 from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                      EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
-from .planning.layout import MeshSpec, ParamSpec
+from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
+from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "CoupledNewtonConfig", "EigenvalueCorrectedShampoo",
-    "EighRootConfig", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RootFailureError",
-    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "plan_blocks", "__version__",
+    "EighRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
+    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
 ]

@@ -12,12 +12,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Union
 
 import torch
 
 
-def _check_range(owner: str, name: str, value: float, low: float, high: float,
+def check_range(owner: str, name: str, value: float, low: float, high: float,
                  low_open: bool = False, high_open: bool = False) -> None:
     """Raise a ValueError naming ``owner.name`` unless ``value`` lies in the interval."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -36,9 +37,6 @@ def _check_range(owner: str, name: str, value: float, low: float, high: float,
 class SGDGrafting:
     """Graft the Shampoo direction onto the norm of the (filtered) gradient itself."""
 
-    def __post_init__(self) -> None:
-        pass
-
 
 @dataclass(frozen=True)
 class AdaGradGrafting:
@@ -47,7 +45,7 @@ class AdaGradGrafting:
     epsilon: float = 1e-10
 
     def __post_init__(self) -> None:
-        _check_range("AdaGradGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+        check_range("AdaGradGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,8 @@ class RMSpropGrafting:
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_range("RMSpropGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
-        _check_range("RMSpropGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+        check_range("RMSpropGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("RMSpropGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -70,11 +68,14 @@ class AdamGrafting:
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_range("AdamGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
-        _check_range("AdamGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
+        check_range("AdamGrafting", "beta2", self.beta2, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("AdamGrafting", "epsilon", self.epsilon, 0.0, math.inf, low_open=True)
 
 
 GraftingConfig = Union[SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting]
+#: Every grafting config class, and those that keep a diagonal second-moment state per block.
+GRAFTING_TYPES = (SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting)
+STATEFUL_GRAFTING_TYPES = (AdaGradGrafting, RMSpropGrafting, AdamGrafting)
 
 
 # ----------------------------------------------------------------------------- preconditioners
@@ -94,7 +95,7 @@ def _validate_exponent_override(owner: str, override: ExponentOverride) -> None:
             if not isinstance(dim, int) or not 0 <= dim < order:
                 raise ValueError(f"{owner}.inverse_exponent_override[{order}] has dim {dim!r}; "
                                  f"dims of an order-{order} block are 0..{order - 1}.")
-            _check_range(owner, f"inverse_exponent_override[{order}][{dim}]", exponent, 0.0, math.inf)
+            check_range(owner, f"inverse_exponent_override[{order}][{dim}]", exponent, 0.0, math.inf)
 
 
 def _freeze_override(override: ExponentOverride) -> tuple:
@@ -131,7 +132,7 @@ class CoupledNewtonConfig:
         m = self.max_iterations
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"CoupledNewtonConfig.max_iterations must be an integer >= 1; got {self.max_iterations!r}.")
-        _check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
+        check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
 
 
 RootConfig = Union[EighRootConfig, CoupledNewtonConfig]
@@ -213,6 +214,7 @@ class EigenvalueCorrectedShampoo:
 
 
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
+PRECONDITIONER_TYPES = (RootInverseShampoo, EigenvalueCorrectedShampoo)
 
 
 def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int) -> None:
@@ -248,17 +250,102 @@ class BlockingConfig:
     0-d parameters behave like 1-d ones of length 1.
     ``merge_dims``: merge consecutive small dims while their product stays within
     ``max_preconditioner_dim``.
+    ``batch_dims``: the first ``batch_dims`` dims of every parameter of the group index
+    independent matrices, each preconditioned on its own: 1 for MoE expert weights
+    ``[num_experts, d_in, d_out]`` (factors of ``d_in`` and ``d_out`` per expert, never of the
+    flattened tensor). Put such parameters in their own param group.
     """
 
     precondition_1d: bool = True
     merge_dims: bool = True
+    batch_dims: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("precondition_1d", "merge_dims"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BlockingConfig.{name} must be True or False; got {getattr(self, name)!r}.")
+        if not isinstance(self.batch_dims, int) or isinstance(self.batch_dims, bool) or self.batch_dims < 0:
+            raise ValueError(f"BlockingConfig.batch_dims must be an integer >= 0; got {self.batch_dims!r}.")
 
 
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
+class NonFinitePolicy(str, Enum):
+    """What a step does with a NaN/Inf (or overflowing) gradient on any rank."""
+
+    RAISE = "raise"    # raise NonFiniteGradientError on every rank; nothing is updated
+    SKIP = "skip"      # skip the step on every rank (state, parameters and step counters untouched)
+    IGNORE = "ignore"  # no check (fastest; a bad gradient then corrupts the state)
+
+    @classmethod
+    def parse(cls, value: Any) -> "NonFinitePolicy":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"ShardedShampoo.nonfinite_grads must be one of {[p.value for p in cls]}; "
+                             f"got {value!r}.") from None
+
 
 #: Group settings that decide the block plan and the state layout: fixed after construction and
-#: required to match when state is loaded.
+#: required to match when state is loaded. ``has_beta1`` / ``has_momentum`` (whether the
+#: filtered-gradient / momentum state exists) complete them: see :func:`structural_signature`.
 STRUCTURAL_SETTINGS = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
+STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum")
+#: Group settings holding config objects (stored with :func:`config_to_dict`).
+CONFIG_OBJECT_SETTINGS = ("grafting", "preconditioner", "blocking")
+
+
+def structural_signature(group: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a param group decides the plan and the state layout (the one home of this rule)."""
+    out = {k: group[k] for k in STRUCTURAL_SETTINGS}
+    out["has_beta1"] = group["betas"][0] > 0
+    out["has_momentum"] = group["momentum"] > 0
+    return out
+
+
+#: Floating dtypes the gradient/update exchange may use.
+COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The subset of optimizer settings that decides blocks, state and cost (one per param group)."""
+
+    max_preconditioner_dim: int = 1024
+    preconditioner: PreconditionerConfig = RootInverseShampoo()
+    blocking: BlockingConfig = BlockingConfig()
+    grafting: GraftingConfig | None = AdaGradGrafting()
+    beta1: float = 0.9            # filtered-gradient state exists iff beta1 > 0
+    momentum: float = 0.0         # momentum state exists iff momentum > 0 (local shard, param dtype)
+    precondition_frequency: int = 100
+    comm_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        for name in ("max_preconditioner_dim", "precondition_frequency"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"PlanSettings.{name} must be an integer >= 1; got {v!r}.")
+        if not isinstance(self.preconditioner, PRECONDITIONER_TYPES):
+            raise ValueError("PlanSettings.preconditioner must be RootInverseShampoo() or "
+                             f"EigenvalueCorrectedShampoo(); got {self.preconditioner!r}.")
+        if not isinstance(self.blocking, BlockingConfig):
+            raise ValueError(f"PlanSettings.blocking must be a BlockingConfig; got {self.blocking!r}.")
+        if self.grafting is not None and not isinstance(self.grafting, GRAFTING_TYPES):
+            raise ValueError("PlanSettings.grafting must be SGDGrafting(), AdaGradGrafting(), RMSpropGrafting(), "
+                             f"AdamGrafting() or None; got {self.grafting!r}.")
+        if not (isinstance(self.beta1, (int, float)) and 0 <= self.beta1 < 1):
+            raise ValueError(f"PlanSettings.beta1 must be a number in [0, 1); got {self.beta1!r}.")
+        if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
+            raise ValueError(f"PlanSettings.momentum must be a finite number >= 0; got {self.momentum!r}.")
+        if not isinstance(self.comm_dtype, torch.dtype) or not self.comm_dtype.is_floating_point:
+            raise ValueError("PlanSettings.comm_dtype must be a floating torch.dtype (e.g. torch.float32 or "
+                             f"torch.bfloat16); got {self.comm_dtype!r}.")
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype) -> "PlanSettings":
+        """The plan settings of an optimizer param group."""
+        return cls(max_preconditioner_dim=group["max_preconditioner_dim"], preconditioner=group["preconditioner"],
+                   blocking=group["blocking"], grafting=group["grafting"], beta1=group["betas"][0],
+                   momentum=group["momentum"], precondition_frequency=group["precondition_frequency"],
+                   comm_dtype=comm_dtype)
 
 
 def config_to_dict(config: Any) -> Any:

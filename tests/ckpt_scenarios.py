@@ -88,14 +88,14 @@ def opt_snapshot(opt: ShardedShampoo) -> dict[str, Any]:
     def clone(v: Any) -> Any:
         return {k: clone(x) for k, x in v.items()} if isinstance(v, dict) else v.clone()
 
-    index = {id(p): i for i, p in enumerate(opt._params)}
-    return {"state": {opt._names[index[id(p)]]: clone(dict(s)) for p, s in opt.state.items()},
+    name = {id(rec.param): rec.name for rec in opt.runtime.params}
+    return {"state": {name[id(p)]: clone(dict(s)) for p, s in opt.state.items()},
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
 
 
 def snapshot(model: nn.Module, opt: ShardedShampoo) -> dict[str, Any]:
     """A deep copy of everything a load could change: local parameter shards, state, param groups."""
-    from sharded_shampoo.runtime.executor import local_tensor
+    from sharded_shampoo.runtime.placements import local_tensor
 
     return {"params": {n: local_tensor(p.detach()).clone() for n, p in model.named_parameters()},
             **opt_snapshot(opt)}
@@ -167,7 +167,7 @@ def scenario_four(rank: int, world: int, root: str, refs: dict[str, dict]) -> di
     raw_save(model, opt, os.path.join(root, "A_raw_flat"), flatten=True)
     out["owners_A"] = opt.plan.owner_of()
     out["local_momentum_A"] = {n: tuple(s["momentum"].shape) for n, s in
-                               zip(opt._names, (opt.state.get(p, {}) for p in opt._params)) if "momentum" in s}
+                               ((r.name, opt.state.get(r.param, {})) for r in opt.runtime.params) if "momentum" in s}
 
     model, opt = build("hsdp", "root_inverse", (2, 2))
     feed(model, opt, 0, SAVE_AT)

@@ -141,10 +141,21 @@ def test_holder_groups_pick_least_loaded_replica():
     owners = assign_owners(costs, ["a", "b"], 4, locality=lambda i: {1: 100}, holder_groups=groups,
                            tolerance=0.0)
     assert owners == [1, 3]
-    with pytest.raises(ValueError, match="disjoint"):
-        assign_owners(costs, ["a", "b"], 4, holder_groups=[[0, 1], [1, 2]])
     with pytest.raises(ValueError, match=r"holder_groups\[0\]"):
         assign_owners(costs, ["a", "b"], 4, holder_groups=[[0, 9]])
+
+
+def test_overlapping_holder_groups():
+    # Two parameters with different layouts: an HSDP-like shard held by {0, 2} and a tensor-parallel
+    # replicated norm held by {0, 1}. Rank 0 is in both groups; its load must count in both.
+    groups = [[0, 2], [0, 1]]
+    prefs = {0: {0: 10}, 1: {0: 10}, 2: {1: 10}, 3: {1: 10}}
+    owners = assign_owners([4.0, 4.0, 4.0, 4.0], ["a", "b", "c", "d"], 4, locality=prefs.__getitem__,
+                           holder_groups=groups, tolerance=0.0)
+    # a -> 0, b -> 2 (group 0's least loaded), c -> 1 (group 1's least loaded); d: both holders are
+    # busy and over the makespan bound, so it goes to the idle non-holder 3
+    assert owners == [0, 2, 1, 3]
+    assert rank_loads([4.0] * 4, owners, 4) == [4.0] * 4
 
 
 def test_memory_preference_spreads_light_but_big_blocks():

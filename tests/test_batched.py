@@ -130,7 +130,7 @@ def test_optimizer_param_without_grad_is_untouched():
               grafting=AdamGrafting(), max_preconditioner_dim=8,
               preconditioner=RootInverseShampoo(factor_dtype=torch.float64))
     opt = ShardedShampoo(list(params.items()), **kw)
-    assert len(opt._buckets[0].blocks) == 2  # a and b stacked together
+    assert len(opt.runtime.buckets[0].blocks) == 2  # a and b stacked together
     a, b, c = params.values()
     alone = make_params(torch.float64, shapes={"a": (6, 5)})
     opt_alone = ShardedShampoo(list(alone.items()), **kw)

@@ -8,7 +8,7 @@ import pytest
 
 from sharded_shampoo import RootInverseShampoo, plan_blocks
 from sharded_shampoo.planning.blocking import merged_shape
-from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, held_merged_rows
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, box_numel, held_region, intersect
 
 
 @pytest.mark.parametrize("shape, limit, expected", [
@@ -34,14 +34,40 @@ def test_split_into_row_major_blocks():
 
 @pytest.mark.parametrize("shape", [(33, 12), (5, 4, 6), (7, 1, 3, 3), (3, 40), (64, 8, 2)])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_fsdp_shards_are_whole_merged_rows(shape, world):
-    """Every Shard(0) shard maps to a contiguous, whole range of merged-dim-0 rows."""
+def test_fsdp_shards_are_whole_rows_and_blocks_tile_them(shape, world):
+    """Shard(0) regions tile dim 0 (torch.chunk sizes, empty tails allowed) and take every other dim whole;
+    every block is a box, the boxes tile the parameter, and each block's elements are split exactly
+    among the regions."""
     spec = ParamSpec("p", shape, sharded=True)
-    merged = merged_shape(shape, 16)
     mesh = MeshSpec((world,))
     covered = 0
+    regions = []
     for r in range(world):
-        a, b = held_merged_rows(spec, merged, r, mesh)
-        assert a == covered
-        covered = b
-    assert covered == merged[0] and math.prod(merged) == math.prod(shape)
+        region = held_region(spec, mesh, r)
+        if region is None:
+            continue
+        assert region[0][0] == covered and region[1:] == tuple((0, d) for d in shape[1:])
+        covered = region[0][1]
+        regions.append(region)
+    assert covered == shape[0]
+    blocks = plan_blocks([("p", shape)], 16, RootInverseShampoo())
+    assert sum(box_numel(b.box) for b in blocks) == math.prod(shape)
+    for b in blocks:
+        assert box_numel(b.box) == b.numel == math.prod(b.box_shape)
+        assert sum(box_numel(c) for reg in regions if (c := intersect(b.box, reg)) is not None) == b.numel
+
+
+def test_batch_dims_give_each_expert_its_own_blocks():
+    from sharded_shampoo import BlockingConfig
+
+    blocks = plan_blocks([("experts.w1", (4, 6, 10))], 8, RootInverseShampoo(), BlockingConfig(batch_dims=1))
+    # per expert: 6 x 10 -> rows 6, cols split 8 + 2: 2 blocks each, 8 in all, never the flattened tensor
+    assert len(blocks) == 8
+    assert [b.shape for b in blocks[:2]] == [(6, 8), (6, 2)]
+    assert [b.box for b in blocks[:3]] == [((0, 1), (0, 6), (0, 8)), ((0, 1), (0, 6), (8, 10)),
+                                           ((1, 2), (0, 6), (0, 8))]
+    assert all(b.exponents == (0.25, 0.25) for b in blocks)
+    with pytest.raises(ValueError, match="batch_dims"):
+        plan_blocks([("b", (7,))], 8, RootInverseShampoo(), BlockingConfig(batch_dims=1))
+    with pytest.raises(ValueError, match="batch_dims"):
+        BlockingConfig(batch_dims=-1)

@@ -257,10 +257,34 @@ def test_large_finite_gradient_is_not_reported_as_nonfinite():
     p.grad = torch.full((100, 100), 1000.0, dtype=torch.float16)
     opt.step()
     assert bool(torch.isfinite(p).all()) and float(p.detach().abs().max()) > 0
-    q = torch.nn.Parameter(torch.zeros(10, 10))
-    opt = ShardedShampoo([("q", q)], lr=1e-3, grafting=SGDGrafting(), betas=(0.0, 1.0))
-    q.grad = torch.full((10, 10), 1e20)  # finite in fp32, but its squared 2-norm is not
-    opt.step()
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
+def test_overflowing_gradient_follows_the_nonfinite_policy(factor_dtype):
+    """randn * 1e30 is finite, but its squares overflow fp32: the factors would become inf and every
+    later update 0 (issue: silent stall). It must follow nonfinite_grads and never reach the state."""
+    pre = RootInverseShampoo(factor_dtype=factor_dtype)
+    q = torch.nn.Parameter(torch.randn(10, 10))
+    opt = ShardedShampoo([("q", q)], lr=1e-3, precondition_frequency=1, preconditioner=pre)
+    before = q.detach().clone()
+    q.grad = torch.randn(10, 10) * 1e30
+    if factor_dtype == torch.float64:   # fp64 statistics hold 1e60: a legitimate (if odd) gradient
+        opt.step()
+        assert all(bool(torch.isfinite(t).all()) for t in opt.state[q]["block_0"].values())
+        return
+    with pytest.raises(NonFiniteGradientError, match="overflow"):
+        opt.step()
+    assert torch.equal(q.detach(), before) and int(opt.state[q]["block_0"]["step"]) == 0
+    skipper = ShardedShampoo([("q", q)], lr=1e-3, nonfinite_grads="skip", precondition_frequency=1)
+    skipper.step()
+    assert skipper.last_step_skipped and torch.equal(q.detach(), before)
+    assert float(skipper.state[q]["block_0"]["factor_0"].abs().max()) == 0.0
+    q.grad = torch.randn(10, 10)
+    for _ in range(3):
+        skipper.step()
+    state = skipper.state[q]["block_0"]
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())
+    assert not torch.equal(q.detach(), before)
 
 
 # ----------------------------------------------------------------------------- after construction
@@ -383,7 +407,7 @@ def test_root_failure_in_masked_bucket_names_the_right_block():
     # "a", "b", "c" share one bucket; "a" has no gradient, so the bucket runs its masked path
     params = make_params(torch.float32, shapes={"a": (4, 4), "b": (4, 4), "c": (4, 4)})
     opt = _root_opt(params)
-    assert len(opt._buckets) == 1 and len(opt._buckets[0].blocks) == 3
+    assert len(opt.runtime.buckets) == 1 and len(opt.runtime.buckets[0].blocks) == 3
     _train(opt, params, 1)
     opt.state[params["c"]]["block_0"]["factor_1"].fill_(math.nan)
     with pytest.raises(RootFailureError, match=r"\['c\.block_0'\]"):
@@ -542,20 +566,23 @@ def test_mesh_argument_is_validated():
     p = torch.nn.Parameter(torch.randn(3, 3))
     with pytest.raises(ValueError, match="mesh must be None, 'local' or a DeviceMesh"):
         ShardedShampoo([p], mesh="global")
-    with pytest.raises(ValueError, match="mesh must be a 1-D or 2-D"):
+    with pytest.raises(ValueError, match="mesh must be None, 'local' or a DeviceMesh"):
         ShardedShampoo([p], mesh=object())
     opt = ShardedShampoo([p], mesh="local")
     assert opt.plan.mesh.world_size == 1
 
 
 def test_unsupported_placements_raise_naming_the_parameter():
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    from sharded_shampoo.runtime.placements import _sharded_from_placements
+    from sharded_shampoo.runtime.placements import check_placements
 
-    assert _sharded_from_placements("w", (Shard(0),), 1) is True
-    assert _sharded_from_placements("w", (Replicate(), Shard(0)), 2) is True  # HSDP
-    assert _sharded_from_placements("w", (Replicate(), Replicate()), 2) is False
-    for placements, ndim in (((Shard(1),), 1), ((Shard(0), Shard(1)), 2), ((Shard(0), Replicate()), 2)):
-        with pytest.raises(NotImplementedError, match=r"'layers.0.w'.*Shard\(0\)"):
-            _sharded_from_placements("layers.0.w", placements, ndim)
+    # every Shard / _StridedShard / Replicate mix is data for the router (tensor and expert parallel)
+    for placements, ndim in (((Shard(0),), 1), ((Replicate(), Shard(0)), 2), ((Shard(0), Shard(1)), 2),
+                             ((_StridedShard(0, split_factor=2), Shard(0)), 2), ((Shard(0), Replicate()), 2)):
+        assert check_placements("w", placements, ndim) == placements
+    with pytest.raises(ValueError, match=r"'layers.0.w'.*Partial"):
+        check_placements("layers.0.w", (Shard(0), Partial()), 2)
+    with pytest.raises(ValueError, match=r"'layers.0.w'"):
+        check_placements("layers.0.w", (Shard(3),), 2)

@@ -14,8 +14,9 @@ import torch
 from sharded_shampoo.planning.balance import lower_bound
 from sharded_shampoo.config import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, SGDGrafting
 from sharded_shampoo.planning.costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, block_cost
-from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, held_merged_rows, held_rows
-from sharded_shampoo.planning.plan import JSON_SCHEMA, PlanSettings, make_plan, param_specs_from_tensors
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, box_numel, held_region, held_rows, intersect
+from sharded_shampoo.planning.plan import JSON_SCHEMA, PlanSettings, make_plan
+from sharded_shampoo.runtime.placements import param_specs_from_tensors
 from sharded_shampoo.dryrun.presets import LLAMA3_8B, LLAMA3_70B, Llama
 
 MIXED = [
@@ -51,11 +52,9 @@ def reference(plan):
             ref[o]["state"][kind] += v
 
         def held(r):
-            if not p.sharded:
-                return blk.numel
-            a, b = held_merged_rows(p, blk.merged_shape, r, mesh)
-            lo, hi = blk.ranges[0]
-            return max(0, min(b, hi) - max(a, lo)) * (blk.numel // blk.shape[0])
+            region = held_region(p, mesh, r)
+            common = intersect(blk.box, region) if region is not None else None
+            return box_numel(common) if common is not None else 0
 
         missing = blk.numel - held(o)
         ref[o]["recv"] += missing * cb
@@ -154,12 +153,11 @@ def test_hsdp_replicas_share_the_work():
     plan = make_plan(params, MeshSpec((4, 4)), PlanSettings(max_preconditioner_dim=128))
     # 64 equal blocks over 16 ranks: every rank (all replicas) owns exactly 4
     assert [r.num_blocks for r in plan.ranks] == [4] * 16
-    assert plan.summary["imbalance"] == 1.0
-    assert plan.summary["max_over_lower_bound"] == 1.0
+    assert plan.summary.imbalance == 1.0
+    assert plan.summary.max_over_lower_bound == 1.0
     # locality: each owner holds the rows of the block it owns (128-row blocks, 64-row shards)
     for blk, o in zip(plan.blocks, plan.owners):
-        a, b = held_merged_rows(params[0], blk.merged_shape, o, plan.mesh)
-        assert max(a, blk.ranges[0][0]) < min(b, blk.ranges[0][1])
+        assert intersect(blk.box, held_region(params[0], plan.mesh, o)) is not None
 
 
 def _meta_specs(cfg):
@@ -171,7 +169,7 @@ def _meta_specs(cfg):
 @pytest.mark.parametrize("cfg", [LLAMA3_8B, LLAMA3_70B], ids=["llama3-8b", "llama3-70b"])
 def test_llama_imbalance_target(cfg):
     plan = make_plan(_meta_specs(cfg), MeshSpec((64,)), PlanSettings(max_preconditioner_dim=1024))
-    s = plan.summary
+    s = plan.summary.to_json()
     assert s["max_over_lower_bound"] <= 1.03
     assert s["round_robin_param_max_over_lower_bound"] > 1.5   # what the balancer buys
     loads = [r.load for r in plan.ranks]
@@ -264,7 +262,7 @@ def test_api_validation():
     with pytest.raises(ValueError, match=r"params\[0\]"):
         make_plan([("a", (2,))], MeshSpec((1,)), PlanSettings())
     empty = make_plan([], MeshSpec((3,)), PlanSettings())
-    assert empty.blocks == [] and len(empty.ranks) == 3 and empty.summary["imbalance"] == 1.0
+    assert empty.blocks == [] and len(empty.ranks) == 3 and empty.summary.imbalance == 1.0
 
 
 def test_param_specs_from_plain_tensors():

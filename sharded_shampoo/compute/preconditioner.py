@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from ..planning.blocking import Block
-from ..config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
-                     GraftingConfig, PreconditionerConfig, RMSpropGrafting, SGDGrafting)
+from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, CoupledNewtonConfig,
+                      EigenvalueCorrectedShampoo, GraftingConfig, PreconditionerConfig, SGDGrafting)
 from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
 
 
@@ -84,8 +84,7 @@ class BlockBucket:
         self.roots = [torch.eye(self.shape[i], dtype=dtype, device=device).repeat(B, 1, 1) for i in self.factor_dims]
         self.eigenvalues = zeros(B, *self.shape) if self.is_eigen and self.factor_dims else None
         g = hp.grafting
-        self.grafting_state = zeros(B, *self.shape) if isinstance(
-            g, (AdaGradGrafting, RMSpropGrafting, AdamGrafting)) else None
+        self.grafting_state = zeros(B, *self.shape) if isinstance(g, STATEFUL_GRAFTING_TYPES) else None
         self.filtered_grad = zeros(B, *self.shape) if hp.beta1 > 0 else None
         self.step = torch.zeros(B, dtype=torch.int64, device=device)
         self.failures = torch.zeros(B, dtype=torch.int64, device=device)
@@ -125,7 +124,8 @@ class BlockBucket:
         """Advance the state of the bucket with block gradients ``G: [B, *shape]``; return directions.
 
         ``active`` (bool ``[B]``) selects blocks that have a gradient this step; inactive blocks'
-        state is untouched and their direction is zero.
+        state is untouched and their direction is zero. The result is ``G`` itself or a new tensor,
+        never a state tensor, so the caller may edit it in place.
         """
         if active is None or bool(active.all()):
             return self._step_all(G, amortized, precondition)
@@ -219,7 +219,10 @@ class BlockBucket:
         """
         g = self.hp.grafting
         if g is None or isinstance(g, SGDGrafting):
-            return M / bc1 if bc1 is not None else M
+            if bc1 is not None:
+                return M / bc1
+            # the direction must never be a state tensor: the caller edits it in place
+            return M if M is G else M.clone()
         V = self.grafting_state
         if isinstance(g, AdaGradGrafting):
             V.addcmul_(G, G)

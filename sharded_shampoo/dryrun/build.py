@@ -24,7 +24,9 @@ from torch import nn
 
 from ..planning.costs import CostModel, DEFAULT_COST_MODEL, RANK_STATE_KINDS
 from ..planning.layout import MeshSpec, ParamSpec
-from ..planning.plan import PlanSettings, ShampooPlan, make_plan, param_specs_from_tensors
+from ..config import PlanSettings
+from ..planning.plan import ShampooPlan, make_plan
+from ..runtime.placements import param_specs_from_tensors
 from .presets import PRESETS, fsdp_units, preset_names
 
 ModelSource = str | Callable[[], nn.Module]
@@ -211,11 +213,11 @@ def format_report(plan: ShampooPlan, model_name: str = "model", *, top: int = 8,
     mesh_txt = f"{plan.mesh.shape[0]}x{plan.mesh.shape[1]} (HSDP: replicate x shard)" if hsdp \
         else f"{n} (FSDP)"
     lines = [
-        f"model {model_name} | mesh {mesh_txt} | {s['num_params']} params | {s['num_blocks']} blocks | "
+        f"model {model_name} | mesh {mesh_txt} | {s.num_params} params | {s.num_blocks} blocks | "
         f"max_preconditioner_dim {settings.max_preconditioner_dim} | precondition_frequency "
         f"{settings.precondition_frequency} | {type(settings.preconditioner).__name__}",
-        f"parameters: {human_bytes(s['total_param_bytes'])} total; optimizer state: "
-        f"{human_bytes(s['total_optimizer_state_bytes'])} total",
+        f"parameters: {human_bytes(s.total_param_bytes)} total; optimizer state: "
+        f"{human_bytes(s.total_optimizer_state_bytes)} total",
         "",
     ]
     header = ["rank"] + (["rep", "shard"] if hsdp else []) + [c[0] for c in _COLUMNS]
@@ -237,21 +239,21 @@ def format_report(plan: ShampooPlan, model_name: str = "model", *, top: int = 8,
         lines.append(_table(header, stats_rows))
         busiest = sorted(plan.ranks, key=lambda r: (-r.load, r.rank))[:top]
         lines += ["", f"busiest {len(busiest)} ranks by load:", _table(header, [row(r) for r in busiest])]
-    kinds = s["total_state_bytes_by_kind"]
+    kinds = s.total_state_bytes_by_kind
     lines += [
         "",
         "optimizer state by kind (all ranks): " + ", ".join(
             f"{k} {human_bytes(v)}" for k, v in kinds.items() if v),
         "load = step FLOPs + root FLOPs / precondition_frequency (modeled; see docs/cost_model.md)",
-        f"imbalance max/mean: {s['imbalance']:.4f}   lower bound max(total/N, largest block): "
-        f"{human_flops(s['lower_bound'])} -> max/lower bound {s['max_over_lower_bound']:.4f}"
-        + (f" (pigeonhole bound {human_flops(s['tight_lower_bound'])} -> {s['max_over_tight_lower_bound']:.4f})"
-           if s["tight_lower_bound"] > s["lower_bound"] * (1 + 1e-9) else ""),
-        f"whole parameters round-robin would give: max/mean {s['round_robin_param_imbalance']:.3f}, "
-        f"max/lower bound {s['round_robin_param_max_over_lower_bound']:.3f}",
-        f"max per rank: params+grads+state {human_bytes(s['max_persistent_bytes'])}, "
-        f"transient peak {human_bytes(s['max_peak_transient_bytes'])}, "
-        f"comm/step total {human_bytes(s['total_comm_bytes_per_step'])}",
+        f"imbalance max/mean: {s.imbalance:.4f}   lower bound max(total/N, largest block): "
+        f"{human_flops(s.lower_bound)} -> max/lower bound {s.max_over_lower_bound:.4f}"
+        + (f" (pigeonhole bound {human_flops(s.tight_lower_bound)} -> {s.max_over_tight_lower_bound:.4f})"
+           if s.tight_lower_bound > s.lower_bound * (1 + 1e-9) else ""),
+        f"whole parameters round-robin would give: max/mean {s.round_robin_param_imbalance:.3f}, "
+        f"max/lower bound {s.round_robin_param_max_over_lower_bound:.3f}",
+        f"max per rank: params+grads+state {human_bytes(s.max_persistent_bytes)}, "
+        f"transient peak {human_bytes(s.max_peak_transient_bytes)}, "
+        f"comm/step total {human_bytes(s.total_comm_bytes_per_step)}",
     ]
     return "\n".join(lines)
 
@@ -307,15 +309,15 @@ def write_png(plan: ShampooPlan, path: str, model_name: str = "model") -> None:
         ax_load.fill_between(ranks, 0, step, step="mid", label="step", linewidth=0)
         ax_load.fill_between(ranks, step, top_vals, step="mid", label="root / precondition_frequency", linewidth=0)
     s = plan.summary
-    ax_load.axhline(s["mean_load"] / 1e9, color="k", linestyle="--", linewidth=1, label="mean")
-    ax_load.axhline(s["lower_bound"] / 1e9, color="r", linestyle=":", linewidth=1, label="lower bound")
+    ax_load.axhline(s.mean_load / 1e9, color="k", linestyle="--", linewidth=1, label="mean")
+    ax_load.axhline(s.lower_bound / 1e9, color="r", linestyle=":", linewidth=1, label="lower bound")
     ax_load.set_ylabel("modeled GFLOP per step")
     ax_load.set_xlabel("rank")
-    title = f"load per rank: max/mean {s['imbalance']:.3f}, max/lower bound {s['max_over_lower_bound']:.3f}"
+    title = f"load per rank: max/mean {s.imbalance:.3f}, max/lower bound {s.max_over_lower_bound:.3f}"
     totals = [a + b for a, b in zip(step, amort)]
     if totals and min(totals) > 0 and max(totals) / min(totals) < 1.2:
         # well balanced: zoom in so the differences are visible (and say so)
-        ax_load.set_ylim(0.97 * min(totals), 1.015 * max(totals + [s["lower_bound"] / 1e9]))
+        ax_load.set_ylim(0.97 * min(totals), 1.015 * max(totals + [s.lower_bound / 1e9]))
         title += " (y axis zoomed)"
     ax_load.set_title(title)
     ax_load.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)

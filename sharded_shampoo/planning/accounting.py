@@ -11,16 +11,17 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from ..config import PlanSettings
 from .balance import imbalance, lower_bound, pigeonhole_lower_bound, rank_loads, round_robin_param_owners
 from .blocking import Block
-from .costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, BlockCost, dtype_itemsize
-from .layout import MeshSpec, ParamSpec
+from .costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, BlockCost
+from .layout import MeshSpec, ParamSpec, dtype_itemsize, pick_source
 
 if TYPE_CHECKING:
-    from .plan import PlanSettings
+    from .stages import Balanced
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ class RankReport:
     """What one rank holds and does. Bytes are exact for params/grads/state; the rest is modeled."""
 
     rank: int
-    replica: int
-    shard: int
+    replica: int                      # rank // (last mesh dim): the HSDP replica of the shorthand layout
+    shard: int                        # rank % (last mesh dim)
+    coordinate: tuple[int, ...]       # row-major coordinate in the root mesh
     num_blocks: int
     param_bytes: int
     grad_bytes: int
@@ -57,7 +59,8 @@ class RankReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "rank": self.rank, "replica": self.replica, "shard": self.shard, "num_blocks": self.num_blocks,
+            "rank": self.rank, "replica": self.replica, "shard": self.shard, "coordinate": list(self.coordinate),
+            "num_blocks": self.num_blocks,
             "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
             "optimizer_state_bytes": self.optimizer_state_bytes,
             "optimizer_state_breakdown": dict(self.state_bytes_by_kind),
@@ -68,54 +71,56 @@ class RankReport:
         }
 
 
-def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], shapes: list[tuple[int, ...]],
-                  block_param: list[int], block_costs: list[BlockCost], block_loads: list[float],
-                  owners: list[int], overlaps: list[dict[int, int] | None],
-                  param_bytes: list[int], momentum_bytes: list[int]) -> list[RankReport]:
-    """One :class:`RankReport` per rank for owners already chosen (see the module docstring)."""
-    n_ranks, n_shards, n_rep = mesh.world_size, mesh.num_shards, mesh.num_replicas
+def _communication(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced") -> tuple[list[int], ...]:
+    """Per-rank (gather send, gather recv, update send, update recv) bytes of one step.
+
+    Every rank holding a region receives the update of every piece of it (accumulated per region
+    and handed to its holders at the end, so replicated regions cost one entry, not one per rank);
+    the owner does not receive what it holds itself and sends to every other holder.
+    """
+    n = mesh.world_size
+    send_g, recv_g, send_u, recv_u = [0] * n, [0] * n, [0] * n, [0] * n
+    per_region: dict[tuple[int, tuple[int, ...]], int] = {}
+    comm_size = [dtype_itemsize(s.comm_dtype) for s in per_param]
+    for k, cov, o in zip(b.block_param, b.coverage, b.owners):
+        g = b.geometries[k]
+        cb = comm_size[k]
+        mine = g.rank_region[o]
+        for rid, elems in cov:
+            nbytes = elems * cb
+            holders = g.holders[rid]
+            if rid == mine:
+                recv_u[o] -= nbytes
+                send_u[o] += (len(holders) - 1) * nbytes
+            else:
+                send_g[pick_source(holders, o, n)] += nbytes
+                recv_g[o] += nbytes
+                send_u[o] += len(holders) * nbytes
+            key = (id(g), rid)
+            per_region[key] = per_region.get(key, 0) + nbytes
+    by_id = {id(g): g for g in b.geometries}
+    for (gid, rid), nbytes in per_region.items():
+        for h in by_id[gid].holders[rid]:
+            recv_u[h] += nbytes
+    return send_g, recv_g, send_u, recv_u
+
+
+def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced") -> list[RankReport]:
+    """One :class:`RankReport` per rank for owners already chosen."""
+    n_ranks = mesh.world_size
+    send_g, recv_g, send_u, recv_u = _communication(mesh, per_param, b)
     # Per-rank sums over owned blocks. State, FLOPs and load only depend on the (shared, cached)
-    # BlockCost and load, so count blocks per (rank, cost object) and multiply once at the end.
+    # BlockCost and load, so count blocks per (rank, cost object, size) and multiply once at the end.
     counts: dict[tuple[int, int, int, int], int] = {}
     cost_index: dict[int, int] = {}     # id(cost) -> first-seen index (deterministic order)
     cost_of: list[tuple[BlockCost, float]] = []
-    send_g = [0] * n_ranks
-    recv_g = [0] * n_ranks
-    send_u = [0] * n_ranks
-    recv_u = [0] * n_ranks
-    recv_u_shard = [0] * n_shards  # update bytes every replica of shard s receives (owner's share removed below)
-    recv_u_all = 0                 # update bytes of replicated blocks every rank receives
-    comm_size = [dtype_itemsize(s.comm_dtype) for s in per_param]
-    factor_size = [dtype_itemsize(s.preconditioner.factor_dtype) for s in per_param]
-
-    for shape, k, c, w, o, ov in zip(shapes, block_param, block_costs, block_loads, owners, overlaps):
-        numel = math.prod(shape)
+    for blk, k, c, w, o in zip(b.blocks, b.block_param, b.costs, b.loads, b.owners):
         ci = cost_index.get(id(c))
         if ci is None:
             ci = cost_index[id(c)] = len(cost_of)
             cost_of.append((c, w))
-        key = (o, ci, numel, k)
+        key = (o, ci, blk.numel, dtype_itemsize(per_param[k].preconditioner.factor_dtype))
         counts[key] = counts.get(key, 0) + 1
-        cb = comm_size[k]
-        if ov is None:                      # replicated: everyone holds it; owner broadcasts the update
-            send_u[o] += (n_ranks - 1) * numel * cb
-            recv_u_all += numel * cb
-            recv_u[o] -= numel * cb
-            continue
-        o_shard = o % n_shards
-        o_base = o - o_shard                # first rank of the owner's replica group
-        row_bytes = numel // (shape[0]) * cb   # bytes of one merged row of this block
-        held_o = 0
-        for s, rows in ov.items():
-            recv_u_shard[s] += rows * row_bytes
-            if s == o_shard:
-                held_o = rows * (numel // shape[0])
-            else:
-                send_g[o_base + s] += rows * row_bytes
-        recv_g[o] += (numel - held_o) * cb
-        send_u[o] += (n_rep * numel - held_o) * cb
-        recv_u[o] -= held_o * cb
-
     state = [dict.fromkeys(BLOCK_STATE_KINDS, 0) for _ in range(n_ranks)]
     n_blocks = [0] * n_ranks
     step = [0.0] * n_ranks
@@ -123,7 +128,7 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], shapes: list
     load = [0.0] * n_ranks
     work = [0] * n_ranks          # owned elements x factor itemsize x 2 (assembled gradient + direction)
     workspace = [0] * n_ranks     # largest amortized workspace among owned blocks
-    for (o, ci, numel, k), count in sorted(counts.items()):
+    for (o, ci, numel, factor_size), count in sorted(counts.items()):
         c, w = cost_of[ci]
         for kind, v in c.state_bytes.items():
             state[o][kind] += count * v
@@ -131,27 +136,64 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], shapes: list
         step[o] += count * c.step_flops
         amort[o] += count * c.amortized_flops
         load[o] += count * w
-        work[o] += 2 * count * numel * factor_size[k]
+        work[o] += 2 * count * numel * factor_size
         workspace[o] = max(workspace[o], c.amortized_workspace_bytes)
-
     reports = []
     for r in range(n_ranks):
-        recv_u[r] += recv_u_shard[r % n_shards] + recv_u_all
         kinds = dict(state[r])
-        kinds["momentum"] = momentum_bytes[r]
+        kinds["momentum"] = b.momentum_bytes[r]
         buffers = max(send_g[r] + recv_g[r], send_u[r] + recv_u[r])
         reports.append(RankReport(
-            rank=r, replica=mesh.replica_index(r), shard=mesh.shard_index(r), num_blocks=n_blocks[r],
-            param_bytes=param_bytes[r], grad_bytes=param_bytes[r], state_bytes_by_kind=kinds,
-            comm_send_bytes=send_g[r] + send_u[r], comm_recv_bytes=recv_g[r] + recv_u[r],
+            rank=r, replica=mesh.replica_index(r), shard=mesh.shard_index(r), coordinate=mesh.coordinate(r),
+            num_blocks=n_blocks[r], param_bytes=b.param_bytes[r], grad_bytes=b.param_bytes[r],
+            state_bytes_by_kind=kinds, comm_send_bytes=send_g[r] + send_u[r], comm_recv_bytes=recv_g[r] + recv_u[r],
             comm_buffer_bytes=buffers, peak_transient_bytes=buffers + work[r] + workspace[r],
             step_flops=step[r], amortized_flops=amort[r], load=load[r]))
     return reports
 
 
+@dataclass(frozen=True)
+class PlanSummary:
+    """Totals, balance statistics (imbalance, lower bounds, round-robin baseline) and maxima of a plan."""
+
+    world_size: int
+    num_params: int
+    num_blocks: int
+    total_param_bytes: int
+    total_param_bytes_all_ranks: int
+    total_optimizer_state_bytes: int
+    total_state_bytes_by_kind: dict[str, int]
+    total_comm_bytes_per_step: int
+    total_step_flops: float
+    total_amortized_flops: float
+    total_load: float
+    mean_load: float
+    max_load: float
+    min_load: float
+    median_load: float
+    imbalance: float
+    lower_bound: float
+    lower_bound_imbalance: float
+    max_over_lower_bound: float
+    tight_lower_bound: float
+    max_over_tight_lower_bound: float
+    largest_block_load: float
+    round_robin_param_imbalance: float
+    round_robin_param_max_over_lower_bound: float
+    max_persistent_bytes: int
+    persistent_bytes_imbalance: float
+    optimizer_state_imbalance: float
+    max_peak_transient_bytes: int
+    memory_cap_bytes: int | None
+    busiest_rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)}
+
+
 def plan_summary(params: list[ParamSpec], mesh: MeshSpec, blocks: list[Block], block_param: list[int],
-                 block_loads: list[float], ranks: list[RankReport], memory_cap_bytes: int | None) -> dict[str, Any]:
-    """Totals, balance statistics (imbalance, lower bounds, round-robin baseline) and maxima."""
+                 block_loads: list[float], ranks: list[RankReport], memory_cap_bytes: int | None) -> PlanSummary:
+    """The :class:`PlanSummary` of a reported plan."""
     n = mesh.world_size
     loads = [r.load for r in ranks]
     lb = lower_bound(block_loads, n)
@@ -160,34 +202,29 @@ def plan_summary(params: list[ParamSpec], mesh: MeshSpec, blocks: list[Block], b
     mean = math.fsum(loads) / n
     max_load = max(loads) if loads else 0.0
     persistent = [r.persistent_bytes for r in ranks]
-    return {
-        "world_size": n, "num_params": len(params), "num_blocks": len(blocks),
-        "total_param_bytes": sum(p.numel * p.itemsize for p in params),
-        "total_param_bytes_all_ranks": sum(r.param_bytes for r in ranks),
-        "total_optimizer_state_bytes": sum(r.optimizer_state_bytes for r in ranks),
-        "total_state_bytes_by_kind": {k: sum(r.state_bytes_by_kind[k] for r in ranks) for k in RANK_STATE_KINDS},
-        "total_comm_bytes_per_step": sum(r.comm_send_bytes for r in ranks),
-        "total_step_flops": math.fsum(r.step_flops for r in ranks),
-        "total_amortized_flops": math.fsum(r.amortized_flops for r in ranks),
-        "total_load": math.fsum(loads),
-        "mean_load": mean, "max_load": max_load, "min_load": min(loads) if loads else 0.0,
-        "median_load": statistics.median(loads) if loads else 0.0,
-        "imbalance": imbalance(loads),
-        "lower_bound": lb,
-        "lower_bound_imbalance": lb / mean if mean > 0 else 1.0,
-        "max_over_lower_bound": max_load / lb if lb > 0 else 1.0,
-        "tight_lower_bound": tight,
-        "max_over_tight_lower_bound": max_load / tight if tight > 0 else 1.0,
-        "largest_block_load": max(block_loads) if block_loads else 0.0,
-        "round_robin_param_imbalance": imbalance(rr),
-        "round_robin_param_max_over_lower_bound": max(rr) / lb if lb > 0 else 1.0,
-        "max_persistent_bytes": max(persistent) if persistent else 0,
-        "persistent_bytes_imbalance": imbalance(persistent),
-        "optimizer_state_imbalance": imbalance([r.optimizer_state_bytes for r in ranks]),
-        "max_peak_transient_bytes": max(r.peak_transient_bytes for r in ranks) if ranks else 0,
-        "memory_cap_bytes": memory_cap_bytes,
-        "busiest_rank": max(range(n), key=lambda r: (loads[r], -r)) if loads else 0,
-    }
+    return PlanSummary(
+        world_size=n, num_params=len(params), num_blocks=len(blocks),
+        total_param_bytes=sum(p.numel * p.itemsize for p in params),
+        total_param_bytes_all_ranks=sum(r.param_bytes for r in ranks),
+        total_optimizer_state_bytes=sum(r.optimizer_state_bytes for r in ranks),
+        total_state_bytes_by_kind={k: sum(r.state_bytes_by_kind[k] for r in ranks) for k in RANK_STATE_KINDS},
+        total_comm_bytes_per_step=sum(r.comm_send_bytes for r in ranks),
+        total_step_flops=math.fsum(r.step_flops for r in ranks),
+        total_amortized_flops=math.fsum(r.amortized_flops for r in ranks),
+        total_load=math.fsum(loads), mean_load=mean, max_load=max_load, min_load=min(loads) if loads else 0.0,
+        median_load=statistics.median(loads) if loads else 0.0, imbalance=imbalance(loads),
+        lower_bound=lb, lower_bound_imbalance=lb / mean if mean > 0 else 1.0,
+        max_over_lower_bound=max_load / lb if lb > 0 else 1.0, tight_lower_bound=tight,
+        max_over_tight_lower_bound=max_load / tight if tight > 0 else 1.0,
+        largest_block_load=max(block_loads) if block_loads else 0.0,
+        round_robin_param_imbalance=imbalance(rr),
+        round_robin_param_max_over_lower_bound=max(rr) / lb if lb > 0 else 1.0,
+        max_persistent_bytes=max(persistent) if persistent else 0,
+        persistent_bytes_imbalance=imbalance(persistent),
+        optimizer_state_imbalance=imbalance([r.optimizer_state_bytes for r in ranks]),
+        max_peak_transient_bytes=max(r.peak_transient_bytes for r in ranks) if ranks else 0,
+        memory_cap_bytes=memory_cap_bytes,
+        busiest_rank=max(range(n), key=lambda r: (loads[r], -r)) if loads else 0)
 
 
-__all__ = ["RankReport", "rank_reports", "plan_summary"]
+__all__ = ["PlanSummary", "RankReport", "rank_reports", "plan_summary"]

@@ -26,9 +26,10 @@ maximum load exceeds plain LPT's bound by at most ``tolerance * mean``. With ``t
 the window holds only the least-loaded ranks and the schedule is classical LPT.
 
 Holder groups: with HSDP every replica of a shard holds the same data, so locality is stated
-per *holder group* (a set of equivalent ranks, e.g. ``{r * S + s for r in replicas}``) and the
-balancer keeps a lazy heap per group to find its least-loaded member in O(log N). Without
-groups every rank is its own group.
+per *holder group* (a set of equivalent ranks, e.g. ``{r * S + s for r in replicas}``, or the
+tensor-parallel ranks a norm weight is replicated over) and the balancer keeps a lazy heap per
+group to find its least-loaded member in O(log N). Groups may overlap: a rank holds data of
+several parameters with different layouts. Without groups every rank is its own group.
 
 Memory cap: when ``memory_cap_bytes`` is given, a rank is eligible only if its memory
 (``base_memory_bytes[rank]`` + state of the blocks it already owns + this block) stays within
@@ -122,81 +123,109 @@ def assign_owners(
         base_memory_bytes: memory each rank uses before owning anything (params, grads, ...).
         tolerance: preference window as a fraction of the mean load (0 = classical LPT; the
             preferences then only break ties between equally loaded ranks).
-        holder_groups: disjoint sets of ranks holding identical data (HSDP: the replicas of
-            each shard); ``locality`` keys are then group indices. None: one group per rank.
+        holder_groups: sets of ranks holding identical data (HSDP: the replicas of a shard; tensor
+            parallel: the ranks a norm weight is replicated over); ``locality`` keys are then group
+            indices. Groups may overlap (a rank holds data of several parameters with different
+            layouts). None: one group per rank.
 
     Raises:
         BlockDoesNotFitError: a block no rank can take under the cap.
         ValueError: malformed inputs (named in the message).
     """
     _validate(costs, block_ids, num_ranks, memory_bytes, memory_cap_bytes, base_memory_bytes, tolerance)
-    n = len(costs)
-    owners = [-1] * n
-    if n == 0:
-        return owners
-    cap = memory_cap_bytes
-    loads = [0.0] * num_ranks
-    mem = [int(b) for b in base_memory_bytes] if base_memory_bytes is not None else [0] * num_ranks
-    window = tolerance * math.fsum(costs) / num_ranks
-    # a holder may also take a block while it stays within the makespan lower bound: this keeps
-    # shard-aligned blocks on their holders (no traffic) without costing balance beyond the bound
-    bound = max(math.fsum(costs) / num_ranks, max(costs))
-    # Lazy min-heaps: an entry (key, rank) is current iff key equals loads[rank] (or mem[rank]).
-    load_heap = [(0.0, r) for r in range(num_ranks)]
-    mem_heap = sorted((m, r) for r, m in enumerate(mem))
-    group_heaps: list[list[tuple[float, int]]] | None = None
-    group_of: list[int] = []
-    if holder_groups is not None:
-        group_of = _group_index(holder_groups, num_ranks)
-        group_heaps = [sorted((0.0, r) for r in g) for g in holder_groups]
-
+    state = _BalanceState(costs, num_ranks, memory_cap_bytes, base_memory_bytes, tolerance, holder_groups)
+    owners = [-1] * len(costs)
     for i in lpt_order(costs, block_ids):
-        cost = costs[i]
         need = memory_bytes[i] if memory_bytes is not None else 0
-        while load_heap[0][0] != loads[load_heap[0][1]]:
-            heapq.heappop(load_heap)
-        limit = load_heap[0][0] + window
-        chosen = -1
-        # 1. locality: the holder with the most of the block's elements within the window.
-        holders = locality(i) if locality is not None else None
-        if holders:
-            best: tuple[int, int, float, int] | None = None
-            for g, held in holders.items():
-                if held <= 0:
-                    continue
-                if group_heaps is None:
-                    r = g
-                    if cap is not None and mem[r] + need > cap:
-                        continue
-                else:
-                    r = _least_loaded_fitting(group_heaps[g], loads, mem, need, cap)
-                    if r < 0:
-                        continue
-                if loads[r] <= limit or loads[r] + cost <= bound:
-                    key = (-held, mem[r], loads[r], r)
-                    if best is None or key < best:
-                        best = key
-            if best is not None:
-                chosen = best[3]
-        # 2. memory: the emptiest rank within the window (a bounded look at the memory heap).
+        limit = state.min_load() + state.window
+        chosen = state.holder_choice(locality(i) if locality is not None else None, costs[i], need, limit)
         if chosen < 0:
-            chosen = _least_memory_within(mem_heap, loads, mem, limit, need, cap)
-        # 3. plain LPT: the least-loaded rank that fits.
+            chosen = _least_memory_within(state.mem_heap, state.loads, state.mem, limit, need, state.cap)
         if chosen < 0:
-            chosen = _least_loaded_fitting(load_heap, loads, mem, need, cap)
+            chosen = _least_loaded_fitting(state.load_heap, state.loads, state.mem, need, state.cap)
             if chosen < 0:
-                assert cap is not None
-                raise BlockDoesNotFitError(i, block_ids[i], need, max(cap - m for m in mem), cap)
+                assert state.cap is not None
+                raise BlockDoesNotFitError(i, block_ids[i], need, max(state.cap - m for m in state.mem), state.cap)
         owners[i] = chosen
-        if need:
-            mem[chosen] += need
-            heapq.heappush(mem_heap, (mem[chosen], chosen))
-        if cost > 0:
-            loads[chosen] += cost
-            heapq.heappush(load_heap, (loads[chosen], chosen))
-            if group_heaps is not None and group_of[chosen] >= 0:
-                heapq.heappush(group_heaps[group_of[chosen]], (loads[chosen], chosen))
+        state.take(chosen, costs[i], need)
     return owners
+
+
+class _BalanceState:
+    """Loads, memory and the lazy heaps of one balancing run.
+
+    Lazy min-heaps: an entry ``(key, rank)`` is current iff key equals ``loads[rank]`` (or
+    ``mem[rank]``); stale entries are dropped when they surface.
+    """
+
+    def __init__(self, costs: Sequence[float], num_ranks: int, cap: int | None,
+                 base_memory_bytes: Sequence[int] | None, tolerance: float,
+                 holder_groups: Sequence[Sequence[int]] | None) -> None:
+        self.cap = cap
+        self.loads = [0.0] * num_ranks
+        self.mem = [int(b) for b in base_memory_bytes] if base_memory_bytes is not None else [0] * num_ranks
+        total = math.fsum(costs)
+        self.window = tolerance * total / num_ranks
+        # a holder may also take a block while it stays within the makespan lower bound: this keeps
+        # shard-aligned blocks on their holders (no traffic) without costing balance beyond the bound
+        self.bound = max(total / num_ranks, max(costs)) if costs else 0.0
+        self.load_heap = [(0.0, r) for r in range(num_ranks)]
+        self.mem_heap = sorted((m, r) for r, m in enumerate(self.mem))
+        self.groups = [list(g) for g in holder_groups] if holder_groups is not None else None
+        self.group_heaps: list[list[tuple[float, int]]] = []
+        self.groups_of_rank: list[list[int]] = [[] for _ in range(num_ranks)]
+        if self.groups is not None:
+            for g, ranks in enumerate(self.groups):
+                for r in ranks:
+                    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < num_ranks:
+                        raise ValueError(f"holder_groups[{g}] contains {r!r}; ranks must be integers in "
+                                         f"[0, {num_ranks}).")
+                    self.groups_of_rank[r].append(g)
+                self.group_heaps.append(sorted((0.0, r) for r in ranks))
+
+    def min_load(self) -> float:
+        heap = self.load_heap
+        while heap[0][0] != self.loads[heap[0][1]]:
+            heapq.heappop(heap)
+        return heap[0][0]
+
+    def holder_choice(self, holders: Mapping[int, int] | None, cost: float, need: int, limit: float) -> int:
+        """The holder with the most of the block's elements that is within the window; -1 if none."""
+        if not holders:
+            return -1
+        best: tuple[int, int, float, int] | None = None
+        for g, held in holders.items():
+            if held <= 0:
+                continue
+            if self.groups is None:
+                r = g
+                if self.cap is not None and self.mem[r] + need > self.cap:
+                    continue
+            elif len(self.groups[g]) == 1:
+                r = self.groups[g][0]
+                if self.cap is not None and self.mem[r] + need > self.cap:
+                    continue
+            else:
+                r = _least_loaded_fitting(self.group_heaps[g], self.loads, self.mem, need, self.cap)
+                if r < 0:
+                    continue
+            if self.loads[r] <= limit or self.loads[r] + cost <= self.bound:
+                key = (-held, self.mem[r], self.loads[r], r)
+                if best is None or key < best:
+                    best = key
+        return -1 if best is None else best[3]
+
+    def take(self, rank: int, cost: float, need: int) -> None:
+        """Record that ``rank`` owns a block of ``cost`` and ``need`` bytes."""
+        if need:
+            self.mem[rank] += need
+            heapq.heappush(self.mem_heap, (self.mem[rank], rank))
+        if cost > 0:
+            self.loads[rank] += cost
+            heapq.heappush(self.load_heap, (self.loads[rank], rank))
+            for g in self.groups_of_rank[rank]:
+                if len(self.group_heaps[g]) > 1:
+                    heapq.heappush(self.group_heaps[g], (self.loads[rank], rank))
 
 
 #: How many current entries of the memory heap the memory preference examines per block.
@@ -226,19 +255,6 @@ def _least_memory_within(mem_heap: list[tuple[int, int]], loads: list[float], me
     for entry in skipped:
         heapq.heappush(mem_heap, entry)
     return chosen
-
-
-def _group_index(holder_groups: Sequence[Sequence[int]], num_ranks: int) -> list[int]:
-    """Group of each rank (-1: none); rejects ranks out of range or in two groups."""
-    group_of = [-1] * num_ranks
-    for g, ranks in enumerate(holder_groups):
-        for r in ranks:
-            if not isinstance(r, int) or not 0 <= r < num_ranks:
-                raise ValueError(f"holder_groups[{g}] contains {r!r}; ranks must be integers in [0, {num_ranks}).")
-            if group_of[r] >= 0:
-                raise ValueError(f"rank {r} is in holder_groups[{group_of[r]}] and [{g}]; groups must be disjoint.")
-            group_of[r] = g
-    return group_of
 
 
 def _least_loaded_fitting(heap: list[tuple[float, int]], loads: list[float], mem: list[int], need: int,

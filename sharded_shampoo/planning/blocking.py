@@ -1,18 +1,21 @@
 """Blocking planner: a parameter's *global* shape -> preconditioner blocks.
 
 Pure functions of shapes and config. Blocks never depend on world size or shard boundaries,
-so the math of a step is identical on 1 or 1024 ranks, and the block ids
-(``"{fqn}.block_{i}"``) are stable keys for checkpoints.
+so the math of a step is the same on 1 or 1024 ranks, and the block ids (``"{fqn}.block_{i}"``)
+are stable keys for checkpoints.
 
 The procedure, per parameter:
-1. squeeze: drop size-1 dims (a 0-d or all-ones shape becomes ``(1,)``);
+0. batch dims: the first ``BlockingConfig.batch_dims`` dims index independent matrices (MoE
+   expert weights ``[E, d_in, d_out]`` with ``batch_dims=1``): each index gets its own blocks;
+1. squeeze: drop size-1 dims of the rest (a 0-d or all-ones shape becomes ``(1,)``);
 2. merge: fold consecutive dims, last dim first, while their product stays <= ``max_preconditioner_dim``;
 3. split: cut each merged dim into chunks of at most ``max_preconditioner_dim``.
-Blocks are numbered in row-major order over the chunk grid.
+Blocks are numbered in row-major order over (batch index, chunk grid).
 
-The merged view is a pure reshape of the contiguous parameter, and merging always keeps
-the leading original dim inside merged dim 0, so a ``Shard(0)`` shard of the parameter is a
-contiguous range of merged dim 0. Routing relies on that.
+A merged dim of several original dims is never split (it fits the limit), so every block is a
+*box* of the original tensor (``Block.box``): a full range on merged or squeezed dims, a chunk on
+a split dim, one index on a batch dim. Routing intersects these boxes with the regions ranks
+hold (``layout.py``), whatever the placements.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config import BlockingConfig, PreconditionerConfig, default_exponent
+from .layout import Region
 
 
 @dataclass(frozen=True)
 class Block:
-    """One preconditioner block: a box of a parameter's merged view.
+    """One preconditioner block.
 
-    ``ranges`` are half-open index ranges, one per merged dim; ``exponents`` holds the
-    inverse exponent per block dim, 0 where the dim is not preconditioned (no factor).
+    ``ranges`` are half-open index ranges, one per *merged* dim (the block's tensor order);
+    ``box`` is the same block as ranges of the parameter's original dims; ``exponents`` holds
+    the inverse exponent per block dim, 0 where the dim is not preconditioned (no factor).
     """
 
     block_id: str
@@ -39,6 +44,7 @@ class Block:
     merged_shape: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]
     exponents: tuple[float, ...]
+    box: Region = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -58,40 +64,65 @@ class Block:
         return tuple(d for d, e in zip(self.shape, self.exponents) if e != 0)
 
     @property
-    def factor_shapes(self) -> tuple[tuple[int, int], ...]:
-        return tuple((d, d) for d in self.factor_dims)
-
-    @property
     def preconditioned(self) -> bool:
         return any(e != 0 for e in self.exponents)
 
     @property
-    def param_rows(self) -> tuple[int, int]:
-        """The merged-dim-0 range this block covers (what a Shard(0) holder must own)."""
-        return self.ranges[0]
+    def box_shape(self) -> tuple[int, ...]:
+        """The block seen in the parameter's original dims (a row-major view of ``shape``)."""
+        return tuple(b - a for a, b in self.box)
+
+
+def _merge_groups(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool) -> list[list[int]]:
+    """Groups of original dim indices forming each merged dim (size-1 dims dropped).
+
+    Merges from the last dim backwards while the product fits the limit (the reference
+    implementation's rule, so blocks match it). An all-ones shape gives one empty group (size 1).
+    """
+    kept = [i for i, d in enumerate(shape) if d != 1]
+    if not kept:
+        return [[]]
+    if not merge_dims:
+        return [[i] for i in kept]
+    groups = [[kept[-1]]]
+    size = shape[kept[-1]]
+    for i in reversed(kept[:-1]):
+        if size * shape[i] <= max_preconditioner_dim:
+            groups[-1].insert(0, i)
+            size *= shape[i]
+        else:
+            groups.append([i])
+            size = shape[i]
+    return list(reversed(groups))
 
 
 def merged_shape(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool = True) -> tuple[int, ...]:
-    """Squeeze size-1 dims, then merge consecutive dims, from the last dim backwards, while the
-    product fits the limit (the reference implementation's rule, so blocks match it).
+    """Squeeze size-1 dims, then merge consecutive dims from the last backwards while the product fits."""
+    shape = [int(d) for d in shape]
+    return tuple(math.prod(shape[i] for i in g) for g in _merge_groups(shape, max_preconditioner_dim, merge_dims))
 
-    Every merged dim is a contiguous group of original dims and the first group starts at dim 0,
-    so a ``Shard(0)`` shard is still a whole number of merged-dim-0 rows.
-    """
-    squeezed = [int(d) for d in shape if d != 1] or [1]
-    if not merge_dims:
-        return tuple(squeezed)
-    out = [squeezed[-1]]
-    for d in reversed(squeezed[:-1]):
-        if out[-1] * d <= max_preconditioner_dim:
-            out[-1] *= d
-        else:
-            out.append(d)
-    return tuple(reversed(out))
+
+def block_exponents(order: int, preconditioner: PreconditionerConfig, blocking: BlockingConfig) -> tuple[float, ...]:
+    """Inverse exponent of each dim of an order-``order`` block (the one home of this rule)."""
+    if order == 1 and not blocking.precondition_1d:
+        return (0.0,)
+    return tuple(default_exponent(preconditioner, order, dim) for dim in range(order))
 
 
 def _chunks(size: int, limit: int) -> list[tuple[int, int]]:
     return [(start, min(start + limit, size)) for start in range(0, size, limit)]
+
+
+def _box(shape: Sequence[int], batch: Sequence[int], groups: list[list[int]],
+         ranges: Sequence[tuple[int, int]]) -> Region:
+    """The original-dims box of one block: batch index, chunk on single-dim groups, full elsewhere."""
+    box = [(0, int(d)) for d in shape]
+    for i, index in enumerate(batch):
+        box[i] = (index, index + 1)
+    for group, rng in zip(groups, ranges):
+        if len(group) == 1:
+            box[group[0]] = rng
+    return tuple(box)
 
 
 def plan_parameter_blocks(
@@ -105,18 +136,23 @@ def plan_parameter_blocks(
     shape = tuple(int(d) for d in shape)
     if any(d == 0 for d in shape):
         return []
-    merged = merged_shape(shape, max_preconditioner_dim, blocking.merge_dims)
+    nb = blocking.batch_dims
+    if nb and len(shape) <= nb:
+        raise ValueError(f"parameter {name!r} of shape {shape} has no dims left after BlockingConfig.batch_dims="
+                         f"{nb}; put it in a param group with fewer batch dims (e.g. batch_dims=0).")
+    offset = [nb + i for i in range(len(shape) - nb)]
+    inner = shape[nb:]
+    groups = [[offset[i] for i in g] for g in _merge_groups(inner, max_preconditioner_dim, blocking.merge_dims)]
+    merged = tuple(math.prod(shape[i] for i in g) for g in groups)
     grid = [_chunks(d, max_preconditioner_dim) for d in merged]
-    order = len(merged)
-    if order == 1 and not blocking.precondition_1d:
-        exponents = (0.0,)
-    else:
-        exponents = tuple(default_exponent(preconditioner, order, dim) for dim in range(order))
-    return [
-        Block(block_id=f"{name}.block_{i}", param_name=name, param_shape=shape, merged_shape=merged,
-              ranges=tuple(ranges), exponents=exponents)
-        for i, ranges in enumerate(itertools.product(*grid))
-    ]
+    exponents = block_exponents(len(merged), preconditioner, blocking)
+    blocks = []
+    for batch in itertools.product(*(range(d) for d in shape[:nb])):
+        for ranges in itertools.product(*grid):
+            blocks.append(Block(block_id=f"{name}.block_{len(blocks)}", param_name=name, param_shape=shape,
+                                merged_shape=merged, ranges=tuple(ranges), exponents=exponents,
+                                box=_box(shape, batch, groups, ranges)))
+    return blocks
 
 
 def plan_blocks(

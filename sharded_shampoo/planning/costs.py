@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-import torch
 
-from .blocking import Block, merged_shape
 from ..config import (
+    STATEFUL_GRAFTING_TYPES,
     AdaGradGrafting,
     AdamGrafting,
     BlockingConfig,
@@ -37,8 +36,9 @@ from ..config import (
     PreconditionerConfig,
     RMSpropGrafting,
     RootInverseShampoo,
-    default_exponent,
 )
+from .blocking import Block, block_exponents, merged_shape
+from .layout import dtype_itemsize
 
 #: Kinds of per-block optimizer state, in report order. "momentum" is per rank (it lives with
 #: the local shard), so it is not a block kind; see :data:`RANK_STATE_KINDS`.
@@ -48,11 +48,6 @@ BLOCK_STATE_KINDS: tuple[str, ...] = (
 RANK_STATE_KINDS: tuple[str, ...] = BLOCK_STATE_KINDS + ("momentum",)
 #: Per-block counters: an int64 step counter and an int64 consecutive-root-failure counter.
 COUNTER_BYTES_PER_BLOCK = 16
-
-
-def dtype_itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype`` (without allocating real memory)."""
-    return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
 @dataclass(frozen=True)
@@ -117,10 +112,6 @@ class BlockCost:
         return self.step_flops + self.amortized_flops / precondition_frequency
 
 
-def _grafting_needs_state(grafting: GraftingConfig | None) -> bool:
-    return isinstance(grafting, (AdaGradGrafting, RMSpropGrafting, AdamGrafting))
-
-
 def block_state_bytes(block: Block, preconditioner: PreconditionerConfig, grafting: GraftingConfig | None,
                       beta1: float) -> dict[str, int]:
     """Exact bytes of each state kind the owner allocates for ``block``.
@@ -137,7 +128,7 @@ def block_state_bytes(block: Block, preconditioner: PreconditionerConfig, grafti
         "factors": square,
         "roots": square,
         "eigenvalues": numel * s if isinstance(preconditioner, EigenvalueCorrectedShampoo) else 0,
-        "grafting": numel * s if _grafting_needs_state(grafting) else 0,
+        "grafting": numel * s if isinstance(grafting, STATEFUL_GRAFTING_TYPES) else 0,
         "filtered_grad": numel * s if beta1 > 0 else 0,
         "counters": COUNTER_BYTES_PER_BLOCK,
     }
@@ -245,21 +236,18 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
 
     The same bytes as summing :func:`block_state_bytes` over ``plan_blocks``, in O(order): each
     merged dim ``m`` splits into ``q = m // D`` chunks of ``D`` and a remainder ``r``, so the sum of
-    ``d_i^2`` over all blocks is ``(q D^2 + r^2) * prod(chunk counts of the other dims)``. Block 0
-    (full-size chunks) is the largest. Used to search for a ``max_preconditioner_dim`` that fits
-    a memory cap over every candidate quickly, also where a plan would have millions of blocks.
+    ``d_i^2`` over all blocks is ``(q D^2 + r^2) * prod(chunk counts of the other dims)``, times the
+    number of batch indices. Block 0 (full-size chunks) is the largest. Used to search for a
+    ``max_preconditioner_dim`` that fits a memory cap over every candidate quickly, also where a plan
+    would have millions of blocks.
     """
     d = max_preconditioner_dim
-    merged = merged_shape(shape, d, blocking.merge_dims)
     if any(m == 0 for m in shape):
         return 0, 0, 0
-    # Block 0 (full-size chunks), built directly: re-planning its shape would squeeze size-1
-    # chunks. Exponents follow blocking.plan_parameter_blocks (tests check the equality).
-    order = len(merged)
-    if order == 1 and not blocking.precondition_1d:
-        exponents: tuple[float, ...] = (0.0,)
-    else:
-        exponents = tuple(default_exponent(preconditioner, order, i) for i in range(order))
+    batch = math.prod(shape[:blocking.batch_dims])
+    merged = merged_shape(shape[blocking.batch_dims:], d, blocking.merge_dims)
+    # Block 0 (full-size chunks), built directly: re-planning its shape would squeeze size-1 chunks.
+    exponents = block_exponents(len(merged), preconditioner, blocking)
     b0 = Block(block_id="p.block_0", param_name="p", param_shape=tuple(shape), merged_shape=merged,
                ranges=tuple((0, min(m, d)) for m in merged), exponents=exponents)
     largest = block_state_bytes(b0, preconditioner, grafting, beta1)
@@ -267,10 +255,10 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
     counts = [-(-m // d) for m in merged]
     sumsq = [(m // d) * d * d + (m % d) ** 2 for m in merged]
     n_blocks = math.prod(counts)
-    factor_entries = sum(sumsq[i] * (n_blocks // counts[i]) for i, e in enumerate(b0.exponents) if e != 0)
+    factor_entries = sum(sumsq[i] * (n_blocks // counts[i]) for i, e in enumerate(exponents) if e != 0)
     per_element = sum(largest[k] for k in ("eigenvalues", "grafting", "filtered_grad")) // b0.numel
     total = 2 * s * factor_entries + per_element * math.prod(merged) + COUNTER_BYTES_PER_BLOCK * n_blocks
-    return sum(largest.values()), total, n_blocks
+    return sum(largest.values()), batch * total, batch * n_blocks
 
 
 __all__ = [

@@ -1,31 +1,80 @@
-"""Where each parameter's data lives on the mesh: pure descriptions, no process group.
+"""Where each parameter's data lives: the region of the global tensor every rank holds. Pure.
 
-A :class:`MeshSpec` is the logical mesh the optimizer plans over: ``(S,)`` for FSDP/DDP or
-``(R, S)`` for HSDP (replicate, shard). Ranks are numbered row-major, as in DeviceMesh.
-A :class:`ParamSpec` says whether a parameter is ``Shard(0)`` over the shard axis (FSDP2)
-or replicated on every rank (DDP, or unsharded parameters).
+* :class:`MeshSpec` -- the ranks the optimizer plans over: the root device mesh, flattened
+  row-major (plan rank ``r`` is position ``r`` of ``root_mesh.mesh.flatten()``).
+* :class:`SubMesh` -- a device mesh a parameter lives on (the root itself or a sub-mesh of it,
+  e.g. ``("fsdp", "tp")`` for dense weights and ``("efsdp", "ep")`` for experts), described by its
+  shape and the coordinate every plan rank has in it.
+* :class:`Layout` -- DTensor placements (``Shard(d)``, ``_StridedShard``, ``Replicate``) on a sub-mesh.
+* :class:`ParamSpec` -- a parameter's global shape, dtype and layout.
+* :class:`ParamGeometry` -- the regions (boxes of the global tensor) the ranks hold and who holds each.
 
-FSDP2 shards dim 0 with ``torch.chunk`` semantics: chunk size ``ceil(d0 / S)``, so trailing
-ranks may get short or empty shards. :func:`shard_range` reproduces that exactly.
+A rank's view of a parameter is a *region*: one half-open ``(start, end)`` range per dim. It is
+computed from the placements with torch's own shard arithmetic
+(``torch.distributed.tensor._utils._compute_local_shape_and_global_offset``, the function DTensor
+uses), so uneven and empty shards, nested ``Shard`` on one dim and FSDP2's ``_StridedShard`` on top
+of tensor parallelism come out exactly as torch lays them out. A new placement is data here, not a
+code path. Layouts whose pieces are not boxes (e.g. ``(Shard(0), _StridedShard(0))``, where a rank
+holds every other row) are rejected, naming the parameter.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+#: A box of a tensor: one half-open ``(start, end)`` range per dim.
+Region = tuple[tuple[int, int], ...]
+
+
+def dtype_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (without allocating memory)."""
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def box_numel(box: Region) -> int:
+    return math.prod(b - a for a, b in box)
+
+
+def box_shape(box: Region) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def intersect(a: Region, b: Region) -> Region | None:
+    """The common box of ``a`` and ``b`` (None when it is empty)."""
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return None if any(e <= s for s, e in out) else out
+
+
+def full_region(shape: Sequence[int]) -> Region:
+    return tuple((0, int(d)) for d in shape)
 
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """Logical mesh shape: ``(S,)`` or ``(R, S)``; the last axis is the shard axis."""
+    """The plan's ranks: the root mesh shape (any number of dims), flattened row-major.
+
+    The legacy shorthand of :class:`ParamSpec` (``sharded=True``) means ``Shard(0)`` over the last
+    mesh dim and ``Replicate`` over the others: FSDP on ``(S,)``, HSDP on ``(R, S)``.
+    """
 
     shape: tuple[int, ...] = (1,)
+    dim_names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.shape) <= 2 or any((not isinstance(s, int)) or s < 1 for s in self.shape):
-            raise ValueError(f"mesh shape must be (S,) or (R, S) with positive integers; got {self.shape!r}.")
+        if not isinstance(self.shape, tuple) or not self.shape or \
+                any((not isinstance(s, int)) or isinstance(s, bool) or s < 1 for s in self.shape):
+            raise ValueError(f"mesh shape must be a non-empty tuple of positive integers; got {self.shape!r}.")
+        if self.dim_names is not None and len(self.dim_names) != len(self.shape):
+            raise ValueError(f"mesh dim_names {self.dim_names!r} must name each of the {len(self.shape)} dims.")
 
     @property
     def world_size(self) -> int:
@@ -33,11 +82,13 @@ class MeshSpec:
 
     @property
     def num_shards(self) -> int:
+        """Size of the last dim (the FSDP shard dim of the shorthand layout)."""
         return self.shape[-1]
 
     @property
     def num_replicas(self) -> int:
-        return self.shape[0] if len(self.shape) == 2 else 1
+        """Product of the leading dims (the HSDP replicas of the shorthand layout)."""
+        return self.world_size // self.num_shards
 
     def shard_index(self, rank: int) -> int:
         return rank % self.num_shards
@@ -45,15 +96,71 @@ class MeshSpec:
     def replica_index(self, rank: int) -> int:
         return rank // self.num_shards
 
+    def coordinate(self, rank: int) -> tuple[int, ...]:
+        """Row-major coordinate of plan rank ``rank`` in the root mesh."""
+        out = []
+        for size in reversed(self.shape):
+            out.append(rank % size)
+            rank //= size
+        return tuple(reversed(out))
+
+
+@dataclass(frozen=True, eq=False)
+class SubMesh:
+    """A device mesh seen from the plan: its shape and the coordinate of every plan rank in it.
+
+    ``coords[r]`` is rank ``r``'s coordinate in *its own* slice of the mesh (a sub-mesh such as
+    ``root["tp"]`` has one slice per combination of the other root dims). Compared by identity:
+    parameters on one mesh share one object, which keeps geometry caching cheap.
+    """
+
+    shape: tuple[int, ...]
+    coords: tuple[tuple[int, ...], ...]
+    dim_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for r, c in enumerate(self.coords):
+            if len(c) != len(self.shape) or any(not 0 <= x < s for x, s in zip(c, self.shape)):
+                raise ValueError(f"SubMesh coordinate {c!r} of rank {r} does not fit the mesh shape {self.shape}.")
+
+    @classmethod
+    def root(cls, mesh: MeshSpec) -> "SubMesh":
+        """The root mesh itself (one shared object per MeshSpec)."""
+        return _root_submesh(mesh)
+
+
+@lru_cache(maxsize=64)
+def _root_submesh(mesh: MeshSpec) -> SubMesh:
+    return SubMesh(mesh.shape, tuple(mesh.coordinate(r) for r in range(mesh.world_size)), mesh.dim_names)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """DTensor placements of a parameter on a (sub-)mesh of the root."""
+
+    mesh: SubMesh
+    placements: tuple
+
+    def __post_init__(self) -> None:
+        if len(self.placements) != len(self.mesh.shape):
+            raise ValueError(f"{len(self.placements)} placements {self.placements} for a {len(self.mesh.shape)}-D "
+                             "mesh; give one placement per mesh dim.")
+
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """A parameter as the planner sees it: global shape, dtype and whether it is Shard(0)."""
+    """A parameter as the planner sees it: global shape, dtype and where its data lives.
+
+    ``layout`` (explicit DTensor placements) wins; otherwise ``sharded=True`` is the FSDP/HSDP
+    shorthand (``Shard(0)`` over the root's last dim) and ``sharded=False`` means every rank holds
+    the whole tensor (DDP, plain tensors).
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     sharded: bool = False
+    layout: Layout | None = None
 
     @property
     def numel(self) -> int:
@@ -61,38 +168,162 @@ class ParamSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype, device="meta").element_size()
+        return dtype_itemsize(self.dtype)
+
+    def resolved_layout(self, mesh: MeshSpec) -> Layout | None:
+        """The explicit layout, the shorthand's layout on ``mesh``, or None (held whole everywhere)."""
+        if self.layout is not None:
+            return self.layout
+        if not self.sharded or not self.shape:
+            return None
+        placements = (Replicate(),) * (len(mesh.shape) - 1) + (Shard(0),)
+        return Layout(SubMesh.root(mesh), placements)
+
+
+@dataclass(frozen=True)
+class ParamGeometry:
+    """Who holds what of one parameter: per-dim partitions, each rank's region and each region's holders.
+
+    Placements shard each tensor dim independently, so the distinct regions are the product of one
+    1-D partition per dim (``intervals[d]``, sorted). A region is identified by its tuple of interval
+    indices; ``rank_region[r]`` is rank ``r``'s (None where it holds nothing) and ``holders[rid]``
+    the ranks holding region ``rid`` (several for replicated dims), ascending.
+    """
+
+    shape: tuple[int, ...]
+    intervals: tuple[tuple[tuple[int, int], ...], ...]
+    rank_region: tuple[tuple[int, ...] | None, ...]
+    holders: dict[tuple[int, ...], tuple[int, ...]] = field(hash=False, compare=False)
+    _ends: tuple[tuple[int, ...], ...] = field(init=False, repr=False, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ends", tuple(tuple(e for _, e in iv) for iv in self.intervals))
+
+    def region(self, rid: tuple[int, ...]) -> Region:
+        return tuple(self.intervals[d][i] for d, i in enumerate(rid))
+
+    def held(self, rank: int) -> Region | None:
+        """The region ``rank`` holds (None: nothing)."""
+        rid = self.rank_region[rank]
+        return None if rid is None else self.region(rid)
+
+    def pieces(self, box: Region) -> list[tuple[tuple[int, ...], Region]]:
+        """``[(region id, box ∩ region)]`` for every region that overlaps ``box``, in region order."""
+        per_dim: list[list[tuple[int, tuple[int, int]]]] = []
+        for d, (a, b) in enumerate(box):
+            iv, ends = self.intervals[d], self._ends[d]
+            hits = []
+            i = bisect.bisect_right(ends, a)
+            while i < len(iv) and iv[i][0] < b:
+                s, e = max(a, iv[i][0]), min(b, iv[i][1])
+                if e > s:
+                    hits.append((i, (s, e)))
+                i += 1
+            per_dim.append(hits)
+        return [(tuple(i for i, _ in combo), tuple(r for _, r in combo)) for combo in itertools.product(*per_dim)]
+
+
+def _partition(dim: int, size: int, ranges: set[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The sorted, non-empty ranges of one dim; raise unless they tile ``[0, size)`` exactly."""
+    out = sorted(r for r in ranges if r[1] > r[0])
+    pos = 0
+    for s, e in out:
+        if s != pos:
+            raise ValueError(f"the shards of dim {dim} are not contiguous boxes ({out}); this "
+                             "placement (a strided shard applied after a plain one) is not supported. Shard the "
+                             "dim in the other order (as fully_shard does with tensor parallelism).")
+        pos = e
+    if pos != size and size > 0:
+        raise ValueError(f"the shards of dim {dim} cover [0, {pos}) of [0, {size}).")
+    return tuple(out) if out else ((0, 0),)
+
+
+@lru_cache(maxsize=4096)
+def _geometry(shape: tuple[int, ...], layout: Layout | None, world: int) -> ParamGeometry:
+    dims = shape
+    if layout is None:
+        every = tuple(range(world))
+        return ParamGeometry(shape, tuple(((0, d),) for d in dims), ((0,) * len(dims),) * world,
+                             {(0,) * len(dims): every})
+    if len(layout.mesh.coords) != world:
+        raise ValueError(f"its mesh describes {len(layout.mesh.coords)} ranks but the plan has "
+                         f"{world}.")
+    by_coord: dict[tuple[int, ...], Region] = {}
+    regions: list[Region] = []
+    for c in layout.mesh.coords:
+        reg = by_coord.get(c)
+        if reg is None:
+            local, offset = _compute_local_shape_and_global_offset(dims, layout.mesh.shape, list(c),
+                                                                   layout.placements)
+            reg = by_coord[c] = tuple((o, o + n) for o, n in zip(offset, local))
+        regions.append(reg)
+    intervals = tuple(_partition(d, size, {reg[d] for reg in regions}) for d, size in enumerate(dims))
+    index = [{iv: i for i, iv in enumerate(ivs)} for ivs in intervals]
+    rank_region: list[tuple[int, ...] | None] = []
+    holders: dict[tuple[int, ...], list[int]] = {}
+    for r, reg in enumerate(regions):
+        if any(e <= s for s, e in reg):
+            rank_region.append(None)
+            continue
+        rid = tuple(index[d][iv] for d, iv in enumerate(reg))
+        rank_region.append(rid)
+        holders.setdefault(rid, []).append(r)
+    if math.prod(len(iv) for iv in intervals) != len(holders) and math.prod(dims) > 0:
+        raise ValueError(f"its placements {layout.placements} leave parts of the tensor on no "
+                         "rank; this layout is not supported.")
+    return ParamGeometry(shape, intervals, tuple(rank_region), {k: tuple(v) for k, v in holders.items()})
+
+
+def param_geometry(spec: ParamSpec, mesh: MeshSpec) -> ParamGeometry:
+    """Regions of ``spec`` on every plan rank of ``mesh`` (cached per shape and layout)."""
+    try:
+        return _geometry(tuple(spec.shape), spec.resolved_layout(mesh), mesh.world_size)
+    except ValueError as err:
+        layout = spec.resolved_layout(mesh)
+        raise ValueError(f"parameter {spec.name!r} with placements {layout.placements if layout else ()}: "
+                         f"{err}") from None
+
+
+def held_region(spec: ParamSpec, mesh: MeshSpec, rank: int) -> Region | None:
+    """The region of the global tensor ``rank`` holds (None if nothing)."""
+    return param_geometry(spec, mesh).held(rank)
+
+
+def pick_source(holders: Sequence[int], owner: int, world_size: int) -> int:
+    """Which holder of a region sends it to ``owner`` (every rank derives the same answer).
+
+    ``k`` holders are replicas of one region. Split the ranks into ``k`` contiguous zones and
+    take the holder in the owner's zone (for HSDP: the holder in the owner's replica group, often
+    the same host), else the holder nearest in rank order (ties: the lower rank).
+    """
+    k = len(holders)
+    if k == 1:
+        return holders[0]
+    zone = owner * k // world_size
+    lo = -(-zone * world_size // k)
+    i = bisect.bisect_left(holders, lo)
+    if i < k and holders[i] * k // world_size == zone:
+        return holders[i]
+    j = bisect.bisect_left(holders, owner)
+    candidates = [holders[x] for x in (j - 1, j) if 0 <= x < k]
+    return min(candidates, key=lambda h: (abs(h - owner), h))
 
 
 def shard_range(dim0: int, num_shards: int, index: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of dim 0 held by shard ``index`` under ``torch.chunk`` semantics."""
+    """Rows ``[start, end)`` of dim 0 held by shard ``index`` under ``torch.chunk`` semantics (FSDP2)."""
     chunk = -(-dim0 // num_shards) if dim0 else 0
     start = min(index * chunk, dim0)
     return start, min(start + chunk, dim0)
 
 
 def held_rows(spec: ParamSpec, rank: int, mesh: MeshSpec) -> tuple[int, int]:
-    """Rows of the parameter's original dim 0 that ``rank`` holds (all rows if replicated)."""
+    """Dim-0 rows ``rank`` holds of a shorthand (``sharded`` or replicated) parameter."""
     dim0 = spec.shape[0] if spec.shape else 1
     if not spec.sharded:
         return 0, dim0
     return shard_range(dim0, mesh.num_shards, mesh.shard_index(rank))
 
 
-def rows_to_merged(spec: ParamSpec, rows: tuple[int, int], merged_shape: tuple[int, ...]) -> tuple[int, int]:
-    """Map a dim-0 row range of the original shape to a merged-dim-0 row range.
-
-    Merging keeps the original dim 0 inside merged dim 0, so the flat range
-    ``[a * s0, b * s0)`` is always a whole number of merged rows.
-    """
-    inner = math.prod(spec.shape[1:]) if len(spec.shape) > 1 else 1
-    merged_inner = math.prod(merged_shape[1:]) if len(merged_shape) > 1 else 1
-    start, end = rows[0] * inner, rows[1] * inner
-    if start % merged_inner or end % merged_inner:
-        raise AssertionError(f"shard of {spec.name} does not align with its merged view {merged_shape}")
-    return start // merged_inner, end // merged_inner
-
-
-def held_merged_rows(spec: ParamSpec, merged_shape: tuple[int, ...], rank: int, mesh: MeshSpec) -> tuple[int, int]:
-    """Rows of the merged view's dim 0 that ``rank`` holds."""
-    return rows_to_merged(spec, held_rows(spec, rank, mesh), merged_shape)
+__all__ = ["Layout", "MeshSpec", "ParamGeometry", "ParamSpec", "Region", "SubMesh", "box_numel", "box_shape",
+           "dtype_itemsize", "full_region", "held_region", "held_rows", "intersect", "param_geometry",
+           "pick_source", "shard_range"]

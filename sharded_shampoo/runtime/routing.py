@@ -1,44 +1,43 @@
-"""Static routing schedule: which rank sends which slice of which block, built once.
+"""Static routing schedule: which rank sends which piece of which block, built once. Pure.
 
-A *piece* is the part of one block that one rank holds: a range of the block's merged-dim-0
-rows (a ``Shard(0)`` shard is a contiguous range of merged rows, see blocking.py) times the
-block's other ranges. Per step the optimizer runs two exchanges with this schedule:
+A *piece* is the part of one block that one region holds: the intersection of the block's box
+with a region of the parameter (``planning/layout.py``), in the parameter's original dims. A rank
+holds one region per parameter, so it holds at most one piece of any block. Per step the
+optimizer runs two exchanges with this schedule:
 
-1. gradients: every holder sends each piece of a block it does not own to the block's owner
-   (for HSDP, only the holder in the owner's replica sends; replicated parameters are held
-   whole by the owner and need no traffic);
-2. updates: every owner sends each holder (all replicas included) the piece of the update
-   it holds.
+1. gradients: for every region that holds part of a block but is not the owner's own region,
+   one holder (``layout.pick_source``) sends its piece to the block's owner; pieces of the
+   owner's own region are copied locally (replicated parameters: the owner holds everything);
+2. updates: the owner sends every other holder of every piece (all replicas included) that
+   piece of the update.
 
-Everything here is a pure function of the plan, the parameter layouts and the rank, so all
-ranks derive matching send/receive orders without talking to each other.
+Every rank derives matching send and receive lists (block order, then region order) without
+talking to the others: from a given peer, a rank receives at most one piece per block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..planning.blocking import Block
-from ..planning.layout import MeshSpec, ParamSpec, held_merged_rows
+from ..planning.layout import Region, box_numel, intersect, pick_source
+from ..planning.plan import ShampooPlan
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows ``[row_start, row_end)`` (merged dim 0, absolute) of block ``block_index``."""
+    """The part ``box`` (global, original dims) of plan block ``block_index`` of plan parameter ``param_index``."""
 
     block_index: int
     param_index: int
-    row_start: int
-    row_end: int
+    box: Region
     numel: int
 
 
 @dataclass
 class RankSchedule:
-    """What one rank sends and receives in each exchange, in a canonical order."""
+    """What one rank sends and receives in each exchange, in a canonical order (per peer rank)."""
 
     rank: int
-    world_size: int
     grad_local: list[Piece] = field(default_factory=list)
     grad_send: list[list[Piece]] = field(default_factory=list)
     grad_recv: list[list[Piece]] = field(default_factory=list)
@@ -46,64 +45,57 @@ class RankSchedule:
     update_send: list[list[Piece]] = field(default_factory=list)
     update_recv: list[list[Piece]] = field(default_factory=list)
 
-    def split_sizes(self, lists: list[list[Piece]]) -> list[int]:
+    @staticmethod
+    def split_sizes(lists: list[list[Piece]]) -> list[int]:
         return [sum(p.numel for p in pieces) for pieces in lists]
 
 
-def _piece(block: Block, block_index: int, param_index: int, rows: tuple[int, int]) -> Piece | None:
-    start = max(rows[0], block.ranges[0][0])
-    end = min(rows[1], block.ranges[0][1])
-    if end <= start:
-        return None
-    inner = block.numel // block.shape[0]
-    return Piece(block_index, param_index, start, end, (end - start) * inner)
-
-
-def build_schedule(blocks: list[Block], owners: list[int], block_params: list[int],
-                   params: list[ParamSpec], mesh: MeshSpec, rank: int) -> RankSchedule:
-    """The schedule of ``rank``. ``block_params[i]`` is the index in ``params`` of block i's parameter."""
-    W = mesh.world_size
-    sched = RankSchedule(rank, W, grad_send=[[] for _ in range(W)], grad_recv=[[] for _ in range(W)],
-                         update_send=[[] for _ in range(W)], update_recv=[[] for _ in range(W)])
-    held_cache: dict[tuple[int, int], tuple[int, int]] = {}
-
-    def held(p: int, r: int, block: Block) -> tuple[int, int]:
-        key = (p, r)
-        if key not in held_cache:
-            held_cache[key] = held_merged_rows(params[p], block.merged_shape, r, mesh)
-        return held_cache[key]
-
-    for b, (block, owner) in enumerate(zip(blocks, owners)):
-        p = block_params[b]
-        spec = params[p]
-        # ---- gradient sources: one holder per piece, preferring the owner, then the owner's replica
-        if spec.sharded:
-            replica = mesh.replica_index(owner)
-            for s in range(mesh.num_shards):
-                src = owner if mesh.shard_index(owner) == s else replica * mesh.num_shards + s
-                piece = _piece(block, b, p, held(p, src, block))
-                if piece is None:
-                    continue
-                if src == owner:
-                    if owner == rank:
-                        sched.grad_local.append(piece)
-                elif src == rank:
-                    sched.grad_send[owner].append(piece)
-                elif owner == rank:
-                    sched.grad_recv[src].append(piece)
+def _owned_block(sched: RankSchedule, plan: ShampooPlan, b: int) -> None:
+    """The owner's side of block ``b``: local pieces, pieces to receive, updates to send."""
+    k = plan.block_param[b]
+    g = plan.geometries[k]
+    mine = g.rank_region[sched.rank]
+    world = plan.mesh.world_size
+    for rid, box in g.pieces(plan.blocks[b].box):
+        piece = Piece(b, k, box, box_numel(box))
+        holders = g.holders[rid]
+        if rid == mine:
+            sched.grad_local.append(piece)
+            sched.update_local.append(piece)
         else:
-            if owner == rank:
-                sched.grad_local.append(_piece(block, b, p, held(p, owner, block)))
-        # ---- update destinations: every holder
-        for h in range(W):
-            piece = _piece(block, b, p, held(p, h, block))
-            if piece is None:
-                continue
-            if h == owner:
-                if owner == rank:
-                    sched.update_local.append(piece)
-            elif h == rank:
-                sched.update_recv[owner].append(piece)
-            elif owner == rank:
+            sched.grad_recv[pick_source(holders, sched.rank, world)].append(piece)
+        for h in holders:
+            if h != sched.rank:
                 sched.update_send[h].append(piece)
+
+
+def _held_block(sched: RankSchedule, plan: ShampooPlan, b: int, owner: int) -> None:
+    """A holder's side of block ``b`` owned by another rank: maybe send its piece, receive its update."""
+    k = plan.block_param[b]
+    g = plan.geometries[k]
+    rid = g.rank_region[sched.rank]
+    if rid is None:
+        return
+    box = intersect(g.region(rid), plan.blocks[b].box)
+    if box is None:
+        return
+    piece = Piece(b, k, box, box_numel(box))
+    sched.update_recv[owner].append(piece)
+    if rid != g.rank_region[owner] and pick_source(g.holders[rid], owner, plan.mesh.world_size) == sched.rank:
+        sched.grad_send[owner].append(piece)
+
+
+def build_schedule(plan: ShampooPlan, rank: int) -> RankSchedule:
+    """The schedule of ``rank`` for every block of the plan."""
+    world = plan.mesh.world_size
+    sched = RankSchedule(rank, grad_send=[[] for _ in range(world)], grad_recv=[[] for _ in range(world)],
+                         update_send=[[] for _ in range(world)], update_recv=[[] for _ in range(world)])
+    for b, owner in enumerate(plan.owners):
+        if owner == rank:
+            _owned_block(sched, plan, b)
+        else:
+            _held_block(sched, plan, b, owner)
     return sched
+
+
+__all__ = ["Piece", "RankSchedule", "build_schedule"]

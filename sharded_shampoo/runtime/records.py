@@ -1,0 +1,174 @@
+"""The per-rank runtime, built once from the plan as typed records.
+
+* :class:`ParamRecord` -- one per parameter of the optimizer: its name, group, spec, the region
+  of the global tensor this rank holds, views into its local storage, its momentum.
+* :class:`BlockRecord` -- one per block this rank owns: the block, its bucket and slot.
+* :class:`RankRuntime` -- the records, the stacked state buckets, the routing schedule and the
+  communication context. Routing, the executor, state I/O and the checkpoint fingerprint all
+  read these records; nothing else keeps parallel index lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..compute.preconditioner import BlockBucket, BucketHyperparams, bucket_key
+from ..planning.blocking import Block
+from ..planning.layout import MeshSpec, ParamSpec, Region
+from ..planning.plan import ShampooPlan
+from .placements import local_tensor
+from .routing import Piece, RankSchedule, build_schedule
+
+
+@dataclass
+class ParamRecord:
+    """One parameter as this rank sees it."""
+
+    index: int                      # position among all the optimizer's parameters (groups in order)
+    name: str
+    group: int
+    param: torch.Tensor             # the live parameter (DTensor or plain tensor)
+    spec: ParamSpec
+    plan_index: Optional[int]       # index among the plan's parameters; None: frozen at construction
+    region: Optional[Region]        # the box of the global tensor this rank holds; None: nothing
+    momentum: Optional[torch.Tensor] = None   # local-shaped momentum buffer (momentum > 0 only)
+
+    @property
+    def trainable(self) -> bool:
+        return self.plan_index is not None
+
+    def local(self) -> torch.Tensor:
+        """The rank-local storage of the parameter."""
+        return local_tensor(self.param)
+
+    def view(self, local: torch.Tensor, box: Region) -> torch.Tensor:
+        """The part of ``local`` (a tensor laid out like this rank's shard) covering global ``box``.
+
+        Narrowing keeps the tensor's own strides, so non-contiguous parameters (channels_last,
+        transposed leaves) are updated in place, never through a copy.
+        """
+        assert self.region is not None
+        for d, ((a, b), (start, _)) in enumerate(zip(box, self.region)):
+            local = local.narrow(d, a - start, b - a)
+        return local
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One block this rank owns: where its state lives in the buckets."""
+
+    index: int          # plan block index
+    block: Block
+    param: ParamRecord
+    bucket: int
+    slot: int
+
+    @property
+    def state_key(self) -> str:
+        """The key of the block's state under its parameter (``block_{i}``)."""
+        return self.block.block_id.removeprefix(self.block.param_name + ".")
+
+
+@dataclass
+class CommContext:
+    """How this rank talks to the others of the plan."""
+
+    group: Optional[dist.ProcessGroup]
+    world_size: int
+    rank: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class RankRuntime:
+    """Everything this rank executes, built once from the plan."""
+
+    plan: ShampooPlan
+    params: list[ParamRecord]                       # every parameter of the optimizer
+    trainable: list[ParamRecord]                    # by plan index
+    blocks: dict[int, BlockRecord]                  # owned blocks, by plan block index
+    buckets: list[BlockBucket]
+    bucket_group: list[int]
+    bucket_members: list[list[BlockRecord]]
+    schedule: RankSchedule
+    comm: CommContext
+    mesh: MeshSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.mesh = self.plan.mesh
+
+    def block_view(self, stacks: list[torch.Tensor], piece: Piece) -> torch.Tensor:
+        """The part ``piece`` of its block inside per-bucket stacks ``[B, *block shape]``."""
+        rec = self.blocks[piece.block_index]
+        view = stacks[rec.bucket][rec.slot].view(rec.block.box_shape)
+        for d, ((a, b), (start, _)) in enumerate(zip(piece.box, rec.block.box)):
+            view = view.narrow(d, a - start, b - a)
+        return view
+
+    def piece_view(self, tensors: dict[int, torch.Tensor], piece: Piece) -> torch.Tensor:
+        """The part ``piece`` of a local-shaped tensor of its parameter (``tensors`` by plan index)."""
+        return self.trainable[piece.param_index].view(tensors[piece.param_index], piece.box)
+
+    def state_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """What ``optimizer.state`` shows: per trainable parameter, its owned blocks' views and momentum.
+
+        Every trainable parameter gets an entry, empty on ranks that own none of its blocks, so
+        the state is non-empty on every rank: torch's ``_init_optim_state`` (get_state_dict) then
+        skips its init step everywhere instead of stepping (a collective) on some ranks only, and
+        ``set_state_dict(strict=True)`` finds state for every trainable parameter.
+        """
+        out: dict[torch.Tensor, dict[str, Any]] = {rec.param: {} for rec in self.trainable}
+        for rec in self.blocks.values():
+            out[rec.param.param][rec.state_key] = self.buckets[rec.bucket].state_views(rec.slot)
+        for rec in self.trainable:
+            if rec.momentum is not None:
+                out[rec.param]["momentum"] = rec.momentum
+        return out
+
+
+def param_records(params: list[torch.Tensor], names: list[str], group_of: list[int], specs: list[ParamSpec],
+                  plan: ShampooPlan, rank: int, momentum_groups: set[int]) -> list[ParamRecord]:
+    """One record per parameter; trainable ones in plan order get their plan index and momentum."""
+    plan_index = {p.name: k for k, p in enumerate(plan.params)}
+    records = []
+    for i, (p, n, gi, spec) in enumerate(zip(params, names, group_of, specs)):
+        k = plan_index.get(n)
+        region = plan.geometries[k].held(rank) if k is not None else None
+        rec = ParamRecord(i, n, gi, p, spec, k, region)
+        if k is not None and gi in momentum_groups:
+            rec.momentum = torch.zeros_like(rec.local())
+        records.append(rec)
+    return records
+
+
+def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: list[BucketHyperparams],
+                  comm: CommContext) -> RankRuntime:
+    """Buckets of the blocks this rank owns (first appearance in plan order) and the routing schedule."""
+    trainable = sorted((r for r in records if r.trainable), key=lambda r: r.plan_index)
+    keyed: dict[tuple, list[int]] = {}
+    for b in plan.owned_indices(comm.rank):
+        rec = trainable[plan.block_param[b]]
+        keyed.setdefault(bucket_key(rec.group, plan.blocks[b]), []).append(b)
+    buckets: list[BlockBucket] = []
+    bucket_group: list[int] = []
+    members: list[list[BlockRecord]] = []
+    blocks: dict[int, BlockRecord] = {}
+    for key, indices in keyed.items():
+        gi = key[0]
+        bucket = BlockBucket([plan.blocks[b] for b in indices], hyperparams[gi], comm.device)
+        recs = [BlockRecord(b, plan.blocks[b], trainable[plan.block_param[b]], len(buckets), j)
+                for j, b in enumerate(indices)]
+        blocks.update((r.index, r) for r in recs)
+        members.append(recs)
+        buckets.append(bucket)
+        bucket_group.append(gi)
+    return RankRuntime(plan, records, trainable, blocks, buckets, bucket_group, members,
+                       build_schedule(plan, comm.rank), comm)
+
+
+__all__ = ["BlockRecord", "CommContext", "ParamRecord", "RankRuntime", "build_runtime", "param_records"]
