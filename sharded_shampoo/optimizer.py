@@ -274,7 +274,7 @@ def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:
     """A group's settings as plain values; ``dynamic``: only what may change between steps (+ the step)."""
-    out = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items()
+    out = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in group.items()
            if k not in ("params", "param_names")}
     if dynamic:
         for k in ("grafting", "preconditioner", "blocking", "max_preconditioner_dim"):

@@ -1,0 +1,109 @@
+"""Multi-rank scenarios of the hardening tests (imported by spawned ranks): a failure on one rank
+must become an error on every rank within seconds, never a wait in a collective."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from sharded_shampoo import NonFiniteGradientError, RankFailureError, ShardedShampoo
+
+
+def _params() -> dict[str, torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    return {"w": torch.nn.Parameter(torch.randn(6, 4, generator=gen)),
+            "b": torch.nn.Parameter(torch.randn(4, generator=gen))}
+
+
+def _grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def _outcome(fn: Callable[[], Any]) -> tuple[str, str, float]:
+    t0 = time.perf_counter()
+    try:
+        fn()
+        kind, msg = "ok", ""
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        kind, msg = type(err).__name__, str(err)
+    return kind, msg, time.perf_counter() - t0
+
+
+def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, float]]:
+    out: dict[str, tuple[str, str, float]] = {}
+    params = _params()
+    opt = ShardedShampoo(list(params.items()), lr=0.01, precondition_frequency=2)
+
+    def wrong_size() -> None:
+        _grads(params, 0)
+        if rank == 1:
+            params["w"].grad.data = torch.zeros(7, 4)
+        opt.step()
+    out["wrong_size"] = _outcome(wrong_size)
+
+    def bad_lr() -> None:
+        _grads(params, 1)
+        opt.param_groups[0]["lr"] = -1.0 if rank == 1 else 0.01
+        opt.step()
+    out["bad_lr"] = _outcome(bad_lr)
+
+    def different_lr() -> None:
+        _grads(params, 2)
+        opt.param_groups[0]["lr"] = 0.02 if rank == 1 else 0.01
+        opt.step()
+    out["different_lr"] = _outcome(different_lr)
+    opt.param_groups[0]["lr"] = 0.01
+
+    def nan_skip() -> None:
+        skip = ShardedShampoo(list(params.items()), lr=0.01, nonfinite_grads="skip")
+        _grads(params, 3)
+        if rank == 1:
+            params["b"].grad[0] = float("nan")
+        skip.step()
+        if not skip.last_step_skipped:
+            raise AssertionError("the step was not skipped")
+    out["nan_skip"] = _outcome(nan_skip)
+
+    def nan_raise() -> None:
+        _grads(params, 4)
+        if rank == 0:
+            params["w"].grad[0, 0] = float("inf")
+        opt.step()
+    out["nan_raise"] = _outcome(nan_raise)
+
+    def different_frequency() -> None:
+        ShardedShampoo(list(params.items()), precondition_frequency=10 if rank == 0 else 20)
+    out["different_frequency"] = _outcome(different_frequency)
+
+    def bad_state_dict_on_one_rank() -> None:
+        sd = opt.state_dict()
+        if rank == 1:
+            sd["param_groups"][0]["lr"] = float("nan")
+        before = [t.clone() for s in opt.state.values() for t in _tensors(s)]
+        try:
+            opt.load_state_dict(sd)
+        finally:
+            after = [t for s in opt.state.values() for t in _tensors(s)]
+            if not all(torch.equal(a, b) for a, b in zip(before, after)):
+                raise AssertionError("a failed load changed the state")
+    out["bad_state_dict"] = _outcome(bad_state_dict_on_one_rank)
+
+    def still_works() -> None:
+        _grads(params, 5)
+        opt.step()
+    out["still_works"] = _outcome(still_works)
+    out["_types"] = (RankFailureError.__name__, NonFiniteGradientError.__name__, 0.0)
+    return out
+
+
+def _tensors(d: Any) -> list[torch.Tensor]:
+    if isinstance(d, torch.Tensor):
+        return [d]
+    if isinstance(d, dict):
+        return [t for v in d.values() for t in _tensors(v)]
+    return []
