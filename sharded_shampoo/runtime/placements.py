@@ -127,9 +127,9 @@ def gather_coordinates(meshes: list[Any], plan_mesh: Any, group: Optional[dist.P
     for i, m in enumerate(meshes):
         mine[i, :m.ndim] = torch.tensor(m.get_coordinate())
     device = _collective_device(group)
-    out = torch.empty((world, len(meshes), width), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, mine.to(device), group=group)
-    table = out.cpu().tolist()
+    out = torch.empty(world * len(meshes) * width, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(out, mine.flatten().to(device), group=group)
+    table = out.view(world, len(meshes), width).cpu().tolist()
     return [[tuple(table[r][i][:m.ndim]) for r in range(world)] for i, m in enumerate(meshes)]
 
 
