@@ -62,7 +62,7 @@ def global_batch(corpus: torch.Tensor, step: int, batch: int, seq: int, seed: in
 
 def build_model(args: argparse.Namespace) -> nn.Module:
     """A small byte-level GPT-2 (the planner's gpt2 preset architecture, 256-token vocabulary)."""
-    from sharded_shampoo.dryrun.presets import GPT2
+    from sharded_shampoo.dryrun.models import GPT2
 
     return GPT2(n_layers=args.layers, width=args.dim, heads=args.heads, context=args.seq, vocab_size=256)
 

@@ -40,6 +40,16 @@ class Tiny(nn.Module):
         self.head = nn.Linear(8, 10, bias=False)
         self.moe = Experts()
 
+    # how a job parallelizes it (read by sharded_shampoo.dryrun.apply_parallelism)
+    def fsdp_units(self) -> list[nn.Module]:
+        return []
+
+    def tp_plan(self) -> dict[str, Any]:
+        return _tp_plan()
+
+    def expert_modules(self) -> list[nn.Module]:
+        return [self.moe]
+
 
 def make_model() -> Tiny:
     torch.manual_seed(0)
@@ -100,7 +110,6 @@ def build(layout: str, world: int) -> tuple[nn.Module, ShardedShampoo]:
     """The model laid out as torch's parallelize_module + fully_shard do, and its optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
     model = make_model()
@@ -117,14 +126,14 @@ def build(layout: str, world: int) -> tuple[nn.Module, ShardedShampoo]:
         fully_shard(model.moe, mesh=dp)
         fully_shard(model, mesh=dp)
     else:   # expert parallel: the meshes torchtitan builds, unflattened from a 1-D world
+        from sharded_shampoo.dryrun import apply_parallelism
+
         ep = 2 if layout == "ep2" else 4
         world_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("world",))
         dense = world_mesh._unflatten(0, (2, world // 2), ("fsdp", "tp"))
         sparse = world_mesh._unflatten(0, (world // ep, ep), ("efsdp", "ep"))
-        parallelize_module(model, dense["tp"], _tp_plan())
-        model.moe.w = nn.Parameter(distribute_tensor(model.moe.w.detach(), sparse["ep"], [Shard(0)]))
-        fully_shard(model.moe, mesh=sparse["efsdp"])
-        fully_shard(model, mesh=dense["fsdp"])
+        apply_parallelism(model, dense["fsdp"], tp_mesh=dense["tp"], ep_mesh=sparse["ep"],
+                          expert_dp_mesh=sparse["efsdp"])
     return model, ShardedShampoo(param_groups(model), **CONFIG)
 
 
@@ -192,3 +201,21 @@ def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
         dist.barrier()
     return out
+
+
+#: the dry-run axes of each layout (``sharded_shampoo.dryrun.MeshAxes`` fields)
+DRYRUN_AXES = {"fsdp": dict(fsdp=4), "fsdp_tp": dict(fsdp=2, tp=2), "hsdp_tp": dict(dp=2, fsdp=1, tp=2),
+               "ep2": dict(fsdp=2, tp=2, ep=2), "ep4": dict(fsdp=2, tp=2, ep=4)}
+
+
+def dryrun_state_bytes(layout: str) -> list[int]:
+    """Per-rank optimizer-state bytes the dry-run predicts for a layout (meta device, fake process group)."""
+    from sharded_shampoo.config import PlanSettings
+    from sharded_shampoo.dryrun import MeshAxes, plan_model
+
+    c = CONFIG
+    settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], grafting=c["grafting"],
+                            beta1=c["betas"][0], momentum=c["momentum"],
+                            precondition_frequency=c["precondition_frequency"])
+    plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
+    return [r.optimizer_state_bytes for r in plan.ranks]

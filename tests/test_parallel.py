@@ -3,7 +3,8 @@
 torch's ``parallelize_module`` + ``fully_shard`` (and torchtitan's unflattened expert meshes) lay out
 a tiny model with every kind of weight; each run is fed the same full gradients as one process and
 must end at the same parameters (<= 1e-6 relative: preconditioning starts at step 4, once every
-factor is full rank), with every rank allocating exactly the optimizer state the plan predicts.
+factor is full rank), with every rank allocating exactly the optimizer state the plan predicts and
+the dry-run (meta device, fake process group, the same parallelization) prints.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def results():
 
 @pytest.mark.parametrize("layout", ps.LAYOUTS)
 def test_layout_matches_one_process_and_the_plan(results, layout):
+    dry = ps.dryrun_state_bytes(layout)
     for rank, r in enumerate(results):
         out = r[layout]
         assert out["diff"] <= 1e-6, f"{layout} rank {rank}: max relative difference {out['diff']:.3g}"
         real, planned = out["bytes"]
         assert real == planned, f"{layout} rank {rank}: allocated {real} B of state, the plan says {planned} B"
+        assert real == dry[rank], f"{layout} rank {rank}: allocated {real} B, the dry-run says {dry[rank]} B"
         assert out["owners"] == [0, 1, 2, 3], "every rank owns blocks"
     for name, placement in EXPECTED.get(layout, {}).items():
         assert results[0][layout]["placements"][name] == placement

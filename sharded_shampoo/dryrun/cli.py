@@ -2,6 +2,8 @@
 
     sharded-shampoo plan --model llama3-8b --mesh 64
     sharded-shampoo plan --model llama3-405b --mesh 32x64 --json plan.json --png plan.png
+    sharded-shampoo plan --model llama3-405b --mesh dp=8,fsdp=32,tp=8
+    sharded-shampoo plan --model mixtral-8x7b --mesh 64 --ep 8
     sharded-shampoo plan --model mypkg.models:build --mesh 8
 
 ``main(argv)`` returns an exit status instead of exiting so tests (and notebooks) can call it
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,9 +26,11 @@ from ..config import (
     RootInverseShampoo,
     SGDGrafting,
 )
-from .build import DryRunError, format_report, parse_dtype, parse_mesh, resolve_model, sharded_param_specs, write_png
-from ..planning.plan import PlanSettings, make_plan
+from ..config import PlanSettings
+from .build import parse_dtype, plan_model
+from .meshes import parse_axes
 from .presets import preset_names
+from .report import DryRunError, format_report, write_png
 
 _GRAFTING = {
     "adagrad": AdaGradGrafting, "rmsprop": RMSpropGrafting, "adam": AdamGrafting, "sgd": SGDGrafting,
@@ -41,7 +46,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Build the model on the meta device, shard it with FSDP2 over a fake process group of the "
                     "mesh, and print the Shampoo plan the optimizer would use.")
     p.add_argument("--model", help=f"preset ({', '.join(preset_names())}) or package.module:factory")
-    p.add_argument("--mesh", help="S for FSDP over S ranks, or RxS for HSDP (R replicas x S shards), e.g. 16x64")
+    p.add_argument("--mesh", help="S for FSDP over S ranks, RxS for HSDP (R replicas x S shards, e.g. 16x64), or "
+                                   "named axes dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (adds a tp axis to --mesh)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree (experts sharded over ep within fsdp x tp)")
     p.add_argument("--list-models", action="store_true", help="list the presets and exit")
     p.add_argument("--max-preconditioner-dim", type=int, default=1024)
     p.add_argument("--precondition-frequency", type=int, default=100)
@@ -86,13 +95,27 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
         raise ValueError(message) from err
 
 
+def _check_writable(option: str, path: str | None) -> None:
+    """Fail before minutes of planning if an output file cannot be written."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a directory; give a file name.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path!r}: the directory {folder!r} does not exist.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path!r} cannot be written (permission denied).")
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(preset_names()))
         return 0
     if not args.model or not args.mesh:
-        raise ValueError("plan needs --model (a preset or package.module:factory) and --mesh (e.g. 64 or 16x64).")
-    mesh_shape = parse_mesh(args.mesh)
+        raise ValueError("plan needs --model (a preset or package.module:factory) and --mesh (e.g. 64, 16x64 or "
+                         "dp=8,fsdp=32,tp=8).")
+    axes = parse_axes(args.mesh, tp=args.tp, ep=args.ep)
     param_dtype = parse_dtype(args.param_dtype) if args.param_dtype else None
     settings = _settings(args)
     cap = None
@@ -102,9 +125,14 @@ def _run_plan(args: argparse.Namespace) -> int:
         cap = int(args.memory_cap_gib * 1024 ** 3)
     if args.top < 1:
         raise ValueError(f"--top must be >= 1; got {args.top}.")
-    name, factory = resolve_model(args.model)
-    specs, mesh = sharded_param_specs(factory, mesh_shape, param_dtype, name)
-    plan = make_plan(specs, mesh, settings, cap)
+    _check_writable("--json", args.json)
+    _check_writable("--png", args.png)
+    if args.png:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise DryRunError("--png needs matplotlib: pip install 'sharded-shampoo[plot]' (or matplotlib).")
+    plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap)
+    name = args.model.strip()
     print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks))
     if args.json:
         data = plan.to_json(include_blocks=not args.json_no_blocks)
@@ -128,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _run_plan(args)
-    except (ValueError, DryRunError) as err:
+    except (ValueError, DryRunError, OSError) as err:
         print(f"sharded-shampoo {args.command}: error: {err}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

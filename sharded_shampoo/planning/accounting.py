@@ -74,34 +74,44 @@ class RankReport:
 def _communication(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced") -> tuple[list[int], ...]:
     """Per-rank (gather send, gather recv, update send, update recv) bytes of one step.
 
-    Every rank holding a region receives the update of every piece of it (accumulated per region
-    and handed to its holders at the end, so replicated regions cost one entry, not one per rank);
-    the owner does not receive what it holds itself and sends to every other holder.
+    Per block with owner ``o`` and pieces ``(region, elements)``: a piece of a region ``o`` does not
+    hold is sent by ``pick_source`` of its holders (gather) and the update of every piece goes to
+    every holder but ``o``. What does not depend on the owner -- the piece bytes, the update fan-out,
+    what each region's holders receive -- is summed once per distinct coverage (blocks of different
+    layers share one), and handed to the holders at the end.
     """
     n = mesh.world_size
     send_g, recv_g, send_u, recv_u = [0] * n, [0] * n, [0] * n, [0] * n
-    per_region: dict[tuple[int, tuple[int, ...]], int] = {}
     comm_size = [dtype_itemsize(s.comm_dtype) for s in per_param]
+    uses: dict[tuple[int, int, int], int] = {}          # (geometry id, coverage id, bytes/elem) -> blocks
+    totals: dict[int, tuple[int, int]] = {}             # coverage id -> (elements, elements x holders)
     for k, cov, o in zip(b.block_param, b.coverage, b.owners):
         g = b.geometries[k]
         cb = comm_size[k]
         mine = g.rank_region[o]
+        holders = g.holders
+        own = 0
         for rid, elems in cov:
-            nbytes = elems * cb
-            holders = g.holders[rid]
             if rid == mine:
-                recv_u[o] -= nbytes
-                send_u[o] += (len(holders) - 1) * nbytes
+                own = elems
             else:
-                send_g[pick_source(holders, o, n)] += nbytes
-                recv_g[o] += nbytes
-                send_u[o] += len(holders) * nbytes
-            key = (id(g), rid)
-            per_region[key] = per_region.get(key, 0) + nbytes
+                send_g[pick_source(holders[rid], o, n)] += elems * cb
+        sums = totals.get(id(cov))
+        if sums is None:
+            sums = totals[id(cov)] = (sum(e for _, e in cov), sum(len(holders[rid]) * e for rid, e in cov))
+        total, fan_out = sums
+        recv_g[o] += (total - own) * cb
+        send_u[o] += (fan_out - own) * cb
+        recv_u[o] -= own * cb
+        key = (id(g), id(cov), cb)
+        uses[key] = uses.get(key, 0) + 1
     by_id = {id(g): g for g in b.geometries}
-    for (gid, rid), nbytes in per_region.items():
-        for h in by_id[gid].holders[rid]:
-            recv_u[h] += nbytes
+    covs = {id(c): c for c in b.coverage}
+    for (gid, cid, cb), count in uses.items():
+        g = by_id[gid]
+        for rid, elems in covs[cid]:
+            for h in g.holders[rid]:
+                recv_u[h] += count * elems * cb
     return send_g, recv_g, send_u, recv_u
 
 

@@ -195,8 +195,8 @@ class _BalanceState:
             return -1
         best: tuple[int, int, float, int] | None = None
         for g, held in holders.items():
-            if held <= 0:
-                continue
+            if held <= 0 or (best is not None and held < -best[0]):
+                continue            # cannot beat the best key, whose first entry is -held
             if self.groups is None:
                 r = g
                 if self.cap is not None and self.mem[r] + need > self.cap:

@@ -9,13 +9,14 @@
 * :class:`ParamSpec` -- a parameter's global shape, dtype and layout.
 * :class:`ParamGeometry` -- the regions (boxes of the global tensor) the ranks hold and who holds each.
 
-A rank's view of a parameter is a *region*: one half-open ``(start, end)`` range per dim. It is
-computed from the placements with torch's own shard arithmetic
-(``torch.distributed.tensor._utils._compute_local_shape_and_global_offset``, the function DTensor
-uses), so uneven and empty shards, nested ``Shard`` on one dim and FSDP2's ``_StridedShard`` on top
-of tensor parallelism come out exactly as torch lays them out. A new placement is data here, not a
-code path. Layouts whose pieces are not boxes (e.g. ``(Shard(0), _StridedShard(0))``, where a rank
-holds every other row) are rejected, naming the parameter.
+A rank's view of a parameter is a *region*: one half-open ``(start, end)`` range per dim, computed
+from the placements with DTensor's shard arithmetic in closed form (``_shard_runs``; tested against
+torch's own ``_compute_local_shape_and_global_offset``, which materialises index tensors and is too
+slow for 2048-rank plans), so uneven and empty shards, nested ``Shard`` on one dim and FSDP2's
+``_StridedShard`` on top of tensor parallelism come out exactly as torch lays them out. A new
+placement is data here, not a code path. Layouts whose pieces are not boxes (e.g.
+``(Shard(0), _StridedShard(0))``, where a rank holds every other row) are rejected, naming the
+parameter.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from functools import lru_cache
 
 import torch
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 
 #: A box of a tensor: one half-open ``(start, end)`` range per dim.
 Region = tuple[tuple[int, int], ...]
 
 
+@lru_cache(maxsize=None)
 def dtype_itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype`` (without allocating memory)."""
     return torch.empty((), dtype=dtype, device="meta").element_size()
@@ -229,13 +230,84 @@ def _partition(dim: int, size: int, ranges: set[tuple[int, int]]) -> tuple[tuple
     pos = 0
     for s, e in out:
         if s != pos:
-            raise ValueError(f"the shards of dim {dim} are not contiguous boxes ({out}); this "
-                             "placement (a strided shard applied after a plain one) is not supported. Shard the "
-                             "dim in the other order (as fully_shard does with tensor parallelism).")
+            raise ValueError(f"the shards of dim {dim} are not contiguous boxes ({out}).")
         pos = e
     if pos != size and size > 0:
         raise ValueError(f"the shards of dim {dim} cover [0, {pos}) of [0, {size}).")
     return tuple(out) if out else ((0, 0),)
+
+
+def _take(runs: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Positions ``[start, end)`` of the concatenation of ``runs``, as global runs."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for a, b in runs:
+        lo, hi = max(start, pos), min(end, pos + b - a)
+        if hi > lo:
+            out.append((a + lo - pos, a + hi - pos))
+        pos += b - a
+    return out
+
+
+def _shard_runs(runs: list[tuple[int, int]], placement: object, num_chunks: int, index: int) -> list[tuple[int, int]]:
+    """What coordinate ``index`` of a mesh dim keeps of the indices ``runs`` under ``placement``.
+
+    DTensor's rules, in closed form: ``Shard`` keeps chunk ``index`` of ``torch.chunk`` (chunk size
+    ``ceil(n / num_chunks)``, trailing chunks short or empty); ``_StridedShard(sf)`` splits into ``sf``
+    pieces the same way and keeps chunk ``index`` of every piece (FSDP2's view of a dim that tensor
+    parallelism shards afterwards). ``tests/test_layout.py`` checks both against torch's own
+    ``_compute_local_shape_and_global_offset``.
+    """
+    n = sum(b - a for a, b in runs)
+    sf = getattr(placement, "split_factor", None)
+    pieces = [(0, n)] if sf is None else [(min(i * -(-n // sf), n), min((i + 1) * -(-n // sf), n)) for i in range(sf)]
+    out: list[tuple[int, int]] = []
+    for p0, p1 in pieces:
+        k = -(-(p1 - p0) // num_chunks)
+        out.extend(_take(runs, p0 + min(index * k, p1 - p0), p0 + min((index + 1) * k, p1 - p0)))
+    merged: list[tuple[int, int]] = []
+    for a, b in out:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _dim_interval(size: int, steps: list[tuple[object, int, int]]) -> tuple[int, int]:
+    """The interval of one tensor dim a rank holds after its ``(placement, mesh size, coordinate)`` steps."""
+    runs = [(0, size)]
+    for placement, num_chunks, index in steps:
+        runs = _shard_runs(runs, placement, num_chunks, index)
+    if not runs:
+        return (0, 0)
+    if len(runs) > 1:
+        raise ValueError(f"a rank would hold the non-contiguous indices {runs} of a dim of size {size}; this placement "
+                         "(a strided shard applied after a plain one) is not supported. Shard the dim in the other "
+                         "order (as fully_shard does with tensor parallelism).")
+    return runs[0]
+
+
+def _rank_regions(shape: tuple[int, ...], layout: Layout) -> list[Region]:
+    """The region of every plan rank, per dim from the coordinates of the mesh dims sharding that dim."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    sharding = [[i for i, p in enumerate(layout.placements) if isinstance(p, (Shard, _StridedShard)) and p.dim == d]
+                for d in range(len(shape))]
+    caches: list[dict[tuple[int, ...], tuple[int, int]]] = [{} for _ in shape]
+    regions = []
+    for c in layout.mesh.coords:
+        region = []
+        for d, size in enumerate(shape):
+            key = tuple(c[i] for i in sharding[d])
+            iv = caches[d].get(key)
+            if iv is None:
+                iv = caches[d][key] = _dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c[i])
+                                                           for i in sharding[d]])
+            region.append(iv)
+        regions.append(tuple(region))
+    return regions
 
 
 @lru_cache(maxsize=4096)
@@ -246,17 +318,8 @@ def _geometry(shape: tuple[int, ...], layout: Layout | None, world: int) -> Para
         return ParamGeometry(shape, tuple(((0, d),) for d in dims), ((0,) * len(dims),) * world,
                              {(0,) * len(dims): every})
     if len(layout.mesh.coords) != world:
-        raise ValueError(f"its mesh describes {len(layout.mesh.coords)} ranks but the plan has "
-                         f"{world}.")
-    by_coord: dict[tuple[int, ...], Region] = {}
-    regions: list[Region] = []
-    for c in layout.mesh.coords:
-        reg = by_coord.get(c)
-        if reg is None:
-            local, offset = _compute_local_shape_and_global_offset(dims, layout.mesh.shape, list(c),
-                                                                   layout.placements)
-            reg = by_coord[c] = tuple((o, o + n) for o, n in zip(offset, local))
-        regions.append(reg)
+        raise ValueError(f"its mesh describes {len(layout.mesh.coords)} ranks but the plan has {world}.")
+    regions = _rank_regions(dims, layout)
     intervals = tuple(_partition(d, size, {reg[d] for reg in regions}) for d, size in enumerate(dims))
     index = [{iv: i for i, iv in enumerate(ivs)} for ivs in intervals]
     rank_region: list[tuple[int, ...] | None] = []
@@ -269,8 +332,8 @@ def _geometry(shape: tuple[int, ...], layout: Layout | None, world: int) -> Para
         rank_region.append(rid)
         holders.setdefault(rid, []).append(r)
     if math.prod(len(iv) for iv in intervals) != len(holders) and math.prod(dims) > 0:
-        raise ValueError(f"its placements {layout.placements} leave parts of the tensor on no "
-                         "rank; this layout is not supported.")
+        raise ValueError(f"its placements {layout.placements} leave parts of the tensor on no rank; this layout is "
+                         "not supported.")
     return ParamGeometry(shape, intervals, tuple(rank_region), {k: tuple(v) for k, v in holders.items()})
 
 
@@ -292,21 +355,24 @@ def held_region(spec: ParamSpec, mesh: MeshSpec, rank: int) -> Region | None:
 def pick_source(holders: Sequence[int], owner: int, world_size: int) -> int:
     """Which holder of a region sends it to ``owner`` (every rank derives the same answer).
 
-    ``k`` holders are replicas of one region. Split the ranks into ``k`` contiguous zones and
-    take the holder in the owner's zone (for HSDP: the holder in the owner's replica group, often
-    the same host), else the holder nearest in rank order (ties: the lower rank).
+    ``k`` holders (ascending) are replicas of one region. Split the ranks into ``k`` contiguous
+    zones and take a holder in the owner's zone (for HSDP: the holder in the owner's replica group,
+    often the same host), else the holder nearest in rank order (ties: the lower rank).
     """
     k = len(holders)
     if k == 1:
         return holders[0]
     zone = owner * k // world_size
+    h = holders[zone]                 # the regular case: one holder per zone, in zone order
+    if h * k // world_size == zone:
+        return h
     lo = -(-zone * world_size // k)
     i = bisect.bisect_left(holders, lo)
     if i < k and holders[i] * k // world_size == zone:
         return holders[i]
     j = bisect.bisect_left(holders, owner)
     candidates = [holders[x] for x in (j - 1, j) if 0 <= x < k]
-    return min(candidates, key=lambda h: (abs(h - owner), h))
+    return min(candidates, key=lambda c: (abs(c - owner), c))
 
 
 def shard_range(dim0: int, num_shards: int, index: int) -> tuple[int, int]:

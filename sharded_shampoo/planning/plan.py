@@ -135,6 +135,9 @@ def _validate_params(params: Sequence[ParamSpec], mesh: MeshSpec) -> None:
             raise ValueError(f"params[{i}] must be a ParamSpec; got {type(p).__name__}.")
         if p.name in names:
             raise ValueError(f"parameter names must be unique (they key the optimizer state); {p.name!r} repeats.")
+        if p.dtype.is_complex or not p.dtype.is_floating_point:
+            raise ValueError(f"parameter {p.name!r} is {p.dtype}; Shampoo needs real floating-point parameters "
+                             "(complex ones: torch.view_as_real; integer ones: freeze them).")
         names.add(p.name)
 
 

@@ -1,0 +1,89 @@
+"""Apply tensor parallel, expert parallel and FSDP to a model, as a training job does.
+
+Used by the dry-run over a fake process group, and usable on real meshes, so the plan the
+dry-run prints is the plan of a job that calls the same function. A model describes its own
+parallelization with three optional methods:
+
+* ``fsdp_units()`` -- submodules to ``fully_shard`` before the root (default: the children of
+  every ``nn.ModuleList``, the usual home of transformer blocks);
+* ``tp_plan()`` -- a ``parallelize_module`` plan ``{fqn: ParallelStyle}`` (needed when tp > 1);
+* ``expert_modules()`` -- modules whose own parameters are stacked expert weights
+  ``[num_experts, ...]``: sharded on dim 0 over ``ep``, then by FSDP over the expert data-parallel
+  mesh, and preconditioned per expert (``BlockingConfig(batch_dims=1)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """Submodules to ``fully_shard`` before the root.
+
+    A model's own ``fsdp_units()`` wins. Otherwise every child of an ``nn.ModuleList`` (the
+    usual home of transformer blocks) that is not inside another chosen unit.
+    """
+    own = getattr(model, "fsdp_units", None)
+    if callable(own):
+        return list(own())
+    units: list[nn.Module] = []
+    chosen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(module, nn.ModuleList) and id(child) not in chosen:
+                units.append(child)
+                chosen.add(id(child))
+                continue
+            visit(child)
+
+    visit(model)
+    return units
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    own = getattr(model, "expert_modules", None)
+    return list(own()) if callable(own) else []
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Fully-qualified names of the stacked expert parameters (they get per-expert blocks)."""
+    ids = {id(p) for m in expert_modules(model) for p in m.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] = None,
+                      ep_mesh: Optional[Any] = None, expert_dp_mesh: Optional[Any] = None,
+                      name: str = "model") -> nn.Module:
+    """Tensor parallel over ``tp_mesh``, experts over ``ep_mesh``, then FSDP over ``dp_mesh``
+    (``expert_dp_mesh`` for expert modules), innermost units first."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        plan = getattr(model, "tp_plan", None)
+        if not callable(plan):
+            raise ValueError(f"--model {name!r} defines no tp_plan() (a parallelize_module plan), so it cannot be "
+                             "planned with tensor parallelism; add one or drop tp from --mesh.")
+        parallelize_module(model, tp_mesh, plan())
+    experts = expert_modules(model)
+    if ep_mesh is not None and ep_mesh.size() > 1:
+        if not experts:
+            raise ValueError(f"--model {name!r} defines no expert_modules(), so it cannot be planned with expert "
+                             "parallelism; add one or drop ep from --mesh.")
+        for module in experts:
+            for pname, p in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
+                                                    requires_grad=p.requires_grad))
+    for module in experts:
+        fully_shard(module, mesh=expert_dp_mesh if expert_dp_mesh is not None else dp_mesh)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+__all__ = ["apply_parallelism", "expert_modules", "expert_param_names", "fsdp_units"]
