@@ -171,7 +171,7 @@ def placements_table(model: torch.nn.Module) -> list[tuple[str, tuple, str, str,
     for name, p in model.named_parameters():
         mesh = getattr(p, "device_mesh", None)
         mesh_s = ",".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.mesh.shape)) if mesh is not None else "-"
-        placements = ", ".join(map(str, p.placements)) if mesh is not None else "plain tensor"
+        placements = ", ".join(map(repr, p.placements)) if mesh is not None else "plain tensor"
         local = tuple(p.to_local().shape) if mesh is not None else tuple(p.shape)
         rows.append((name, tuple(p.shape), mesh_s, placements, local))
     return rows

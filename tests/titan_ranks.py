@@ -1,9 +1,9 @@
-"""Run a function on N CPU gloo ranks with torchtitan imported once, not N times.
+"""Run functions on N CPU gloo ranks with torchtitan imported once per test module, not N times per test.
 
-Importing torch + torchtitan costs several CPU-seconds per process; four ranks on a 2-core
-machine pay it four times over. Here one spawned "zygote" applies the CPU workarounds, imports
-torchtitan once, then forks the ranks, which inherit the imported modules. The pytest process
-never imports the patched torchtitan.
+Importing torch + torchtitan costs several CPU-seconds per process; four ranks per test on a
+2-core machine pay it four times over, every test. Here one spawned "zygote" applies the CPU
+workarounds and imports torchtitan once, then forks the ranks of each launch, which inherit the
+imported modules. The pytest process never imports the patched torchtitan.
 
 A rank that raises NotImplementedError (the core's answer to a placement it does not support
 yet) is re-raised as NotImplementedError in the caller, so tests can be marked
@@ -25,7 +25,9 @@ import torch.multiprocessing as mp
 
 from dist_utils import free_port
 
-_PRELOAD = ("torchtitan.models.llama3", "torchtitan.models.qwen3", "torchtitan.components.checkpoint",
+_RANK_TIMEOUT_S = 600
+# torchtitan.trainer: the models' update_from_config imports it (and with it datasets, pandas)
+_PRELOAD = ("torchtitan.trainer", "torchtitan.models.llama3", "torchtitan.models.qwen3", "torchtitan.components.checkpoint",
             "torchtitan.components.optimizer", "sharded_shampoo.integrations.torchtitan")
 
 
@@ -50,7 +52,22 @@ def _rank(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple,
         pickle.dump(result, f)
 
 
-def _zygote(world: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+def _fork_ranks(world: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, world, port, fn, args, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=_RANK_TIMEOUT_S)
+    for p in procs:
+        if p.is_alive():  # a hang beyond gloo's own timeout: stop it, the missing result fails the test
+            p.kill()
+            p.join()
+
+
+def _serve(conn: Any) -> None:
+    """The zygote: patch and import once, then fork ranks for each (world, fn, args, out_dir) received."""
     import importlib
 
     import titan_harness
@@ -58,31 +75,48 @@ def _zygote(world: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> No
     titan_harness.apply_cpu_workarounds()
     for name in _PRELOAD:
         importlib.import_module(name)
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, fn, args, out_dir)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    conn.send("ready")
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        try:
+            _fork_ranks(*job)
+        finally:  # a missing rank result is reported by the caller
+            conn.send("done")
 
 
-def run_titan_ranks(world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-    """``fn(rank, world, *args)`` on ``world`` forked gloo ranks; their return values."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        zygote = mp.get_context("spawn").Process(target=_zygote, args=(world, fn, args, out_dir))
-        zygote.start()
-        zygote.join()
-        results = []
-        for r in range(world):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            if not os.path.exists(path):
-                raise AssertionError(f"rank {r} left no result (zygote exit code {zygote.exitcode})")
-            with open(path, "rb") as f:
-                results.append(pickle.load(f))
-    failed = [(r, res) for r, res in enumerate(results) if res[0] != "ok"]
-    if failed and all(res[0] == "notimpl" for _, res in failed):
-        raise NotImplementedError(f"rank {failed[0][0]}: {failed[0][1][2]}")
-    if failed:
-        raise AssertionError("\n".join(f"rank {r} failed:\n{res[1]}" for r, res in failed))
-    return [res[1] for res in results]
+class TitanRanks:
+    """A zygote process serving launches of forked gloo ranks; one per test module (a fixture)."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,))  # not a daemon: it forks the ranks
+        self._proc.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("torchtitan zygote failed to start")
+
+    def run(self, world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank, world, *args)`` on ``world`` forked gloo ranks; their return values."""
+        with tempfile.TemporaryDirectory() as out_dir:
+            self._conn.send((world, fn, args, out_dir))
+            self._conn.recv()
+            results = []
+            for r in range(world):
+                path = os.path.join(out_dir, f"rank{r}.pkl")
+                if not os.path.exists(path):
+                    raise AssertionError(f"rank {r} left no result (killed, or crashed hard)")
+                with open(path, "rb") as f:
+                    results.append(pickle.load(f))
+        failed = [(r, res) for r, res in enumerate(results) if res[0] != "ok"]
+        if failed and all(res[0] == "notimpl" for _, res in failed):
+            raise NotImplementedError(f"rank {failed[0][0]}: {failed[0][1][2]}")
+        if failed:
+            raise AssertionError("\n".join(f"rank {r} failed:\n{res[1]}" for r, res in failed))
+        return [res[1] for res in results]
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._conn.send(None)
+            self._proc.join(timeout=30)
