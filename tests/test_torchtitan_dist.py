@@ -100,13 +100,28 @@ def test_adamw_placements_fsdp_tp_and_ep(titan: TitanRanks) -> None:
     """The harness: torchtitan's AdamW trains both layouts; the placements are the documented ones."""
     results = titan.run(4, sc.adamw_layouts)
     llama, moe = results[0]["llama3 fsdp2 x tp2"], results[0]["moe fsdp4 / efsdp2 x ep2"]
-    assert all(res == results[0] for res in results[1:])  # every rank sees the same shapes and meshes
+    for key in ("kinds", "mesh_ranks"):  # every rank sees the same shapes and meshes
+        assert all(res[label][key] == results[0][label][key] for res in results for label in results[0])
     assert llama["kinds"] == LLAMA3_FSDP2_TP2
     assert moe["kinds"] == MOE_FSDP4_EP2
     # sub-meshes of one world mesh: dense (fsdp, tp) has tp fastest; experts (efsdp, ep) has ep fastest
     assert llama["mesh_ranks"]["lm_head.weight"] == [[0, 1], [2, 3]]
     assert moe["mesh_ranks"][EXPERTS + "w1_EFD"] == [[0, 1], [2, 3]]
     assert moe["mesh_ranks"]["lm_head.weight"] == [0, 1, 2, 3]
+    # the box of the global tensor each rank 0..3 holds: what the core must compute from placements.
+    # (_StridedShard(0, sf=2), Shard(0)) on (fsdp, tp): rank 2f+t holds row chunk 2t+f, TP-major
+    def regions(label: str, kind: str) -> list[str]:
+        return [res[label]["regions"][kind] for res in results]
+
+    dense = "llama3 fsdp2 x tp2"
+    assert regions(dense, "layers.*.attention.qkv_linear.wqkv.weight") == [
+        "[0:192, 0:256]", "[384:576, 0:256]", "[192:384, 0:256]", "[576:768, 0:256]"]
+    assert regions(dense, "layers.*.attention.wo.weight") == [
+        "[0:128, 0:128]", "[0:128, 128:256]", "[128:256, 0:128]", "[128:256, 128:256]"]
+    assert regions(dense, "norm.weight") == ["[0:128]", "[0:128]", "[128:256]", "[128:256]"]  # replicated over tp
+    # experts over (efsdp, ep): each rank one whole expert; rank 2e+p (efsdp e, ep p) holds expert 2p+e
+    assert regions("moe fsdp4 / efsdp2 x ep2", EXPERTS + "w2_EDF") == [
+        "[0:1, 0:256, 0:64]", "[2:3, 0:256, 0:64]", "[1:2, 0:256, 0:64]", "[3:4, 0:256, 0:64]"]
     for report in (llama, moe):
         losses = report["losses"]
         assert all(b < a for a, b in zip(losses, losses[1:])), losses

@@ -177,6 +177,34 @@ def placements_table(model: torch.nn.Module) -> list[tuple[str, tuple, str, str,
     return rows
 
 
+def held_regions(model: torch.nn.Module) -> dict[str, str]:
+    """Per parameter kind (first layer): the box of the global tensor this rank holds, "[r0:r1, c0:c1]".
+
+    Computed by distributing a tensor of global indices with the parameter's own mesh and
+    placements, and checked against the parameter's values; raises if a region is not a box.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        kind = param_kind(name)
+        if kind in out or not hasattr(p, "device_mesh"):
+            continue
+        index = torch.arange(p.numel(), dtype=torch.float64).reshape(p.shape)
+        held = distribute_tensor(index, p.device_mesh, p.placements).to_local().flatten().long()
+        full = p.full_tensor().detach()
+        if not torch.equal(full.flatten()[held], p.to_local().detach().flatten()):
+            raise AssertionError(f"{name}: the computed region does not hold this rank's values")
+        spans = []
+        for coords in torch.unravel_index(held, tuple(p.shape)):
+            lo, hi = int(coords.min()), int(coords.max()) + 1
+            if hi - lo != coords.unique().numel():
+                raise AssertionError(f"{name}: this rank's part is not a box of the global tensor")
+            spans.append(f"{lo}:{hi}")
+        out[kind] = "[" + ", ".join(spans) + "]"
+    return out
+
+
 def param_kind(name: str) -> str:
     """A parameter's name with layer indices folded ("layers.*.attention.wo.weight")."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
@@ -240,12 +268,16 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def checkpoint_manager(folder: str, built: Built, optimizers: Any, lr_schedulers: Any,
-                       train_state: Any) -> Any:
-    """torchtitan's CheckpointManager over this model, optimizer and LR schedulers (no dataloader)."""
+                       train_state: Any, load_optimizer: bool = True) -> Any:
+    """torchtitan's CheckpointManager over this model, optimizer and LR schedulers (no dataloader).
+
+    ``load_optimizer=False`` leaves the optimizer out of loading (to show what losing its state does).
+    """
     from torchtitan.components.checkpoint import CheckpointManager
 
+    exclude = ["dataloader"] + ([] if load_optimizer else ["optimizer"])
     config = CheckpointManager.Config(enable=True, folder=os.path.basename(folder), interval=1, keep_latest_k=0,
-                                      last_save_model_only=False, exclude_from_loading=["dataloader"])
+                                      last_save_model_only=False, exclude_from_loading=exclude)
     return config.build(dataloader=None, model_parts=[built.model], optimizers=optimizers,
                         lr_schedulers=lr_schedulers, states={"train_state": train_state},
                         sd_adapter=None, base_folder=os.path.dirname(folder))

@@ -42,13 +42,13 @@ def adamw_container(built: th.Built) -> Any:
 
 
 def mesh_report(built: th.Built) -> dict[str, Any]:
-    """Per parameter kind: placements table row plus the global ranks of its mesh (from rank 0's view)."""
+    """Per parameter kind: placements table row, the global ranks of its mesh, this rank's region."""
     kinds = th.kinds_table(th.placements_table(built.model))
     ranks = {}
     for name, p in built.model.named_parameters():
         mesh = getattr(p, "device_mesh", None)
         ranks[th.param_kind(name)] = mesh.mesh.tolist() if mesh is not None else None
-    return {"kinds": kinds, "mesh_ranks": ranks}
+    return {"kinds": kinds, "mesh_ranks": ranks, "regions": th.held_regions(built.model)}
 
 
 def adamw_layouts(rank: int, world: int) -> dict[str, Any]:
@@ -85,12 +85,14 @@ def state_fingerprint(optimizers: Any) -> dict[str, tuple[float, float]]:
 
 
 def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: tuple,
-                      build_optimizers: str = "shampoo", steps: int = 2) -> dict[str, Any]:
+                      build_optimizers: str = "shampoo", steps: int = 2,
+                      load_optimizer: bool = True) -> dict[str, Any]:
     """Train ``steps`` on layout ``first``, save through torchtitan's CheckpointManager, train ``steps``
     more (the reference); rebuild on layout ``second``, load, train ``steps`` (the resumed run).
 
     ``first``/``second`` are (model name, Layout). Returns losses, per-rank state fingerprints at
-    the save and right after the load, and both layouts' placements.
+    the save and right after the load, and both layouts' placements. ``load_optimizer=False``
+    resumes the model and schedulers only (for comparison).
     """
     make = {"shampoo": shampoo_container, "adamw": adamw_container}[build_optimizers]
     specs = {"llama3": th.llama3_spec, "moe": th.moe_spec}
@@ -100,7 +102,8 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
         optimizers = make(built)
         schedulers = th.lr_schedulers(optimizers, 2 * steps)
         state = th.TrainState()
-        manager = th.checkpoint_manager(folder, built, optimizers, schedulers, state)
+        manager = th.checkpoint_manager(folder, built, optimizers, schedulers, state,
+                                        load_optimizer=load_optimizer or phase == "first")
         out[f"{phase}_kinds"] = th.kinds_table(th.placements_table(built.model))
         if phase == "first":
             out["losses"] = th.train(built, optimizers, steps, schedulers)

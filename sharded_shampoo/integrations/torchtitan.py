@@ -120,10 +120,9 @@ def default_sharded_shampoo(lr: float = 3e-4, **kwargs: Any) -> ShardedShampooCo
 
     The counterpart of torchtitan's ``default_adamw``: ``Trainer.Config(optimizer=default_sharded_shampoo(
     lr=3e-4, betas=(0.9, 0.95), grafting=AdamGrafting(beta2=0.95, epsilon=1e-8)), ...)``. ``kwargs`` are
-    per-group ShardedShampoo options; ``implementation="for-loop"`` because ShardedShampoo has its own.
+    per-group ShardedShampoo options (the ``fused``/``foreach`` keys torchtitan adds are dropped).
     """
     return ShardedShampooContainer.Config(
         param_groups=[ParamGroupConfig(pattern=r".*", optimizer_name=SHAMPOO_NAME,
                                        optimizer_kwargs={"lr": lr, **kwargs})],
-        implementation="for-loop",
     )
