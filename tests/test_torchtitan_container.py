@@ -123,10 +123,17 @@ def test_expert_weights_get_their_own_group() -> None:
     if not HAS_EXPERT_BLOCKING:
         with pytest.raises(NotImplementedError, match=f"BlockingConfig.{EXPERT_BLOCKING_FIELD}"):
             _config().build(model_parts=[model])
-    else:
-        (shampoo,) = _config().build(model_parts=[model]).optimizers
-        assert [g["param_names"] for g in shampoo.param_groups][-1] == ["moe.experts.w1"]
-        assert getattr(shampoo.param_groups[-1]["blocking"], EXPERT_BLOCKING_FIELD) == 1
+    # with a BlockingConfig that has the field (today: a subclass; ShardedShampoo ignores the extra field)
+    future = dataclasses.make_dataclass("FutureBlocking", [(EXPERT_BLOCKING_FIELD, int, 0)],
+                                        bases=(BlockingConfig,), frozen=True)
+    config, blocking = _config(), future() if not HAS_EXPERT_BLOCKING else BlockingConfig()
+    config.param_groups[0].optimizer_kwargs["blocking"] = blocking
+    (shampoo,) = config.build(model_parts=[model]).optimizers
+    assert [g["param_names"] for g in shampoo.param_groups] == [
+        ["tok_embeddings.weight", "wo.weight", "wo.bias", "norm.weight", "norm.bias"], ["moe.experts.w1"]]
+    assert getattr(shampoo.param_groups[1]["blocking"], EXPERT_BLOCKING_FIELD) == 1
+    assert shampoo.param_groups[0]["blocking"] == blocking  # the dense group keeps the configured one
+    assert shampoo.param_groups[1]["lr"] == KW["lr"]
     # opting out: the expert tensor stays in the dense group as one 3-D tensor
     (shampoo,) = _config(expert_module_pattern=None).build(model_parts=[model]).optimizers
     assert len(shampoo.param_groups) == 1 and "moe.experts.w1" in shampoo.param_groups[0]["param_names"]

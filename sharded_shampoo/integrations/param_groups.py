@@ -21,6 +21,7 @@ import re
 from typing import Any, Optional
 
 from ..config import BlockingConfig
+from ..optimizer import ShardedShampoo
 
 #: torchtitan's ``OptimizersContainer`` adds these to every param group (torch Adam kernel
 #: switches); ShardedShampoo has one implementation, so they are dropped.
@@ -49,10 +50,9 @@ _KEY_HINTS = {
 
 def shampoo_group_keys() -> frozenset[str]:
     """The per-group hyperparameters ShardedShampoo accepts, read from its signature."""
-    from ..optimizer import ShardedShampoo
-
-    params = inspect.signature(ShardedShampoo.__init__).parameters
-    return frozenset(k for k in params if k not in ("self", "params", *CONSTRUCTOR_ONLY_KEYS))
+    params = inspect.signature(ShardedShampoo.__init__).parameters.values()
+    named = (p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return frozenset(k for k in named if k not in ("self", "params", *CONSTRUCTOR_ONLY_KEYS))
 
 
 def shampoo_group_kwargs(group: dict[str, Any], pattern: str = "?") -> dict[str, Any]:
