@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,10 +31,10 @@ _KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
 _KERNEL_NAMES = ("copy_full_counts_to_peers_kernel", "copy_rows_to_peers_kernel", "expand_topk_grad_kernel",
                  "fill_combine_metadata_kernel", "fill_dispatch_metadata_kernel", "invert_flat_indices_kernel",
                  "reduce_topk_slots_kernel", "topk_scores_grad_kernel")
-#: Arbitrary spmd backend choice is not possible on CPU: "spmd_types" (torchtitan's default) keeps
-#: parameters as plain local tensors and its fully_shard call then refuses them; "full_dtensor"
-#: needs DTensor inputs that only torchtitan's Trainer prepares. "partial_dtensor" runs as is and
-#: gives the same placements as "full_dtensor" (docs/parallelism.md).
+#: torchtitan's default "spmd_types" keeps parameters as plain local tensors (its own fully_shard call
+#: then refuses them on CPU/torch 2.13, and ShardedShampoo needs DTensors); "full_dtensor" needs
+#: DTensor inputs that only torchtitan's Trainer prepares. "partial_dtensor" runs as is and gives
+#: the same placements as "full_dtensor" for the FSDP x TP Llama3 (docs/parallelism.md).
 SPMD_BACKEND = "partial_dtensor"
 VOCAB = 2048
 
@@ -260,11 +259,6 @@ def train(built: Built, optimizers: Any, steps: int, lr_schedulers: Any = None,
         if lr_schedulers is not None:
             lr_schedulers.step()
     return losses
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(), time.perf_counter() - t0
 
 
 def checkpoint_manager(folder: str, built: Built, optimizers: Any, lr_schedulers: Any,

@@ -8,7 +8,8 @@ imported modules. The pytest process never imports the patched torchtitan.
 A rank that raises NotImplementedError (the core's answer to a placement it does not support
 yet) is re-raised as NotImplementedError in the caller, so tests can be marked
 ``xfail(raises=NotImplementedError)``; any other failure raises AssertionError with every
-failing rank's traceback.
+failing rank's traceback. The zygote is started with "spawn", which re-imports the caller's
+``__main__``: a script that uses TitanRanks needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
