@@ -26,6 +26,7 @@ def test_wheel_layout(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "sharded_shampoo/checkpointing/__init__.py" in names
     assert "sharded_shampoo/py.typed" in names
+    assert "sharded_shampoo/integrations/torchtitan.py" in names
     assert not any(n.startswith("checkpointing/") for n in names), "no top-level checkpointing package"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "sharded-shampoo = sharded_shampoo.dryrun.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
