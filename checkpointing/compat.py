@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from sharded_shampoo.config import config_from_dict, config_to_dict
 
+from .errors import IncompatibleCheckpointError
+
 if TYPE_CHECKING:
     from sharded_shampoo import ShardedShampoo
 
@@ -34,10 +36,6 @@ FORMAT = "sharded-shampoo.checkpoint/1"
 STRUCTURAL_KEYS = ("max_preconditioner_dim", "preconditioner", "grafting", "blocking", "has_beta1",
                    "has_momentum")
 _CONFIG_KEYS = ("preconditioner", "grafting", "blocking")
-
-
-class IncompatibleCheckpointError(ValueError):
-    """The checkpoint was written with other parameter shapes or structural optimizer settings."""
 
 
 def _canonical(obj: Any) -> Any:
