@@ -114,6 +114,8 @@ def _agree_or_remove(err: Optional[BaseException], root: str, tmp: Optional[str]
     except CheckpointError:
         if tmp is not None and rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if distributed():  # every rank knows the save failed: raise only once the directory is gone
+            dist.barrier(group=coordination_group())
         raise
     except Exception as unreachable:
         raise CheckpointSaveError(f"saving into {tmp!r} failed and the ranks could not agree on it ({unreachable}); "
