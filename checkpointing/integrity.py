@@ -9,10 +9,10 @@ bits, so every single-bit flip). Rank 0 gathers them and writes ``checksums.json
 size and CRC of ``.metadata`` too -- before the checkpoint is published, so a checkpoint with a
 ``commit.json`` always has its checksums.
 
-On load, :class:`VerifyingReader` (a DCP ``FileSystemReader``) checks, before DCP plans any
-read, that ``.metadata`` matches its checksum and that every file this rank will read exists
-and has the recorded size, then verifies each item's bytes as it reads them, before
-deserializing them. A mismatch raises :class:`.errors.CheckpointCorruptError` naming the file,
+On load, :class:`VerifyingReader` (a DCP ``FileSystemReader``) parses ``.metadata`` only from
+bytes that match its checksum, checks, before DCP reads anything, that every file this rank
+will read exists and has the recorded size, then verifies each item's bytes as it reads them,
+before deserializing them. A mismatch raises :class:`.errors.CheckpointCorruptError` naming the file,
 the byte range and the tensor (key and chunk offset).
 """
 
@@ -21,13 +21,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
 import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Optional
 
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan
 
 from .directory import write_atomic
@@ -145,13 +146,20 @@ def read_checksums(ckpt: str) -> Optional[Checksums]:
     return Checksums(ckpt, record["metadata"], record["files"])
 
 
-def verify_metadata(ckpt: str, sums: Checksums) -> None:
-    """Check ``.metadata`` (read before anything else: it says where every tensor is) against its CRC."""
-    found = _whole_file(os.path.join(ckpt, METADATA_FILE))
-    if found != {"size": int(sums.metadata["size"]), "crc": int(sums.metadata["crc"])}:
-        raise CheckpointCorruptError(f"{os.path.join(ckpt, METADATA_FILE)!r} does not match its checksum (size "
-                                     f"{found['size']} vs {sums.metadata['size']} saved); the checkpoint is "
-                                     "damaged", path=ckpt)
+def _parse_metadata(ckpt: str, raw: bytes, sums: Optional[Checksums]) -> Metadata:
+    """DCP's ``.metadata`` from its bytes, checked against its CRC first (it says where every tensor is)."""
+    path = os.path.join(ckpt, METADATA_FILE)
+    if sums is not None and (len(raw), zlib.crc32(raw)) != (int(sums.metadata["size"]), int(sums.metadata["crc"])):
+        raise CheckpointCorruptError(f"{path!r} does not match its checksum (size {len(raw)} vs "
+                                     f"{sums.metadata['size']} saved); the checkpoint is damaged", path=ckpt)
+    try:
+        metadata = pickle.loads(raw)  # what FileSystemReader.read_metadata does, on the verified bytes
+    except Exception as err:
+        raise CheckpointCorruptError(f"{path!r} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                                     "damaged or incomplete", path=ckpt) from err
+    if not isinstance(metadata, Metadata):
+        raise CheckpointCorruptError(f"{path!r} holds a {type(metadata).__name__}, not DCP metadata", path=ckpt)
+    return metadata
 
 
 def check_file(ckpt: str, name: str, needed: int, sums: Optional[Checksums]) -> None:
@@ -182,6 +190,25 @@ class VerifyingReader(FileSystemReader):
         self.planned_reads = 0
         self.checked_reads = 0
         self._names: dict[tuple[str, int], str] = {}
+        self._metadata: Optional[Metadata] = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """``.metadata``, verified and parsed once (the load's checks and DCP's planning share it)."""
+        if args or kwargs.get("rank") is not None:   # DCP's rank-local fallback: not ours to verify
+            return super().read_metadata(*args, **kwargs)
+        if self._metadata is None:
+            try:
+                with open(os.path.join(self.ckpt, METADATA_FILE), "rb") as f:
+                    raw = f.read()
+            except OSError as err:
+                raise CheckpointCorruptError(f"{os.path.join(self.ckpt, METADATA_FILE)!r} cannot be read ({err})",
+                                             path=self.ckpt) from err
+            metadata = _parse_metadata(self.ckpt, raw, self.checksums)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
@@ -227,8 +254,7 @@ def verify_checkpoint(path: str) -> dict[str, int]:
     sums = read_checksums(path)
     if sums is None:
         raise CheckpointCorruptError(f"{path!r} has no {CHECKSUM_FILE}; it cannot be verified", path=path)
-    verify_metadata(path, sums)
-    metadata = FileSystemReader(path).read_metadata()
+    metadata = VerifyingReader(path, sums).read_metadata()
     totals = {"files": 0, "items": 0, "bytes": 0}
     for name, spans in _spans_by_file(metadata).items():
         check_file(path, name, 0, sums)

@@ -48,8 +48,7 @@ from .directory import LATEST, fsync_dir, latest_checkpoint, prune, read_commit,
     write_pointer
 from .errors import (CheckpointArgumentError, CheckpointCorruptError, CheckpointError, CheckpointLoadError,
                      CheckpointNotFoundError, CheckpointSaveError, MissingExtraError, UnverifiedCheckpointWarning)
-from .integrity import (CHECKSUM_FILE, Checksums, VerifyingReader, checksum_files, read_checksums,
-                        verify_metadata, write_checksums)
+from .integrity import CHECKSUM_FILE, VerifyingReader, checksum_files, read_checksums, write_checksums
 from .staged_load import StagingLoadPlanner
 from .state import META_KEY, TrainState
 
@@ -287,8 +286,8 @@ def _start_async(state_dict: dict[str, Any], writer: FileSystemWriter, final: st
 # ----------------------------------------------------------------------------- load
 
 
-def _open_checkpoint(path: str, verify: bool) -> tuple[str, Metadata, Optional[Checksums]]:
-    """Resolve ``path``, read and (if it has checksums) verify ``.metadata``; local, no collectives."""
+def _open_checkpoint(path: str, verify: bool) -> tuple[str, Metadata, VerifyingReader]:
+    """Resolve ``path``; read (and, if it has checksums, verify) ``.metadata``; local, no collectives."""
     ckpt = resolve_checkpoint(path)
     sums = read_checksums(ckpt) if verify else None
     commit = read_commit(ckpt)
@@ -296,25 +295,19 @@ def _open_checkpoint(path: str, verify: bool) -> tuple[str, Metadata, Optional[C
         raise CheckpointCorruptError(f"{os.path.join(ckpt, CHECKSUM_FILE)!r} is missing although the checkpoint "
                                      "was saved with checksums; it cannot be verified (pass verify=False to load "
                                      "it anyway).", path=ckpt)
-    if sums is not None:
-        verify_metadata(ckpt, sums)
-    try:
-        metadata = FileSystemReader(ckpt).read_metadata()
-    except Exception as e:
-        raise CheckpointCorruptError(f"{os.path.join(ckpt, '.metadata')!r} cannot be read ({type(e).__name__}: "
-                                     f"{e}); the checkpoint is damaged or incomplete.", path=ckpt) from e
-    return ckpt, metadata, sums
+    reader = VerifyingReader(ckpt, sums)
+    return ckpt, reader.read_metadata(), reader
 
 
 def read_checkpoint_meta(path: str, verify: bool = True) -> Optional[dict[str, Any]]:
     """The ShardedShampoo description stored in a checkpoint (None if it has none); local, no collectives."""
-    ckpt, metadata, sums = _open_checkpoint(path, verify)
+    ckpt, metadata, reader = _open_checkpoint(path, verify)
     if f"{APP_KEY}.{META_KEY}" not in metadata.state_dict_metadata:
         return None
     box: dict[str, Any] = {APP_KEY: {META_KEY: ""}}
     try:
         with _quiet():
-            dcp.load(box, storage_reader=VerifyingReader(ckpt, sums), no_dist=True)
+            dcp.load(box, storage_reader=reader, no_dist=True)
     except _DCP_FAILURES as e:
         raise as_error(e, CheckpointLoadError, f"reading the plan description of {ckpt!r}", ckpt) from None
     raw = box[APP_KEY][META_KEY]
@@ -358,9 +351,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     except CheckpointError as e:
         raise CheckpointLoadError(f"a pending asynchronous save failed, so nothing was loaded from {path!r}: {e}",
                                   path=path) from e
-    err, ckpt, sums, state, state_dict = None, path, None, None, None
+    err, ckpt, reader, state, state_dict = None, path, None, None, None
     try:
-        ckpt, metadata, sums = _open_checkpoint(path, verify)
+        ckpt, metadata, reader = _open_checkpoint(path, verify)
         keys = metadata.state_dict_metadata
         state = TrainState(model, optimizer, extra=extra, flatten_optimizer_state_dict=not _is_nested(keys),
                            hyperparameters=hyperparameters)
@@ -369,11 +362,11 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
     agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
-    if verify and sums is None:
+    if verify and reader.checksums is None:
         warnings.warn(f"checkpoint {ckpt!r} has no {CHECKSUM_FILE} (written by plain dcp.save, an older version or "
                       "with checksums=False): its bytes are loaded without verification.", UnverifiedCheckpointWarning,
                       stacklevel=2)
-    reader, planner = VerifyingReader(ckpt, sums), StagingLoadPlanner()
+    planner = StagingLoadPlanner()
     try:
         with _quiet():
             dcp.load(state_dict, storage_reader=reader, planner=planner)
