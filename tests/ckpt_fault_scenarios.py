@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 import ckpt_scenarios as cs
-from sharded_shampoo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from sharded_shampoo.checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def attempt(fn: Callable[[], Any], root: Optional[str] = None) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def scenario_atomic_load(rank: int, world: int, root: str) -> dict[str, Any]:
     cs.feed(model, opt, 0, 4)
     save_checkpoint(os.path.join(root, "ok"), 4, model, opt, extra={"step": 4})
     save_checkpoint(os.path.join(root, "plain"), 4, model, opt, extra={"step": 4}, checksums=False)
+    dcp.save({"app": TrainState(model, opt, extra={"step": 4})}, checkpoint_id=os.path.join(root, "plain_dcp"))
     at_save = cs.snapshot(model, opt)
     cs.feed(model, opt, 4, 6)                       # the live state now differs from the checkpoint
     before = cs.snapshot(model, opt)

@@ -8,17 +8,26 @@ timeout (or hang) instead of the few seconds asserted here.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import ckpt_fault_scenarios as fs
+import ckpt_scenarios as cs
 from dist_utils import run_ranks
+from sharded_shampoo.checkpointing import UnverifiedCheckpointWarning, load_checkpoint
 
 FAST_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def atomic(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_ranks(2, fs.scenario_atomic_load, str(tmp_path_factory.mktemp("atomic")), deadline_s=400)
+def atomic_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("atomic"))
+
+
+@pytest.fixture(scope="module")
+def atomic(atomic_root: str) -> list[dict]:
+    return run_ranks(2, fs.scenario_atomic_load, atomic_root, deadline_s=400)
 
 
 @pytest.mark.parametrize("case", list(fs.DAMAGE))
@@ -49,6 +58,17 @@ def test_undamaged_checkpoints_still_load_exactly(atomic: list[dict]) -> None:
     for r in atomic:
         assert r["good ok"] == {"step": 4} and r["good ok equal"]
         assert r["good plain"] == {"step": 4} and r["good plain equal"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_plain_dcp_checkpoint_of_two_ranks_loads_on_one_process_unverified(atomic_root: str, atomic: list[dict]) -> None:
+    model, opt = cs.build("single", "root_inverse")
+    with pytest.warns(UnverifiedCheckpointWarning, match="without verification"):
+        assert load_checkpoint(os.path.join(atomic_root, "plain_dcp"), model, opt, extra={"step": -1}) == {"step": 4}
+    ref_params, ref_opt = cs.reference("root_inverse", 4)
+    # 2 ranks vs 1 process: float rounding of the step only (world-size invariance, test_distributed.py)
+    assert cs.close(cs.opt_snapshot(opt), cs.opt_snapshot(ref_opt), tol=1e-4)
+    assert cs.close(cs.full_params(model), ref_params, tol=1e-5)
 
 
 @pytest.fixture(scope="module")
