@@ -156,7 +156,11 @@ def _finish_save(root: str, name: str, step: int, keep_last: Optional[int], chec
     parts: Optional[list[Any]] = [part]
     if checksums and distributed():
         parts = [None] * dist.get_world_size() if rank() == 0 else None
-        dist.gather_object(part, parts, dst=0, group=coordination_group())
+        try:
+            dist.gather_object(part, parts, dst=0, group=coordination_group())
+        except Exception as unreachable:
+            raise CheckpointSaveError(f"gathering the checksums of {tmp!r} failed ({unreachable}); a rank probably "
+                                      "died. 'latest' was not moved.", path=root) from unreachable
     err = None
     if rank() == 0:
         try:

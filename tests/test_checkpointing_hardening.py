@@ -158,6 +158,7 @@ def test_flips_in_metadata_and_checksum_file_raise(saved) -> None:
         os.rename(os.path.join(ckpt, "gone"), os.path.join(ckpt, "checksums.json"))
 
 
+@pytest.mark.filterwarnings("ignore::sharded_shampoo.checkpointing.UnverifiedCheckpointWarning")
 @pytest.mark.parametrize("how", ["delete", "truncate", "unreadable_item"])
 def test_failed_load_leaves_model_and_optimizer_unchanged(saved, tmp_path, how: str) -> None:
     root, _ = saved
