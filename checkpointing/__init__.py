@@ -3,21 +3,31 @@
 Installed as ``sharded_shampoo.checkpointing`` (see pyproject ``package-dir``), never as a
 top-level ``checkpointing`` package, so it cannot collide with other projects' modules.
 
-- :func:`save_checkpoint` / :func:`load_checkpoint`: the crash-safe pair (``step_N`` directories
-  and an atomically moved ``latest`` pointer; ``async_=True`` for ``dcp.async_save``);
+- :func:`save_checkpoint` / :func:`load_checkpoint`: the crash-safe, verified pair (``step_N``
+  directories with per-item checksums, an atomically moved ``latest`` pointer, all-or-nothing
+  loads; ``async_=True`` for ``dcp.async_save``);
 - :class:`TrainState`: the model + optimizer as a DCP ``Stateful`` for ``dcp.save``/``dcp.load``;
-- :func:`describe` / :func:`check_compatible`: the plan fingerprint and its readable diff.
+- :func:`describe` / :func:`check_compatible`: the plan fingerprint and its readable diff;
+- :func:`verify_checkpoint`: check every byte of a checkpoint against its checksums, offline;
+- the error classes of :mod:`.errors` (all ``Exception`` subclasses of :class:`CheckpointError`).
 
 See docs/checkpointing.md.
 """
 
-from .compat import IncompatibleCheckpointError, check_compatible, describe, differences, fingerprint
+from .compat import check_compatible, describe, differences, fingerprint
+from .directory import latest_checkpoint, list_checkpoints
+from .errors import (CheckpointArgumentError, CheckpointCorruptError, CheckpointError, CheckpointLoadError,
+                     CheckpointNotFoundError, CheckpointPointerError, CheckpointSaveError, IncompatibleCheckpointError,
+                     MissingExtraError, UnverifiedCheckpointWarning)
+from .integrity import verify_checkpoint
 from .state import TrainState
-from .storage import (SaveHandle, latest_checkpoint, list_checkpoints, load_checkpoint, read_checkpoint_meta,
-                      resolve_checkpoint, save_checkpoint, wait_pending)
+from .storage import (SaveHandle, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint,
+                      wait_pending)
 
 __all__ = [
-    "IncompatibleCheckpointError", "SaveHandle", "TrainState", "check_compatible", "describe", "differences",
-    "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
-    "resolve_checkpoint", "save_checkpoint", "wait_pending",
+    "CheckpointArgumentError", "CheckpointCorruptError", "CheckpointError", "CheckpointLoadError",
+    "CheckpointNotFoundError", "CheckpointPointerError", "CheckpointSaveError", "IncompatibleCheckpointError",
+    "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
+    "differences", "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
+    "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "wait_pending",
 ]

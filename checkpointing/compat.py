@@ -27,14 +27,12 @@ from typing import TYPE_CHECKING, Any
 from sharded_shampoo.config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_KEYS, config_from_dict, config_to_dict,
                                     structural_signature)
 
+from .errors import IncompatibleCheckpointError
+
 if TYPE_CHECKING:
     from sharded_shampoo import ShardedShampoo
 
 FORMAT = "sharded-shampoo.checkpoint/1"
-
-
-class IncompatibleCheckpointError(ValueError):
-    """The checkpoint was written with other parameter shapes or structural optimizer settings."""
 
 
 def _canonical(obj: Any) -> Any:

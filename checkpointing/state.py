@@ -25,7 +25,7 @@ the *new* plan, which is how a checkpoint resumes on another world size or mesh.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any, Optional
 
 import torch
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from sharded_shampoo import ShardedShampoo
 
 from .compat import check_compatible, describe
+from .errors import CheckpointArgumentError
 
 META_KEY = "shampoo_meta"
 GUARD_PREFIX = "shampoo_plan_"
@@ -44,14 +45,46 @@ HYPERPARAMETER_MODES = ("checkpoint", "current")
 _GROUP_STATE_KEYS = ("params", "param_names", "step")
 
 
+def _nests(value: Any) -> bool:
+    """Would DCP split ``value`` into several entries (a dict, or a container holding a tensor or dict)?"""
+    if isinstance(value, Mapping):
+        return True
+    if isinstance(value, (list, tuple, Set)):
+        return any(isinstance(v, torch.Tensor) or _nests(v) for v in value)
+    return False
+
+
+def check_extra(extra: Optional[Mapping[str, Any]]) -> None:
+    """Refuse ``extra`` values that DCP would save but that could never be loaded back by their key.
+
+    DCP flattens a dict value ``{"cfg": {"a": 1}}`` into the key ``extra.cfg.a`` (a list of tensors
+    into ``extra.lst.0``, ...), and an empty dict into nothing at all, so ``load_checkpoint(extra={"cfg":
+    ...})`` finds no ``extra.cfg`` to load. Refusing at save time beats finding out at resume time.
+    """
+    if extra is None:
+        return
+    if not isinstance(extra, Mapping):
+        raise CheckpointArgumentError(f"extra must be a dict of named values; got {type(extra).__name__}.")
+    for key, value in extra.items():
+        if not isinstance(key, str) or not key:
+            raise CheckpointArgumentError(f"extra keys must be non-empty strings; got {key!r}.")
+        if _nests(value):
+            raise CheckpointArgumentError(
+                f"extra[{key!r}] is a {type(value).__name__} that DCP would store as several entries, which "
+                "cannot be loaded back under one key. Store each entry as its own extra key (e.g. "
+                f"extra={{'{key}_a': ...}}), or json.dumps(...) it into a string.")
+
+
 class TrainState(Stateful):
     """Model + optimizer (+ small ``extra`` values such as the step index) for DCP.
 
     Args:
         model: the (FSDP2/HSDP-wrapped or plain) module.
         optimizer: a ``ShardedShampoo`` (fingerprinted and checked) or any torch optimizer.
-        extra: plain values saved next to them (ints, floats, strings, tensors); after a load,
-            ``self.extra`` holds the checkpoint's values for the keys given here.
+        extra: plain values saved next to them (ints, floats, strings, bytes, None, tensors, lists
+            and tuples of those without tensors); after a load, ``self.extra`` holds the
+            checkpoint's values for the keys given here. Dicts are refused (see
+            :func:`check_extra`).
         flatten_optimizer_state_dict: passed to ``StateDictOptions``; load with the value the
             checkpoint was saved with (``storage.load_checkpoint`` detects it).
         hyperparameters: ``"checkpoint"`` (torch's convention: lr, betas, ... come back from the
@@ -63,10 +96,11 @@ class TrainState(Stateful):
                  extra: Optional[Mapping[str, Any]] = None, flatten_optimizer_state_dict: bool = True,
                  hyperparameters: str = "checkpoint") -> None:
         if hyperparameters not in HYPERPARAMETER_MODES:
-            raise ValueError(f"TrainState.hyperparameters must be one of {HYPERPARAMETER_MODES}; "
+            raise CheckpointArgumentError(f"TrainState.hyperparameters must be one of {HYPERPARAMETER_MODES}; "
                              f"got {hyperparameters!r}.")
         self.model = model
         self.optimizer = optimizer
+        check_extra(extra)
         self.extra: dict[str, Any] = dict(extra or {})
         self.flatten_optimizer_state_dict = flatten_optimizer_state_dict
         self.hyperparameters = hyperparameters

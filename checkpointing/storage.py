@@ -1,35 +1,36 @@
-"""Crash-safe save/load of model + ShardedShampoo with DCP: ``save_checkpoint`` / ``load_checkpoint``.
+"""Crash-safe, verified save/load of model + ShardedShampoo with DCP: ``save_checkpoint`` / ``load_checkpoint``.
 
-Layout of a checkpoint directory (``checkpoint_dir``)::
+Save (collective): every rank builds its state dict and rank 0 empties ``step_N.tmp`` (the
+ranks agree on the outcome, :mod:`.coordination`); DCP writes into ``step_N.tmp`` and rank 0
+writes ``.metadata``; each rank checksums the files it wrote (:mod:`.integrity`) and rank 0
+writes ``checksums.json`` and ``commit.json``, renames the directory to ``step_N`` and atomically
+replaces ``latest`` (:mod:`.directory`). A rank that fails anywhere makes every rank raise
+:class:`.errors.CheckpointSaveError`, and rank 0 removes ``step_N.tmp``; a rank that dies leaves
+``latest`` and every complete checkpoint untouched (its ``.tmp`` is removed by the next save of
+that step).
 
-    checkpoint_dir/
-        latest          -> text file naming the newest complete checkpoint, e.g. "step_200"
-        step_100/       one DCP checkpoint (FileSystemWriter): .metadata + one __{rank}_0.distcp per rank
-        step_200/
-        step_300.tmp/   a save in progress (or one that died): never named by ``latest``
+``async_=True`` uses ``dcp.async_save`` on the dedicated gloo group: the state is copied to CPU
+staging memory before ``save_checkpoint`` returns, so training may continue and mutate it;
+``handle.wait()`` finishes the write, checksums and publishes. A new save, and a load, wait for
+the previous one first.
 
-A save writes into ``step_{N}.tmp``. DCP's save ends with a gather of every rank's write
-results at rank 0, which then writes ``.metadata``; only after that returns does rank 0 rename
-the directory to ``step_{N}`` and atomically replace ``latest`` (write a temporary file, fsync,
-``os.replace``, fsync the directory). A rank that dies at any point before leaves ``latest``
-and every complete checkpoint untouched; the next save of that step removes the stale
-``.tmp`` directory. Data files are fsynced by DCP (``sync_files=True``).
-
-``async_=True`` uses ``dcp.async_save`` on a dedicated gloo process group (created once; a
-background save must not share a communicator with the training collectives). The state is
-copied to CPU staging memory before ``save_checkpoint`` returns, so training may continue and
-mutate it; ``handle.wait()`` finishes the write and then moves ``latest``. A new save waits
-for the previous one first.
+Load (collective): every rank resolves the checkpoint, verifies ``.metadata`` against its
+checksum, checks the plan fingerprint and ``extra`` keys, and the ranks agree; DCP then reads
+into host staging buffers (:mod:`.staged_load`) through a reader that checks file sizes before
+reading and every item's checksum before using it (:mod:`.integrity`); only when every rank has
+read everything does any live tensor change. Every failure raises a
+:class:`.errors.CheckpointLoadError` on every rank, with model and optimizer unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Optional
 
@@ -37,103 +38,31 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from .compat import check_compatible
+from .coordination import agree, as_error, coordination_group, distributed, rank
+from .directory import LATEST, fsync_dir, latest_checkpoint, prune, read_commit, read_pointer, write_commit, \
+    write_pointer
+from .errors import (CheckpointArgumentError, CheckpointCorruptError, CheckpointError, CheckpointLoadError,
+                     CheckpointNotFoundError, CheckpointSaveError, MissingExtraError, UnverifiedCheckpointWarning)
+from .integrity import CHECKSUM_FILE, VerifyingReader, checksum_files, read_checksums, write_checksums
+from .staged_load import StagingLoadPlanner
 from .state import META_KEY, TrainState
 
 APP_KEY = "app"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-_coord_group: Any = None
-_coord_group_key: Any = None
+_DCP_FAILURES = (Exception, CheckpointException)  # CheckpointException is a BaseException
 _pending: Optional["SaveHandle"] = None
 
 
-# ----------------------------------------------------------------------------- process groups
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _coordination_group() -> Any:
-    """A gloo group over the default world, created once (collective on first use)."""
-    global _coord_group, _coord_group_key
-    key = id(dist.group.WORLD)
-    if _coord_group is None or _coord_group_key != key:
-        _coord_group = dist.new_group(backend="gloo")
-        _coord_group_key = key
-    return _coord_group
-
-
-def _agree(status: Optional[str], group: Any) -> None:
-    """Broadcast rank 0's error (or None) to every rank and raise it everywhere."""
-    if _distributed():
-        box = [status]
-        dist.broadcast_object_list(box, src=0, group=group)
-        status = box[0]
-    if status is not None:
-        raise RuntimeError(status)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-# ----------------------------------------------------------------------------- file system
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_pointer(root: str, name: str) -> None:
-    tmp = os.path.join(root, f".{LATEST}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, LATEST))
-    _fsync_dir(root)
-
-
-def _read_pointer(root: str) -> Optional[str]:
-    try:
-        with open(os.path.join(root, LATEST)) as f:
-            name = f.read().strip()
-    except FileNotFoundError:
-        return None
-    return name or None
-
-
-def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
-    """Path of the checkpoint ``checkpoint_dir/latest`` names, or None if there is none yet."""
-    name = _read_pointer(checkpoint_dir)
-    return None if name is None else os.path.join(checkpoint_dir, name)
-
-
-def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints ``[(step, path)]`` in ``checkpoint_dir``, oldest first."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    out = []
-    for name in os.listdir(checkpoint_dir):
-        m = _STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(checkpoint_dir, name, ".metadata")):
-            out.append((int(m.group(1)), os.path.join(checkpoint_dir, name)))
-    return sorted(out)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every single-process call that torch.distributed is not initialised."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -142,59 +71,117 @@ def resolve_checkpoint(path: str) -> str:
         return path
     target = latest_checkpoint(path)
     if target is None:
-        raise FileNotFoundError(f"{path!r} is neither a DCP checkpoint (no .metadata) nor a checkpoint directory "
-                                f"with a '{LATEST}' pointer; pass a step_N directory or the --checkpoint-dir used "
-                                "for saving.")
+        raise CheckpointNotFoundError(
+            f"{path!r} is neither a DCP checkpoint (no .metadata) nor a checkpoint directory with a '{LATEST}' "
+            "pointer; pass a step_N directory or the --checkpoint-dir used for saving.", path=path)
     if not os.path.isfile(os.path.join(target, ".metadata")):
-        raise FileNotFoundError(f"{os.path.join(path, LATEST)!r} names {target!r}, which holds no complete "
-                                "checkpoint (missing .metadata).")
+        raise CheckpointNotFoundError(
+            f"{os.path.join(path, LATEST)!r} names {target!r}, which holds no complete checkpoint (missing "
+            ".metadata); rewrite the pointer with the name of a complete step_N directory or pass one directly.",
+            path=path)
     return target
-
-
-def _prepare(root: str, name: str) -> Optional[str]:
-    """Rank 0: make ``name.tmp`` empty; refuse to overwrite the checkpoint ``latest`` names."""
-    try:
-        os.makedirs(root, exist_ok=True)
-        if _read_pointer(root) == name:
-            return (f"checkpoint {os.path.join(root, name)!r} already exists and is the latest one; refusing to "
-                    "overwrite the last good checkpoint in place. Save under another step number.")
-        tmp = os.path.join(root, name + ".tmp")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # left by a save that died
-        os.makedirs(tmp)
-        return None
-    except OSError as err:
-        return f"cannot prepare checkpoint directory {root!r}: {err}"
-
-
-def _commit(root: str, name: str, keep_last: Optional[int]) -> Optional[str]:
-    """Rank 0, after every rank finished writing: publish ``name`` and move ``latest`` to it."""
-    try:
-        tmp, final = os.path.join(root, name + ".tmp"), os.path.join(root, name)
-        if not os.path.isfile(os.path.join(tmp, ".metadata")):
-            return f"checkpoint {tmp!r} is incomplete (no .metadata); 'latest' was not moved."
-        if os.path.exists(final):
-            shutil.rmtree(final)  # an older, unreferenced save of the same step
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_pointer(root, name)
-        if keep_last is not None:
-            for _, path in list_checkpoints(root)[:-keep_last]:
-                if os.path.basename(path) != name:
-                    shutil.rmtree(path, ignore_errors=True)
-        return None
-    except OSError as err:
-        return f"cannot publish checkpoint {name!r} in {root!r}: {err}"
 
 
 # ----------------------------------------------------------------------------- save
 
 
+def _check_save_args(step: Any, keep_last: Any) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointArgumentError(f"save_checkpoint step must be an integer >= 0; got {step!r}.")
+    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
+        raise CheckpointArgumentError(f"save_checkpoint keep_last must be None or an integer >= 1; got {keep_last!r}.")
+
+
+def _prepare(root: str, name: str) -> None:
+    """Rank 0: make ``name.tmp`` empty; refuse to overwrite the checkpoint ``latest`` names."""
+    os.makedirs(root, exist_ok=True)
+    if read_pointer(root) == name:
+        raise CheckpointSaveError(f"checkpoint {os.path.join(root, name)!r} already exists and is the latest one; "
+                                  "refusing to overwrite the last good checkpoint in place. Save under another step "
+                                  "number.", path=root)
+    tmp = os.path.join(root, name + ".tmp")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a save whose rank died
+    os.makedirs(tmp)
+
+
+def _agree_or_remove(err: Optional[BaseException], root: str, tmp: Optional[str], token: Optional[str] = None) -> None:
+    """Agree on the save's status; on an agreed failure rank 0 removes ``tmp`` (every rank has stopped
+    writing into it). If the ranks cannot be reached, ``tmp`` stays for the next save to remove."""
+    try:
+        agree(err, CheckpointSaveError, root, token=token, what="checkpoint name")
+    except CheckpointError:
+        if tmp is not None and rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if distributed():  # every rank knows the save failed: raise only once the directory is gone
+            dist.barrier(group=coordination_group())
+        raise
+    except Exception as unreachable:
+        raise CheckpointSaveError(f"saving into {tmp!r} failed and the ranks could not agree on it ({unreachable}); "
+                                  "a rank probably died. 'latest' was not moved; the next save of this step removes "
+                                  "the partial directory.", path=root) from unreachable
+
+
+def _publish(root: str, name: str, step: int, metadata: Metadata, parts: Optional[list[Any]]) -> None:
+    """Rank 0, after every rank finished writing: sidecars, rename, ``latest``."""
+    tmp, final = os.path.join(root, name + ".tmp"), os.path.join(root, name)
+    if not os.path.isfile(os.path.join(tmp, ".metadata")):
+        raise CheckpointSaveError(f"checkpoint {tmp!r} is incomplete (no .metadata); 'latest' was not moved.",
+                                  path=root)
+    if parts is not None:
+        write_checksums(tmp, metadata, parts)
+    write_commit(tmp, root, step, checksums=parts is not None)
+    if os.path.exists(final):
+        shutil.rmtree(final)  # an older, unreferenced save of the same step
+    os.rename(tmp, final)
+    fsync_dir(root)
+    write_pointer(root, name)
+
+
+def _finish_save(root: str, name: str, step: int, keep_last: Optional[int], checksums: bool,
+                 err: Optional[BaseException], metadata: Any) -> None:
+    """After DCP's write (or its failure): checksum, agree, publish, agree, prune. Collective."""
+    tmp = os.path.join(root, name + ".tmp")
+    part = None
+    if err is None:
+        try:
+            if not isinstance(metadata, Metadata):
+                metadata = FileSystemReader(tmp).read_metadata()
+            if checksums:
+                world = dist.get_world_size() if distributed() else 1
+                part = checksum_files(tmp, metadata, rank(), world)
+        except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
+            err = as_error(e, CheckpointSaveError, f"checksumming {tmp!r}", root)
+    _agree_or_remove(err, root, tmp)
+    parts: Optional[list[Any]] = [part]
+    if checksums and distributed():
+        parts = [None] * dist.get_world_size() if rank() == 0 else None
+        try:
+            dist.gather_object(part, parts, dst=0, group=coordination_group())
+        except Exception as unreachable:
+            raise CheckpointSaveError(f"gathering the checksums of {tmp!r} failed ({unreachable}); a rank probably "
+                                      "died. 'latest' was not moved.", path=root) from unreachable
+    err = None
+    if rank() == 0:
+        try:
+            _publish(root, name, step, metadata, parts if checksums else None)
+        except Exception as e:  # noqa: BLE001
+            err = as_error(e, CheckpointSaveError, f"publishing {name!r} in {root!r}", root)
+    _agree_or_remove(err, root, tmp if os.path.isdir(tmp) else None)
+    if rank() == 0 and keep_last is not None:
+        try:
+            prune(root, keep_last, name)
+        except Exception as e:  # noqa: BLE001 - the save itself succeeded
+            warnings.warn(f"save_checkpoint published {name!r} but could not prune older checkpoints in {root!r} "
+                          f"(keep_last={keep_last}): {type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+
+
 class SaveHandle:
     """A save in flight. ``wait()`` finishes it (moving ``latest``) and returns the checkpoint path."""
 
-    def __init__(self, path: str, finish: Callable[[], None], future: Optional[Future] = None,
-                 cleanup: Optional[Callable[[], None]] = None, done: bool = False) -> None:
+    def __init__(self, path: str, finish: Callable[[Optional[BaseException], Any], None],
+                 future: Optional[Future] = None, cleanup: Optional[Callable[[], None]] = None,
+                 done: bool = False) -> None:
         self.path = path
         self._finish = finish
         self._future = future
@@ -202,16 +189,21 @@ class SaveHandle:
         self._done = done
 
     def done(self) -> bool:
-        """True once ``wait()`` has published the checkpoint."""
+        """True once ``wait()`` has returned or raised (the save is over either way)."""
         return self._done
 
     def wait(self) -> str:
+        """Finish the save (collective); raises :class:`.errors.CheckpointSaveError` on every rank if it failed."""
         global _pending
         if not self._done:
             try:
-                if self._future is not None:
-                    self._future.result()
-                self._finish()
+                err, metadata = None, None
+                try:
+                    metadata = self._future.result() if self._future is not None else None
+                except _DCP_FAILURES as e:
+                    err = as_error(e, CheckpointSaveError, f"writing {self.path!r} asynchronously",
+                                   os.path.dirname(self.path))
+                self._finish(err, metadata)
             finally:
                 self._done = True
                 if self._cleanup is not None:
@@ -222,59 +214,75 @@ class SaveHandle:
 
 
 def wait_pending() -> None:
-    """Finish the previous asynchronous save, if any (``save_checkpoint`` does this itself)."""
+    """Finish the previous asynchronous save, if any (``save_checkpoint`` and ``load_checkpoint`` do this)."""
     if _pending is not None:
         _pending.wait()
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                     extra: Optional[Mapping[str, Any]] = None, async_: bool = False,
-                    keep_last: Optional[int] = None, flatten_optimizer_state_dict: bool = True) -> SaveHandle:
+                    keep_last: Optional[int] = None, flatten_optimizer_state_dict: bool = True,
+                    checksums: bool = True) -> SaveHandle:
     """Save model + optimizer (+ ``extra``) as ``checkpoint_dir/step_{step}``; collective over all ranks.
 
     Each rank writes only the optimizer blocks it owns and the shards it holds. Returns a
     :class:`SaveHandle`; for a synchronous save it is already finished (``latest`` moved), for
-    ``async_=True`` call ``handle.wait()`` (or the next ``save_checkpoint`` does). ``keep_last``
-    deletes older complete checkpoints beyond the newest ``keep_last``.
+    ``async_=True`` call ``handle.wait()`` (or the next save or load does). ``keep_last`` deletes
+    the checkpoints saved before the newest ``keep_last`` (by save order, not step number).
+    ``checksums=False`` skips writing ``checksums.json`` (loads then cannot verify the bytes).
+    Any failure raises :class:`.errors.CheckpointSaveError` (or ``CheckpointArgumentError``) on
+    every rank; ``latest`` and every published checkpoint are then unchanged.
     """
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"save_checkpoint step must be an integer >= 0; got {step!r}.")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"save_checkpoint keep_last must be None or an integer >= 1; got {keep_last!r}.")
     wait_pending()
     name = f"step_{step}"
     root = os.path.abspath(checkpoint_dir)
-    group = _coordination_group() if _distributed() else None
-    rank = _rank()
-    _agree(_prepare(root, name) if rank == 0 else None, group)
-    state = TrainState(model, optimizer, extra=extra, flatten_optimizer_state_dict=flatten_optimizer_state_dict)
+    tmp: Optional[str] = None
+    err, state_dict = None, None
+    try:
+        _check_save_args(step, keep_last)
+        state = TrainState(model, optimizer, extra=extra, flatten_optimizer_state_dict=flatten_optimizer_state_dict)
+        state_dict = {APP_KEY: state.state_dict()}
+        if rank() == 0:
+            _prepare(root, name)
+            tmp = os.path.join(root, name + ".tmp")
+    except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
+        err = as_error(e, CheckpointSaveError, f"preparing checkpoint {name!r} in {root!r}", root)
+    _agree_or_remove(err, root, tmp, token=name)
     writer = FileSystemWriter(os.path.join(root, name + ".tmp"))
     final = os.path.join(root, name)
 
-    def finish() -> None:
-        _agree(_commit(root, name, keep_last) if rank == 0 else None, group)
+    def finish(failure: Optional[BaseException], metadata: Any) -> None:
+        _finish_save(root, name, step, keep_last, checksums, failure, metadata)
 
     if not async_:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({APP_KEY: state}, storage_writer=writer)
-        finish()
+        err, metadata = None, None
+        try:
+            with _quiet():
+                metadata = dcp.save(state_dict, storage_writer=writer)
+        except _DCP_FAILURES as e:
+            err = as_error(e, CheckpointSaveError, f"writing {writer.path!s}", root)
+        finish(err, metadata)
         return SaveHandle(final, finish, done=True)
+    return _start_async(state_dict, writer, final, finish)
+
+
+def _start_async(state_dict: dict[str, Any], writer: FileSystemWriter, final: str,
+                 finish: Callable[[Optional[BaseException], Any], None]) -> SaveHandle:
     # DCP would stage through the FileSystemWriter (a BlockingAsyncStager: one CPU tensor per
     # state tensor); DefaultStager copies each storage once (our block views share bucket
     # stacks), measured 2x faster here. A stager we pass stays ours to close.
+    global _pending
     stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
                                           use_async_staging=False, use_non_blocking_copy=False))
+    group = coordination_group() if distributed() else None
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            response = dcp.async_save({APP_KEY: state}, storage_writer=writer, process_group=group,
-                                      async_stager=stager)
-    except BaseException:
+        with _quiet():
+            response = dcp.async_save(state_dict, storage_writer=writer, process_group=group, async_stager=stager)
+    except _DCP_FAILURES as e:
         stager.close()
-        raise
+        finish(as_error(e, CheckpointSaveError, f"staging {final!r}", os.path.dirname(final)), None)
+        raise AssertionError("unreachable: finish() raises for a failed save")  # pragma: no cover
     future = getattr(response, "upload_completion", response)
-    global _pending
     _pending = SaveHandle(final, finish, future, cleanup=stager.close)
     return _pending
 
@@ -282,16 +290,30 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: nn.Module, optimizer:
 # ----------------------------------------------------------------------------- load
 
 
-def read_checkpoint_meta(path: str) -> Optional[dict[str, Any]]:
+def _open_checkpoint(path: str, verify: bool) -> tuple[str, Metadata, VerifyingReader]:
+    """Resolve ``path``; read (and, if it has checksums, verify) ``.metadata``; local, no collectives."""
+    ckpt = resolve_checkpoint(path)
+    sums = read_checksums(ckpt) if verify else None
+    commit = read_commit(ckpt)
+    if verify and sums is None and commit is not None and commit.get("checksums"):
+        raise CheckpointCorruptError(f"{os.path.join(ckpt, CHECKSUM_FILE)!r} is missing although the checkpoint "
+                                     "was saved with checksums; it cannot be verified (pass verify=False to load "
+                                     "it anyway).", path=ckpt)
+    reader = VerifyingReader(ckpt, sums)
+    return ckpt, reader.read_metadata(), reader
+
+
+def read_checkpoint_meta(path: str, verify: bool = True) -> Optional[dict[str, Any]]:
     """The ShardedShampoo description stored in a checkpoint (None if it has none); local, no collectives."""
-    path = resolve_checkpoint(path)
-    keys = FileSystemReader(path).read_metadata().state_dict_metadata
-    if f"{APP_KEY}.{META_KEY}" not in keys:
+    ckpt, metadata, reader = _open_checkpoint(path, verify)
+    if f"{APP_KEY}.{META_KEY}" not in metadata.state_dict_metadata:
         return None
     box: dict[str, Any] = {APP_KEY: {META_KEY: ""}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(box, storage_reader=FileSystemReader(path), no_dist=True)
+    try:
+        with _quiet():
+            dcp.load(box, storage_reader=reader, no_dist=True)
+    except _DCP_FAILURES as e:
+        raise as_error(e, CheckpointLoadError, f"reading the plan description of {ckpt!r}", ckpt) from None
     raw = box[APP_KEY][META_KEY]
     return json.loads(raw) if raw else None
 
@@ -303,29 +325,68 @@ def _is_nested(keys: Any) -> bool:
     return any(pattern.match(k) for k in keys)
 
 
+def _check_request(ckpt: str, keys: Any, state: TrainState, verify: bool) -> None:
+    """The plan fingerprint and the requested ``extra`` keys, before anything is read."""
+    guard = state.guard_key()
+    if guard is not None and f"{APP_KEY}.{guard}" not in keys:
+        check_compatible(read_checkpoint_meta(ckpt, verify), state.describe(), where=f"checkpoint {ckpt!r}")
+    missing = [k for k in (state.extra or {}) if f"{APP_KEY}.extra.{k}" not in keys]
+    if missing:
+        have = sorted(k[len(APP_KEY) + 7:] for k in keys if k.startswith(APP_KEY + ".extra."))
+        raise MissingExtraError(f"checkpoint {ckpt!r} has no extra values {missing}; it has {have}.", path=ckpt)
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    extra: Optional[Mapping[str, Any]] = None, hyperparameters: str = "checkpoint") -> dict[str, Any]:
+                    extra: Optional[Mapping[str, Any]] = None, hyperparameters: str = "checkpoint",
+                    verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (or ``dcp.save({"app": TrainState(...)})``).
 
     ``path``: a checkpoint directory (follows ``latest``) or one ``step_N`` directory. Works on
-    any world size and mesh: the optimizer was built for the current one, so each rank reads
-    exactly the blocks it owns now and its shards of the model and momentum. The checkpoint's
-    plan description is checked first, and an incompatible one raises
-    :class:`~.compat.IncompatibleCheckpointError` on every rank before any state is touched.
-    Returns the ``extra`` values (for the keys given in ``extra``) read from the checkpoint.
+    any world size and mesh: each rank reads exactly the blocks it owns now and its shards of the
+    model and momentum. Before any byte is read: the plan fingerprint (a mismatch raises
+    :class:`.errors.IncompatibleCheckpointError`), the ``extra`` keys, ``.metadata``'s checksum
+    and the presence and sizes of the files. While reading: every item's checksum. Any failure
+    raises a :class:`.errors.CheckpointLoadError` on every rank with model and optimizer unchanged.
+    A checkpoint without checksums loads with an :class:`.errors.UnverifiedCheckpointWarning`
+    (``verify=False`` skips verification silently). Returns the ``extra`` values read.
     """
-    ckpt = resolve_checkpoint(path)
-    keys = FileSystemReader(ckpt).read_metadata().state_dict_metadata
-    state = TrainState(model, optimizer, extra=extra, flatten_optimizer_state_dict=not _is_nested(keys),
-                       hyperparameters=hyperparameters)
-    guard = state.guard_key()
-    if guard is not None and f"{APP_KEY}.{guard}" not in keys:
-        check_compatible(read_checkpoint_meta(ckpt), state.describe(), where=f"checkpoint {ckpt!r}")
-    missing = [k for k in (state.extra or {}) if f"{APP_KEY}.extra.{k}" not in keys]
-    if missing:
-        raise KeyError(f"checkpoint {ckpt!r} has no extra values {missing}; it has "
-                       f"{sorted(k[len(APP_KEY) + 7:] for k in keys if k.startswith(APP_KEY + '.extra.'))}.")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({APP_KEY: state}, storage_reader=FileSystemReader(ckpt))
+    try:
+        wait_pending()
+    except CheckpointError as e:
+        raise CheckpointLoadError(f"a pending asynchronous save failed, so nothing was loaded from {path!r}: {e}",
+                                  path=path) from e
+    err, ckpt, reader, state, state_dict = None, path, None, None, None
+    try:
+        ckpt, metadata, reader = _open_checkpoint(path, verify)
+        keys = metadata.state_dict_metadata
+        state = TrainState(model, optimizer, extra=extra, flatten_optimizer_state_dict=not _is_nested(keys),
+                           hyperparameters=hyperparameters)
+        _check_request(ckpt, keys, state, verify)
+        state_dict = {APP_KEY: state.state_dict()}
+    except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
+        err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
+    agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
+    if verify and reader.checksums is None:
+        warnings.warn(f"checkpoint {ckpt!r} has no {CHECKSUM_FILE} (written by plain dcp.save, an older version or "
+                      "with checksums=False): its bytes are loaded without verification.", UnverifiedCheckpointWarning,
+                      stacklevel=2)
+    planner = StagingLoadPlanner()
+    try:
+        with _quiet():
+            dcp.load(state_dict, storage_reader=reader, planner=planner)
+        if reader.checked_reads != reader.planned_reads:
+            raise CheckpointLoadError(f"the verifying reader saw {reader.checked_reads} of {reader.planned_reads} "
+                                      "reads; this torch version bypasses its hook, so nothing was applied", path=ckpt)
+        err = None
+    except _DCP_FAILURES as e:
+        err = as_error(e, CheckpointLoadError, f"reading checkpoint {ckpt!r}", ckpt)
+    agree(err, CheckpointLoadError, ckpt)
+    try:
+        planner.apply()
+        state.load_state_dict(state_dict[APP_KEY])
+        err = None
+    except Exception as e:  # noqa: BLE001
+        err = as_error(e, CheckpointLoadError, f"applying checkpoint {ckpt!r} (verified, but the live state may be "
+                       "partly updated)", ckpt)
+    agree(err, CheckpointLoadError, ckpt)
     return dict(state.extra)

@@ -7,6 +7,11 @@ FSDP2 under torchrun; it reports, in one run:
 - sync save time (median of ``--repeats``; ``save_checkpoint``: DCP write + fsync + publish),
   async save time until ``save_checkpoint`` returns (staging copy) and until ``wait()``;
 - load time into freshly built model + optimizer (``load_checkpoint``);
+- the cost of integrity checks: save with ``checksums=True`` (default: read back and CRC-32 every
+  stored item) vs ``checksums=False``, load with ``verify=True`` (default: CRC-32 of every item
+  read, staged all-or-nothing) vs ``verify=False`` (staged, not verified) vs a plain in-place
+  ``dcp.load`` of a ``TrainState`` (no staging, no verification); interleaved repeats, medians;
+  and CRC-32 vs BLAKE2b throughput over rank 0's data file (why CRC-32);
 - checkpoint size on disk, split into model, optimizer state and small objects, and the
   optimizer-state tensor bytes per rank file against the planner's analytic per-rank
   ``optimizer_state_bytes`` (they must be equal: each rank writes exactly the blocks it owns
@@ -21,9 +26,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import hashlib
 import statistics
 import sys
 import time
+import zlib
 from collections import defaultdict
 from typing import Any
 
@@ -34,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import build_model  # noqa: E402  (the step benchmark's model)
 
 from sharded_shampoo import AdamGrafting, ShardedShampoo  # noqa: E402
-from sharded_shampoo.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
+from sharded_shampoo.checkpointing import TrainState, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def build(args: argparse.Namespace, world: int) -> tuple[torch.nn.Module, ShardedShampoo]:
@@ -72,6 +79,49 @@ def timed(fn: Any) -> float:
     if dist.is_initialized():
         dist.barrier()
     return time.perf_counter() - t0
+
+
+def hash_rates(path: str) -> dict[str, float]:
+    """GiB/s of CRC-32 and BLAKE2b over a data file (read into memory first: hashing only)."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    rates = {}
+    for name, fn in (("CRC-32 (zlib.crc32)", zlib.crc32),
+                     ("BLAKE2b (hashlib.blake2b)", lambda b: hashlib.blake2b(b, digest_size=16).digest())):
+        t0 = time.perf_counter()
+        fn(data)
+        rates[name] = len(data) / (time.perf_counter() - t0) / 2 ** 30
+    return rates
+
+
+def timed_cpu(fn: Any) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of ``fn``: CPU time is what the checks add, and
+    it is less disturbed than wall time by other jobs on a shared machine."""
+    c0 = time.process_time()
+    wall = timed(fn)
+    return wall, time.process_time() - c0
+
+
+def integrity_costs(args: argparse.Namespace, world: int, model: torch.nn.Module, opt: ShardedShampoo,
+                    path: str) -> dict[str, list[tuple[float, float]]]:
+    """Save/load times with and without checksums, interleaved (and the order rotated every repeat)
+    so that drifts in machine load hit every variant alike."""
+    import torch.distributed.checkpoint as dcp
+
+    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    model2, opt2 = build(args, world)
+    variants = {
+        "save_on": lambda r: save_checkpoint(args.dir + "_on", r, model, opt, keep_last=1),
+        "save_off": lambda r: save_checkpoint(args.dir + "_off", r, model, opt, keep_last=1, checksums=False),
+        "load_on": lambda r: load_checkpoint(path, model2, opt2),
+        "load_off": lambda r: load_checkpoint(path, model2, opt2, verify=False),
+        "load_dcp": lambda r: dcp.load({"app": TrainState(model2, opt2)}, checkpoint_id=path),
+    }
+    names = list(variants)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name].append(timed_cpu(lambda: variants[name](r)))
+    return out
 
 
 def sizes(path: str) -> dict[str, Any]:
@@ -116,8 +166,8 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)
     if rank == 0:
-        shutil.rmtree(args.dir, ignore_errors=True)
-        shutil.rmtree(args.dir + "_async", ignore_errors=True)
+        for suffix in ("", "_async", "_on", "_off"):
+            shutil.rmtree(args.dir + suffix, ignore_errors=True)
     model, opt = build(args, world)
     one_step(model, opt)
 
@@ -129,6 +179,8 @@ def main() -> None:
     t_async_total = t_async_return + timed(lambda: handle_box[0].wait())
     model2, opt2 = build(args, world)
     loads = [timed(lambda: load_checkpoint(path, model2, opt2)) for _ in range(args.repeats)]
+    costs = integrity_costs(args, world, model, opt, path)
+    rates = hash_rates(os.path.join(path, "__0_0.distcp")) if rank == 0 else {}
     info = sizes(path)
     analytic = [r.optimizer_state_bytes for r in opt.plan.ranks]
     if rank == 0:
@@ -157,6 +209,24 @@ def main() -> None:
             f"| planner's analytic optimizer state (sum over ranks) | {sum(analytic) * mb:.1f} MiB |",
             f"| other objects (param groups, plan description) stored | {info['stored'].get('other', 0) / 1024:.1f} "
             "KiB |",
+            "",
+            f"Integrity checks ({args.repeats} interleaved repeats, medians; CPU = rank 0's process time):",
+            "",
+            "| variant | wall | CPU |",
+            "|---|---|---|",
+        ]
+        rows = (("save_on", "save, checksums on (default)"), ("save_off", "save, `checksums=False`"),
+                ("load_on", "load, verified + staged (default)"), ("load_off", "load, `verify=False` (staged only)"),
+                ("load_dcp", "load, plain in-place `dcp.load` of `TrainState`"))
+        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in costs.items()}
+        lines += [f"| {label} | {med[k][0]:.2f} s | {med[k][1]:.2f} s |" for k, label in rows]
+        for a, b, label in (("save_on", "save_off", "save: cost of checksums"),
+                            ("load_on", "load_off", "load: cost of verification"),
+                            ("load_on", "load_dcp", "load: verification + staging vs plain `dcp.load`")):
+            lines.append(f"| {label} | {med[a][0] - med[b][0]:+.2f} s ({(med[a][0] / med[b][0] - 1) * 100:+.0f}%) | "
+                         f"{med[a][1] - med[b][1]:+.2f} s ({(med[a][1] / med[b][1] - 1) * 100:+.0f}%) |")
+        lines += [f"| {name} over rank 0's data file | {rate:.2f} GiB/s | |" for name, rate in rates.items()]
+        lines += [
             "",
             "| rank | optimizer-state bytes in its file | planner's analytic bytes | equal |",
             "|---|---|---|---|",

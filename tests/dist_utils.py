@@ -11,10 +11,11 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,14 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str,
+            timeout_s: float = 90.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     result: Any
     try:
         # a bounded timeout turns a mismatched collective into an error instead of a hang
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
         result = ("ok", fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent
         result = ("error", traceback.format_exc())
@@ -48,10 +50,28 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args:
         pickle.dump(result, f)
 
 
-def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
+def _join(ctx: Any, deadline_s: Optional[float]) -> None:
+    """Join spawned ranks; past ``deadline_s`` terminate them (a hang becomes a test failure)."""
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    while not ctx.join(timeout=None if end is None else max(end - time.monotonic(), 0.1)):
+        if end is not None and time.monotonic() >= end:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            raise AssertionError(f"ranks did not finish within {deadline_s} s (a collective hangs)")
+
+
+def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 90.0,
+              deadline_s: Optional[float] = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results.
+
+    ``timeout_s``: the process group's timeout; ``deadline_s``: fail (and terminate the ranks) if
+    the launch takes longer.
+    """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        ctx = mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir, timeout_s), nprocs=world_size,
+                       join=False)
+        _join(ctx, deadline_s)
         results = []
         for r in range(world_size):
             with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
