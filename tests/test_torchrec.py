@@ -11,8 +11,9 @@ import os
 
 import pytest
 
-pytest.importorskip("torchrec")
-pytest.importorskip("fbgemm_gpu")
+from torchrec_required import require_torchrec  # noqa: E402
+
+require_torchrec()
 
 from dist_utils import run_ranks  # noqa: E402
 import torchrec_scenarios as sc  # noqa: E402

@@ -8,8 +8,9 @@ import warnings
 
 import pytest
 
-pytest.importorskip("torchrec")
-pytest.importorskip("fbgemm_gpu")
+from torchrec_required import require_torchrec  # noqa: E402
+
+require_torchrec()
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
