@@ -38,6 +38,10 @@ CONFIG: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.99), epsilon=1e-8, weight_d
                               grafting=AdaGradGrafting(epsilon=1e-8))
 SPARSE_LR = 0.05
 SAVE_AT, STEPS = 16, 24          # checkpoint after 16 steps; the trajectory continues to 24 (root at 20)
+# scripts/train_dlrm.py at toy size (roots every 3 steps): its losses must not depend on the world size
+SCRIPT_ARGS = ["--steps", "7", "--batch", "32", "--num-embeddings", "50", "--embedding-dim", "8", "--dense-width", "16",
+               "--over-width", "16", "--max-preconditioner-dim", "16", "--precondition-frequency", "3",
+               "--epsilon", "1e-4", "--eval-size", "64", "--eval-every", "7", "--no-progress"]
 
 
 def build_model(seed: int = 0) -> DLRMTrain:
@@ -169,7 +173,18 @@ def scenario_two_ranks(rank: int, world: int, ckpt: str, snap_dir: str) -> dict[
     out["total_blocks"] = len(dense.shampoo.plan.blocks)
     out["state_keys"] = sorted(opt.state_dict()["state"])
     out.update(_reload_same_world(rank, world, ckpt, out["losses"], out["final_dense"]))
+    out["script"] = run_script()
     return out
+
+
+def run_script() -> dict[str, list]:
+    """scripts/train_dlrm.py's training loop on this launch's ranks."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import train_dlrm
+
+    return train_dlrm.train(train_dlrm.parse_args(SCRIPT_ARGS))
 
 
 def _reload_same_world(rank: int, world: int, ckpt: str, losses: list[float],
@@ -219,6 +234,7 @@ def scenario_resume(rank: int, world: int, ckpt: str, snap_dir: str, saved_world
                      for step in range(SAVE_AT, STEPS)]
     out["final_dense"] = dense_values(dense)
     out["incompatible"] = _load_incompatible(world, ckpt)
+    out["script"] = run_script()
     return out
 
 
