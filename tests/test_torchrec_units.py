@@ -142,7 +142,8 @@ def _available(reservation: object, cap: int, model: nn.Module, device: str = "c
     kind = "ddr" if device == "cpu" else "hbm"
     topology = Topology(world_size=2, compute_device=device, local_world_size=2, **{f"{kind}_cap": cap})
     reserved = reservation.reserve(topology, sc.BATCH, model, [EmbeddingBagCollectionSharder()])
-    return getattr(reserved.devices[0].storage, kind)
+    (left,) = {getattr(d.storage, kind) for d in reserved.devices}   # the same on every device
+    return left
 
 
 def _plans(reservation: object, cap: int, model: nn.Module) -> bool:
