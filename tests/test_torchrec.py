@@ -87,6 +87,7 @@ def test_resume_on_one_rank(two_rank_run: tuple, one_rank_run: dict) -> None:
     assert sc.max_rel_diff(one["final_dense"], results[0]["final_dense"]) <= 1e-3
     message, touched = one["incompatible"]
     assert "max_preconditioner_dim" in message and touched == 0.0, message
+    assert "no extra values ['epoch']" in one["missing_extra"] and "['step']" in one["missing_extra"]
 
 
 def test_train_dlrm_script_same_on_one_and_two_ranks(two_rank_run: tuple, one_rank_run: dict) -> None:

@@ -97,6 +97,8 @@ def test_combined_with_another_keyed_optimizer() -> None:
     sched.step()
     assert sorted(combined.state_dict()["state"])[:2] == ["a.0.bias", "a.0.weight"]
     assert [g["lr"] for g in combined.param_groups] == [CONFIG["lr"] / 2] * 2
+    with pytest.raises(ValueError, match="several ShampooDenseOptimizers"):
+        DMPTrainState(a, combined)
 
 
 def test_errors_name_the_fix(tmp_path) -> None:

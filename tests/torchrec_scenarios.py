@@ -234,6 +234,7 @@ def scenario_resume(rank: int, world: int, ckpt: str, snap_dir: str, saved_world
                      for step in range(SAVE_AT, STEPS)]
     out["final_dense"] = dense_values(dense)
     out["incompatible"] = _load_incompatible(world, ckpt)
+    out["missing_extra"] = load_missing_extra(world, ckpt)
     out["script"] = run_script()
     return out
 
@@ -251,6 +252,15 @@ def _load_incompatible(world: int, ckpt: str) -> tuple[str, float]:
     except IncompatibleCheckpointError as err:
         return str(err), max_rel_diff(dense_values(dense), before)
     return "no error", 0.0
+
+
+def load_missing_extra(world: int, ckpt: str) -> str:
+    dmp, _, opt = build(world, seed=3)
+    try:
+        load_dmp(ckpt, dmp, opt, extra={"epoch": 0})
+    except KeyError as err:
+        return str(err)
+    return "no error"
 
 
 def _sparse_diff(live: dict[str, dict[tuple[int, ...], torch.Tensor]],

@@ -15,6 +15,12 @@ reads it), so an incompatible checkpoint fails before any tensor is written.
 Resharding: DCP re-shards the tables (torchrec's ShardedTensor metadata), and ShardedShampoo's
 block keys (``{fqn}.block_{i}``) carry no rank, so each rank of the new world reads the blocks it
 owns under the new plan.
+
+Extra values are stored as flat ``extra.<name>`` entries, not as an ``extra`` dict: a rank that
+holds no shard of a (table-wise) table misses checkpoint keys, DCP's load planner then assumes a
+pre-2.4 checkpoint and re-flattens the state dict the old way, in which a dict of non-tensor
+values is one key (``app.extra``) that the checkpoint does not have. A flat key is the same in
+both layouts.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Optional
 
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
@@ -80,7 +87,7 @@ class DMPTrainState(Stateful):
             out[GUARD_PREFIX + self.description["fingerprint"]] = self.description["fingerprint"]
             out[META_KEY] = json.dumps(self.description, sort_keys=True)
         out.update(model=self.model.state_dict(), optim=self.optimizer.state_dict())
-        # flat "extra.<key>" entries, not an "extra" dict: see the module doc (DCP's pre-2.4 fallback)
+        # flat "extra.<name>" entries, not an "extra" dict: see the module doc (DCP's pre-2.4 fallback)
         out.update({EXTRA_PREFIX + k: v for k, v in self.extra.items()})
         return out
 
@@ -112,5 +119,11 @@ def load_dmp(path: str, model: nn.Module, optimizer: KeyedOptimizer, *,
     state = DMPTrainState(model, optimizer, extra=extra)
     if state.description is not None:
         check_compatible(read_checkpoint_meta(path), state.description, where=f"checkpoint {path!r}")
+    keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    prefix = f"{APP_KEY}.{EXTRA_PREFIX}"
+    missing = [k for k in state.extra if prefix + k not in keys]
+    if missing:
+        raise KeyError(f"checkpoint {path!r} has no extra values {missing}; it has "
+                       f"{sorted(k[len(prefix):] for k in keys if k.startswith(prefix))}.")
     dcp.load({APP_KEY: state}, checkpoint_id=path)
     return dict(state.extra)
