@@ -79,7 +79,7 @@ def _plan_dense(params: list[tuple[str, torch.Tensor]], world_size: int, argumen
 
     The only place that reaches into the planner's modules, so it can be re-pointed if they move.
     """
-    from sharded_shampoo.layout import MeshSpec, ParamSpec
+    from sharded_shampoo import MeshSpec, ParamSpec
     from sharded_shampoo.plan import PlanSettings, make_plan
 
     settings = PlanSettings(max_preconditioner_dim=arguments["max_preconditioner_dim"],
