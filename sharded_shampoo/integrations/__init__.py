@@ -1,6 +1,11 @@
 """Adapters that plug ShardedShampoo into training frameworks.
 
-Each framework gets its own module, imported explicitly (``sharded_shampoo.integrations.torchtitan``)
-so that importing ``sharded_shampoo`` never imports a framework. Framework-free helpers shared by
-the adapters live in ``param_groups``.
+Nothing here is imported by ``import sharded_shampoo``: each framework gets its own module, imported
+explicitly, which imports its library, so the core package keeps ``torch`` as its only dependency.
+
+- :mod:`sharded_shampoo.integrations.torchtitan`: an ``OptimizersContainer`` for torchtitan
+  (docs/parallelism.md); framework-free param-group helpers in ``param_groups``.
+- :mod:`sharded_shampoo.integrations.torchrec`: ShardedShampoo as the dense optimizer of a
+  torchrec ``DistributedModelParallel`` model, the planner's dense-memory reservation and DCP
+  checkpoints of the combined model + optimizers (docs/torchrec.md).
 """
