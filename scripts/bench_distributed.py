@@ -5,10 +5,12 @@ Run under torchrun (one torch thread per rank, so N ranks use N cores and 1 rank
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 scripts/bench_distributed.py
 
 In one launch: (1) rank 0 alone steps a single-process ShardedShampoo on the unsharded model
-(the other ranks wait); (2) all ranks step ShardedShampoo on the FSDP2-sharded model; (3) AdamW
-on the same sharded model for reference. The model is a stack of Linear layers where the
-optimizer dominates. Gradients are set directly (no forward/backward), so only the optimizer
-step is timed. Bytes sent per rank per step come from the static routing schedule.
+(the other ranks wait); (2) all ranks step ShardedShampoo on the FSDP2-sharded model, without
+overlap (``overlap_chunks=1``: one exchange each way) and with it (``--chunks`` waves), recording
+the exposed communication time (seconds the rank waited in ``work.wait()``); (3) AdamW on the same
+sharded model for reference. The model is a stack of Linear layers where the optimizer dominates.
+Gradients are set directly (no forward/backward), so only the optimizer step is timed. Bytes sent
+per rank per step come from the static routing schedule.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def set_grads(model: nn.Module) -> None:
             p.grad = full
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, sync: bool) -> float:
+def time_steps(opt: torch.optim.Optimizer, steps: int, sync: bool) -> tuple[float, float]:
+    """Median step time and median exposed communication time (ShardedShampoo only)."""
     opt.step()  # warm-up (and the first root)
-    times = []
+    times, exposed = [], []
     for _ in range(steps):
         if sync:
             dist.barrier()
@@ -52,13 +55,15 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, sync: bool) -> float:
         if sync:
             dist.barrier()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        executor = getattr(opt, "executor", None)
+        exposed.append(executor.last_exposed_comm_seconds if executor is not None else 0.0)
+    return statistics.median(times), statistics.median(exposed)
 
 
-def shampoo(model: nn.Module, args: argparse.Namespace, mesh: object = None) -> ShardedShampoo:
+def shampoo(model: nn.Module, args: argparse.Namespace, mesh: object = None, chunks: int = 1) -> ShardedShampoo:
     return ShardedShampoo(model.named_parameters(), mesh=mesh, lr=1e-4, max_preconditioner_dim=args.max_preconditioner_dim,
                           precondition_frequency=1000, start_preconditioning_step=1, epsilon=1e-8,
-                          grafting=AdamGrafting())
+                          grafting=AdamGrafting(), overlap_chunks=chunks)
 
 
 def main() -> None:
@@ -67,6 +72,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--max-preconditioner-dim", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--chunks", type=int, default=4, help="overlap_chunks of the overlapped run")
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -76,7 +82,7 @@ def main() -> None:
     if rank == 0:
         model = build(args.width, args.depth)
         set_grads(model)
-        t_single = time_steps(shampoo(model, args, mesh="local"), args.steps, sync=False)
+        t_single = time_steps(shampoo(model, args, mesh="local"), args.steps, sync=False)[0]
     dist.barrier()
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -89,16 +95,20 @@ def main() -> None:
     fully_shard(model, mesh=mesh)
     set_grads(model)
     opt = shampoo(model, args)
-    t_dist = time_steps(opt, args.steps, sync=True)
-    ex = opt.executor
+    t_dist, exposed = time_steps(opt, args.steps, sync=True)
+    overlapped = shampoo(model, args, chunks=args.chunks)
+    t_overlap, exposed_overlap = time_steps(overlapped, args.steps, sync=True)
+    waves = opt.executor.waves
     itemsize = torch.empty((), dtype=opt.comm_dtype).element_size()
-    sent = (sum(ex.grad_send_sizes) + sum(ex.update_send_sizes)) * itemsize
+    sent = sum(sum(w.gather.send_sizes) + sum(w.update.send_sizes) for w in waves) * itemsize
     grad_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
     sent_all = torch.tensor([float(sent)])
     dist.all_reduce(sent_all, op=dist.ReduceOp.MAX)
 
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    t_adamw = time_steps(adamw, args.steps, sync=True)
+    t_adamw = time_steps(adamw, args.steps, sync=True)[0]
+    worst = torch.tensor([exposed, exposed_overlap], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
         n = sum(q.numel() for q in model.parameters())
         print(f"model: {args.depth} x Linear({args.width}, {args.width}) = {n / 1e6:.1f}M params, "
@@ -108,8 +118,12 @@ def main() -> None:
         print("| measurement | value |")
         print("|---|---|")
         print(f"| ShardedShampoo step, 1 rank (unsharded) | {t_single * 1e3:.1f} ms |")
-        print(f"| ShardedShampoo step, {world} ranks (FSDP2) | {t_dist * 1e3:.1f} ms |")
-        print(f"| speedup | {t_single / t_dist:.2f}x |")
+        print(f"| ShardedShampoo step, {world} ranks (FSDP2), no overlap | {t_dist * 1e3:.1f} ms |")
+        print(f"| ShardedShampoo step, {world} ranks (FSDP2), overlap_chunks={args.chunks} | {t_overlap * 1e3:.1f} ms |")
+        print(f"| speedup over 1 rank (overlapped) | {t_single / t_overlap:.2f}x |")
+        print(f"| exposed communication per step (max over ranks), no overlap | {worst[0].item() * 1e3:.1f} ms |")
+        print(f"| exposed communication per step (max over ranks), overlap_chunks={args.chunks} | "
+              f"{worst[1].item() * 1e3:.1f} ms |")
         print(f"| AdamW(foreach) step, {world} ranks (FSDP2) | {t_adamw * 1e3:.1f} ms |")
         print(f"| max bytes sent per rank per step | {sent_all.item() / 2**20:.2f} MiB |")
         print(f"| gradient bytes / N | {grad_bytes / world / 2**20:.2f} MiB |")

@@ -22,13 +22,14 @@ from torch.optim import Optimizer
 from .compute.preconditioner import BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, structural_signature)
-from .param_groups import check_comm_dtype, check_parameter, split_named, validate_group
+from .param_groups import check_comm_dtype, check_overlap_chunks, check_parameter, split_named, validate_group
 from .planning.plan import make_plan
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
 from .runtime.executor import GroupStep, StepExecutor
 from .runtime.gradients import gradient_summary, local_gradients
 from .runtime.placements import local_tensor, resolve_mesh
 from .runtime.records import CommContext, RankRuntime, build_runtime, param_records
+from .runtime.routing import block_waves
 from .runtime.state_io import StateIO
 
 
@@ -60,10 +61,13 @@ class ShardedShampoo(Optimizer):
         mesh: Any = None,
         comm_dtype: torch.dtype = torch.float32,
         nonfinite_grads: str = "raise",
+        overlap_chunks: int = 4,
     ) -> None:
         self.nonfinite_grads = NonFinitePolicy.parse(nonfinite_grads)
         check_comm_dtype(comm_dtype)
+        check_overlap_chunks(overlap_chunks)
         self.comm_dtype = comm_dtype
+        self.overlap_chunks = overlap_chunks
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, epsilon=epsilon,
                         weight_decay=weight_decay, use_decoupled_weight_decay=use_decoupled_weight_decay,
                         momentum=momentum, dampening=dampening, use_nesterov=use_nesterov,
@@ -121,8 +125,9 @@ class ShardedShampoo(Optimizer):
         momentum_groups = {gi for gi, g in enumerate(self.param_groups) if g["momentum"] > 0}
         records = param_records(params, names, group_of, resolved.param_specs, self.plan, resolved.rank,
                                 momentum_groups)
+        chunks = self.overlap_chunks if comm.world_size > 1 else 1
         self.runtime: RankRuntime = build_runtime(records, self.plan, [_hyperparams(g) for g in self.param_groups],
-                                                  comm)
+                                                  comm, block_waves(self.plan, chunks))
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
         self._structure = [structural_signature(g) for g in self.param_groups]
@@ -133,7 +138,8 @@ class ShardedShampoo(Optimizer):
         """What every rank must agree on: structure, parameters, policies and every hyperparameter."""
         return {"params": [[n, list(p.shape), str(p.dtype), p.requires_grad] for n, p in zip(names, params)],
                 "groups": [_settings_of(g) for g in self.param_groups],
-                "comm_dtype": str(self.comm_dtype), "nonfinite_grads": self.nonfinite_grads.value}
+                "comm_dtype": str(self.comm_dtype), "nonfinite_grads": self.nonfinite_grads.value,
+                "overlap_chunks": self.overlap_chunks}
 
     # ------------------------------------------------------------------ step
 

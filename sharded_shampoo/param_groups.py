@@ -84,6 +84,12 @@ def check_comm_dtype(comm_dtype: Any) -> None:
         raise ValueError(f"{OWNER}.comm_dtype must be one of torch.{{{names}}}; got {comm_dtype!r}.")
 
 
+def check_overlap_chunks(chunks: Any) -> None:
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"{OWNER}.overlap_chunks must be an integer >= 1 (1: one exchange each way, no overlap); "
+                         f"got {chunks!r}.")
+
+
 def check_parameter(p: Any, name: str) -> None:
     """One parameter: a floating, real tensor with storage (not on the meta device)."""
     if not isinstance(p, torch.Tensor):

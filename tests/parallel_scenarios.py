@@ -106,7 +106,7 @@ def _tp_plan() -> dict[str, Any]:
             "head": ColwiseParallel(input_layouts=Shard(1))}
 
 
-def build(layout: str, world: int) -> tuple[nn.Module, ShardedShampoo]:
+def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedShampoo]:
     """The model laid out as torch's parallelize_module + fully_shard do, and its optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -134,7 +134,7 @@ def build(layout: str, world: int) -> tuple[nn.Module, ShardedShampoo]:
         sparse = world_mesh._unflatten(0, (world // ep, ep), ("efsdp", "ep"))
         apply_parallelism(model, dense["fsdp"], tp_mesh=dense["tp"], ep_mesh=sparse["ep"],
                           expert_dp_mesh=sparse["efsdp"])
-    return model, ShardedShampoo(param_groups(model), **CONFIG)
+    return model, ShardedShampoo(param_groups(model), **(CONFIG | kwargs))
 
 
 def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -219,3 +219,13 @@ def dryrun_state_bytes(layout: str) -> list[int]:
                             precondition_frequency=c["precondition_frequency"])
     plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
     return [r.optimizer_state_bytes for r in plan.ranks]
+
+
+def scenario_overlap(rank: int, world: int) -> dict[str, Any]:
+    """The same run with 1 exchange each way and with 1, 3 and 8 overlapped waves: bitwise equal."""
+    out: dict[str, Any] = {}
+    for chunks in (1, 3, 8):
+        model, opt = build("ep2", world, overlap_chunks=chunks)
+        run(model, opt, set_dtensor_grad)
+        out[chunks] = (full_params(model), len(opt.executor.waves), opt.executor.last_exposed_comm_seconds)
+    return out

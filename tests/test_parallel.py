@@ -46,3 +46,36 @@ def test_layout_matches_one_process_and_the_plan(results, layout):
         assert results[0][layout]["placements"][name] == placement
     # 4 experts x (8 x 6) are 4 blocks of their own, never one block of the flattened [4, 8, 6] tensor
     assert results[0][layout]["num_blocks"] == 14
+
+
+def test_overlapped_waves_change_nothing_but_timing():
+    import torch
+
+    results = run_ranks(4, ps.scenario_overlap)
+    for r in results:
+        base = r[1][0]
+        for chunks in (3, 8):
+            params, waves, exposed = r[chunks]
+            assert 1 < waves <= chunks and exposed >= 0.0   # waves with no block anywhere are dropped
+            assert all(torch.equal(params[n], base[n]) for n in base), f"overlap_chunks={chunks} changed the result"
+
+
+def test_block_waves_split_each_owners_blocks_evenly():
+    from sharded_shampoo.config import PlanSettings
+    from sharded_shampoo.planning.layout import MeshSpec, ParamSpec
+    from sharded_shampoo.planning.plan import make_plan
+    from sharded_shampoo.runtime.routing import block_waves
+
+    import torch
+
+    specs = [ParamSpec(f"w{i}", (64 + 8 * i, 32), torch.float32, True) for i in range(12)]
+    plan = make_plan(specs, MeshSpec((2,)), PlanSettings(max_preconditioner_dim=32))
+    waves = block_waves(plan, 4)
+    for owner in (0, 1):
+        mine = [b for b, o in enumerate(plan.owners) if o == owner]
+        per_wave = [sum(plan.blocks[b].numel for b in mine if waves[b] == w) for w in range(4)]
+        assert all(v > 0 for v in per_wave) and max(per_wave) <= 2.5 * min(per_wave), per_wave
+    assert block_waves(plan, 1) == [0] * len(plan.blocks)
+    with pytest.raises(ValueError, match="overlap_chunks"):
+        from sharded_shampoo import ShardedShampoo
+        ShardedShampoo([torch.nn.Parameter(torch.zeros(2))], overlap_chunks=0)

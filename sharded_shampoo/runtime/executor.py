@@ -1,32 +1,38 @@
-"""One optimizer step of one rank: gather -> bucket math -> scatter -> apply.
+"""One optimizer step of one rank: gather -> bucket math -> scatter -> apply, overlapped in waves.
 
 Executes the static schedule of the :class:`~.records.RankRuntime`:
 
 1. gather: L2 weight decay folds into the local gradients, then every owned block's full gradient
-   is assembled in a per-bucket stack ``[B, *block shape]`` (local copies, plus one
-   ``all_to_all_single`` when distributed);
+   is assembled in a per-bucket stack ``[B, *block shape]`` (local copies, plus ``all_to_all_single``
+   when distributed);
 2. bucket math (``compute/preconditioner.py``): factor updates, amortized roots, directions;
-3. scatter: every holder gets the update of the pieces it holds (local views, plus one
-   ``all_to_all_single``);
+3. scatter: every holder gets the update of the pieces it holds (local views, plus ``all_to_all_single``);
 4. apply: decoupled weight decay, momentum / Nesterov and the learning-rate step on this rank's
    local shards (``foreach`` ops, narrow views, so non-contiguous parameters update in place).
 
+Overlap: each owner's blocks are cut into ``chunks`` waves (``routing.block_waves``, the same on
+every rank; blocks of different waves never share a bucket). All gather exchanges are issued asynchronously at once; the math of wave ``w`` starts
+as soon as its gradients have arrived, while later waves are still in flight, and its update
+exchange is issued right after, overlapping the next wave's math. Every rank issues the same
+collectives in the same order (``chunks`` gathers, then ``chunks`` scatters) whatever its
+gradients are, so nothing hangs; the numbers do not depend on ``chunks``.
+
 The executor owns every buffer it edits in place (the gathered stacks, which become the
-directions, and the receive buffer): no optimizer state tensor is ever an update buffer. Every
-rank issues the same collectives in the same order whatever its gradients are, so nothing hangs.
+directions, and the receive buffers): no optimizer state tensor is ever an update buffer.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..compute.preconditioner import BucketHyperparams
 from .records import RankRuntime
-from .routing import Piece
+from .routing import Piece, RankSchedule, split_waves
 
 
 @dataclass(frozen=True)
@@ -44,36 +50,83 @@ class GroupStep:
     nesterov: bool
 
 
+@dataclass
+class _Exchange:
+    """One ``all_to_all_single``: what this rank sends and receives, flattened in canonical order."""
+
+    send: list[Piece]
+    recv: list[Piece]
+    send_sizes: list[int]
+    recv_sizes: list[int]
+
+    @classmethod
+    def of(cls, send: list[list[Piece]], recv: list[list[Piece]]) -> "_Exchange":
+        return cls([p for x in send for p in x], [p for x in recv for p in x], RankSchedule.split_sizes(send),
+                   RankSchedule.split_sizes(recv))
+
+
+@dataclass
+class _Wave:
+    """One wave: its gather and update exchanges and the owned buckets whose math it runs."""
+
+    schedule: RankSchedule
+    gather: _Exchange
+    update: _Exchange
+    buckets: list[int]
+
+
 class StepExecutor:
     """Data movement, bucket dispatch and the parameter update of one rank."""
 
     def __init__(self, runtime: RankRuntime) -> None:
         self.rt = runtime
-        s = runtime.schedule
-        self.grad_send_sizes = s.split_sizes(s.grad_send)
-        self.grad_recv_sizes = s.split_sizes(s.grad_recv)
-        self.update_send_sizes = s.split_sizes(s.update_send)
-        self.update_recv_sizes = s.split_sizes(s.update_recv)
-        self.grad_send_pieces = [p for pieces in s.grad_send for p in pieces]
-        self.grad_recv_pieces = [p for pieces in s.grad_recv for p in pieces]
-        self.update_send_pieces = [p for pieces in s.update_send for p in pieces]
-        self.update_recv_pieces = [p for pieces in s.update_recv for p in pieces]
+        waves = runtime.waves
+        chunks = max(waves, default=0) + 1
+        self.waves: list[_Wave] = []
+        for w, sched in enumerate(split_waves(runtime.schedule, waves, chunks)):
+            buckets = [bi for bi, members in enumerate(runtime.bucket_members) if waves[members[0].index] == w]
+            self.waves.append(_Wave(sched, _Exchange.of(sched.grad_send, sched.grad_recv),
+                                    _Exchange.of(sched.update_send, sched.update_recv), buckets))
+        #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
+        #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
+        self.last_exposed_comm_seconds = 0.0
 
     # ------------------------------------------------------------------ the step
 
     def step(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
         """One step. ``grads``: local gradient of every trainable parameter by plan index (zeros where a
         parameter has none: message sizes stay static); ``active``: plan indices that have a gradient."""
+        self.last_exposed_comm_seconds = 0.0
         self._fold_l2(grads, active, groups)
-        stacks = self._gather(grads)
-        everything = len(active) == len(self.rt.trainable)
-        for bi, (bucket, G) in enumerate(zip(self.rt.buckets, stacks)):
-            g = groups[self.rt.bucket_group[bi]]
-            bucket.hp = g.hyperparams
-            mask = None if everything else torch.tensor(
-                [rec.param.plan_index in active for rec in self.rt.bucket_members[bi]], device=G.device)
-            stacks[bi] = bucket.step_blocks(G, mask, g.amortized, g.precondition)
-        self._apply(self._scatter(stacks, active), groups)
+        rt = self.rt
+        stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
+        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send]) for w in self.waves]
+        self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
+                   [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
+        everything = len(active) == len(rt.trainable)
+        updates = []
+        for wave, work in zip(self.waves, inflight):
+            recv = self._finish(work)
+            self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
+            for bi in wave.buckets:
+                stacks[bi] = self._bucket_step(bi, stacks[bi], active, everything, groups)
+            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send]))
+        self._apply([(p, rt.block_view(stacks, p)) for p in rt.schedule.update_local if p.param_index in active],
+                    groups)
+        for wave, work in zip(self.waves, updates):
+            recv = self._finish(work)
+            self._apply([(p, u) for p, u in zip(wave.update.recv, self._views(recv, wave.update.recv))
+                         if p.param_index in active], groups)
+
+    def _bucket_step(self, bi: int, G: torch.Tensor, active: set[int], everything: bool,
+                     groups: list[GroupStep]) -> torch.Tensor:
+        rt = self.rt
+        g = groups[rt.bucket_group[bi]]
+        bucket = rt.buckets[bi]
+        bucket.hp = g.hyperparams
+        mask = None if everything else torch.tensor(
+            [rec.param.plan_index in active for rec in rt.bucket_members[bi]], device=G.device)
+        return bucket.step_blocks(G, mask, g.amortized, g.precondition)
 
     def _fold_l2(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
         """L2 (coupled) weight decay folds into the gradient before it travels."""
@@ -89,45 +142,37 @@ class StepExecutor:
 
     # ------------------------------------------------------------------ data movement
 
-    def _flat_views(self, buffer: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:
+    @staticmethod
+    def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    @staticmethod
+    def _views(buffer: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:
         views = buffer.split([p.numel for p in pieces]) if pieces else []
         return [v.view(tuple(b - a for a, b in p.box)) for v, p in zip(views, pieces)]
 
-    def _exchange(self, pieces: list[Piece], sources: list[torch.Tensor], send_sizes: list[int],
-                  recv_sizes: list[int]) -> torch.Tensor:
-        """One ``all_to_all_single`` carrying ``sources`` (already in canonical order)."""
+    def _start(self, ex: _Exchange, sources: list[torch.Tensor]) -> Optional[tuple[Any, torch.Tensor]]:
+        """Issue one asynchronous ``all_to_all_single`` (None on one rank)."""
         c = self.rt.comm
-        send = torch.empty(sum(send_sizes), dtype=c.dtype, device=c.device)
-        if pieces:
-            torch._foreach_copy_(self._flat_views(send, pieces), sources)
-        recv = torch.empty(sum(recv_sizes), dtype=c.dtype, device=c.device)
-        dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=c.group)
+        if c.world_size <= 1:
+            return None
+        send = torch.empty(sum(ex.send_sizes), dtype=c.dtype, device=c.device)
+        self._copy(self._views(send, ex.send), sources)
+        recv = torch.empty(sum(ex.recv_sizes), dtype=c.dtype, device=c.device)
+        work = dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_sizes, input_split_sizes=ex.send_sizes,
+                                      group=c.group, async_op=True)
+        return work, recv
+
+    def _finish(self, started: Optional[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """Wait for an exchange; its receive buffer (empty on one rank)."""
+        if started is None:
+            return torch.empty(0, dtype=self.rt.comm.dtype, device=self.rt.comm.device)
+        work, recv = started
+        t0 = time.perf_counter()
+        work.wait()
+        self.last_exposed_comm_seconds += time.perf_counter() - t0
         return recv
-
-    def _gather(self, grads: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Full block gradients of every owned bucket (``[B, *shape]`` in the factor dtype)."""
-        rt = self.rt
-        stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
-        dst = [rt.block_view(stacks, p) for p in rt.schedule.grad_local]
-        src = [rt.piece_view(grads, p) for p in rt.schedule.grad_local]
-        if rt.comm.world_size > 1:
-            sources = [rt.piece_view(grads, p) for p in self.grad_send_pieces]
-            recv = self._exchange(self.grad_send_pieces, sources, self.grad_send_sizes, self.grad_recv_sizes)
-            dst.extend(rt.block_view(stacks, p) for p in self.grad_recv_pieces)
-            src.extend(self._flat_views(recv, self.grad_recv_pieces))
-        if dst:
-            torch._foreach_copy_(dst, src)
-        return stacks
-
-    def _scatter(self, directions: list[torch.Tensor], active: set[int]) -> list[tuple[Piece, torch.Tensor]]:
-        """Each local piece of every active parameter paired with its update slice."""
-        rt = self.rt
-        out = [(p, rt.block_view(directions, p)) for p in rt.schedule.update_local]
-        if rt.comm.world_size > 1:
-            sources = [rt.block_view(directions, p) for p in self.update_send_pieces]
-            recv = self._exchange(self.update_send_pieces, sources, self.update_send_sizes, self.update_recv_sizes)
-            out.extend(zip(self.update_recv_pieces, self._flat_views(recv, self.update_recv_pieces)))
-        return [(p, u) for p, u in out if p.param_index in active]
 
     # ------------------------------------------------------------------ apply
 
@@ -142,7 +187,7 @@ class StepExecutor:
     def _apply_group(self, items: list[tuple[Piece, torch.Tensor]], g: GroupStep) -> None:
         recs = [self.rt.trainable[p.param_index] for p, _ in items]
         p_views = [rec.view(rec.local(), p.box) for rec, (p, _) in zip(recs, items)]
-        # directions are this executor's buffers (stacks or the receive buffer): safe to edit
+        # directions are this executor's buffers (stacks or the receive buffers): safe to edit
         dirs = [u if u.dtype in (torch.float32, torch.float64) else u.float() for _, u in items]
         if g.weight_decay != 0 and g.decoupled_weight_decay:
             torch._foreach_add_(dirs, p_views, alpha=g.weight_decay)

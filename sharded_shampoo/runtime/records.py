@@ -97,6 +97,7 @@ class RankRuntime:
     bucket_members: list[list[BlockRecord]]
     schedule: RankSchedule
     comm: CommContext
+    waves: list[int]                                # overlap wave of every plan block
     mesh: MeshSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -147,19 +148,23 @@ def param_records(params: list[torch.Tensor], names: list[str], group_of: list[i
 
 
 def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: list[BucketHyperparams],
-                  comm: CommContext) -> RankRuntime:
-    """Buckets of the blocks this rank owns (first appearance in plan order) and the routing schedule."""
+                  comm: CommContext, waves: list[int]) -> RankRuntime:
+    """Buckets of the blocks this rank owns (per wave, first appearance in plan order) and the schedule.
+
+    ``waves``: the overlap wave of every plan block (``routing.block_waves``); blocks of different
+    waves never share a bucket, so a wave's math needs only its own gradients.
+    """
     trainable = sorted((r for r in records if r.trainable), key=lambda r: r.plan_index)
     keyed: dict[tuple, list[int]] = {}
     for b in plan.owned_indices(comm.rank):
         rec = trainable[plan.block_param[b]]
-        keyed.setdefault(bucket_key(rec.group, plan.blocks[b]), []).append(b)
+        keyed.setdefault((waves[b], *bucket_key(rec.group, plan.blocks[b])), []).append(b)
     buckets: list[BlockBucket] = []
     bucket_group: list[int] = []
     members: list[list[BlockRecord]] = []
     blocks: dict[int, BlockRecord] = {}
     for key, indices in keyed.items():
-        gi = key[0]
+        gi = key[1]
         bucket = BlockBucket([plan.blocks[b] for b in indices], hyperparams[gi], comm.device)
         recs = [BlockRecord(b, plan.blocks[b], trainable[plan.block_param[b]], len(buckets), j)
                 for j, b in enumerate(indices)]
@@ -168,7 +173,7 @@ def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: li
         buckets.append(bucket)
         bucket_group.append(gi)
     return RankRuntime(plan, records, trainable, blocks, buckets, bucket_group, members,
-                       build_schedule(plan, comm.rank), comm)
+                       build_schedule(plan, comm.rank), comm, waves)
 
 
 __all__ = ["BlockRecord", "CommContext", "ParamRecord", "RankRuntime", "build_runtime", "param_records"]

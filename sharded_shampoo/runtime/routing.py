@@ -98,4 +98,36 @@ def build_schedule(plan: ShampooPlan, rank: int) -> RankSchedule:
     return sched
 
 
-__all__ = ["Piece", "RankSchedule", "build_schedule"]
+def block_waves(plan: ShampooPlan, chunks: int) -> list[int]:
+    """The wave (0 .. chunks-1) of every plan block, for overlapping communication with computation.
+
+    Each owner's blocks, in plan order, are cut into ``chunks`` runs of about equal elements; an
+    owner stacks and processes its blocks wave by wave (the wave is part of the bucket key, so a
+    large class of equal-shape blocks splits into ``chunks`` buckets). A pure function of the plan,
+    so every rank knows in which wave every owner needs every piece: senders and receivers split
+    their messages the same way.
+    """
+    totals: dict[int, int] = {}
+    for b, owner in enumerate(plan.owners):
+        totals[owner] = totals.get(owner, 0) + plan.blocks[b].numel
+    done: dict[int, int] = {}
+    waves = []
+    for b, owner in enumerate(plan.owners):
+        before = done.get(owner, 0)
+        waves.append(min(chunks - 1, before * chunks // totals[owner]) if totals[owner] else 0)
+        done[owner] = before + plan.blocks[b].numel
+    return waves
+
+
+def split_waves(sched: RankSchedule, waves: list[int], chunks: int) -> list[RankSchedule]:
+    """``sched`` as one schedule per wave (each list keeps its canonical order)."""
+    def pick(pieces: list[Piece], w: int) -> list[Piece]:
+        return [p for p in pieces if waves[p.block_index] == w]
+
+    return [RankSchedule(sched.rank, pick(sched.grad_local, w), [pick(x, w) for x in sched.grad_send],
+                         [pick(x, w) for x in sched.grad_recv], pick(sched.update_local, w),
+                         [pick(x, w) for x in sched.update_send], [pick(x, w) for x in sched.update_recv])
+            for w in range(chunks)]
+
+
+__all__ = ["Piece", "RankSchedule", "block_waves", "build_schedule", "split_waves"]
