@@ -223,3 +223,101 @@ def test_format_report_small_mesh_lists_every_rank():
     lines = text.splitlines()
     assert any(line.split()[:3] == ["3", "1", "1"] for line in lines)   # rank 3 = replica 1, shard 1
     assert "max/lower bound 1.0000" in text
+
+
+# ----------------------------------------------------------------------------- hardening, TP / EP meshes
+
+
+def test_parse_axes_named_and_flags():
+    from sharded_shampoo.dryrun import MAX_RANKS, MeshAxes, parse_axes
+
+    assert parse_axes("64") == MeshAxes(fsdp=64)
+    assert parse_axes("16x64") == MeshAxes(dp=16, fsdp=64)
+    assert parse_axes("dp=8,fsdp=32,tp=8") == MeshAxes(dp=8, fsdp=32, tp=8)
+    assert parse_axes("64", tp=8, ep=8) == MeshAxes(fsdp=64, tp=8, ep=8)
+    assert parse_axes("dp=8,fsdp=32,tp=8").world_size == 2048
+    for bad, match in (("dp=8,fsdq=4", "axis=size"), ("fsdp=4,fsdp=4", "twice"), ("fsdp=0", "zero"),
+                       ("fsdp=6,ep=4", "ep=4 must divide"), (f"fsdp={MAX_RANKS + 1}", "more than the dry-run")):
+        with pytest.raises(ValueError, match=match):
+            parse_axes(bad)
+    with pytest.raises(ValueError, match="--tp 4 contradicts"):
+        parse_axes("fsdp=4,tp=2", tp=4)
+
+
+def test_cli_huge_mesh_is_refused_fast(capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "1000000"]) == 2
+    assert time.perf_counter() - t0 < 5
+    assert "more than the dry-run plans" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def build():\n    raise RuntimeError('no config file')\n", "the factory raised RuntimeError: no config file"),
+    ("def build(cfg):\n    return None\n", "must be callable with no arguments"),
+    ("import torch.nn as nn\ndef build():\n    m = nn.Linear(3, 3)\n"
+     "    m.weight = nn.Parameter(m.weight.detach().to(torch.complex64))\n    return m\nimport torch\n",
+     "complex"),
+])
+def test_cli_bad_factories_exit_2_with_one_line(tmp_path, monkeypatch, capsys, body, message):
+    (tmp_path / "bad_factory_mod.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bad_factory_mod", None)
+    assert main(["plan", "--model", "bad_factory_mod:build", "--mesh", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    sys.modules.pop("bad_factory_mod", None)
+
+
+@pytest.mark.parametrize("option", ["--json", "--png"])
+def test_cli_unwritable_outputs_fail_before_planning(tmp_path, capsys, option):
+    import time
+
+    for path, message in ((tmp_path / "missing" / "p.out", "does not exist"), (tmp_path, "is a directory")):
+        t0 = time.perf_counter()
+        assert main(["plan", "--model", "llama3-405b", "--mesh", "32x64", option, str(path)]) == 2
+        assert time.perf_counter() - t0 < 5, "outputs must be checked before minutes of planning"
+        assert message in capsys.readouterr().err
+
+
+def test_tensor_and_expert_parallel_dry_run():
+    tp = plan_model("llama-tiny", "fsdp=2,tp=2", PlanSettings(max_preconditioner_dim=128))
+    wq = next(p for p in tp.params if p.name == "layers.0.attention.wq.weight")
+    assert [repr(x) for x in wq.layout.placements] == ["_StridedShard(dim=0, sf=2)", "Shard(dim=0)"]
+    assert tp.mesh.dim_names == ("fsdp", "tp") and len(tp.ranks) == 4
+    text = format_report(tp, "t")
+    assert "mesh fsdp=2 x tp=2" in text and any(line.split()[:2] == ["3", "1,1"] for line in text.splitlines())
+    moe = plan_model("moe-tiny", "4", PlanSettings(max_preconditioner_dim=128), ep=2)
+    experts = [b for b in moe.blocks if b.param_name == "layers.0.moe.experts.w1"]
+    assert len(experts) == 4 and all(b.shape == (64, 96) for b in experts)   # one block set per expert
+    w1 = next(p for p in moe.params if p.name == "layers.0.moe.experts.w1")
+    assert w1.layout.mesh.dim_names == ("efsdp", "ep")
+    # each expert is held whole by one rank, which owns it: no gradient traffic for experts
+    from sharded_shampoo.planning.layout import box_numel, intersect
+
+    for i, b in enumerate(moe.blocks):
+        if ".moe.experts." in b.param_name:
+            held = moe.geometries[moe.block_param[i]].held(moe.owners[i])
+            assert held is not None and box_numel(intersect(held, b.box)) == b.numel, b.block_id
+    assert main(["plan", "--model", "moe-tiny", "--mesh", "dp=2,fsdp=2", "--ep", "2", "--json-no-blocks"]) == 0
+
+
+def test_mixtral_preset_size():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in PRESETS["mixtral-8x7b"]().parameters())
+    assert n == 46_702_792_704
+
+
+def test_gpt2_preset_starts_at_uniform_loss():
+    """GPT-2's init (std 0.02, scaled residual projections): a byte-level model starts near ln(256)."""
+    import math
+
+    from sharded_shampoo.dryrun.models import GPT2
+
+    torch.manual_seed(0)
+    model = GPT2(n_layers=2, width=128, heads=4, context=64, vocab_size=256)
+    tokens = torch.randint(0, 256, (8, 65))
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
+    assert abs(float(loss.detach()) - math.log(256)) < 0.1 * math.log(256)

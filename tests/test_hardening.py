@@ -198,3 +198,16 @@ def test_adagrad_grafting_default_still_trains():
         p.grad = torch.randn(5, 5)
         opt.step()
     assert opt.param_groups[0]["step"] == 3
+
+
+def test_training_example_starts_at_ln_256():
+    """The training example's byte-level GPT-2 starts near ln(256) = 5.55 nats (it started at ~65)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import train
+
+    losses = train.train(train.parse_args(["--steps", "1", "--no-progress", "--batch", "4",
+                                           "--corpus-bytes", "200000"]))
+    assert abs(losses[0] - math.log(256)) < 0.1 * math.log(256), losses[0]

@@ -72,7 +72,7 @@ def _lead_columns(plan: ShampooPlan) -> tuple[list[str], Callable[[Any, bool], l
     ndim = len(plan.mesh.shape)
     if ndim == 1:
         return ["rank"], lambda r, blank: []
-    if ndim == 2:
+    if ndim == 2 and plan.mesh.dim_names in (None, ("dp", "fsdp"), ("replicate", "shard")):
         return ["rank", "rep", "shard"], lambda r, blank: ["", ""] if blank else [str(r.replica), str(r.shard)]
     names = plan.mesh.dim_names or tuple(f"d{i}" for i in range(ndim))
     return ["rank", ",".join(names)], lambda r, blank: [""] if blank else [",".join(map(str, r.coordinate))]
