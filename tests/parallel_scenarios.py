@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdaGradGrafting, BlockingConfig, ShardedShampoo
 
 STEPS = 12
@@ -172,19 +173,6 @@ def max_rel_diff(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return max(float((params[n] - r).abs().max() / r.abs().max().clamp_min(1e-12)) for n, r in ref.items())
 
 
-def state_bytes(opt: ShardedShampoo) -> int:
-    seen: dict[int, int] = {}
-    stack: list[Any] = list(opt.state.values())
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, torch.Tensor):
-            st = v.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
 def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Each layout: placements seen, max relative difference to the reference, real vs planned bytes."""
     out: dict[str, Any] = {}
@@ -196,7 +184,7 @@ def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str
                 assert torch.equal(p.to_local(), local_part(p, q.detach())), (layout, n)
         run(model, opt, set_dtensor_grad)
         out[layout] = {"diff": max_rel_diff(full_params(model), ref), "placements": placements(model),
-                       "bytes": (state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
+                       "bytes": (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
                        "owners": sorted(set(opt.plan.owners)), "num_blocks": len(opt.plan.blocks),
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
         dist.barrier()
