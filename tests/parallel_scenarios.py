@@ -217,3 +217,42 @@ def scenario_overlap(rank: int, world: int) -> dict[str, Any]:
         run(model, opt, set_dtensor_grad)
         out[chunks] = (full_params(model), len(opt.executor.waves), opt.executor.last_exposed_comm_seconds)
     return out
+
+
+SAVE_AT = 6
+
+
+def scenario_save_tp(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
+    """FSDP x TP 2x2: train to SAVE_AT, save, continue to STEPS; the uninterrupted result."""
+    from sharded_shampoo.checkpointing import save_checkpoint
+
+    model, opt = build("fsdp_tp", world)
+    run(model, opt, set_dtensor_grad, 0, SAVE_AT)
+    save_checkpoint(root, SAVE_AT, model, opt, extra={"step": SAVE_AT})
+    run(model, opt, set_dtensor_grad, SAVE_AT, STEPS)
+    return full_params(model)
+
+
+def scenario_resume(rank: int, world: int, root: str, layout: str) -> dict[str, torch.Tensor]:
+    """Load the checkpoint into ``layout``, continue to STEPS."""
+    from sharded_shampoo.checkpointing import load_checkpoint
+
+    model, opt = build(layout, world)
+    step = load_checkpoint(root, model, opt, extra={"step": 0})["step"]
+    run(model, opt, set_dtensor_grad, step, STEPS)
+    return full_params(model)
+
+
+def resume_one_process(root: str) -> dict[str, torch.Tensor]:
+    """Load the checkpoint into a plain single-process model and continue to STEPS."""
+    from sharded_shampoo.checkpointing import load_checkpoint
+
+    model = make_model()
+    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    step = load_checkpoint(root, model, opt, extra={"step": 0})["step"]
+
+    def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+        p.grad = g
+
+    run(model, opt, set_grad, step, STEPS)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

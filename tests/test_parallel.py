@@ -79,3 +79,16 @@ def test_block_waves_split_each_owners_blocks_evenly():
     with pytest.raises(ValueError, match="overlap_chunks"):
         from sharded_shampoo import ShardedShampoo
         ShardedShampoo([torch.nn.Parameter(torch.zeros(2))], overlap_chunks=0)
+
+
+def test_save_on_fsdp_tp_resume_on_fsdp_and_one_process(tmp_path):
+    """Resharding: a checkpoint of the FSDP x TP 2x2 run resumes on FSDP 4 and on one process, and
+    both continue exactly like the uninterrupted run (<= 1e-6: the factors are full rank by then)."""
+    root = str(tmp_path / "ckpt")
+    uninterrupted = run_ranks(4, ps.scenario_save_tp, root)[0]
+    on_fsdp = run_ranks(4, ps.scenario_resume, root, "fsdp")[0]
+    alone = ps.resume_one_process(root)
+    assert ps.max_rel_diff(on_fsdp, uninterrupted) <= 1e-6
+    assert ps.max_rel_diff(alone, uninterrupted) <= 1e-6
+    # and the uninterrupted run is the one-process trajectory
+    assert ps.max_rel_diff(uninterrupted, ps.reference()) <= 1e-6
