@@ -11,7 +11,7 @@ FAST = 15.0   # seconds; the process-group timeout of the harness is 90 s
 def test_local_failures_become_errors_on_every_rank_quickly():
     r0, r1 = run_ranks(2, hs.scenario_local_failures)
     for case in ("wrong_size", "bad_lr", "different_lr", "nan_raise", "different_frequency", "bad_state_dict"):
-        (k0, m0, t0), (k1, m1, t1) = r0[case], r1[case]
+        (k0, _, t0), (k1, _, t1) = r0[case], r1[case]
         assert k0 != "ok" and k1 != "ok", f"{case}: {k0} / {k1}"
         assert max(t0, t1) < FAST, f"{case} took {max(t0, t1):.1f} s"
     # the rank that failed locally says why; the other names the failing rank

@@ -14,7 +14,7 @@ import torch
 from sharded_shampoo.planning.balance import lower_bound
 from sharded_shampoo.config import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, SGDGrafting
 from sharded_shampoo.planning.costs import BLOCK_STATE_KINDS, RANK_STATE_KINDS, block_cost
-from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, box_numel, held_region, held_rows, intersect
+from sharded_shampoo.planning.layout import MeshSpec, ParamSpec, box_numel, held_region, intersect
 from sharded_shampoo.planning.plan import JSON_SCHEMA, PlanSettings, make_plan
 from sharded_shampoo.runtime.placements import param_specs_from_tensors
 from sharded_shampoo.dryrun.presets import LLAMA3_8B, LLAMA3_70B, Llama
@@ -28,6 +28,16 @@ MIXED = [
     ParamSpec("rep", (50, 40), torch.float32, False),        # replicated (DDP-style)
     ParamSpec("scalar", (), torch.float32, False),
 ]
+
+
+def held_rows(spec, rank, mesh):
+    """Dim-0 rows of a shorthand parameter a rank holds: FSDP2's torch.chunk rows, or all."""
+    dim0 = spec.shape[0] if spec.shape else 1
+    if not spec.sharded:
+        return 0, dim0
+    chunk = -(-dim0 // mesh.num_shards) if dim0 else 0
+    start = min(mesh.shard_index(rank) * chunk, dim0)
+    return start, min(start + chunk, dim0)
 
 
 def reference(plan):

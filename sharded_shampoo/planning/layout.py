@@ -45,18 +45,10 @@ def box_numel(box: Region) -> int:
     return math.prod(b - a for a, b in box)
 
 
-def box_shape(box: Region) -> tuple[int, ...]:
-    return tuple(b - a for a, b in box)
-
-
 def intersect(a: Region, b: Region) -> Region | None:
     """The common box of ``a`` and ``b`` (None when it is empty)."""
     out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
     return None if any(e <= s for s, e in out) else out
-
-
-def full_region(shape: Sequence[int]) -> Region:
-    return tuple((0, int(d)) for d in shape)
 
 
 @dataclass(frozen=True)
@@ -85,11 +77,6 @@ class MeshSpec:
     def num_shards(self) -> int:
         """Size of the last dim (the FSDP shard dim of the shorthand layout)."""
         return self.shape[-1]
-
-    @property
-    def num_replicas(self) -> int:
-        """Product of the leading dims (the HSDP replicas of the shorthand layout)."""
-        return self.world_size // self.num_shards
 
     def shard_index(self, rank: int) -> int:
         return rank % self.num_shards
@@ -375,21 +362,5 @@ def pick_source(holders: Sequence[int], owner: int, world_size: int) -> int:
     return min(candidates, key=lambda c: (abs(c - owner), c))
 
 
-def shard_range(dim0: int, num_shards: int, index: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of dim 0 held by shard ``index`` under ``torch.chunk`` semantics (FSDP2)."""
-    chunk = -(-dim0 // num_shards) if dim0 else 0
-    start = min(index * chunk, dim0)
-    return start, min(start + chunk, dim0)
-
-
-def held_rows(spec: ParamSpec, rank: int, mesh: MeshSpec) -> tuple[int, int]:
-    """Dim-0 rows ``rank`` holds of a shorthand (``sharded`` or replicated) parameter."""
-    dim0 = spec.shape[0] if spec.shape else 1
-    if not spec.sharded:
-        return 0, dim0
-    return shard_range(dim0, mesh.num_shards, mesh.shard_index(rank))
-
-
-__all__ = ["Layout", "MeshSpec", "ParamGeometry", "ParamSpec", "Region", "SubMesh", "box_numel", "box_shape",
-           "dtype_itemsize", "full_region", "held_region", "held_rows", "intersect", "param_geometry",
-           "pick_source", "shard_range"]
+__all__ = ["Layout", "MeshSpec", "ParamGeometry", "ParamSpec", "Region", "SubMesh", "box_numel", "dtype_itemsize",
+           "held_region", "intersect", "param_geometry", "pick_source"]
