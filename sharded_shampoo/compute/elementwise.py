@@ -26,8 +26,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-#: Distinct (shape, dtype, flags) signatures one kernel compiles before new ones run eagerly.
-MAX_COMPILED_SIGNATURES = 16
+#: Distinct (shape, dtype, flags) signatures one kernel runs compiled; calls with new ones beyond it run
+#: eagerly. Shapes do not each cost a compile: after the first shape change torch.compile makes the
+#: kernel shape-generic (``dynamic=None``), and dynamo's own recompile limit applies on top.
+MAX_COMPILED_SIGNATURES = 64
 #: Added to ``||P||`` before dividing (as in the reference implementation).
 NORM_EPS = 1e-16
 
@@ -130,7 +132,7 @@ class CompiledKernel:
             return self.fn(*args)
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+                self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=None)
             out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: run eagerly
             self.failed = f"{type(err).__name__}: {err}"

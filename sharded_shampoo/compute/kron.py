@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 
-#: Row/column tile of the symmetric factor update: a Gram matrix ``X X^T`` of dim ``d >= 2 *
-#: GRAM_TILE`` is computed as its lower-triangular tiles only (``k (k + 1) / 2`` of ``k^2``,
-#: ``k = ceil(d / GRAM_TILE)``) and the upper tiles are mirrored, saving up to ~35% of the factor
-#: GEMM FLOPs; smaller tiles lose more in GEMM efficiency than they save (docs/benchmarks.md).
+#: Row block of the symmetric factor update: a Gram matrix ``X X^T`` of dim ``d >= 2 * GRAM_TILE`` is
+#: computed as ``k = ceil(d / GRAM_TILE)`` row blocks, block ``i`` only from its diagonal tile to the
+#: right (``(k + 1) / (2 k)`` of the FLOPs), the tiles below the diagonal mirrored. Smaller tiles lose
+#: more in GEMM efficiency than they save (docs/benchmarks.md).
 GRAM_TILE = 256
 
 
@@ -34,45 +34,71 @@ def _tiles(d: int, tile: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, d)) for a in range(0, d, step)]
 
 
-def gram_update_(F: torch.Tensor, X: torch.Tensor, beta: float, alpha: float, tile: int = GRAM_TILE) -> None:
+def gram_scratch_numel(batch: int, d: int, tile: int = GRAM_TILE) -> int:
+    """Elements of the scratch :func:`gram_update_` needs for a ``[batch, d, d]`` stack (0: none)."""
+    if d < 2 * tile:
+        return 0
+    a, b = _tiles(d, tile)[1]
+    return batch * (b - a) * (d - a)
+
+
+def gram_update_(F: torch.Tensor, X: torch.Tensor, beta: float, alpha: float, tile: int = GRAM_TILE,
+                 scratch: Optional[torch.Tensor] = None) -> None:
     """``F <- beta F + alpha X X^T`` in place for stacks ``F: [B, d, d]``, ``X: [B, d, r]``.
 
-    ``F`` is symmetric, so only the tiles on and below the diagonal are multiplied and the tiles
-    above are copies of their mirror: the result is exactly symmetric. The GEMMs use ``X`` in
-    ``F``'s dtype (a ``bfloat16`` ``F`` means ``bfloat16`` operands).
+    ``F`` is symmetric, so only the upper row blocks are multiplied: the first row block as one
+    GEMM straight into ``F`` (full-width rows are a layout BLAS writes directly), each further one
+    into contiguous scratch and added to its tiles; the tiles below the diagonal are copies of their
+    mirror (the result is symmetric up to round-off, as a full GEMM is). ``beta = 0`` ignores ``F``'s old values (NaN-safe).
+    The GEMMs use ``X`` in ``F``'s dtype (a ``bfloat16`` ``F`` means ``bfloat16`` operands).
+    ``scratch``: a flat tensor of at least :func:`gram_scratch_numel` elements of ``F``'s dtype, reused
+    instead of allocating.
     """
     if X.dtype != F.dtype:
         X = X.to(F.dtype)
-    d = F.shape[-1]
+    B, d = F.shape[0], F.shape[-1]
     if d < 2 * tile:
         F.baddbmm_(X, X.mT, beta=beta, alpha=alpha)
         return
     spans = _tiles(d, tile)
-    for i, (a, b) in enumerate(spans):
-        Xi = X[:, a:b]
-        for c, e in spans[:i + 1]:
-            F[:, a:b, c:e].baddbmm_(Xi, X[:, c:e].mT, beta=beta, alpha=alpha)
-            if c != a:
-                F[:, c:e, a:b].copy_(F[:, a:b, c:e].mT)
+    a0, b0 = spans[0]
+    F[:, a0:b0, :].baddbmm_(X[:, a0:b0], X.mT, beta=beta, alpha=alpha)
+    for a, b in spans[1:]:
+        n = B * (b - a) * (d - a)
+        T = scratch[:n].view(B, b - a, d - a) if scratch is not None and scratch.numel() >= n else None
+        T = torch.bmm(X[:, a:b], X[:, a:].mT, out=T)
+        block = F[:, a:b, a:]
+        if beta == 0.0:
+            torch.mul(T, alpha, out=block)
+        else:
+            if beta != 1.0:
+                block.mul_(beta)
+            block.add_(T, alpha=alpha)
+    for a, b in spans[1:]:
+        F[:, a:b, :a].copy_(F[:, :a, a:b].mT)
 
 
 def gram(X: torch.Tensor, dtype: torch.dtype, tile: int = GRAM_TILE) -> torch.Tensor:
-    """``X X^T`` (``[B, d, d]``) with operands in ``dtype``, tiled like :func:`gram_update_`."""
+    """``X X^T`` (``[B, d, d]``) with operands in ``dtype``, computed like :func:`gram_update_`."""
     out = torch.empty(X.shape[0], X.shape[1], X.shape[1], dtype=dtype, device=X.device)
     gram_update_(out, X, beta=0.0, alpha=1.0, tile=tile)
     return out
 
 
 def apply_kronecker(X: torch.Tensor, mats: list[Optional[torch.Tensor]], transpose: bool = False,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``X x_1 A_1 ... x_k A_k`` for a stack ``X: [B, d_1..d_k]``, ``A_i: [B, d_i, d_i]`` or None.
 
     Each round contracts the leading dim with ``A`` (``A X`` along that dim, ``A^T X`` when
     ``transpose``) and moves it to the end in one ``bmm`` (``[B, d, rest]^T @ A^T -> [B, rest, d]``),
     so after k rounds the dims are back in their original order and no permute copy is needed.
-    The GEMMs run in the dtype of the matrices (``X`` is cast to it). ``out``: a contiguous tensor of
-    ``X``'s shape and the matrices' dtype that receives the last product when it does not overlap that
-    product's input (then the result *is* ``out``); otherwise a new tensor is returned.
+    The GEMMs run in the dtype of the matrices (``X`` is cast to it).
+
+    ``out``: a contiguous tensor of ``X``'s shape and the matrices' dtype that receives the last
+    product when it does not share memory with that product's input (then the result *is* ``out``).
+    ``scratch``: a flat tensor of at least ``X.numel()`` elements of the matrices' dtype for the
+    intermediate products. Both only avoid allocations: on CPU a fresh multi-MiB tensor costs page
+    faults on every step (measured: a bucket-sized ``bmm`` runs ~20% slower into a new tensor).
     """
     B = X.shape[0]
     dtypes = {A.dtype for A in mats if A is not None}
@@ -85,11 +111,14 @@ def apply_kronecker(X: torch.Tensor, mats: list[Optional[torch.Tensor]], transpo
             Y = X3.mT
         else:
             rhs = A if transpose else A.mT
-            if (i == last == len(mats) - 1 and out is not None and out.dtype == rhs.dtype
-                    and _disjoint(out, X3)):
-                Y = torch.bmm(X3.mT, rhs, out=out.view(B, -1, X.shape[1]))
-            else:
-                Y = torch.bmm(X3.mT, rhs)
+            target = None
+            if i == last == len(mats) - 1:
+                target = out
+            elif scratch is not None and scratch.numel() >= X3.numel():
+                target = scratch[:X3.numel()]
+            if target is not None and (target.dtype != rhs.dtype or not _disjoint(target, X3)):
+                target = None
+            Y = torch.bmm(X3.mT, rhs, out=None if target is None else target.view(B, -1, X.shape[1]))
         X = Y.reshape(B, *X.shape[2:], X.shape[1])
     return X
 
@@ -99,4 +128,4 @@ def _disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
-__all__ = ["GRAM_TILE", "apply_kronecker", "gram", "gram_update_", "unfold"]
+__all__ = ["GRAM_TILE", "apply_kronecker", "gram", "gram_scratch_numel", "gram_update_", "unfold"]

@@ -23,8 +23,8 @@ from ..planning.blocking import Block
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
                       GraftingConfig, PreconditionerConfig, SGDGrafting)
 from .elementwise import moments_and_graft, rescale, update_moments_
-from .kron import apply_kronecker, gram, gram_update_, unfold
-from .lowp import block_salt, chunk_slices, rounding_seed, stochastic_round_
+from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
+from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
 from .refresh import RefreshCounts, permute_along, refresh_factor
 
 
@@ -69,6 +69,7 @@ class BlockBucket:
                       for i in self.factor_dims]
         self.salts = [block_salt(b.block_id) for b in blocks]   # stochastic rounding of low-precision factors
         self.refresh_counts = RefreshCounts()
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}     # CPU only, see _workspace
         self.eigenvalues = zeros(B, *self.shape) if self.is_eigen and self.factor_dims else None
         g = hp.grafting
         self.grafting_state = zeros(B, *self.shape) if isinstance(g, STATEFUL_GRAFTING_TYPES) else None
@@ -173,12 +174,27 @@ class BlockBucket:
         if self.is_eigen:
             P = self._eigen_corrected_direction(M, bc2, out=G)
         else:
-            P = apply_kronecker(M, self._kron_list(self.roots), out=G)
+            P = apply_kronecker(M, self._kron_list(self.roots), out=G,
+                                scratch=self._workspace(M.numel(), self.roots[0].dtype))
         if hp.grafting is not None:
             return rescale(P, graft_norm, out=G, compiled=hp.elementwise == "compile")
         if bc1 is not None:
             return torch.div(P, bc1, out=G)
         return P if P.dtype == self.dtype else G.copy_(P)
+
+    def _workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch tensor for intermediate products (never state; contents undefined).
+
+        On CPU it is kept between steps and grows once: a fresh multi-MiB tensor costs page faults on
+        every step there. On accelerators the caching allocator already reuses memory, so a new tensor
+        is allocated per use and nothing stays resident between steps.
+        """
+        if self.device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        ws = self._scratch.get(dtype)
+        if ws is None or ws.numel() < numel:
+            ws = self._scratch[dtype] = torch.empty(numel, dtype=dtype, device=self.device)
+        return ws
 
     def _kron_list(self, mats: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = [None] * len(self.shape)
@@ -196,7 +212,8 @@ class BlockBucket:
             X = unfold(G, i)
             F = self.factors[n]
             if F.dtype == self.dtype:
-                gram_update_(F, X, beta=beta2, alpha=w)
+                scratch = self._workspace(gram_scratch_numel(F.shape[0], F.shape[-1]), F.dtype)
+                gram_update_(F, X, beta=beta2, alpha=w, scratch=scratch)
             else:
                 self._update_low_precision_factor(n, X, beta2, w)
 
@@ -205,17 +222,13 @@ class BlockBucket:
         (fp32 accumulation inside the GEMM), the EMA in ``self.dtype`` one chunk of blocks at a time,
         then stochastic rounding back into storage (see ``lowp.py``)."""
         F = self.factors[n]
-        GG = gram(X, F.dtype)
         rows = self._active_index if self._active_index is not None else range(len(self.blocks))
-        steps = self.step.tolist()
-        seeds = [rounding_seed(self.salts[r], t, n) for r, t in zip(rows, steps)]
+        seeds = [rounding_seed(self.salts[r], t, n) for r, t in zip(rows, self.step.tolist())]
         d = F.shape[-1]
-        for s in chunk_slices(F.shape[0], d * d * torch.finfo(self.dtype).bits // 8):
-            wide = F[s].to(self.dtype)
-            if beta2 != 1.0:
-                wide.mul_(beta2)
-            wide.add_(GG[s], alpha=w)
-            stochastic_round_(F[s], wide, seeds[s])
+        chunks = chunk_slices(F.shape[0], d * d * 4)
+        scratch = self._workspace(2 * d * d * (chunks[0].stop - chunks[0].start), torch.float32)
+        for s in chunks:
+            ema_round_(F[s], gram(X[s], F.dtype), beta2, w, seeds[s], scratch)
 
     def _moments_and_graft(self, G: torch.Tensor, M: torch.Tensor, bc1: Optional[torch.Tensor],
                            direction: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -280,7 +293,8 @@ class BlockBucket:
 
     def _update_corrected_eigenvalues(self, G: torch.Tensor) -> None:
         """D <- beta2 D + (1 - beta2) (G rotated into the current eigenbasis)^2 (sum when beta2 == 1)."""
-        G_rot = apply_kronecker(G, self._kron_list(self.roots), transpose=True)
+        G_rot = apply_kronecker(G, self._kron_list(self.roots), transpose=True,
+                                scratch=self._workspace(G.numel(), self.roots[0].dtype))
         beta2 = self.hp.beta2
         if beta2 < 1.0:
             self.eigenvalues.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
@@ -292,10 +306,11 @@ class BlockBucket:
         hp = self.hp
         Qs = self._kron_list(self.roots)
         exponent = next(e for e in self.exponents if e != 0)
-        M_rot = apply_kronecker(M, Qs, transpose=True).to(self.dtype)
+        scratch = self._workspace(M.numel(), self.roots[0].dtype)
+        M_rot = apply_kronecker(M, Qs, transpose=True, scratch=scratch).to(self.dtype)
         # the root before epsilon, as in the reference (and torch Adam): (D_hat^e + eps)
         denom = (self.eigenvalues / bc2).pow_(exponent).add_(hp.epsilon)
-        return apply_kronecker(M_rot.div_(denom), Qs, out=out)
+        return apply_kronecker(M_rot.div_(denom), Qs, out=out, scratch=scratch)
 
 
 def bucket_key(group_index: int, block: Block) -> tuple:
