@@ -164,3 +164,49 @@ def test_permute_along():
     perm = torch.tensor([[3, 2, 1, 0], [1, 0, 3, 2]])
     out = permute_along(X, 1, perm)
     assert torch.equal(out[0], X[0][:, [3, 2, 1, 0]]) and torch.equal(out[1], X[1][:, [1, 0, 3, 2]])
+
+
+# ----------------------------------------------------------------------------- in the optimizer
+
+
+def _train_small(pre, steps: int, epsilon: float = 1e-4, seed: int = 0):
+    from sharded_shampoo import AdamGrafting, ShardedShampoo
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(256, 24, generator=g)
+    Y = X @ torch.randn(24, 8, generator=g)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    opt = ShardedShampoo(model.named_parameters(), lr=3e-3, betas=(0.9, 0.999), epsilon=epsilon,
+                         max_preconditioner_dim=32, precondition_frequency=4, grafting=AdamGrafting(),
+                         preconditioner=pre)
+    for _ in range(steps):
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return float(loss.detach()), opt, model
+
+
+def test_warm_roots_in_the_optimizer_track_eigh():
+    """Accepted warm roots are within the tolerance of eigh's, so training follows the eigh run closely."""
+    loss_e, _, model_e = _train_small(RootInverseShampoo(), 40)
+    loss_w, opt, model_w = _train_small(RootInverseShampoo(root=WarmStartRootConfig(tolerance=1e-2)), 40)
+    counts = [b.refresh_counts for b in opt.runtime.buckets]
+    assert sum(c.warm for c in counts) > 0 and sum(c.fallback for c in counts) > 0
+    assert max(r for c in counts for r in c.residuals) <= 1e-2
+    assert abs(loss_w - loss_e) / loss_e < 0.01
+    for a, b in zip(model_w.parameters(), model_e.parameters()):
+        assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_qr_eigenbases_in_the_optimizer():
+    """QR refreshes keep the corrected eigenvalues aligned (permuted in place, the state views stay live)
+    and train like eigh refreshes."""
+    loss_e, _, _ = _train_small(EigenvalueCorrectedShampoo(), 40)
+    loss_q, opt, model = _train_small(EigenvalueCorrectedShampoo(eigenbasis=QREigenbasisConfig()), 40)
+    bucket = opt.runtime.buckets[0]
+    assert bucket.refresh_counts.warm > 0
+    state = opt.state[next(iter(model.parameters()))]["block_0"]
+    assert state["eigenvalues"].data_ptr() == bucket.eigenvalues[0].data_ptr()
+    assert abs(loss_q - loss_e) / loss_e < 0.05
