@@ -46,8 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="shrink every dim by this factor (quick checks)")
     p.add_argument("--root", choices=("eigh", "warm"), default="eigh", help="our inverse-root method")
-    p.add_argument("--fused", choices=("eager", "compile"), default="eager", help="our element-wise path")
-    p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32", help="our state storage")
+    p.add_argument("--elementwise", choices=("eager", "compile"), default="eager", help="our element-wise path")
+    p.add_argument("--root-storage", choices=("float32", "bfloat16"), default="float32",
+                   help="our root storage (bfloat16: bf16 preconditioning GEMMs, fp32 accumulation)")
+    p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32",
+                   help="our factor storage (bfloat16: bf16 factor GEMMs, fp32 EMA, stochastic rounding)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or not 0 < args.scale <= 1:
         p.error("--steps and --rounds must be >= 1, --warmup >= 0, --scale in (0, 1]")
@@ -78,13 +81,13 @@ def ours(args: argparse.Namespace, params: list[Any]) -> Any:
     from sharded_shampoo import AdaGradGrafting, EighRootConfig, RootInverseShampoo, ShardedShampoo
     from sharded_shampoo.config import WarmStartRootConfig
 
-    dtype = getattr(torch, args.state_dtype)
     root = EighRootConfig() if args.root == "eigh" else WarmStartRootConfig()
-    pre = RootInverseShampoo(root=root, state_dtype=dtype)
+    pre = RootInverseShampoo(root=root, factor_storage_dtype=getattr(torch, args.factor_storage),
+                             root_storage_dtype=getattr(torch, args.root_storage))
     return ShardedShampoo([(n, p) for (n, _), p in zip(shapes(args.scale), params)], lr=1e-3, betas=(0.9, 0.999),
                           epsilon=1e-12, max_preconditioner_dim=1024, precondition_frequency=args.precondition_frequency,
                           start_preconditioning_step=args.precondition_frequency, grafting=AdaGradGrafting(1e-10),
-                          preconditioner=pre, fused=args.fused)
+                          preconditioner=pre, elementwise=args.elementwise)
 
 
 def reference(args: argparse.Namespace, params: list[Any]) -> Any:
@@ -142,14 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         for r in order + order[::-1]:
             r.advance(args.steps // 2 or 1, timed=True)
     # the two runs stepped the same number of times with the same gradients: compare the results
-    diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(runs[0].params, runs[1].params))
+    with torch.no_grad():
+        diffs = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(runs[0].params, runs[1].params)]
+    two_d = max(d for d, (_, sh) in zip(diffs, shapes(args.scale)) if len(sh) == 2)
+    one_d = max((d for d, (_, sh) in zip(diffs, shapes(args.scale)) if len(sh) < 2), default=0.0)
     s = {r.name: r.summary() for r in runs}
     o, ref = s["ours"], s["reference"]
+    floor = floor_seconds(runs[0].opt)
     print(f"shapes {[sh for _, sh in shapes(args.scale)]}; blocks {len(runs[0].opt.plan.blocks)}; "
           f"precondition_frequency {args.precondition_frequency}; torch threads {torch.get_num_threads()}; "
-          f"ours: root={args.root} fused={args.fused} state_dtype={args.state_dtype}")
-    print(f"timed steps per optimizer: {o['n_plain']} plain + {o['n_refresh']} refresh; "
-          f"max relative parameter difference after {runs[0].step_index} steps: {diff:.2e}")
+          f"ours: root={args.root} elementwise={args.elementwise} storage factors={args.factor_storage} "
+          f"roots={args.root_storage}")
+    print(f"timed steps per optimizer: {o['n_plain']} plain + {o['n_refresh']} refresh; max relative parameter "
+          f"difference after {runs[0].step_index} steps: {two_d:.1e} (2-d), {one_d:.1e} (1-d: rank-deficient factor, "
+          "epsilon handled differently)")
+    print(f"GEMM floor of a plain step (4mn(m+n) FLOPs at the best fp32 bmm rate of this run): {floor * 1e3:.0f} ms; "
+          f"our plain step = {o['plain'] / floor:.2f}x the floor, the reference's = {ref['plain'] / floor:.2f}x")
     print()
     print("| step | ours | reference | ours / reference |")
     print("|---|---|---|---|")
@@ -157,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
                        ("refresh", "refresh step (median)")):
         print(f"| {label} | {o[key] * 1e3:.0f} ms | {ref[key] * 1e3:.0f} ms | {o[key] / ref[key]:.2f} |")
     return 0
+
+
+def floor_seconds(opt: Any) -> float:
+    """``4 m n (m + n)`` FLOPs of every 2-d block at the best fp32 batched-GEMM rate measured now."""
+    import torch
+
+    d = max(max(b.shape) for b in opt.plan.blocks)
+    a, b = torch.randn(4, d, d), torch.randn(4, d, d)
+    out = torch.empty(4, d, d)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.bmm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    rate = 2 * 4 * d ** 3 / best
+    flops = sum(4 * x.shape[0] * x.shape[1] * (x.shape[0] + x.shape[1]) for x in opt.plan.blocks if len(x.shape) == 2)
+    return flops / rate
 
 
 if __name__ == "__main__":
