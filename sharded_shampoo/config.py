@@ -18,6 +18,12 @@ from typing import Any, Optional, Union
 import torch
 
 
+#: Field metadata of config fields added after checkpoints were first written: ``config_to_dict``
+#: leaves such a field out while it has its default value, so the dicts (and the checkpoint
+#: fingerprints built from them) of configs that do not use it stay what they were.
+ADDED_LATER = {"omit_if_default": True}
+
+
 def check_range(owner: str, name: str, value: float, low: float, high: float,
                  low_open: bool = False, high_open: bool = False) -> None:
     """Raise a ValueError naming ``owner.name`` unless ``value`` lies in the interval."""
@@ -207,8 +213,8 @@ class RootInverseShampoo:
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     max_consecutive_root_failures: int = 10
-    factor_storage_dtype: Optional[torch.dtype] = None
-    root_storage_dtype: Optional[torch.dtype] = None
+    factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
@@ -234,15 +240,16 @@ class RootInverseShampoo:
         """Storage dtypes of the (factors, roots) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
-    def _key(self) -> tuple:
+    def key(self) -> tuple:
+        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
                 self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return hash(self.key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RootInverseShampoo) and self._key() == other._key()
+        return isinstance(other, RootInverseShampoo) and self.key() == other.key()
 
 
 @dataclass(frozen=True)
@@ -258,9 +265,9 @@ class EigenvalueCorrectedShampoo:
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     max_consecutive_root_failures: int = 10
-    eigenbasis: EigenbasisConfig = field(default_factory=EighRootConfig)
-    factor_storage_dtype: Optional[torch.dtype] = None
-    root_storage_dtype: Optional[torch.dtype] = None
+    eigenbasis: EigenbasisConfig = field(default_factory=EighRootConfig, metadata=ADDED_LATER)
+    factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
@@ -282,15 +289,16 @@ class EigenvalueCorrectedShampoo:
         """Storage dtypes of the (factors, eigenbases) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
-    def _key(self) -> tuple:
+    def key(self) -> tuple:
+        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
                 self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return hash(self.key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, EigenvalueCorrectedShampoo) and self._key() == other._key()
+        return isinstance(other, EigenvalueCorrectedShampoo) and self.key() == other.key()
 
 
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
@@ -446,13 +454,22 @@ def config_to_dict(config: Any) -> Any:
     if dataclasses.is_dataclass(config):
         out: dict[str, Any] = {"__config__": type(config).__name__}
         for f in dataclasses.fields(config):
-            out[f.name] = config_to_dict(getattr(config, f.name))
+            value = getattr(config, f.name)
+            if f.metadata.get("omit_if_default") and value == _default_of(f):
+                continue
+            out[f.name] = config_to_dict(value)
         return out
     if isinstance(config, torch.dtype):
         return {"__dtype__": str(config).removeprefix("torch.")}
     if isinstance(config, Mapping):
         return {"__mapping__": [[config_to_dict(k), config_to_dict(v)] for k, v in config.items()]}
     return config
+
+
+def _default_of(f: "dataclasses.Field[Any]") -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 _CONFIG_CLASSES = {cls.__name__: cls for cls in (

@@ -78,3 +78,16 @@ def test_cost_model_of_cheap_refreshes():
         CostModel(warm_fallback_rate=2.0)
     with pytest.raises(ValueError, match="CostModel.warm_series_order"):
         CostModel(warm_series_order=0)
+
+
+def test_new_fields_at_default_keep_the_old_dicts():
+    """Checkpoints written before these options existed keep their fingerprint and load."""
+    assert config_to_dict(RootInverseShampoo()) == {
+        "__config__": "RootInverseShampoo",
+        "root": {"__config__": "EighRootConfig", "make_positive_semidefinite": True, "retry_in_float64": True},
+        "inverse_exponent_override": {"__mapping__": []}, "factor_dtype": {"__dtype__": "float32"},
+        "max_consecutive_root_failures": 10}
+    assert set(config_to_dict(EigenvalueCorrectedShampoo())) == {
+        "__config__", "inverse_exponent_override", "factor_dtype", "max_consecutive_root_failures"}
+    assert config_from_dict(config_to_dict(EigenvalueCorrectedShampoo())) == EigenvalueCorrectedShampoo()
+    assert "root_storage_dtype" in config_to_dict(RootInverseShampoo(root_storage_dtype=torch.bfloat16))

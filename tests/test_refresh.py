@@ -210,3 +210,19 @@ def test_qr_eigenbases_in_the_optimizer():
     state = opt.state[next(iter(model.parameters()))]["block_0"]
     assert state["eigenvalues"].data_ptr() == bucket.eigenvalues[0].data_ptr()
     assert abs(loss_q - loss_e) / loss_e < 0.05
+
+
+def test_warm_backoff_skips_after_failed_attempts():
+    from sharded_shampoo.compute.refresh import WarmBackoff
+
+    b = WarmBackoff(2)
+    pattern = []
+    for _ in range(20):
+        attempted = b.attempt([0, 1])
+        pattern.append(attempted[0])
+        b.record([0, 1], attempted, [True, False])      # block 0 always fails, block 1 always succeeds
+    # block 0 tries at refreshes 0, 2, 5, 10, 19 (waits 1, 2, 4, 8); block 1 every time
+    assert [i for i, a in enumerate(pattern) if a] == [0, 2, 5, 10, 19]
+    assert b.attempt([1]) == [True]
+    b.record([0], [True], [False])
+    assert b.wait[0] == 0 and b.span[0] == 0

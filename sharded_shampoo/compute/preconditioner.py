@@ -25,7 +25,7 @@ from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, Ei
 from .elementwise import moments_and_graft, rescale, update_moments_
 from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
 from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
-from .refresh import RefreshCounts, permute_along, refresh_factor
+from .refresh import RefreshCounts, WarmBackoff, permute_along, refresh_factor
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class BlockBucket:
                       for i in self.factor_dims]
         self.salts = [block_salt(b.block_id) for b in blocks]   # stochastic rounding of low-precision factors
         self.refresh_counts = RefreshCounts()
+        self.warm_backoff = [WarmBackoff(B) for _ in self.factor_dims]
         self._scratch: dict[torch.dtype, torch.Tensor] = {}     # CPU only, see _workspace
         self.eigenvalues = zeros(B, *self.shape) if self.is_eigen and self.factor_dims else None
         g = hp.grafting
@@ -270,10 +271,14 @@ class BlockBucket:
         hp = self.hp
         # sized by the (possibly masked, see step_blocks) stacks, not by the whole bucket
         all_ok = torch.ones(self.failures.shape[0], dtype=torch.bool, device=self.device)
+        rows = self._active_index if self._active_index is not None else list(range(len(self.blocks)))
         for n, i in enumerate(self.factor_dims):
             F_hat = self.factors[n].to(self.dtype) / bc2.view(-1, 1, 1)
+            attempted = self.warm_backoff[n].attempt(rows)
             res = refresh_factor(F_hat, self.roots[n], self.exponents[i], hp.epsilon, hp.preconditioner,
-                                 self.refresh_counts)
+                                 self.refresh_counts, torch.tensor(attempted, device=self.device))
+            if res.fell_back is not None:
+                self.warm_backoff[n].record(rows, attempted, res.fell_back.tolist())
             if res.permutation is not None and self.eigenvalues is not None:
                 keep = torch.arange(res.permutation.shape[1], device=self.device).expand_as(res.permutation)
                 perm = torch.where(res.ok[:, None], res.permutation, keep)
@@ -286,7 +291,6 @@ class BlockBucket:
         limit = hp.preconditioner.max_consecutive_root_failures
         if bool((self.failures >= limit).any()):
             # recorded, not raised: the optimizer finishes the step on every rank, then raises
-            rows = self._active_index if self._active_index is not None else range(len(self.blocks))
             self.exhausted.extend(self.blocks[r].block_id for r, f in zip(rows, self.failures.tolist()) if f >= limit)
 
     # ------------------------------------------------------------------ eigenvalue-corrected mode

@@ -27,6 +27,7 @@ class RefreshResult:
     matrices: torch.Tensor
     ok: torch.Tensor
     permutation: Optional[torch.Tensor] = None   # int64 [B, d]; identity rows where a full eigh was used
+    fell_back: Optional[torch.Tensor] = None     # bool [B] (warm roots): the series was tried and failed its check
 
 
 @dataclass
@@ -39,11 +40,43 @@ class RefreshCounts:
     residuals: list[float] = field(default_factory=list)   # residual estimates of the accepted warm roots
 
 
+class WarmBackoff:
+    """Which blocks try the warm-started root at a refresh (per factor; Python state, not optimizer state).
+
+    A block whose warm attempt fell back to eigh skips its next 1, 2, 4, then 8 attempts (eigh
+    directly), so a run where warm roots do not pass the check pays for a failed attempt at most on
+    one refresh in nine instead of on every one; an accepted attempt resets the wait. Starts afresh
+    after a restart (it only decides where to spend a few GEMMs).
+    """
+
+    MAX_WAIT = 8
+
+    def __init__(self, n_blocks: int) -> None:
+        self.wait = [0] * n_blocks
+        self.span = [0] * n_blocks
+
+    def attempt(self, rows: list[int]) -> list[bool]:
+        return [self.wait[r] == 0 for r in rows]
+
+    def record(self, rows: list[int], attempted: list[bool], failed: list[bool]) -> None:
+        """``failed``: the series was computed and failed its check (a screen or first-refresh eigh is free)."""
+        for r, a, f in zip(rows, attempted, failed):
+            if not a:
+                self.wait[r] -= 1
+            elif f:
+                self.span[r] = min(2 * self.span[r] or 1, self.MAX_WAIT)
+                self.wait[r] = self.span[r]
+            else:
+                self.span[r] = self.wait[r] = 0
+
+
 def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float, epsilon: float,
-                   preconditioner: PreconditionerConfig, counts: RefreshCounts) -> RefreshResult:
+                   preconditioner: PreconditionerConfig, counts: RefreshCounts,
+                   attempt: Optional[torch.Tensor] = None) -> RefreshResult:
     """New inverse roots (or eigenbases) of the bias-corrected factors ``F_hat: [B, d, d]``.
 
     ``previous``: the current roots / eigenbases (the warm start; the identity before the first refresh).
+    ``attempt``: bool ``[B]``, which matrices may try a warm-started root (default: all).
     """
     B = F_hat.shape[0]
     if isinstance(preconditioner, EigenvalueCorrectedShampoo):
@@ -56,9 +89,9 @@ def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float,
         return RefreshResult(Q, ok)
     root = preconditioner.root
     if isinstance(root, WarmStartRootConfig):
-        X, ok, report = inverse_root_warm(F_hat, previous, exponent, epsilon, root)
+        X, ok, report = inverse_root_warm(F_hat, previous, exponent, epsilon, root, attempt)
         _count_warm(counts, report.fell_back, report.residual)
-        return RefreshResult(X, ok)
+        return RefreshResult(X, ok, fell_back=report.fell_back & report.tried)
     counts.full += B
     if isinstance(root, CoupledNewtonConfig):
         return RefreshResult(*inverse_root_newton(F_hat, exponent, epsilon, root))
@@ -81,4 +114,4 @@ def permute_along(X: torch.Tensor, dim: int, perm: torch.Tensor) -> torch.Tensor
     return X.gather(dim + 1, index)
 
 
-__all__ = ["RefreshCounts", "RefreshResult", "permute_along", "refresh_factor"]
+__all__ = ["RefreshCounts", "RefreshResult", "WarmBackoff", "permute_along", "refresh_factor"]

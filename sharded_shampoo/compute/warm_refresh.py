@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,7 @@ class RefreshReport:
     fell_back: torch.Tensor        # bool [B]: the matrix got eigh instead of the cheap method
     residual: torch.Tensor         # float [B]: the residual estimate of the warm result (nan where not computed)
     order: int = 0                 # series order used (0: none; QR: the iterations)
+    tried: Optional[torch.Tensor] = None   # bool [B] (warm roots): the series was computed (passed the screen)
 
 
 def _work_dtype(A: torch.Tensor) -> torch.dtype:
@@ -163,14 +165,15 @@ def _warm_candidates(A: torch.Tensor, R: torch.Tensor, exponent: float, q: int,
 
 
 def inverse_root_warm(A: torch.Tensor, R_prev: torch.Tensor, exponent: float, epsilon: float,
-                      config: WarmStartRootConfig = WarmStartRootConfig()
+                      config: WarmStartRootConfig = WarmStartRootConfig(), attempt: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, RefreshReport]:
     """``(A + epsilon I)^(-exponent)`` for each matrix of the stack, warm-started from ``R_prev``.
 
     ``exponent = 1 / (2 q)`` with integer ``q``. Matrices whose previous root is the identity, whose
     warm result is not finite or whose residual (:func:`whitening_residual`) exceeds
-    ``config.tolerance`` get :func:`inverse_root_eigh` instead. Returns the roots (in ``A``'s dtype),
-    the per-matrix ``ok`` mask and a :class:`RefreshReport`.
+    ``config.tolerance`` get :func:`inverse_root_eigh` instead, and so do those where ``attempt``
+    (bool ``[B]``, default all) is False. Returns the roots (in ``A``'s dtype), the per-matrix ``ok``
+    mask and a :class:`RefreshReport`.
     """
     q = round(0.5 / exponent)
     if q < 1 or abs(0.5 / exponent - q) > 1e-9:
@@ -182,7 +185,10 @@ def inverse_root_warm(A: torch.Tensor, R_prev: torch.Tensor, exponent: float, ep
     Aw = Aw + epsilon * torch.eye(d, dtype=work, device=A.device)
     R = R_prev.to(work)
     cold = _is_identity(R_prev) | ~finite
-    cold |= ~(frame_distance(R, Aw, q, config.probes) < SERIES_RADIUS)
+    if attempt is not None:
+        cold |= ~attempt
+    if not bool(cold.all()):
+        cold |= ~(frame_distance(R, Aw, q, config.probes) < SERIES_RADIUS)
     residual = torch.full((B,), math.nan, dtype=torch.float32, device=A.device)
     order = 0
     X = torch.empty_like(Aw)
@@ -200,7 +206,9 @@ def inverse_root_warm(A: torch.Tensor, R_prev: torch.Tensor, exponent: float, ep
         X[bad] = Xe.to(work)
         ok[bad] = ok_e
     ok &= finite & torch.isfinite(X).flatten(1).all(-1)
-    return X.to(A.dtype), ok, RefreshReport(fell_back=fell_back, residual=residual, order=order)
+    tried = torch.zeros(B, dtype=torch.bool, device=A.device)
+    tried[warm] = True
+    return X.to(A.dtype), ok, RefreshReport(fell_back=fell_back, residual=residual, order=order, tried=tried)
 
 
 def eigenbasis_qr(A: torch.Tensor, Q_prev: torch.Tensor, epsilon: float,
