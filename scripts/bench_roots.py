@@ -10,7 +10,8 @@ Part 1 times one refresh of a stack of factors with each method and measures wha
   basis; accuracy = ``||Q^T A Q - diag||_F / ||A||_F``.
 
 on two kinds of factors: ``random`` (the bench_vs_reference config: Gaussian gradients on 1024 x 1024
-blocks, 10 steps between refreshes, beta2 = 0.999) and ``train`` (the factors of scripts/train.py's
+blocks, 10 steps between refreshes, beta2 = 0.999), at the refresh of step 20 (early: the factor
+still changes a lot) and of step ``--late`` (200), and ``train`` (the factors of scripts/train.py's
 byte-level GPT at a refresh, with the previous refresh's roots: real, ill-conditioned factors).
 
 Part 2 (``--train-steps N``) runs scripts/train.py on 1 process with each method and reports the final
@@ -47,15 +48,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def random_factors(blocks: int, d: int, beta2: float = 0.999) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F_hat at step 10, F_hat at step 20) of ``blocks`` d x d blocks with Gaussian gradients."""
+def random_factors(blocks: int, d: int, beta2: float = 0.999, last: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_hat at step ``last - 10``, F_hat at step ``last``) of ``blocks`` d x d blocks, Gaussian gradients."""
     g = torch.Generator().manual_seed(0)
     F = torch.zeros(blocks, d, d)
     out = []
-    for t in range(1, 21):
+    for t in range(1, last + 1):
         G = torch.randn(blocks, d, d, generator=g) * 1e-2
         F.mul_(beta2).baddbmm_(G, G.mT, alpha=1 - beta2)
-        if t in (10, 20):
+        if t in (last - 10, last):
             out.append(F / (1 - beta2 ** t))
     return out[0], out[1]
 
@@ -163,14 +164,16 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--late", type=int, default=200, help="the later refresh step of the random factors")
     p.add_argument("--train-steps", type=int, default=0, help="also train with each method (0: skip)")
     args = p.parse_args()
     lines = [f"torch threads {torch.get_num_threads()}", "",
              "| factors | method | time per refresh | vs eigh | error (median) | whitening residual | fallback |",
              "|---|---|---|---|---|---|---|"]
-    r = measure([(*random_factors(args.blocks, args.dim), 0.25)], 1e-12, args.repeats)
-    lines += report(f"random, {args.blocks} x {args.dim}^2", r)
-    print("\n".join(lines), flush=True)
+    for last in (20, args.late):
+        r = measure([(*random_factors(args.blocks, args.dim, last=last), 0.25)], 1e-12, args.repeats)
+        lines += report(f"random, {args.blocks} x {args.dim}^2, step {last}", r)
+        print("\n".join(lines), flush=True)
     pairs = train_factors()
     r = measure(pairs, 1e-10, args.repeats)
     lines += report(f"train.py, {len(pairs)} stacks", r)

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our root storage (bfloat16: bf16 preconditioning GEMMs, fp32 accumulation)")
     p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32",
                    help="our factor storage (bfloat16: bf16 factor GEMMs, fp32 EMA, stochastic rounding)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only print our state bytes (planned and allocated) for fp32 and bf16 storage")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or not 0 < args.scale <= 1:
         p.error("--steps and --rounds must be >= 1, --warmup >= 0, --scale in (0, 1]")
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.memory_only:
+        print("\n".join(memory_table(args)))
+        return 0
     sys.path.insert(0, os.path.abspath(args.reference))
     runs = [Run("ours", ours, args), Run("reference", reference, args)]
     for r in runs:
@@ -168,6 +173,29 @@ def main(argv: list[str] | None = None) -> int:
                        ("refresh", "refresh step (median)")):
         print(f"| {label} | {o[key] * 1e3:.0f} ms | {ref[key] * 1e3:.0f} ms | {o[key] / ref[key]:.2f} |")
     return 0
+
+
+def memory_table(args: argparse.Namespace) -> list[str]:
+    """Our optimizer state on these parameters with fp32 and bf16 storage: planned bytes == allocated bytes."""
+    lines = ["| state storage | optimizer state (planned = allocated) | factors + roots | vs fp32 |", "|---|---|---|---|"]
+    base = None
+    for label, factors, roots in (("fp32", "float32", "float32"), ("bf16 roots", "float32", "bfloat16"),
+                                  ("bf16 factors + roots", "bfloat16", "bfloat16")):
+        args.factor_storage, args.root_storage = factors, roots
+        opt = ours(args, make_params(args))
+        seen: dict[int, int] = {}
+        for state in opt.state.values():
+            for block in state.values():
+                for v in (block.values() if isinstance(block, dict) else [block]):
+                    seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        r = opt.plan.ranks[0]
+        if sum(seen.values()) != r.optimizer_state_bytes:
+            raise AssertionError(f"{label}: allocated {sum(seen.values())} != planned {r.optimizer_state_bytes}")
+        square = r.state_bytes_by_kind["factors"] + r.state_bytes_by_kind["roots"]
+        base = base or r.optimizer_state_bytes
+        lines.append(f"| {label} | {r.optimizer_state_bytes / 2 ** 20:.1f} MiB | {square / 2 ** 20:.1f} MiB | "
+                     f"{r.optimizer_state_bytes / base:.2f} |")
+    return lines
 
 
 def floor_seconds(opt: Any) -> float:
