@@ -83,6 +83,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-preconditioner-dim", type=int, default=512)
     p.add_argument("--precondition-frequency", type=int, default=10)
     p.add_argument("--epsilon", type=float, default=1e-10, help="Shampoo's epsilon (root regulariser)")
+    p.add_argument("--preconditioner", choices=("shampoo", "eigen"), default="shampoo",
+                   help="root-inverse Shampoo or eigenvalue-corrected (SOAP-like) Shampoo")
+    p.add_argument("--root", choices=("eigh", "warm"), default="eigh", help="inverse-root refresh (shampoo)")
+    p.add_argument("--eigenbasis", choices=("eigh", "qr"), default="eigh", help="eigenbasis refresh (eigen)")
+    p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--root-storage", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--elementwise", choices=("eager", "compile"), default="eager")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--log-every", type=int, default=10)
@@ -112,6 +119,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def preconditioner_config(args: argparse.Namespace):
+    """The preconditioner config object the command line names."""
+    from sharded_shampoo import EigenvalueCorrectedShampoo, RootInverseShampoo
+    from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
+
+    storage = dict(factor_storage_dtype=getattr(torch, getattr(args, "factor_storage", "float32")),
+                   root_storage_dtype=getattr(torch, getattr(args, "root_storage", "float32")))
+    if getattr(args, "preconditioner", "shampoo") == "eigen":
+        basis = QREigenbasisConfig() if getattr(args, "eigenbasis", "eigh") == "qr" else None
+        return EigenvalueCorrectedShampoo(**storage, **({"eigenbasis": basis} if basis else {}))
+    root = WarmStartRootConfig() if getattr(args, "root", "eigh") == "warm" else None
+    return RootInverseShampoo(**storage, **({"root": root} if root else {}))
+
+
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     from sharded_shampoo import AdamGrafting, ShardedShampoo
 
@@ -120,7 +141,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
     return ShardedShampoo(model.named_parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), epsilon=args.epsilon,
                           weight_decay=0.01, max_preconditioner_dim=args.max_preconditioner_dim,
                           precondition_frequency=args.precondition_frequency,
-                          grafting=AdamGrafting(beta2=0.95, epsilon=1e-8))
+                          grafting=AdamGrafting(beta2=0.95, epsilon=1e-8), preconditioner=preconditioner_config(args),
+                          elementwise=getattr(args, "elementwise", "eager"))
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

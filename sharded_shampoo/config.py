@@ -13,9 +13,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
+
+
+#: Field metadata of config fields added after checkpoints were first written: ``config_to_dict``
+#: leaves such a field out while it has its default value, so the dicts (and the checkpoint
+#: fingerprints built from them) of configs that do not use it stay what they were.
+ADDED_LATER = {"omit_if_default": True}
 
 
 def check_range(owner: str, name: str, value: float, low: float, high: float,
@@ -135,7 +141,63 @@ class CoupledNewtonConfig:
         check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
 
 
-RootConfig = Union[EighRootConfig, CoupledNewtonConfig]
+@dataclass(frozen=True)
+class WarmStartRootConfig:
+    """Inverse roots refreshed from the previous root with GEMMs only, checked, eigh where the check fails.
+
+    With the previous root ``R`` of exponent ``e`` (``q = 1 / (2 e)`` must be an integer) the new
+    factor ``A`` is brought into the frame of ``R``: ``M = R^q A R^q / c`` with the scalar
+    ``c = tr(R^q A R^q) / d``, which is close to ``I`` when ``A`` changed little since the last
+    refresh. A screen estimates ``||M - I||_F / sqrt(d)`` with ``probes`` fixed random vectors
+    (matrix-vector work only, fp64); where it is below 0.5, ``M^(-e)`` is the binomial series in
+    ``E = M - I`` (Horner, ``order - 1`` GEMMs, the order picked from the size of ``E`` and capped at
+    ``max_order``) and the root is ``X = c^(-e) sym(R M^(-e))``. Its residual
+    ``||X^q A X^q - I||_F / sqrt(d)`` is estimated the same way; a matrix that fails the screen,
+    whose residual exceeds ``tolerance`` or is not finite gets the eigendecomposition root
+    (``fallback``) instead. The first refresh of a block (root still the identity) always uses eigh.
+    """
+
+    max_order: int = 6
+    tolerance: float = 1e-3
+    probes: int = 8
+    fallback: EighRootConfig = field(default_factory=EighRootConfig)
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_order", 1), ("probes", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"WarmStartRootConfig.{name} must be an integer >= {low}; got {v!r}.")
+        check_range("WarmStartRootConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
+        if not isinstance(self.fallback, EighRootConfig):
+            raise ValueError(f"WarmStartRootConfig.fallback must be an EighRootConfig(); got {self.fallback!r}.")
+
+
+RootConfig = Union[EighRootConfig, CoupledNewtonConfig, WarmStartRootConfig]
+ROOT_TYPES = (EighRootConfig, CoupledNewtonConfig, WarmStartRootConfig)
+
+
+@dataclass(frozen=True)
+class QREigenbasisConfig:
+    """Eigenbases refreshed by warm-started subspace (power + QR) iterations from the previous basis.
+
+    Each of ``iterations`` rounds: order the columns of the previous basis ``Q`` by the estimated
+    eigenvalues ``diag(Q^T A Q)`` (descending; the corrected eigenvalues are permuted alike), then
+    ``Q <- qr(A Q).Q``: one GEMM and one QR per round instead of a full ``eigh``. A block whose basis
+    is still the identity (never refreshed) gets a full ``eigh`` (with ``fallback``'s settings).
+    """
+
+    iterations: int = 1
+    fallback: EighRootConfig = field(default_factory=EighRootConfig)
+
+    def __post_init__(self) -> None:
+        v = self.iterations
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"QREigenbasisConfig.iterations must be an integer >= 1; got {v!r}.")
+        if not isinstance(self.fallback, EighRootConfig):
+            raise ValueError(f"QREigenbasisConfig.fallback must be an EighRootConfig(); got {self.fallback!r}.")
+
+
+EigenbasisConfig = Union[EighRootConfig, QREigenbasisConfig]
 
 
 @dataclass(frozen=True)
@@ -151,31 +213,43 @@ class RootInverseShampoo:
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     max_consecutive_root_failures: int = 10
+    factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
                          self.max_consecutive_root_failures)
-        if not isinstance(self.root, (EighRootConfig, CoupledNewtonConfig)):
-            raise ValueError("RootInverseShampoo.root must be EighRootConfig() or CoupledNewtonConfig(); "
-                             f"got {self.root!r}.")
-        if isinstance(self.root, CoupledNewtonConfig):
+        _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype)
+        if not isinstance(self.root, ROOT_TYPES):
+            raise ValueError("RootInverseShampoo.root must be EighRootConfig(), CoupledNewtonConfig() or "
+                             f"WarmStartRootConfig(); got {self.root!r}.")
+        if isinstance(self.root, (CoupledNewtonConfig, WarmStartRootConfig)):
+            # coupled Newton needs an integer p = 1/e; the warm start needs an integer q = 1/(2e)
+            scale = 1.0 if isinstance(self.root, CoupledNewtonConfig) else 0.5
+            what = "1/{e}" if scale == 1.0 else "1/(2*{e})"
             for order, value in self.inverse_exponent_override.items():
                 exps = value.values() if isinstance(value, Mapping) else [value]
                 for e in exps:
-                    if e != 0 and abs(1.0 / e - round(1.0 / e)) > 1e-9:
+                    if e != 0 and abs(scale / e - round(scale / e)) > 1e-9:
                         raise ValueError(
-                            f"RootInverseShampoo.inverse_exponent_override[{order}] = {e} needs a root 1/{e} "
-                            "that is not an integer, which CoupledNewtonConfig cannot compute; use "
-                            "root=EighRootConfig() or an exponent 1/p with integer p.")
+                            f"RootInverseShampoo.inverse_exponent_override[{order}] = {e} needs "
+                            f"{what.format(e=e)} to be an integer for {type(self.root).__name__}; use "
+                            "root=EighRootConfig() or an exponent such as 1/2, 1/4, 1/6.")
+
+    def storage_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """Storage dtypes of the (factors, roots) stacks (``factor_dtype`` where not set)."""
+        return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
+
+    def key(self) -> tuple:
+        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
+        return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
+                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype)
 
     def __hash__(self) -> int:
-        return hash((self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
-                     self.max_consecutive_root_failures))
+        return hash(self.key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RootInverseShampoo) and hash(self) == hash(other) and \
-            self.root == other.root and \
-            _freeze_override(self.inverse_exponent_override) == _freeze_override(other.inverse_exponent_override)
+        return isinstance(other, RootInverseShampoo) and self.key() == other.key()
 
 
 @dataclass(frozen=True)
@@ -191,10 +265,17 @@ class EigenvalueCorrectedShampoo:
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
     factor_dtype: torch.dtype = torch.float32
     max_consecutive_root_failures: int = 10
+    eigenbasis: EigenbasisConfig = field(default_factory=EighRootConfig, metadata=ADDED_LATER)
+    factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
                          self.max_consecutive_root_failures)
+        _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype)
+        if not isinstance(self.eigenbasis, (EighRootConfig, QREigenbasisConfig)):
+            raise ValueError("EigenvalueCorrectedShampoo.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); "
+                             f"got {self.eigenbasis!r}.")
         for order, value in self.inverse_exponent_override.items():
             if isinstance(value, Mapping):
                 bad = {e for e in value.values() if e not in (0, 0.0)}
@@ -204,13 +285,20 @@ class EigenvalueCorrectedShampoo:
                         "be 0 (skip the rotation of that dim) or one shared exponent for every dim; got "
                         f"{dict(value)!r}.")
 
+    def storage_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """Storage dtypes of the (factors, eigenbases) stacks (``factor_dtype`` where not set)."""
+        return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
+
+    def key(self) -> tuple:
+        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
+        return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
+                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype)
+
     def __hash__(self) -> int:
-        return hash((_freeze_override(self.inverse_exponent_override), self.factor_dtype,
-                     self.max_consecutive_root_failures))
+        return hash(self.key())
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, EigenvalueCorrectedShampoo) and hash(self) == hash(other) and \
-            _freeze_override(self.inverse_exponent_override) == _freeze_override(other.inverse_exponent_override)
+        return isinstance(other, EigenvalueCorrectedShampoo) and self.key() == other.key()
 
 
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
@@ -223,6 +311,17 @@ def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch
         raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
     if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 1:
         raise ValueError(f"{owner}.max_consecutive_root_failures must be an integer >= 1; got {max_failures!r}.")
+
+
+#: Storage dtypes factors and roots may use besides ``factor_dtype`` (math stays in ``factor_dtype``).
+STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> None:
+    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage)):
+        if value is not None and value not in STORAGE_DTYPES:
+            raise ValueError(f"{owner}.{name} must be None (= factor_dtype), torch.float32, torch.float64 or "
+                             f"torch.bfloat16; got {value!r}.")
 
 
 def default_exponent(config: PreconditionerConfig, order: int, dim: int) -> float:
@@ -355,7 +454,10 @@ def config_to_dict(config: Any) -> Any:
     if dataclasses.is_dataclass(config):
         out: dict[str, Any] = {"__config__": type(config).__name__}
         for f in dataclasses.fields(config):
-            out[f.name] = config_to_dict(getattr(config, f.name))
+            value = getattr(config, f.name)
+            if f.metadata.get("omit_if_default") and value == _default_of(f):
+                continue
+            out[f.name] = config_to_dict(value)
         return out
     if isinstance(config, torch.dtype):
         return {"__dtype__": str(config).removeprefix("torch.")}
@@ -364,9 +466,15 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
+def _default_of(f: "dataclasses.Field[Any]") -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 _CONFIG_CLASSES = {cls.__name__: cls for cls in (
     SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
-    RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig)}
+    WarmStartRootConfig, QREigenbasisConfig, RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig)}
 
 
 def config_from_dict(data: Any) -> Any:

@@ -62,6 +62,7 @@ class ShardedShampoo(Optimizer):
         comm_dtype: torch.dtype = torch.float32,
         nonfinite_grads: str = "raise",
         overlap_chunks: int = 4,
+        elementwise: str = "eager",
     ) -> None:
         self.nonfinite_grads = NonFinitePolicy.parse(nonfinite_grads)
         check_comm_dtype(comm_dtype)
@@ -74,7 +75,7 @@ class ShardedShampoo(Optimizer):
                         max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
                         start_preconditioning_step=start_preconditioning_step,
                         use_bias_correction=use_bias_correction, grafting=grafting, preconditioner=preconditioner,
-                        blocking=blocking, step=0)
+                        blocking=blocking, elementwise=elementwise, step=0)
         groups = split_named(params)
         self._constructing = True
         super().__init__(groups, defaults)
@@ -275,7 +276,7 @@ class ShardedShampoo(Optimizer):
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
                              use_bias_correction=group["use_bias_correction"], grafting=group["grafting"],
-                             preconditioner=group["preconditioner"])
+                             preconditioner=group["preconditioner"], elementwise=group["elementwise"])
 
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.planning.blocking import Block
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     RMSpropGrafting, RootInverseShampoo, SGDGrafting)
-from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams, apply_kronecker
+from sharded_shampoo.compute.kron import apply_kronecker
+from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams
 
 B = 9
 # float64 factors: stacking must be exact up to round-off (1e-6 is loose there); float32 factors:

@@ -20,9 +20,12 @@ from typing import Optional
 import torch
 
 from ..planning.blocking import Block
-from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, CoupledNewtonConfig,
-                      EigenvalueCorrectedShampoo, GraftingConfig, PreconditionerConfig, SGDGrafting)
-from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
+from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
+                      GraftingConfig, PreconditionerConfig, SGDGrafting)
+from .elementwise import moments_and_graft, rescale, update_moments_
+from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
+from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
+from .refresh import RefreshCounts, WarmBackoff, permute_along, refresh_factor
 
 
 @dataclass(frozen=True)
@@ -35,32 +38,11 @@ class BucketHyperparams:
     use_bias_correction: bool
     grafting: Optional[GraftingConfig]
     preconditioner: PreconditionerConfig
+    elementwise: str = "eager"        # "compile": fused element-wise kernels (torch.compile, eager fallback)
 
 
 class RootFailureError(RuntimeError):
     """Raised when a block's inverse root failed too many consecutive times."""
-
-
-def _unfold(X: torch.Tensor, dim: int) -> torch.Tensor:
-    """``[B, d_0, ..., d_{k-1}]`` -> ``[B, d_dim, rest]`` (mode-``dim`` unfolding, batched)."""
-    if dim == 0:
-        return X.reshape(X.shape[0], X.shape[1], -1)
-    return X.movedim(dim + 1, 1).reshape(X.shape[0], X.shape[dim + 1], -1)
-
-
-def apply_kronecker(X: torch.Tensor, mats: list[Optional[torch.Tensor]], transpose: bool = False) -> torch.Tensor:
-    """``X x_1 A_1 ... x_k A_k`` for a stack ``X: [B, d_1..d_k]``, ``A_i: [B, d_i, d_i]`` or None.
-
-    Each round contracts the leading dim with ``A`` (``A X`` along that dim, ``A^T X`` when
-    ``transpose``) and moves it to the end in one ``bmm`` (``[B, d, rest]^T @ A^T -> [B, rest, d]``),
-    so after k rounds the dims are back in their original order and no permute copy is needed.
-    """
-    B = X.shape[0]
-    for A in mats:
-        X3 = X.reshape(B, X.shape[1], -1)
-        Y = X3.mT if A is None else torch.bmm(X3.mT, A if transpose else A.mT)
-        X = Y.reshape(B, *X.shape[2:], X.shape[1])
-    return X
 
 
 class BlockBucket:
@@ -73,15 +55,22 @@ class BlockBucket:
         self.hp = hp
         self.device = device
         dtype = hp.preconditioner.factor_dtype
-        self.dtype = dtype
+        self.dtype = dtype          # the math (gathered gradients, moments, refresh) runs in this dtype
+        factor_storage, root_storage = hp.preconditioner.storage_dtypes()
         B = len(blocks)
         self.factor_dims = [i for i, e in enumerate(self.exponents) if e != 0]
         self.is_eigen = isinstance(hp.preconditioner, EigenvalueCorrectedShampoo)
         zeros = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        self.factors = [zeros(B, self.shape[i], self.shape[i]) for i in self.factor_dims]
+        self.factors = [torch.zeros(B, self.shape[i], self.shape[i], dtype=factor_storage, device=device)
+                        for i in self.factor_dims]
         # inverse roots and eigenbases both start as the identity (as in the reference), so a block
         # whose first root is not available yet preconditions with the identity
-        self.roots = [torch.eye(self.shape[i], dtype=dtype, device=device).repeat(B, 1, 1) for i in self.factor_dims]
+        self.roots = [torch.eye(self.shape[i], dtype=root_storage, device=device).repeat(B, 1, 1)
+                      for i in self.factor_dims]
+        self.salts = [block_salt(b.block_id) for b in blocks]   # stochastic rounding of low-precision factors
+        self.refresh_counts = RefreshCounts()
+        self.warm_backoff = [WarmBackoff(B) for _ in self.factor_dims]
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}     # CPU only, see _workspace
         self.eigenvalues = zeros(B, *self.shape) if self.is_eigen and self.factor_dims else None
         g = hp.grafting
         self.grafting_state = zeros(B, *self.shape) if isinstance(g, STATEFUL_GRAFTING_TYPES) else None
@@ -166,44 +155,47 @@ class BlockBucket:
     def _step_all(self, G: torch.Tensor, amortized: bool, precondition: bool) -> torch.Tensor:
         hp = self.hp
         self.step.add_(1)
-        beta2 = hp.beta2
-        w = 1.0 - beta2 if beta2 < 1.0 else 1.0
-        for F, i in zip(self.factors, self.factor_dims):
-            X = _unfold(G, i)
-            F.baddbmm_(X, X.mT, beta=beta2, alpha=w)
-        bc2 = self._bias_correction(beta2)
+        self._update_factors(G)
+        bc2 = self._bias_correction(hp.beta2)
         if amortized and self.factor_dims:
             self._amortized(bc2)
         if self.is_eigen and self.factor_dims:
             # D accumulates on every step, also before start_preconditioning_step: its bias
             # correction 1 - beta2^t counts every step of the block.
             self._update_corrected_eigenvalues(G)
-
-        # Filtered gradient. M_hat = M / bc1 is never materialised: the per-block scale 1/bc1 is
-        # folded into the grafting denominator and into the final per-block rescale, saving
-        # parameter-sized passes (the preconditioner is linear in M).
-        if self.filtered_grad is not None:
-            self.filtered_grad.lerp_(G, 1.0 - hp.beta1)
-            M = self.filtered_grad
-            bc1 = self._bias_correction(hp.beta1) if hp.use_bias_correction else None
-        else:
-            M, bc1 = G, None
-
-        graft = self._grafting_direction(G, M, bc1)
-        if not precondition or not self.factor_dims:
+        # M_hat = M / bc1 is never materialised: the per-block scale 1/bc1 is folded into the
+        # grafting denominator and into the final per-block rescale (the preconditioner is linear in M).
+        M = self.filtered_grad if self.filtered_grad is not None else G
+        bc1 = self._bias_correction(hp.beta1) if self.filtered_grad is not None and hp.use_bias_correction else None
+        preconditioned = precondition and bool(self.factor_dims)
+        graft, graft_norm = self._moments_and_graft(G, M, bc1, direction=not preconditioned)
+        if not preconditioned:
             return graft
-
+        # G is dead from here on (factors, D and moments are updated): the direction is written into it
         if self.is_eigen:
-            P = self._eigen_corrected_direction(G, M, bc2)
+            P = self._eigen_corrected_direction(M, bc2, out=G)
         else:
-            P = apply_kronecker(M, self._kron_list(self.roots))
+            P = apply_kronecker(M, self._kron_list(self.roots), out=G,
+                                scratch=self._workspace(M.numel(), self.roots[0].dtype))
         if hp.grafting is not None:
-            # per-block rescale to the grafting direction's norm (+1e-16 as in the reference)
-            p_norm = P.flatten(1).norm(dim=1).add_(1e-16)
-            P.mul_((graft.flatten(1).norm(dim=1) / p_norm).view((-1,) + (1,) * len(self.shape)))
-        elif bc1 is not None:
-            P.div_(bc1)
-        return P
+            return rescale(P, graft_norm, out=G, compiled=hp.elementwise == "compile")
+        if bc1 is not None:
+            return torch.div(P, bc1, out=G)
+        return P if P.dtype == self.dtype else G.copy_(P)
+
+    def _workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch tensor for intermediate products (never state; contents undefined).
+
+        On CPU it is kept between steps and grows once: a fresh multi-MiB tensor costs page faults on
+        every step there. On accelerators the caching allocator already reuses memory, so a new tensor
+        is allocated per use and nothing stays resident between steps.
+        """
+        if self.device.type != "cpu":
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        ws = self._scratch.get(dtype)
+        if ws is None or ws.numel() < numel:
+            ws = self._scratch[dtype] = torch.empty(numel, dtype=dtype, device=self.device)
+        return ws
 
     def _kron_list(self, mats: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
         out: list[Optional[torch.Tensor]] = [None] * len(self.shape)
@@ -211,68 +203,118 @@ class BlockBucket:
             out[i] = m
         return out
 
-    def _grafting_direction(self, G: torch.Tensor, M: torch.Tensor, bc1: Optional[torch.Tensor]) -> torch.Tensor:
-        """``M_hat / (sqrt(V_hat) + eps)`` (``M_hat`` for SGD/no grafting), with ``M_hat = M / bc1``.
+    # ------------------------------------------------------------------ per-step pieces
 
-        Written as ``M / (sqrt(V) * a + c)`` with per-block ``a = bc1 / sqrt(bc2)``, ``c = eps * bc1``:
-        three parameter-sized passes instead of five.
+    def _update_factors(self, G: torch.Tensor) -> None:
+        """``F_i <- beta2 F_i + w G_(i) G_(i)^T`` (``w = 1 - beta2``, or 1 when ``beta2 == 1``)."""
+        beta2 = self.hp.beta2
+        w = 1.0 - beta2 if beta2 < 1.0 else 1.0
+        for n, i in enumerate(self.factor_dims):
+            X = unfold(G, i)
+            F = self.factors[n]
+            if F.dtype == self.dtype:
+                scratch = self._workspace(gram_scratch_numel(F.shape[0], F.shape[-1]), F.dtype)
+                gram_update_(F, X, beta=beta2, alpha=w, scratch=scratch)
+            else:
+                self._update_low_precision_factor(n, X, beta2, w)
+
+    def _update_low_precision_factor(self, n: int, X: torch.Tensor, beta2: float, w: float) -> None:
+        """The same EMA for a factor stored in a narrower dtype: GEMM with operands in the storage dtype
+        (fp32 accumulation inside the GEMM), the EMA in ``self.dtype`` one chunk of blocks at a time,
+        then stochastic rounding back into storage (see ``lowp.py``)."""
+        F = self.factors[n]
+        rows = self._active_index if self._active_index is not None else range(len(self.blocks))
+        seeds = [rounding_seed(self.salts[r], t, n) for r, t in zip(rows, self.step.tolist())]
+        d = F.shape[-1]
+        chunks = chunk_slices(F.shape[0], d * d * 4)
+        scratch = self._workspace(2 * d * d * (chunks[0].stop - chunks[0].start), torch.float32)
+        for s in chunks:
+            ema_round_(F[s], gram(X[s], F.dtype), beta2, w, seeds[s], scratch)
+
+    def _moments_and_graft(self, G: torch.Tensor, M: torch.Tensor, bc1: Optional[torch.Tensor],
+                           direction: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Update the filtered gradient and the grafting state; the grafting direction ``M_hat /
+        (sqrt(V_hat) + eps)`` (``M_hat`` for SGD/no grafting) if ``direction``, and its per-block norm.
+
+        The denominator is written as ``sqrt(V) * a + c`` with per-block ``a = bc1 / sqrt(bc2)``,
+        ``c = eps * bc1`` (``M_hat = M / bc1``). The direction never is a state tensor (the caller edits
+        it in place): it lives in ``G``'s memory or is new.
         """
-        g = self.hp.grafting
-        if g is None or isinstance(g, SGDGrafting):
+        hp, g = self.hp, self.hp.grafting
+        Mstate = self.filtered_grad
+        if not isinstance(g, STATEFUL_GRAFTING_TYPES):
+            update_moments_(G, Mstate, None, hp.beta1, 1.0, 1.0)
+            norm = None if g is None else self._norms(M) if bc1 is None else self._norms(M) / bc1.flatten()
+            if not direction:
+                return None, norm
             if bc1 is not None:
-                return M / bc1
-            # the direction must never be a state tensor: the caller edits it in place
-            return M if M is G else M.clone()
+                return torch.div(M, bc1, out=G) if M is not G else G.div_(bc1), norm
+            return (G.copy_(M) if M is not G else G), norm
         V = self.grafting_state
-        if isinstance(g, AdaGradGrafting):
-            V.addcmul_(G, G)
-        else:
-            V.mul_(g.beta2).addcmul_(G, G, value=1.0 - g.beta2)
-        a = torch.ones((), dtype=V.dtype, device=V.device) if bc1 is None else bc1
+        v_beta, v_weight = (1.0, 1.0) if isinstance(g, AdaGradGrafting) else (g.beta2, 1.0 - g.beta2)
+        one = torch.ones((), dtype=V.dtype, device=V.device)
+        a = one.expand(self.step.shape[0]) if bc1 is None else bc1.flatten()
         if isinstance(g, AdamGrafting):
-            a = a / self._bias_correction(g.beta2, always=True).sqrt()
-        c = g.epsilon if bc1 is None else bc1 * g.epsilon
-        return M / torch.addcmul(torch.as_tensor(c, dtype=V.dtype, device=V.device), V.sqrt(), a)
+            a = a / self._bias_correction(g.beta2, always=True).sqrt().flatten()
+        c = g.epsilon * (one.expand(a.shape) if bc1 is None else bc1.flatten())
+        shape = (-1,) + (1,) * len(self.shape)
+        return moments_and_graft(G, Mstate, V, hp.beta1, v_beta, v_weight, a.reshape(shape), c.reshape(shape), direction,
+                                 compiled=hp.elementwise == "compile")
+
+    @staticmethod
+    def _norms(X: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(X.reshape(X.shape[0], -1), dim=1)
+
+    # ------------------------------------------------------------------ amortized refresh
 
     def _amortized(self, bc2: torch.Tensor) -> None:
         hp = self.hp
         # sized by the (possibly masked, see step_blocks) stacks, not by the whole bucket
         all_ok = torch.ones(self.failures.shape[0], dtype=torch.bool, device=self.device)
+        rows = self._active_index if self._active_index is not None else list(range(len(self.blocks)))
         for n, i in enumerate(self.factor_dims):
-            F_hat = self.factors[n] / bc2.view(-1, 1, 1)
-            if self.is_eigen:
-                new, ok = eigenbasis(F_hat, hp.epsilon)
-            elif isinstance(hp.preconditioner.root, CoupledNewtonConfig):
-                new, ok = inverse_root_newton(F_hat, self.exponents[i], hp.epsilon, hp.preconditioner.root)
-            else:
-                new, ok = inverse_root_eigh(F_hat, self.exponents[i], hp.epsilon, hp.preconditioner.root)
-            self.roots[n].copy_(torch.where(ok.view(-1, 1, 1), new.to(self.dtype), self.roots[n]))
-            all_ok &= ok
+            F_hat = self.factors[n].to(self.dtype) / bc2.view(-1, 1, 1)
+            attempted = self.warm_backoff[n].attempt(rows)
+            res = refresh_factor(F_hat, self.roots[n], self.exponents[i], hp.epsilon, hp.preconditioner,
+                                 self.refresh_counts, torch.tensor(attempted, device=self.device))
+            if res.fell_back is not None:
+                self.warm_backoff[n].record(rows, attempted, res.fell_back.tolist())
+            if res.permutation is not None and self.eigenvalues is not None:
+                keep = torch.arange(res.permutation.shape[1], device=self.device).expand_as(res.permutation)
+                perm = torch.where(res.ok[:, None], res.permutation, keep)
+                # in place: optimizer.state holds views of this stack
+                self.eigenvalues.copy_(permute_along(self.eigenvalues, i, perm))
+            self.roots[n].copy_(torch.where(res.ok.view(-1, 1, 1), res.matrices.to(self.roots[n].dtype),
+                                            self.roots[n]))
+            all_ok &= res.ok
         self.failures.copy_(torch.where(all_ok, torch.zeros_like(self.failures), self.failures + 1))
         limit = hp.preconditioner.max_consecutive_root_failures
         if bool((self.failures >= limit).any()):
             # recorded, not raised: the optimizer finishes the step on every rank, then raises
-            rows = self._active_index if self._active_index is not None else range(len(self.blocks))
             self.exhausted.extend(self.blocks[r].block_id for r, f in zip(rows, self.failures.tolist()) if f >= limit)
+
+    # ------------------------------------------------------------------ eigenvalue-corrected mode
 
     def _update_corrected_eigenvalues(self, G: torch.Tensor) -> None:
         """D <- beta2 D + (1 - beta2) (G rotated into the current eigenbasis)^2 (sum when beta2 == 1)."""
-        G_rot = apply_kronecker(G, self._kron_list(self.roots), transpose=True)
+        G_rot = apply_kronecker(G, self._kron_list(self.roots), transpose=True,
+                                scratch=self._workspace(G.numel(), self.roots[0].dtype))
         beta2 = self.hp.beta2
         if beta2 < 1.0:
             self.eigenvalues.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
         else:
             self.eigenvalues.addcmul_(G_rot, G_rot)
 
-    def _eigen_corrected_direction(self, G: torch.Tensor, M: torch.Tensor, bc2: torch.Tensor) -> torch.Tensor:
+    def _eigen_corrected_direction(self, M: torch.Tensor, bc2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Direction for the un-bias-corrected ``M`` (the caller applies ``1 / bc1``)."""
         hp = self.hp
         Qs = self._kron_list(self.roots)
         exponent = next(e for e in self.exponents if e != 0)
-        M_rot = apply_kronecker(M, Qs, transpose=True)
+        scratch = self._workspace(M.numel(), self.roots[0].dtype)
+        M_rot = apply_kronecker(M, Qs, transpose=True, scratch=scratch).to(self.dtype)
         # the root before epsilon, as in the reference (and torch Adam): (D_hat^e + eps)
         denom = (self.eigenvalues / bc2).pow_(exponent).add_(hp.epsilon)
-        return apply_kronecker(M_rot.div_(denom), Qs)
+        return apply_kronecker(M_rot.div_(denom), Qs, out=out, scratch=scratch)
 
 
 def bucket_key(group_index: int, block: Block) -> tuple:

@@ -34,8 +34,10 @@ from ..config import (
     EighRootConfig,
     GraftingConfig,
     PreconditionerConfig,
+    QREigenbasisConfig,
     RMSpropGrafting,
     RootInverseShampoo,
+    WarmStartRootConfig,
 )
 from .blocking import Block, block_exponents, merged_shape
 from .layout import dtype_itemsize
@@ -62,11 +64,18 @@ class CostModel:
     ``newton_iterations``: iterations charged to the coupled Newton root (capped by the
     config's ``max_iterations``); each iteration of a p-th root costs ``p + 1`` GEMMs of 2 d^3.
     ``*_elementwise_flops``: FLOPs per block element for the diagonal work done every step.
+    ``warm_series_order``: series order charged to a warm-started root (``WarmStartRootConfig``,
+    capped by its ``max_order``); ``warm_fallback_rate``: the fraction of warm refreshes charged a
+    full eigh on top (first refreshes, screens and residual checks that fail).
+    ``qr_flops_per_d3``: Householder QR with Q formed (``geqrf`` + ``orgqr``), 8/3 d^3.
     """
 
     eigh_flops_per_d3: float = 9.0
     root_form_flops_per_d3: float = 2.0
     newton_iterations: int = 20
+    warm_series_order: int = 3
+    warm_fallback_rate: float = 0.1
+    qr_flops_per_d3: float = 8.0 / 3.0
     filtered_grad_elementwise_flops: float = 3.0       # M = b1*M + (1-b1)*G: mul, mul, add
     adagrad_elementwise_flops: float = 5.0             # square, accumulate, sqrt, +eps, divide
     rmsprop_elementwise_flops: float = 6.0             # square, EMA (2 mul + add), sqrt, +eps, divide
@@ -75,14 +84,18 @@ class CostModel:
     eigenvalue_correction_elementwise_flops: float = 6.0  # EMA of squared rotated grad, sqrt, +eps, div
 
     def __post_init__(self) -> None:
-        for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "filtered_grad_elementwise_flops",
+        if not 0.0 <= self.warm_fallback_rate <= 1.0:
+            raise ValueError(f"CostModel.warm_fallback_rate must be in [0, 1]; got {self.warm_fallback_rate!r}.")
+        for name in ("newton_iterations", "warm_series_order"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CostModel.{name} must be an integer >= 1; got {value!r}.")
+        for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "qr_flops_per_d3", "filtered_grad_elementwise_flops",
                      "adagrad_elementwise_flops", "rmsprop_elementwise_flops", "adam_elementwise_flops",
                      "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"CostModel.{name} must be a number >= 0; got {value!r}.")
-        if not isinstance(self.newton_iterations, int) or self.newton_iterations < 1:
-            raise ValueError(f"CostModel.newton_iterations must be an integer >= 1; got {self.newton_iterations!r}.")
 
 
 DEFAULT_COST_MODEL = CostModel()
@@ -116,17 +129,19 @@ def block_state_bytes(block: Block, preconditioner: PreconditionerConfig, grafti
                       beta1: float) -> dict[str, int]:
     """Exact bytes of each state kind the owner allocates for ``block``.
 
-    S = ``preconditioner.factor_dtype`` itemsize. factors: sum d^2 S over factor dims; roots
-    (inverse roots, or eigenbases for the eigenvalue-corrected mode): the same amount;
-    eigenvalues (eigenvalue-corrected only): numel S; grafting (AdaGrad/RMSprop/Adam): numel S;
-    filtered_grad (beta1 > 0): numel S; counters: 16 bytes.
+    S = ``preconditioner.factor_dtype`` itemsize; S_f, S_r = itemsizes of the factor and root storage
+    dtypes (``factor_storage_dtype`` / ``root_storage_dtype``, S where unset). factors: sum d^2 S_f
+    over factor dims; roots (inverse roots, or eigenbases for the eigenvalue-corrected mode): sum
+    d^2 S_r; eigenvalues (eigenvalue-corrected only): numel S; grafting (AdaGrad/RMSprop/Adam):
+    numel S; filtered_grad (beta1 > 0): numel S; counters: 16 bytes.
     """
     s = dtype_itemsize(preconditioner.factor_dtype)
-    square = sum(d * d for d in block.factor_dims) * s
+    s_factor, s_root = (dtype_itemsize(t) for t in preconditioner.storage_dtypes())
+    square = sum(d * d for d in block.factor_dims)
     numel = block.numel
     return {
-        "factors": square,
-        "roots": square,
+        "factors": square * s_factor,
+        "roots": square * s_root,
         "eigenvalues": numel * s if isinstance(preconditioner, EigenvalueCorrectedShampoo) else 0,
         "grafting": numel * s if isinstance(grafting, STATEFUL_GRAFTING_TYPES) else 0,
         "filtered_grad": numel * s if beta1 > 0 else 0,
@@ -182,19 +197,31 @@ def block_amortized_flops(block: Block, preconditioner: PreconditionerConfig,
     """Modeled FLOPs of one root / eigenbasis refresh of ``block``.
 
     Eigh roots: (eigh + root formation) d^3 per factor dim. Coupled Newton: iterations x
-    (p + 1) GEMMs x 2 d^3. Eigenvalue-corrected: one eigh per factor dim (the eigenbasis).
+    (p + 1) GEMMs x 2 d^3. Warm-started roots (exponent 1/(2q)): ``q + order + 1`` GEMMs x 2 d^3
+    (``R^q``, the frame ``R^q A R^q``, the series, ``R Y``) plus ``warm_fallback_rate`` eigh roots.
+    Eigenvalue-corrected: one eigh per factor dim (the eigenbasis), or with QR refreshes
+    ``iterations`` x (one GEMM + one QR) plus ``warm_fallback_rate`` eighs.
     """
+    eigh_root = model.eigh_flops_per_d3 + model.root_form_flops_per_d3
     total = 0.0
     for d, e in zip(block.shape, block.exponents):
         if e == 0:
             continue
         if isinstance(preconditioner, EigenvalueCorrectedShampoo):
-            total += model.eigh_flops_per_d3 * d ** 3
+            basis = preconditioner.eigenbasis
+            if isinstance(basis, QREigenbasisConfig):
+                per_d3 = basis.iterations * (2.0 + model.qr_flops_per_d3) + model.warm_fallback_rate * model.eigh_flops_per_d3
+            else:
+                per_d3 = model.eigh_flops_per_d3
         elif isinstance(preconditioner.root, CoupledNewtonConfig):
             iterations = min(model.newton_iterations, preconditioner.root.max_iterations)
-            total += iterations * (_newton_root(e) + 1) * 2.0 * d ** 3
+            per_d3 = iterations * (_newton_root(e) + 1) * 2.0
+        elif isinstance(preconditioner.root, WarmStartRootConfig):
+            order = min(model.warm_series_order, preconditioner.root.max_order)
+            per_d3 = (round(0.5 / e) + order + 1) * 2.0 + model.warm_fallback_rate * eigh_root
         else:
-            total += (model.eigh_flops_per_d3 + model.root_form_flops_per_d3) * d ** 3
+            per_d3 = eigh_root
+        total += per_d3 * d ** 3
     return total
 
 
@@ -205,15 +232,31 @@ def block_amortized_workspace_bytes(block: Block, preconditioner: Preconditioner
     eigenvalues (d), in the compute dtype: at least fp32, and fp64 when a failed fp32 eigh is
     retried in fp64 (counted because a memory plan must survive the rare retry).
     Coupled Newton: iterate X, M, the update T and one GEMM temporary (4 d^2).
+    Warm-started roots: ``R^q``, the frame, two series terms and the result (5 d^2), or the eigh
+    fallback's workspace, whichever is larger. QR eigenbases: ``A Q``, its permuted copy, Q and R
+    (4 d^2), or the eigh fallback's.
     """
     if not block.factor_dims:
         return 0
     d = max(block.factor_dims)
     s = max(dtype_itemsize(preconditioner.factor_dtype), 4)
+    eigh = _eigh_workspace(d, s, preconditioner)
     if isinstance(preconditioner, RootInverseShampoo):
         if isinstance(preconditioner.root, CoupledNewtonConfig):
             return 4 * d * d * s
-        if isinstance(preconditioner.root, EighRootConfig) and preconditioner.root.retry_in_float64:
+        if isinstance(preconditioner.root, WarmStartRootConfig):
+            return max(5 * d * d * s, eigh)
+    elif isinstance(preconditioner.eigenbasis, QREigenbasisConfig):
+        return max(4 * d * d * s, eigh)
+    return eigh
+
+
+def _eigh_workspace(d: int, s: int, preconditioner: PreconditionerConfig) -> int:
+    """A working copy, the eigenvectors, the root product (3 d^2) and the eigenvalues (d); fp64 if retried."""
+    if isinstance(preconditioner, RootInverseShampoo):
+        root = preconditioner.root
+        config = root.fallback if isinstance(root, WarmStartRootConfig) else root
+        if isinstance(config, EighRootConfig) and config.retry_in_float64:
             s = 8
     return (3 * d * d + d) * s
 
@@ -251,13 +294,13 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
     b0 = Block(block_id="p.block_0", param_name="p", param_shape=tuple(shape), merged_shape=merged,
                ranges=tuple((0, min(m, d)) for m in merged), exponents=exponents)
     largest = block_state_bytes(b0, preconditioner, grafting, beta1)
-    s = dtype_itemsize(preconditioner.factor_dtype)
+    s_factor, s_root = (dtype_itemsize(t) for t in preconditioner.storage_dtypes())
     counts = [-(-m // d) for m in merged]
     sumsq = [(m // d) * d * d + (m % d) ** 2 for m in merged]
     n_blocks = math.prod(counts)
     factor_entries = sum(sumsq[i] * (n_blocks // counts[i]) for i, e in enumerate(exponents) if e != 0)
     per_element = sum(largest[k] for k in ("eigenvalues", "grafting", "filtered_grad")) // b0.numel
-    total = 2 * s * factor_entries + per_element * math.prod(merged) + COUNTER_BYTES_PER_BLOCK * n_blocks
+    total = (s_factor + s_root) * factor_entries + per_element * math.prod(merged) + COUNTER_BYTES_PER_BLOCK * n_blocks
     return sum(largest.values()), batch * total, batch * n_blocks
 
 

@@ -1,0 +1,117 @@
+"""The amortized refresh of one factor stack: pick the method the config names, count what it did.
+
+Inverse roots (root-inverse Shampoo): eigendecomposition, coupled Newton, or the warm-started
+series (:mod:`.warm_refresh`). Eigenbases (eigenvalue-corrected Shampoo): eigendecomposition or
+warm-started QR iterations. Every method returns new matrices plus a per-matrix ``ok`` mask; the
+caller keeps the previous matrix where ``ok`` is False (a failure counts towards
+``max_consecutive_root_failures``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import (CoupledNewtonConfig, EigenvalueCorrectedShampoo, PreconditionerConfig, QREigenbasisConfig,
+                      WarmStartRootConfig)
+from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
+from .warm_refresh import eigenbasis_qr, inverse_root_warm
+
+
+@dataclass
+class RefreshResult:
+    """New matrices for a stack, which are usable, and (QR eigenbases) the column permutation applied."""
+
+    matrices: torch.Tensor
+    ok: torch.Tensor
+    permutation: Optional[torch.Tensor] = None   # int64 [B, d]; identity rows where a full eigh was used
+    fell_back: Optional[torch.Tensor] = None     # bool [B] (warm roots): the series was tried and failed its check
+
+
+@dataclass
+class RefreshCounts:
+    """How many matrices each way of refreshing produced (Python ints; telemetry, not state)."""
+
+    full: int = 0         # eigh (or coupled Newton) from scratch
+    warm: int = 0         # accepted warm-started results
+    fallback: int = 0     # warm attempts or first refreshes that needed the full method
+    residuals: list[float] = field(default_factory=list)   # residual estimates of the accepted warm roots
+
+
+class WarmBackoff:
+    """Which blocks try the warm-started root at a refresh (per factor; Python state, not optimizer state).
+
+    A block whose warm attempt fell back to eigh skips its next 1, 2, 4, then 8 attempts (eigh
+    directly), so a run where warm roots do not pass the check pays for a failed attempt at most on
+    one refresh in nine instead of on every one; an accepted attempt resets the wait. Starts afresh
+    after a restart (it only decides where to spend a few GEMMs).
+    """
+
+    MAX_WAIT = 8
+
+    def __init__(self, n_blocks: int) -> None:
+        self.wait = [0] * n_blocks
+        self.span = [0] * n_blocks
+
+    def attempt(self, rows: list[int]) -> list[bool]:
+        return [self.wait[r] == 0 for r in rows]
+
+    def record(self, rows: list[int], attempted: list[bool], failed: list[bool]) -> None:
+        """``failed``: the series was computed and failed its check (a screen or first-refresh eigh is free)."""
+        for r, a, f in zip(rows, attempted, failed):
+            if not a:
+                self.wait[r] -= 1
+            elif f:
+                self.span[r] = min(2 * self.span[r] or 1, self.MAX_WAIT)
+                self.wait[r] = self.span[r]
+            else:
+                self.span[r] = self.wait[r] = 0
+
+
+def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float, epsilon: float,
+                   preconditioner: PreconditionerConfig, counts: RefreshCounts,
+                   attempt: Optional[torch.Tensor] = None) -> RefreshResult:
+    """New inverse roots (or eigenbases) of the bias-corrected factors ``F_hat: [B, d, d]``.
+
+    ``previous``: the current roots / eigenbases (the warm start; the identity before the first refresh).
+    ``attempt``: bool ``[B]``, which matrices may try a warm-started root (default: all).
+    """
+    B = F_hat.shape[0]
+    if isinstance(preconditioner, EigenvalueCorrectedShampoo):
+        if isinstance(preconditioner.eigenbasis, QREigenbasisConfig):
+            Q, ok, perm, report = eigenbasis_qr(F_hat, previous, epsilon, preconditioner.eigenbasis)
+            _count_warm(counts, report.fell_back, None)
+            return RefreshResult(Q, ok, perm)
+        counts.full += B
+        Q, ok = eigenbasis(F_hat, epsilon, preconditioner.eigenbasis)
+        return RefreshResult(Q, ok)
+    root = preconditioner.root
+    if isinstance(root, WarmStartRootConfig):
+        X, ok, report = inverse_root_warm(F_hat, previous, exponent, epsilon, root, attempt)
+        _count_warm(counts, report.fell_back, report.residual)
+        return RefreshResult(X, ok, fell_back=report.fell_back & report.tried)
+    counts.full += B
+    if isinstance(root, CoupledNewtonConfig):
+        return RefreshResult(*inverse_root_newton(F_hat, exponent, epsilon, root))
+    return RefreshResult(*inverse_root_eigh(F_hat, exponent, epsilon, root))
+
+
+def _count_warm(counts: RefreshCounts, fell_back: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+    n_back = int(fell_back.sum())
+    counts.fallback += n_back
+    counts.warm += fell_back.numel() - n_back
+    if residual is not None:
+        counts.residuals.extend(float(r) for r, b in zip(residual.tolist(), fell_back.tolist()) if not b)
+
+
+def permute_along(X: torch.Tensor, dim: int, perm: torch.Tensor) -> torch.Tensor:
+    """``X`` (``[B, d_0, ...]``) with dim ``dim`` (block dims, 0-based) reordered per block by ``perm: [B, d]``."""
+    shape = [perm.shape[0]] + [1] * (X.ndim - 1)
+    shape[dim + 1] = perm.shape[1]
+    index = perm.reshape(shape).expand(X.shape)
+    return X.gather(dim + 1, index)
+
+
+__all__ = ["RefreshCounts", "RefreshResult", "WarmBackoff", "permute_along", "refresh_factor"]
