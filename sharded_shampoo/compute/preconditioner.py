@@ -21,7 +21,7 @@ import torch
 
 from ..planning.blocking import Block
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
-                      GraftingConfig, PreconditionerConfig, SGDGrafting)
+                      GraftingConfig, PreconditionerConfig)
 from .elementwise import moments_and_graft, rescale, update_moments_
 from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
 from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed

@@ -152,7 +152,7 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     for r in range(n_ranks):
         kinds = dict(state[r])
         kinds["momentum"] = b.momentum_bytes[r]
-        buffers = max(send_g[r] + recv_g[r], send_u[r] + recv_u[r])
+        buffers = send_g[r] + recv_g[r] + send_u[r] + recv_u[r]     # the executor keeps both exchanges' buffers
         reports.append(RankReport(
             rank=r, replica=mesh.replica_index(r), shard=mesh.shard_index(r), coordinate=mesh.coordinate(r),
             num_blocks=n_blocks[r], param_bytes=b.param_bytes[r], grad_bytes=b.param_bytes[r],

@@ -90,6 +90,11 @@ class StepExecutor:
         #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
         #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
         self.last_exposed_comm_seconds = 0.0
+        # working buffers of static sizes, allocated once: a fresh multi-MiB CPU tensor is
+        # page-faulted on every step (the planner counts them in the transient column)
+        c = runtime.comm
+        self._stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=c.device) for b in runtime.buckets]
+        self._buffers: dict[tuple[int, str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ the step
 
@@ -99,18 +104,20 @@ class StepExecutor:
         self.last_exposed_comm_seconds = 0.0
         self._fold_l2(grads, active, groups)
         rt = self.rt
-        stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
-        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send]) for w in self.waves]
+        stacks = list(self._stacks)      # an entry is replaced where a bucket returns a new direction tensor
+        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send], (i, "gather"))
+                    for i, w in enumerate(self.waves)]
         self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
                    [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
         everything = len(active) == len(rt.trainable)
         updates = []
-        for wave, work in zip(self.waves, inflight):
+        for i, (wave, work) in enumerate(zip(self.waves, inflight)):
             recv = self._finish(work)
             self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
             for bi in wave.buckets:
                 stacks[bi] = self._bucket_step(bi, stacks[bi], active, everything, groups)
-            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send]))
+            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send],
+                                       (i, "update")))
         self._apply([(p, rt.block_view(stacks, p)) for p in rt.schedule.update_local if p.param_index in active],
                     groups)
         for wave, work in zip(self.waves, updates):
@@ -152,14 +159,22 @@ class StepExecutor:
         views = buffer.split([p.numel for p in pieces]) if pieces else []
         return [v.view(tuple(b - a for a, b in p.box)) for v, p in zip(views, pieces)]
 
-    def _start(self, ex: _Exchange, sources: list[torch.Tensor]) -> Optional[tuple[Any, torch.Tensor]]:
-        """Issue one asynchronous ``all_to_all_single`` (None on one rank)."""
+    def _buffer(self, key: tuple[int, str, str], numel: int) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None:
+            c = self.rt.comm
+            buf = self._buffers[key] = torch.empty(numel, dtype=c.dtype, device=c.device)
+        return buf
+
+    def _start(self, ex: _Exchange, sources: list[torch.Tensor],
+               key: tuple[int, str]) -> Optional[tuple[Any, torch.Tensor]]:
+        """Issue one asynchronous ``all_to_all_single`` (None on one rank); ``key`` names its buffers."""
         c = self.rt.comm
         if c.world_size <= 1:
             return None
-        send = torch.empty(sum(ex.send_sizes), dtype=c.dtype, device=c.device)
+        send = self._buffer((*key, "send"), sum(ex.send_sizes))
         self._copy(self._views(send, ex.send), sources)
-        recv = torch.empty(sum(ex.recv_sizes), dtype=c.dtype, device=c.device)
+        recv = self._buffer((*key, "recv"), sum(ex.recv_sizes))
         work = dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_sizes, input_split_sizes=ex.send_sizes,
                                       group=c.group, async_op=True)
         return work, recv
