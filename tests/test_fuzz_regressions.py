@@ -1,0 +1,58 @@
+"""Regression tests for the defects the randomized multi-rank fuzzer found (docs/testing.md).
+
+Each test reproduces one defect in one process, in milliseconds; the fuzz seeds that found them
+are kept in ``test_fuzz.py``'s fixed list, so the multi-rank form stays covered as well.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharded_shampoo import NonFiniteGradientError, RootInverseShampoo, ShardedShampoo
+
+
+def _block_state(opt: ShardedShampoo, p: torch.Tensor) -> list[torch.Tensor]:
+    return [t.clone() for t in opt.state[p]["block_0"].values()]
+
+
+# ----------------------------------------------------------------------------- overflow detection
+# Found by fuzz seeds 8 and 32 (an fp64 parameter, fp32 statistics) and 55 (a 1-element parameter):
+# a finite gradient whose squares overflow the fp32 statistics was not detected, so the factors
+# became inf silently and the run diverged from the 1-process run by 0.1-0.4, on every policy.
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (7, 4)), (torch.float32, (1,)), (torch.bfloat16, (1,))])
+def test_gradient_overflowing_fp32_statistics_follows_the_policy(policy, dtype, shape):
+    """fp64 gradients get fp64 norms (1e30 is finite there), and torch's fp32 norm of one element is
+    |x| (1e30, finite): neither overflows, yet 1e30 squared is inf in the fp32 factors."""
+    p = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
+    opt = ShardedShampoo([("p", p)], lr=0.1, precondition_frequency=1, nonfinite_grads=policy)
+    before, state = p.detach().clone(), _block_state(opt, p)
+    g = torch.zeros(shape, dtype=dtype)
+    g.view(-1)[0] = 1e30
+    p.grad = g
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError, match="overflow"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.last_step_skipped
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(a, b) for a, b in zip(state, _block_state(opt, p)))
+    p.grad = torch.ones(shape, dtype=dtype)      # training goes on, with finite statistics
+    opt.step()
+    assert all(bool(torch.isfinite(t).all()) for t in _block_state(opt, p))
+
+
+def test_fp64_statistics_still_take_what_they_can_represent():
+    """1e30 squared is 1e60: representable in fp64 factors, so it is a (legitimate) gradient there."""
+    p = torch.nn.Parameter(torch.ones(7, 4, dtype=torch.float64))
+    opt = ShardedShampoo([("p", p)], lr=0.1, precondition_frequency=1,
+                         preconditioner=RootInverseShampoo(factor_dtype=torch.float64))
+    g = torch.zeros(7, 4, dtype=torch.float64)
+    g[0, 0] = 1e30
+    p.grad = g
+    opt.step()
+    assert not opt.last_step_skipped and float(opt.state[p]["block_0"]["factor_0"].max()) > 1e56
