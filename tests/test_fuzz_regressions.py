@@ -56,3 +56,27 @@ def test_fp64_statistics_still_take_what_they_can_represent():
     p.grad = g
     opt.step()
     assert not opt.last_step_skipped and float(opt.state[p]["block_0"]["factor_0"].max()) > 1e56
+
+
+# ----------------------------------------------------------------------------- L2 weight decay of bf16 gradients
+# Found by fuzz seed 2 (bf16 expert weights, L2 weight decay, FSDP over 4 ranks): g + wd * p was
+# computed in bf16, and torch's bf16 ``a + alpha * b`` rounds differently in its vector body and its
+# scalar tail, so the folded gradient depended on how the parameter was sharded (1 bf16 ulp, which
+# moved the run by 1e-3 from the 1-process run) -- and lost precision on one process too.
+
+
+def test_l2_weight_decay_of_bf16_gradients_folds_in_fp32():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 37).bfloat16())
+    g = torch.randn(5, 37).bfloat16()
+    wd, beta2 = 0.05, 0.5
+    opt = ShardedShampoo([("p", p)], lr=0.1, betas=(0.0, beta2), weight_decay=wd, use_decoupled_weight_decay=False,
+                         max_preconditioner_dim=64, precondition_frequency=1)
+    G = g.float() + wd * p.detach().float()          # the L2-decayed gradient, rounded once (to fp32)
+    p.grad = g
+    opt.step()
+    factor = opt.state[p]["block_0"]["factor_0"]
+    expected = (1 - beta2) * (G.double() @ G.double().T)
+    rel = float((factor.double() - expected).abs().max() / expected.abs().max())
+    assert rel < 1e-6, f"the factor was built from a gradient rounded to bf16 (relative error {rel:.2g})"
+

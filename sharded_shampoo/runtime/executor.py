@@ -83,8 +83,10 @@ class StepExecutor:
             if g.weight_decay != 0 and not g.decoupled_weight_decay:
                 by_group.setdefault(self.rt.trainable[k].group, []).append(k)
         for gi, ks in by_group.items():
-            new = torch._foreach_add([grads[k] for k in ks], [self.rt.trainable[k].local() for k in ks],
-                                     alpha=groups[gi].weight_decay)
+            # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
+            # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
+            wide = [grads[k] if grads[k].dtype in (torch.float32, torch.float64) else grads[k].float() for k in ks]
+            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
             grads.update(zip(ks, new))
 
     # ------------------------------------------------------------------ data movement
