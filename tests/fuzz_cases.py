@@ -61,15 +61,18 @@ class ModuleDraw:
     tp: str = ""                     # "colwise" | "rowwise" | "sequence" | "" (TP layouts only)
     own_unit: bool = True            # its own fully_shard unit (else only the root's)
     replicated: bool = False         # mixed layouts: left unsharded (replicated over the ranks)
+    group: int = 0                   # 0: the default param group; 1: a second group with its own settings
 
 
 @dataclass(frozen=True)
 class ConfigDraw:
-    """Optimizer settings; ``groups`` gives per-group overrides for the extra param groups."""
+    """Optimizer settings: constructor keyword arguments (group 0's settings), every setting of the
+    second dense group, and the expert group's overrides (config objects as plain specs)."""
 
-    kwargs: tuple[tuple[str, object], ...]     # ShardedShampoo keyword arguments (config objects as specs)
+    kwargs: tuple[tuple[str, object], ...]
+    second_group: tuple[tuple[str, object], ...] = ()
     expert_group: tuple[tuple[str, object], ...] = ()
-    regime: str = "full_rank"                    # "full_rank" | "large_eps"
+    regime: str = "full_rank"                    # "full_rank" | "large_eps" (the loosest group's)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Case:
     steps: int
     no_grad: tuple[tuple[str, tuple[int, ...]], ...]    # parameter fqn -> steps without a gradient
     grad_scale: float
+    zero_grad: tuple[tuple[str, tuple[int, ...]], ...] = ()   # parameter fqn -> steps with an all-zero gradient
     nonfinite: Optional[NonFiniteDraw] = None
     checkpoint: Optional[CheckpointDraw] = None
     notes: tuple[str, ...] = field(default=())
@@ -119,20 +123,21 @@ class Case:
     def has_grad(self, name: str, step: int) -> bool:
         return step not in dict(self.no_grad).get(name, ())
 
+    def zero(self, name: str, step: int) -> bool:
+        return step in dict(self.zero_grad).get(name, ())
+
     def summary(self) -> str:
         """One line: layout, model, config and events (what a failure report prints)."""
         kw = dict(self.config.kwargs)
         short = {"float32": "f32", "bfloat16": "bf16", "float64": "f64"}
-        mods = ",".join(f"{m.kind}{'[' + m.tp + ']' if m.tp else ''}:{short[m.dtype]} "
+        mods = ",".join(f"{'g1:' if m.group else ''}{m.kind}{'[' + m.tp + ']' if m.tp else ''}:{short[m.dtype]} "
                         f"{'*' if m.frozen else ''}{'(r)' if m.replicated else ''}"
                         + "/".join(("x".join(map(str, p.shape)) or "()") + {"contiguous": "", "channels_last": "cl",
                                                                   "transposed": "T"}[p.memory]
                                  + (f"@{p.shard_dim}" if p.shard_dim else "") for p in m.params)
                         for m in self.modules)
-        cfg = (f"{kw['preconditioner'][0]}/{kw['grafting'][0]} b={kw['betas']} mom={kw['momentum']}"
-               f"{'N' if kw['use_nesterov'] else ''} wd={kw['weight_decay']}{'d' if kw['use_decoupled_weight_decay'] else 'L2'}"
-               f" f={kw['precondition_frequency']} s={kw['start_preconditioning_step']} eps={kw['epsilon']:.0e}"
-               f" D={kw['max_preconditioner_dim']} {self.config.regime}")
+        cfg = _settings_line(kw) + (" || g1 " + _settings_line(dict(self.config.second_group))
+                                    if self.config.second_group else "") + f" comm={'f64' if kw['comm_dtype'] == 'float64' else 'f32'}"
         ev = []
         if self.nonfinite:
             n = self.nonfinite
@@ -142,6 +147,15 @@ class Case:
             ev.append(f"save@{c.save_step}->{c.load_layout}{' async' if c.async_save else ''}"
                       f"{'' if c.flatten else ' nested'}")
         return f"seed {self.seed}: {self.layout} steps={self.steps} | {mods} | {cfg} | {' '.join(ev) or '-'}"
+
+
+def _settings_line(kw: dict) -> str:
+    return (f"{kw['preconditioner'][0]}{'64' if kw['preconditioner'][1]['factor_dtype'] == 'float64' else ''}"
+            f"{'/newton' if kw['preconditioner'][1].get('root') == 'newton' else ''}/{kw['grafting'][0]}"
+            f" b={kw['betas']} mom={kw['momentum']}{'N' if kw['use_nesterov'] else ''}"
+            f" wd={kw['weight_decay']}{'d' if kw['use_decoupled_weight_decay'] else 'L2'}"
+            f" f={kw['precondition_frequency']} s={kw['start_preconditioning_step']} eps={kw['epsilon']:.0e}"
+            f" D={kw['max_preconditioner_dim']} {kw['regime']}")
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -156,6 +170,8 @@ def _free_params(rng: random.Random) -> tuple[ParamDraw, ...]:
     for j in range(rng.choice((1, 1, 2))):
         order = rng.choice((0, 1, 1, 2, 2, 3, 4))
         shape = tuple(_dim(rng, small=order >= 3) for _ in range(order))
+        if order and rng.random() < 0.04:     # a 0-element parameter (no blocks, no state)
+            shape = shape[:-1] + (0,)
         memory = "contiguous"
         if order == 4 and rng.random() < 0.6:
             memory = "channels_last"
@@ -186,7 +202,8 @@ def _modules(rng: random.Random, layout: str) -> tuple[ModuleDraw, ...]:
         else:
             params, style = _free_params(rng), ""
         mods.append(ModuleDraw(f"m{i}", kind, params, dtype, frozen=rng.random() < 0.15, tp=style,
-                               own_unit=rng.random() < 0.7, replicated=layout.startswith("mixed") and rng.random() < 0.5))
+                               own_unit=rng.random() < 0.7, replicated=layout.startswith("mixed") and rng.random() < 0.5,
+                               group=int(rng.random() < 0.25)))
     if all(m.frozen for m in mods):
         mods[0] = ModuleDraw(**{**mods[0].__dict__, "frozen": False})
     if layout in EP_LAYOUTS or rng.random() < 0.3:
@@ -245,44 +262,58 @@ def _preconditioner(rng: random.Random) -> tuple[str, dict]:
     return "eigen_corrected", {"factor_dtype": factor}
 
 
-def _config(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int) -> ConfigDraw:
+def _group_settings(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int,
+                    missing: dict[str, tuple[int, ...]]) -> dict:
+    """Every setting of one param group, in the well-conditioned regime for its parameters."""
     max_dim = rng.choice((3, 4, 6, 8, 16, 32))
     merge, pre1d = rng.random() < 0.8, rng.random() < 0.7
     momentum = rng.choice((0.0, 0.0, 0.5, 0.9))
-    freq = rng.choice((1, 2, 3, 5))
-    need = full_rank_step(modules, max_dim, merge, pre1d)
+    # a parameter that misses steps collects fewer factor updates before preconditioning starts
+    lag = max((len(missing.get(f"{m.name}.{p.attr}", ())) for m in modules for p in m.params), default=0)
+    need = full_rank_step(modules, max_dim, merge, pre1d) + lag
     if need + 1 <= steps - 2 and rng.random() < 0.75:
         regime, start = "full_rank", rng.randint(max(need, 1), steps - 2)
         eps = 10.0 ** rng.choice((-12, -10, -8, -6, -4))
     else:
         regime, start = "large_eps", rng.choice((None, 1, 2, 3))
         eps = 10.0 ** rng.choice((-3, -2, -1))
-    precond = _preconditioner(rng)
-    factor64 = precond[1]["factor_dtype"] == "float64"
-    kwargs = dict(lr=rng.choice((0.01, 0.03, 0.1)), betas=(rng.choice((0.0, 0.9)), rng.choice((0.99, 0.999, 1.0))),
-                  epsilon=eps, weight_decay=rng.choice((0.0, 0.0, 0.01, 0.1)),
-                  use_decoupled_weight_decay=rng.random() < 0.5, momentum=momentum,
-                  dampening=rng.choice((0.0, 0.0, 0.1)) if momentum else 0.0,
-                  use_nesterov=bool(momentum) and rng.random() < 0.5, max_preconditioner_dim=max_dim,
-                  precondition_frequency=freq, start_preconditioning_step=start,
-                  use_bias_correction=rng.random() < 0.8, grafting=_grafting(rng), preconditioner=precond,
-                  blocking={"precondition_1d": pre1d, "merge_dims": merge},
-                  comm_dtype="float64" if factor64 else "float32",
+    return dict(lr=rng.choice((0.01, 0.03, 0.1)), betas=(rng.choice((0.0, 0.9)), rng.choice((0.99, 0.999, 1.0))),
+                epsilon=eps, weight_decay=rng.choice((0.0, 0.0, 0.01, 0.1)),
+                use_decoupled_weight_decay=rng.random() < 0.5, momentum=momentum,
+                dampening=rng.choice((0.0, 0.0, 0.1)) if momentum else 0.0,
+                use_nesterov=bool(momentum) and rng.random() < 0.5, max_preconditioner_dim=max_dim,
+                precondition_frequency=rng.choice((1, 2, 3, 5)), start_preconditioning_step=start,
+                use_bias_correction=rng.random() < 0.8, grafting=_grafting(rng), preconditioner=_preconditioner(rng),
+                blocking={"precondition_1d": pre1d, "merge_dims": merge}, regime=regime)
+
+
+def _config(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int,
+            missing: dict[str, tuple[int, ...]]) -> ConfigDraw:
+    """Group 0 (its settings are the constructor's), an optional second dense group, the experts' group."""
+    first = tuple(m for m in modules if m.group == 0)
+    kwargs = _group_settings(rng, first, steps, missing)
+    second = _group_settings(rng, tuple(m for m in modules if m.group == 1), steps, missing) \
+        if any(m.group == 1 for m in modules) else {}
+    factor64 = any(g and g["preconditioner"][1]["factor_dtype"] == "float64" for g in (kwargs, second))
+    # fp64 factors with fp32 communication: pieces from other ranks are rounded, local ones are not
+    kwargs.update(comm_dtype="float64" if factor64 and rng.random() < 0.5 else "float32",
                   nonfinite_grads=rng.choice(("raise", "skip")))
     expert = {}
     if any(m.kind == "experts" for m in modules) and rng.random() < 0.5:
         expert = dict(lr=rng.choice((0.02, 0.05)), weight_decay=rng.choice((0.0, 0.05)))
-    return ConfigDraw(tuple(kwargs.items()), tuple(expert.items()), regime)
+    regime = "large_eps" if "large_eps" in (kwargs["regime"], second.get("regime")) else "full_rank"
+    return ConfigDraw(tuple(kwargs.items()), tuple(second.items()), tuple(expert.items()), regime)
 
 
-def _no_grad(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int) -> tuple:
+def _grad_steps(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int, p: float) -> tuple:
+    """Parameters (fqn) drawn with probability ``p`` and 1-2 of their steps (never step 0)."""
     out = []
     for m in modules:
         if m.frozen:
             continue
-        for p in m.params:
-            if rng.random() < 0.2:
-                out.append((f"{m.name}.{p.attr}", tuple(sorted(rng.sample(range(1, steps), rng.randint(1, 2))))))
+        for pd in m.params:
+            if rng.random() < p:
+                out.append((f"{m.name}.{pd.attr}", tuple(sorted(rng.sample(range(1, steps), rng.randint(1, 2))))))
     return tuple(out)
 
 
@@ -292,28 +323,18 @@ def draw(seed: int) -> Case:
     layout = rng.choice(tuple(LAYOUT_WORLD))
     modules = _modules(rng, layout)
     steps = rng.randint(6, 10)
-    no_grad = _no_grad(rng, modules, steps)
-    config = _config(rng, modules, steps)
-    if no_grad and config.regime == "full_rank":
-        # a parameter that misses steps collects fewer factor updates: start later, or grow epsilon
-        start = dict(config.kwargs)["start_preconditioning_step"] + max(len(s) for _, s in no_grad)
-        kw = dict(config.kwargs)
-        if start <= steps - 1:
-            kw["start_preconditioning_step"] = start
-            config = ConfigDraw(tuple(kw.items()), config.expert_group, "full_rank")
-        else:
-            kw["epsilon"] = 1e-2
-            config = ConfigDraw(tuple(kw.items()), config.expert_group, "large_eps")
+    no_grad = _grad_steps(rng, modules, steps, 0.2)
+    zero_grad = _grad_steps(rng, modules, steps, 0.1)
+    config = _config(rng, modules, steps, {n: s for n, s in no_grad + zero_grad})
     nonfinite = None
     if rng.random() < 0.4:
-        case = Case(seed, layout, modules, config, steps, no_grad, 1.0)
-        names = case.trainable()
-        step = rng.randrange(steps)
-        nonfinite = NonFiniteDraw(step, rng.randrange(LAYOUT_WORLD[layout]), rng.choice(names),
+        names = [f"{m.name}.{p.attr}" for m in modules if not m.frozen for p in m.params]
+        nonfinite = NonFiniteDraw(rng.randrange(steps), rng.randrange(LAYOUT_WORLD[layout]), rng.choice(names),
                                   rng.choice(NONFINITE_KINDS), rng.choice(("raise", "skip")))
     checkpoint = None
     if layout in CKPT_LAYOUTS and rng.random() < 0.35:
         targets = [t for t in CKPT_LAYOUTS if (t not in EP_LAYOUTS or any(m.kind == "experts" for m in modules))]
         checkpoint = CheckpointDraw(rng.randint(1, steps - 1), rng.choice(targets), flatten=rng.random() < 0.7,
                                     async_save=rng.random() < 0.2)
-    return Case(seed, layout, modules, config, steps, no_grad, rng.choice((0.1, 1.0, 3.0)), nonfinite, checkpoint)
+    return Case(seed, layout, modules, config, steps, no_grad, rng.choice((0.1, 1.0, 3.0)), zero_grad=zero_grad,
+                nonfinite=nonfinite, checkpoint=checkpoint)

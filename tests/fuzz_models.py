@@ -114,11 +114,20 @@ def _preconditioner(spec: tuple[str, dict]) -> Any:
     return RootInverseShampoo(root=root, factor_dtype=factor)
 
 
+def _settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """Plain specs -> config objects; drops the fuzzer's own bookkeeping (``regime``)."""
+    kw = {k: v for k, v in spec.items() if k != "regime"}
+    if "grafting" in kw:
+        kw["grafting"] = _grafting(kw["grafting"])
+    if "preconditioner" in kw:
+        kw["preconditioner"] = _preconditioner(kw["preconditioner"])
+    if "blocking" in kw:
+        kw["blocking"] = BlockingConfig(**kw["blocking"])
+    return kw
+
+
 def optimizer_kwargs(case: Case) -> dict[str, Any]:
-    kw = dict(case.config.kwargs)
-    kw["grafting"] = _grafting(kw["grafting"])
-    kw["preconditioner"] = _preconditioner(kw["preconditioner"])
-    kw["blocking"] = BlockingConfig(**kw["blocking"])
+    kw = _settings(dict(case.config.kwargs))
     kw["comm_dtype"] = DTYPE[kw["comm_dtype"]]
     if case.nonfinite is not None:
         kw["nonfinite_grads"] = case.nonfinite.policy
@@ -126,11 +135,16 @@ def optimizer_kwargs(case: Case) -> dict[str, Any]:
 
 
 def param_groups(model: FuzzModel, case: Case) -> list[dict[str, Any]]:
-    """Dense parameters in group 0; stacked experts in their own group, preconditioned per expert."""
+    """Dense parameters in groups 0 and 1 (its own settings); stacked experts in their own group,
+    preconditioned per expert."""
     named = list(model.named_parameters())
-    dense = [(n, p) for n, p in named if not n.startswith("experts.")]
+    second = {md.name for md in case.modules if md.group == 1}
+    dense = [(n, p) for n, p in named if not n.startswith("experts.") and n.split(".")[0] not in second]
+    other = [(n, p) for n, p in named if n.split(".")[0] in second]
     experts = [(n, p) for n, p in named if n.startswith("experts.")]
     groups: list[dict[str, Any]] = [{"params": dense}] if dense else []
+    if other:
+        groups.append({"params": other, **_settings(dict(case.config.second_group))})
     if experts:
         blocking = dict(dict(case.config.kwargs)["blocking"], batch_dims=1)
         groups.append({"params": experts, "blocking": BlockingConfig(**blocking), **dict(case.config.expert_group)})
@@ -192,7 +206,8 @@ def feed(model: nn.Module, case: Case, step: int) -> None:
             p.grad = None
             continue
         like = zlib.crc32(f"{name}/{step}".encode()) % 2 == 1
-        set_grad(p, grad_for(case, name, step, tuple(p.shape), p.dtype), like)
+        g = grad_for(case, name, step, tuple(p.shape), p.dtype)
+        set_grad(p, torch.zeros_like(g) if case.zero(name, step) else g, like)
 
 
 # ----------------------------------------------------------------------------- layouts
