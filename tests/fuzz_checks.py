@@ -66,7 +66,7 @@ def _job_problems(case: Case, job: Job, ranks: list[Any], ref: dict[str, Any],
         for name, (local, offset) in res["params"].items():
             d = param_diff(local, offset, ref["params"][name][0])
             worst = max(worst, d)
-            if not d <= TOLERANCE:
+            if not d <= TOLERANCE and case.config.regime != "chaotic":   # chaotic: measured, not asserted
                 out.append(f"{what} rank {r}: {name} differs from the 1-process run by {d:.3g} > {TOLERANCE:g}")
     events = [res["events"] for res in ranks]
     expected = ref["events"]["final_steps"]      # a step in which no parameter has a gradient does not count

@@ -35,6 +35,7 @@ class Job:
     kind: str                  # "ref" | "main" | "load"
     layout: str
     ckpt_root: Optional[str] = None
+    chaotic: bool = False
 
     @property
     def world(self) -> int:
@@ -112,7 +113,7 @@ def _inject(model: torch.nn.Module, case: Case, group_rank: int) -> Optional[str
         value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}.get(nf.kind)
         if value is None:   # "overflow": finite, but its square is not representable in the statistics
             value = 1e30 if not factor64 else (1e200 if g.dtype == torch.float64 else float("inf"))
-        g.view(-1)[g.numel() // 2] = value
+        g[tuple(int(i) for i in torch.unravel_index(torch.tensor(g.numel() // 2), g.shape))] = value
         return n
     return None
 
@@ -154,7 +155,7 @@ def _train(model: torch.nn.Module, opt: ShardedShampoo, case: Case, start: int, 
 
 def run_job(job: Job, meshes: Optional[Meshes], first: int, group_rank: int) -> dict[str, Any]:
     """Run ``job`` on this rank (ranks ``[first, first + world)`` run it together); its result."""
-    case = draw(job.seed)
+    case = draw(job.seed, job.chaotic)
     layout = "single" if job.kind == "ref" else job.layout
     t0 = time.perf_counter()
     model, opt = build(case, layout, meshes, first)

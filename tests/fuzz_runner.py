@@ -74,7 +74,7 @@ def schedule(cases: list[Case], worlds: Optional[list[int]], root: str) -> Sched
     def job(case: Case, kind: str, layout: str) -> Job:
         nonlocal next_id
         next_id += 1
-        return Job(next_id, case.seed, kind, layout, root)
+        return Job(next_id, case.seed, kind, layout, root, case.config.regime == "chaotic")
 
     for c in cases:
         if c.checkpoint is None:
@@ -156,11 +156,12 @@ def _one_launch(world: int, rounds: tuple, timeout_s: float, results: dict[tuple
             if status != "done":
                 stopped = int(status.split()[-1])
                 notes.append(f"launch of {world} ranks {status}: a job failed; the rest was relaunched")
-        except AssertionError as err:
+        except Exception as err:  # noqa: BLE001 - a deadline (hang) or a rank that died: report, go on
             progress = [open(f).read().split() for f in glob.glob(os.path.join(out, "progress*"))]
             stopped = max((int(r) for r, _ in progress), default=None)
             seeds = sorted({by_id[i].seed for _, i in progress if i in by_id})
-            notes.append(f"launch of {world} ranks died or hung ({str(err).splitlines()[0][:160]}) while running "
+            first = next((line for line in str(err).splitlines() if line.strip() and "--" not in line), repr(err))
+            notes.append(f"launch of {world} ranks died or hung ({first.strip()[:160]}) in round {stopped}, running "
                          f"seeds {seeds}")
         for f in glob.glob(os.path.join(out, "job*_rank*.pkl")):
             jid, grank = os.path.basename(f)[3:-4].split("_rank")
@@ -177,7 +178,7 @@ class Report:
     worlds: list[int]
     notes: list[str]
     max_diff: dict[str, float]                       # regime -> largest relative difference seen
-    job_seconds: float = 0.0
+    identical: int = 0                               # cases whose every rank equals the 1-process run bit for bit
 
     def summary(self) -> str:
         layouts = Counter(c.layout for c in self.cases)
@@ -197,19 +198,20 @@ class Report:
                  f"checkpoint resumes: {sum(loads.values())} (" + ", ".join(f"{k} {v}" for k, v in
                                                                       sorted(loads.items())) + ")",
                  "largest relative difference to the 1-process run: " + ", ".join(
-                     f"{k} {v:.2g}" for k, v in sorted(self.max_diff.items())),
+                     f"{k} {v:.2g}" for k, v in sorted(self.max_diff.items()))
+                 + f"; bit-identical in {self.identical} of {len(self.cases)} cases",
                  f"failures: {len(self.failures)}"]
         lines += self.notes
         return "\n".join(lines)
 
 
 def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: float = 60.0,
-              progress: bool = False) -> Report:
+              progress: bool = False, chaotic: bool = False) -> Report:
     """Draw, schedule, run and check ``seeds``; the report lists every failure with its seed."""
     from fuzz_checks import check_case
 
     t0 = time.perf_counter()
-    cases = [draw(s) for s in seeds]
+    cases = [draw(s, chaotic) for s in seeds]
     results: dict[tuple[int, int], Any] = {}
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as root:
@@ -223,6 +225,7 @@ def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: f
         _run_parent(sched.post, results)
     failures: dict[int, list[str]] = {}
     max_diff: dict[str, float] = {}
+    identical = 0
     all_jobs = sched.pre + [j for js in sched.launches for j in js] + sched.post
     for c in cases:
         if c.seed in sched.unschedulable:
@@ -230,11 +233,13 @@ def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: f
             continue
         problems, diff = check_case(c, [j for j in all_jobs if j.seed == c.seed], results)
         max_diff[c.config.regime] = max(max_diff.get(c.config.regime, 0.0), diff)
+        identical += not problems and diff == 0.0
         if problems:
             failures[c.seed] = problems
-    return Report(cases, failures, time.perf_counter() - t0, sched.worlds, notes, max_diff)
+    return Report(cases, failures, time.perf_counter() - t0, sched.worlds, notes, max_diff, identical)
 
 
-def reproduce(seed: int, worlds: Optional[list[int]]) -> str:
+def reproduce(seed: int, worlds: Optional[list[int]], chaotic: bool = False) -> str:
+    """The one-line command that reruns exactly this case (on the same launch sequence, if forced)."""
     extra = f" --worlds {','.join(map(str, worlds))}" if worlds else ""
-    return f"python scripts/fuzz.py --seed {seed}{extra}"
+    return f"python scripts/fuzz.py --seed {seed}{extra}{' --chaotic' if chaotic else ''}"
