@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -104,10 +105,10 @@ def schedule(cases: list[Case], worlds: Optional[list[int]], root: str) -> Sched
 def pack_rounds(world: int, jobs: list[Job]) -> tuple[tuple[tuple[int, Job], ...], ...]:
     """First-fit packing of jobs onto disjoint rank ranges; loads after every save of the launch."""
     rounds: list[list[tuple[int, Job]]] = []
-    for phase in (("ref", "main"), ("load",)):
+    for loads in (False, True):
         opened: list[list[tuple[int, Job]]] = []
         free: list[int] = []
-        for j in sorted((j for j in jobs if j.kind in phase), key=lambda j: (-j.world, j.id)):
+        for j in sorted((j for j in jobs if (j.kind == "load") == loads), key=lambda j: (-j.world, j.id)):
             slot = next((k for k, f in enumerate(free) if f >= j.world), None)
             if slot is None:
                 opened.append([])
@@ -123,9 +124,12 @@ def pack_rounds(world: int, jobs: list[Job]) -> tuple[tuple[tuple[int, Job], ...
 
 
 def _run_parent(jobs: list[Job], results: dict[tuple[int, int], Any]) -> None:
+    """Single-process saves and loads, here (no process group)."""
     for j in jobs:
         try:
-            results[(j.id, 0)] = run_job(j, None, 0, 0)
+            with warnings.catch_warnings():   # DCP notes that it saves in a single process: it is meant to
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                results[(j.id, 0)] = run_job(j, None, 0, 0)
         except Exception:  # noqa: BLE001 - becomes a failure of that seed
             results[(j.id, 0)] = {"error": traceback.format_exc()}
 
@@ -160,8 +164,8 @@ def _one_launch(world: int, rounds: tuple, timeout_s: float, results: dict[tuple
             progress = [open(f).read().split() for f in glob.glob(os.path.join(out, "progress*"))]
             stopped = max((int(r) for r, _ in progress), default=None)
             seeds = sorted({by_id[i].seed for _, i in progress if i in by_id})
-            first = next((line for line in str(err).splitlines() if line.strip() and "--" not in line), repr(err))
-            notes.append(f"launch of {world} ranks died or hung ({first.strip()[:160]}) in round {stopped}, running "
+            last = ([line for line in str(err).splitlines() if line.strip()] or [repr(err)])[-1]
+            notes.append(f"launch of {world} ranks died or hung ({last.strip()[:160]}) in round {stopped}, running "
                          f"seeds {seeds}")
         for f in glob.glob(os.path.join(out, "job*_rank*.pkl")):
             jid, grank = os.path.basename(f)[3:-4].split("_rank")
@@ -243,3 +247,15 @@ def reproduce(seed: int, worlds: Optional[list[int]], chaotic: bool = False) -> 
     """The one-line command that reruns exactly this case (on the same launch sequence, if forced)."""
     extra = f" --worlds {','.join(map(str, worlds))}" if worlds else ""
     return f"python scripts/fuzz.py --seed {seed}{extra}{' --chaotic' if chaotic else ''}"
+
+
+def probe_hang(world: int = 2, timeout_s: float = 5.0) -> tuple[list[str], dict[tuple[int, int], Any], float]:
+    """The harness's own check of claim (b): a job whose rank 0 waits in a collective that the other
+    ranks never join must come back as an error of that job within the process-group timeout.
+    Returns the launch notes, the job results and the seconds it took."""
+    t0 = time.perf_counter()
+    results: dict[tuple[int, int], Any] = {}
+    notes: list[str] = []
+    _run_launch(world, [Job(1, -1, "hang", f"ddp{world}")], timeout_s, results, notes, relaunches=0)
+    return notes, results, time.perf_counter() - t0
+
