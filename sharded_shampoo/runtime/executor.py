@@ -156,8 +156,8 @@ class StepExecutor:
                 if g.dampening:
                     torch._foreach_mul_(dirs, 1.0 - g.dampening)
                 torch._foreach_add_(dirs, m_views, alpha=g.momentum)
-            else:
-                dirs = m_views
+            else:   # a bf16 buffer is widened: bf16 + bf16 rounding depends on the sharding (see _fold_l2)
+                dirs = [m if m.dtype in (torch.float32, torch.float64) else m.float() for m in m_views]
         torch._foreach_add_(p_views, dirs, alpha=-g.lr)
 
 
