@@ -1,9 +1,9 @@
 """Regression tests for the defects the randomized multi-rank fuzzer found (docs/testing.md).
 
 Each test reproduces one defect in one process, in milliseconds. The multi-rank form stays covered
-by ``test_fuzz.py``'s fixed seeds: with the overflow fix reverted seeds 753 and 2533 fail there,
-with the L2 fix reverted seed 254 fails (the seed numbers in the comments below are those of the
-first version of the generator, which found the defects).
+by ``test_fuzz.py``'s fixed seeds: with one fix reverted, seed 2072 (overflow), 2434 (bf16 L2
+fold) or 1306 (bf16 momentum) fails there. The seed numbers in the comments below are those of
+the generator version that found each defect (the generator has grown since).
 """
 
 from __future__ import annotations
