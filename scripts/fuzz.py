@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--worlds", type=str, default=None,
                     help="launch sequence, e.g. '4' or '2,3,4' (default: the fewest launches the cases need)")
     ap.add_argument("--timeout", type=float, default=60.0, help="process-group timeout of each launch, seconds")
-    ap.add_argument("--batch", type=int, default=100, help="cases per batch of launches")
+    ap.add_argument("--batch", type=int, default=500, help="cases per batch of launches (one summary each)")
     ap.add_argument("--chaotic", action="store_true",
                     help="measure (not assert) the difference to the 1-process run outside the well-conditioned "
                          "regime: epsilon 1e-12, preconditioning from step 1, fp64 factors with fp32 communication")

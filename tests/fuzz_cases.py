@@ -215,7 +215,7 @@ def _modules(rng: random.Random, layout: str) -> tuple[ModuleDraw, ...]:
     return tuple(mods)
 
 
-def _block_dims(shape: tuple[int, ...], max_dim: int, merge: bool, batch_dims: int) -> list[tuple[int, ...]]:
+def block_shapes(shape: tuple[int, ...], max_dim: int, merge: bool, batch_dims: int) -> list[tuple[int, ...]]:
     """The distinct block shapes of a parameter (a pure re-derivation used only to pick the regime)."""
     from sharded_shampoo.planning.blocking import merged_shape
 
@@ -241,7 +241,7 @@ def full_rank_step(case_modules: tuple[ModuleDraw, ...], max_dim: int, merge: bo
         if m.frozen:
             continue
         for p in m.params:
-            for shape in _block_dims(p.shape, max_dim, merge, 1 if m.kind == "experts" else 0):
+            for shape in block_shapes(p.shape, max_dim, merge, 1 if m.kind == "experts" else 0):
                 if len(shape) == 1 and not precondition_1d:
                     continue
                 numel = math.prod(shape)

@@ -1,12 +1,18 @@
 """Randomized multi-rank fuzzing, part 2: a :class:`~fuzz_cases.Case` -> a live model, layout and optimizer.
 
 Layouts are built the way training jobs build them: ``fully_shard`` per unit and at the root (FSDP2,
-HSDP on a 2-D mesh), torch's ``parallelize_module`` for tensor parallelism,
-``sharded_shampoo.dryrun.apply_parallelism`` (torchtitan's recipe) for expert parallelism, plain
-replicated tensors for DDP and for the replicated modules of the mixed layouts. Gradients are a
-pure function of (seed, parameter name, step), identical in every layout, and are handed to each
-rank laid out like its parameter (no collective), so every layout sees exactly the 1-process
-gradients.
+HSDP on a 2-D mesh, some parameters sharded on another dim by ``shard_placement_fn``, 0-D ones as
+``ignored_params``), torch's ``parallelize_module`` for tensor parallelism, torchtitan's recipe for
+expert parallelism (experts ``Shard(0)`` over ``ep``, then FSDP over the expert data-parallel
+mesh), plain replicated tensors for DDP and for the replicated modules of the mixed layouts.
+Gradients are a pure function of (seed, parameter name, step), identical in every layout, and are
+handed to each rank laid out like its parameter (no collective), so every layout sees exactly the
+1-process gradients.
+
+torch's own limits, worked around here and not by the optimizer: FSDP2 refuses non-contiguous
+(channels_last, transposed) parameters, 0-D parameters and uneven shards of dims > 0;
+``parallelize_module`` makes new Parameters (requires_grad=True), so frozen modules are frozen
+again after the layout.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ class Holder(nn.Module):
 
 
 class FuzzModel(nn.Module):
-    """The drawn modules as children; describes its TP plan and experts for ``apply_parallelism``."""
+    """The drawn modules as children; describes its FSDP units, TP plan and experts (the methods
+    ``sharded_shampoo.dryrun.apply_parallelism`` reads)."""
 
     def __init__(self, case: Case) -> None:
         super().__init__()

@@ -74,7 +74,7 @@ def test_full_rank_regime_matches_the_real_blocking():
         shape = tuple(rng.choice((1, 2, 3, 5, 7, 12, 16)) for _ in range(rng.randint(1, 4)))
         max_dim, merge = rng.choice((3, 4, 6, 8, 16)), rng.random() < 0.5
         blocks = plan_blocks([("p", shape)], max_dim, RootInverseShampoo(), BlockingConfig(merge_dims=merge))
-        assert sorted(set(fc._block_dims(shape, max_dim, merge, 0))) == sorted({b.shape for b in blocks}), shape
+        assert sorted(set(fc.block_shapes(shape, max_dim, merge, 0))) == sorted({b.shape for b in blocks}), shape
 
 
 def test_schedule_orders_saves_before_loads_and_packs_disjoint_ranks():
