@@ -188,6 +188,12 @@ class Report:
     def summary(self) -> str:
         layouts = Counter(c.layout for c in self.cases)
         loads = Counter(f"{c.layout}->{c.checkpoint.load_layout}" for c in self.cases if c.checkpoint)
+        moves: Counter = Counter()
+        for c in self.cases:
+            if c.checkpoint:
+                a, b = c.world, LAYOUT_WORLD[c.checkpoint.load_layout]
+                moves["grows" if b > a else "shrinks" if b < a else "stays"] += 1
+                moves["from/to 1"] += 1 in (a, b)
         nf = Counter(f"{c.nonfinite.kind}/{c.nonfinite.policy}" for c in self.cases if c.nonfinite)
         cfg = Counter(f"{dict(c.config.kwargs)['preconditioner'][0]}+{dict(c.config.kwargs)['grafting'][0]}"
                       for c in self.cases)
@@ -195,13 +201,15 @@ class Report:
         lines = [f"cases: {len(self.cases)} (seeds {min(seeds)}..{max(seeds)}), launches {self.worlds}, "
                  f"{self.seconds:.0f} s wall",
                  "layouts: " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items())),
-                 "configs: " + ", ".join(f"{k} {v}" for k, v in sorted(cfg.items())),
+                 "group-0 configs: " + ", ".join(f"{k} {v}" for k, v in sorted(cfg.items())),
+                 _model_line(self.cases),
                  f"regimes: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(c.config.regime
                                                                                  for c in self.cases).items())),
                  f"non-finite injections: {sum(nf.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(nf.items()))
                  + ")",
-                 f"checkpoint resumes: {sum(loads.values())} (" + ", ".join(f"{k} {v}" for k, v in
-                                                                      sorted(loads.items())) + ")",
+                 f"checkpoint resumes: {sum(loads.values())} ({len(loads)} distinct layout pairs; world grows "
+                 f"{moves['grows']}, shrinks {moves['shrinks']}, stays {moves['stays']}; {moves['from/to 1']} from or to "
+                 f"one process)",
                  "largest relative difference to the 1-process run: " + ", ".join(
                      f"{k} {v:.2g}" for k, v in sorted(self.max_diff.items()))
                  + f"; bit-identical in {self.identical} of {len(self.cases)} cases"
@@ -209,6 +217,20 @@ class Report:
                  f"failures: {len(self.failures)}"]
         lines += self.notes
         return "\n".join(lines)
+
+
+def _model_line(cases: list[Case]) -> str:
+    params = [(m, p) for c in cases for m in c.modules for p in m.params]
+    orders = Counter(len(p.shape) for _, p in params)
+    kinds = Counter(m.dtype for m, _ in params)
+    return (f"parameters: {len(params)} (order " + ", ".join(f"{k}: {v}" for k, v in sorted(orders.items()))
+            + "; " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+            + f"; frozen {sum(m.frozen for m, _ in params)}, channels_last "
+            f"{sum(p.memory == 'channels_last' for _, p in params)}, transposed "
+            f"{sum(p.memory == 'transposed' for _, p in params)}, empty {sum(0 in p.shape for _, p in params)}, "
+            f"experts {sum(m.kind == 'experts' for m, _ in params)}); second param group in "
+            f"{sum(bool(c.config.second_group) for c in cases)} cases, no-gradient steps in "
+            f"{sum(bool(c.no_grad) for c in cases)}, zero-gradient steps in {sum(bool(c.zero_grad) for c in cases)}")
 
 
 def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: float = 60.0,
