@@ -143,8 +143,10 @@ class StepExecutor:
             if g.weight_decay != 0 and not g.decoupled_weight_decay:
                 by_group.setdefault(self.rt.trainable[k].group, []).append(k)
         for gi, ks in by_group.items():
-            new = torch._foreach_add([grads[k] for k in ks], [self.rt.trainable[k].local() for k in ks],
-                                     alpha=groups[gi].weight_decay)
+            # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
+            # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
+            wide = [grads[k] if grads[k].dtype in (torch.float32, torch.float64) else grads[k].float() for k in ks]
+            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
             grads.update(zip(ks, new))
 
     # ------------------------------------------------------------------ data movement
@@ -214,8 +216,8 @@ class StepExecutor:
                 if g.dampening:
                     torch._foreach_mul_(dirs, 1.0 - g.dampening)
                 torch._foreach_add_(dirs, m_views, alpha=g.momentum)
-            else:
-                dirs = m_views
+            else:   # a bf16 buffer is widened: bf16 + bf16 rounding depends on the sharding (see _fold_l2)
+                dirs = [m if m.dtype in (torch.float32, torch.float64) else m.float() for m in m_views]
         torch._foreach_add_(p_views, dirs, alpha=-g.lr)
 
 

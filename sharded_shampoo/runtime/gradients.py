@@ -9,12 +9,18 @@ and is non-zero (the zero-lr state-initialisation step is recognised by all-zero
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .placements import local_tensor
 from .records import RankRuntime
 
 _WIDE = (torch.float32, torch.float64)
+#: a gradient with a larger 2-norm has a squared norm (a bound on every statistic of one step) that
+#: is not representable in fp32 / fp64 statistics
+_NORM_LIMIT = {torch.float32: math.sqrt(torch.finfo(torch.float32).max),
+               torch.float64: math.sqrt(torch.finfo(torch.float64).max)}
 
 
 def local_gradients(rt: RankRuntime) -> dict[int, torch.Tensor]:
@@ -45,11 +51,14 @@ def gradient_summary(grads: dict[int, torch.Tensor], num_params: int, check: boo
                      float64_state: set[int]) -> dict[str, torch.Tensor]:
     """Per plan index, float64 0/1 vectors ``has``, ``nonfinite``, ``overflow``, ``nonzero``.
 
-    Norms are fp32 2-norms in one ``foreach`` pass per dtype class (the max-abs norm is ~7x slower
-    on CPU); a norm can only be non-finite through a NaN/Inf entry or an overflow of huge finite
-    values, so only those (rare) tensors are looked at entry by entry. ``check=False``
-    (``nonfinite_grads="ignore"``) skips the non-finite tests. ``float64_state``: parameters whose
-    statistics are float64; an fp32 overflow there is re-checked in float64.
+    Norms are 2-norms in one ``foreach`` pass per dtype class (fp32 for fp16/bf16, the gradient's
+    own dtype otherwise; the max-abs norm is ~7x slower on CPU). A norm is non-finite through a
+    NaN/Inf entry, and a finite gradient overflows the statistics when its norm exceeds the square
+    root of their dtype's largest value; only such (rare) tensors are looked at entry by entry. The
+    norm is compared with that limit, not just tested for inf: an fp64 gradient has an fp64 norm
+    even when its statistics are fp32, and torch's norm of a 1-element tensor is ``|x|``, which does
+    not overflow where ``x * x`` does. ``check=False`` (``nonfinite_grads="ignore"``) skips the
+    non-finite tests. ``float64_state``: parameters whose statistics are float64.
     """
     out = {k: torch.zeros(num_params, dtype=torch.float64) for k in ("has", "nonfinite", "overflow", "nonzero")}
     if not grads:
@@ -63,11 +72,14 @@ def gradient_summary(grads: dict[int, torch.Tensor], num_params: int, check: boo
             norms[ks] = torch.stack(torch._foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double().cpu()
     out["has"][idx] = 1.0
     if check:
-        for k in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+        limits = torch.tensor([_NORM_LIMIT[torch.float64 if i in float64_state else torch.float32] for i in idx],
+                              dtype=torch.float64)
+        for k in (~(norms < limits)).nonzero().flatten().tolist():    # also catches NaN norms
             g = grads[idx[k]]
             if not bool(torch.isfinite(g).all()):
                 out["nonfinite"][idx[k]] = 1.0
-            elif idx[k] in float64_state and bool(torch.isfinite(torch.linalg.vector_norm(g, dtype=torch.float64))):
+            elif idx[k] in float64_state and \
+                    float(torch.linalg.vector_norm(g, dtype=torch.float64)) < _NORM_LIMIT[torch.float64]:
                 norms[k] = 1.0           # huge but representable in the float64 statistics
             else:
                 out["overflow"][idx[k]] = 1.0
