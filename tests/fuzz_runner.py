@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 
 from fuzz_cases import LAYOUT_WORLD, TOLERANCE, Case, draw
 from fuzz_ranks import Job, LaunchPlan, launch, run_job
@@ -203,7 +202,7 @@ class Report:
                  "layouts: " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items())),
                  "group-0 configs: " + ", ".join(f"{k} {v}" for k, v in sorted(cfg.items())),
                  _model_line(self.cases),
-                 f"regimes: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(c.config.regime
+                 "regimes: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(c.config.regime
                                                                                  for c in self.cases).items())),
                  f"non-finite injections: {sum(nf.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(nf.items()))
                  + ")",
