@@ -16,7 +16,7 @@ and the ratios ours / reference. The parameters of both runs are compared at the
 the relative difference must be small, else the configs do not match and the timing means nothing).
 
     OMP_NUM_THREADS=1 python scripts/bench_vs_reference.py --reference /work/reference
-    ... --root warm --fused compile --state-dtype bfloat16   # our faster options vs the same reference
+    ... --root warm --elementwise compile --root-storage bfloat16   # our faster options vs the same reference
 """
 
 from __future__ import annotations

@@ -133,16 +133,22 @@ def scenario_agreement(rank: int, world: int, root: str) -> dict[str, Any]:
                 f.write("step_2\n")
         dist.barrier()
 
+    def case(name: str, fn: Callable[[], Any]) -> None:
+        # the barrier keeps a fast rank from starting the next case (whose save creates a new
+        # ``.tmp``) while a slower one still lists the directory after this case
+        out[name] = attempt(fn, root)
+        dist.barrier()
+
     binary = b"\xff\xfe\x00\x9c binary"
     with_pointer(binary, "save: binary latest (rank 0 fails)", lambda: save_checkpoint(root, 3, model, opt))
     with_pointer(binary, "load: binary latest", lambda: load_checkpoint(root, model, opt))
-    out["save: nested extra on rank 1 only"] = attempt(
-        lambda: save_checkpoint(root, 3, model, opt, extra={"cfg": {"a": 1}} if rank == 1 else {"cfg": 1}), root)
-    out["save: ranks disagree on the step"] = attempt(lambda: save_checkpoint(root, 3 + rank, model, opt), root)
-    out["load: rank 1 passes a missing path"] = attempt(
-        lambda: load_checkpoint(root if rank == 0 else os.path.join(root, "nope"), model, opt), root)
+    case("save: nested extra on rank 1 only",
+         lambda: save_checkpoint(root, 3, model, opt, extra={"cfg": {"a": 1}} if rank == 1 else {"cfg": 1}))
+    case("save: ranks disagree on the step", lambda: save_checkpoint(root, 3 + rank, model, opt))
+    case("load: rank 1 passes a missing path",
+         lambda: load_checkpoint(root if rank == 0 else os.path.join(root, "nope"), model, opt))
     _fail_on_rank1(storage, "checksum_files")
-    out["save: checksums fail on rank 1"] = attempt(lambda: save_checkpoint(root, 3, model, opt), root)
+    case("save: checksums fail on rank 1", lambda: save_checkpoint(root, 3, model, opt))
     dist.barrier()
     out["tmp_dirs"] = sorted(n for n in os.listdir(root) if n.endswith(".tmp"))
     out["latest"] = os.path.basename(latest_checkpoint(root))
