@@ -179,7 +179,7 @@ class ShardedShampoo(Optimizer):
         flags = gradient_flags(self.runtime.comm, len(self.runtime.trainable), summary, error is not None,
                                stable_digest([_settings_of(g, dynamic=True) for g in self.param_groups]))
         active = self._decide(error, flags)
-        self.last_step_skipped = not active
+        self.last_step_skipped = not active   # skip policy, init step, or no gradient on any parameter
         if not active:
             return loss
         for rec in self.runtime.trainable:   # zero stand-ins keep message sizes static

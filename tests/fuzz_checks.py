@@ -31,13 +31,14 @@ def param_diff(local: torch.Tensor, offset: tuple[int, ...], ref: torch.Tensor) 
     return float((local.double() - region).abs().max() / ref.double().abs().max().clamp_min(1e-12))
 
 
-def _nonfinite_problems(case: Case, events: list[dict[str, Any]]) -> list[str]:
+def nonfinite_problems(case: Case, events: list[dict[str, Any]]) -> list[str]:
     nf = case.nonfinite
     assert nf is not None
     seen = [e.get("nonfinite") for e in events]
     if any(s is None for s in seen):
         return ["non-finite step: a rank did not record the injected step"]
     hit = [r for r, s in enumerate(seen) if s["hit"]]
+    no_grads = not any(s["any_grad"] for s in seen)      # a step with no gradient anywhere does nothing
     out = []
     for r, s in enumerate(seen):
         if hit and nf.policy == "raise":
@@ -45,7 +46,7 @@ def _nonfinite_problems(case: Case, events: list[dict[str, Any]]) -> list[str]:
         elif hit:
             ok = s["outcome"] == "stepped" and s["skipped"] and s["unchanged"]
         else:
-            ok = s["outcome"] == "stepped" and not s["skipped"]
+            ok = s["outcome"] == "stepped" and s["skipped"] == no_grads and (s["unchanged"] or not no_grads)
         if not ok:
             out.append(f"non-finite {nf.kind} on rank {hit} ({s['hit'] or '-'} here), policy {nf.policy!r}: rank {r} "
                        f"{s['outcome']}, skipped={s['skipped']}, state unchanged={s['unchanged']}")
@@ -73,7 +74,7 @@ def _job_problems(case: Case, job: Job, ranks: list[Any], ref: dict[str, Any],
     if any(e["final_steps"] != expected for e in events):
         out.append(f"{what}: step counters {[e['final_steps'] for e in events]} != {expected} (1-process run)")
     if job.kind == "main" and case.nonfinite is not None:
-        out += _nonfinite_problems(case, events)
+        out += nonfinite_problems(case, events)
     if job.kind == "load":
         k = case.checkpoint.save_step if case.checkpoint else -1
         saved = saved_steps

@@ -131,7 +131,8 @@ def _bad_step(model: torch.nn.Module, opt: ShardedShampoo, case: Case, group_ran
     except Exception as err:  # noqa: BLE001 - reported to the parent as a wrong outcome
         outcome = f"{type(err).__name__}: {err}"
     return {"hit": hit, "outcome": outcome, "skipped": opt.last_step_skipped,
-            "unchanged": _same(before, snapshot(model, opt))}
+            "unchanged": _same(before, snapshot(model, opt)),
+            "any_grad": any(p.grad is not None for p in model.parameters() if p.requires_grad)}
 
 
 def _train(model: torch.nn.Module, opt: ShardedShampoo, case: Case, start: int, group_rank: int,
@@ -147,7 +148,11 @@ def _train(model: torch.nn.Module, opt: ShardedShampoo, case: Case, start: int, 
                                      flatten_optimizer_state_dict=ck.flatten)
         feed(model, case, step)
         if job.kind == "main" and case.nonfinite is not None and step == case.nonfinite.step:
-            events["nonfinite"] = _bad_step(model, opt, case, group_rank)
+            bad = events["nonfinite"] = _bad_step(model, opt, case, group_rank)
+            if bad["outcome"] == "stepped" and not bad["skipped"]:
+                # no rank held a non-empty gradient to corrupt (the drawn rank's pieces are all
+                # empty): that step had this step's clean gradients and was the real one
+                continue
             feed(model, case, step)          # training goes on with the clean gradient of this step
         opt.step()
     if handle is not None:

@@ -115,3 +115,24 @@ def test_a_hang_becomes_an_error_of_its_job_within_the_timeout():
     errors = [r["error"] for r in results.values() if "error" in r]
     assert errors and any("timeout" in e.lower() or "timed out" in e.lower() for e in errors), (notes, results)
     assert seconds < 60, f"the hang was reported after {seconds:.0f} s"
+
+
+def test_nonfinite_check_knows_an_injection_that_hit_nothing():
+    """Seeds 1164 and 1216 (found by a 300-seed run): the drawn rank held only empty pieces, or no
+    parameter had a gradient at that step. Then nothing is corrupted and the step is a real one;
+    with no gradient anywhere it does nothing and reports skipped."""
+    from fuzz_checks import nonfinite_problems
+
+    case = next(c for c in (fc.draw(s) for s in range(200)) if c.nonfinite and c.nonfinite.policy == "raise")
+
+    def event(hit, outcome, skipped, unchanged, any_grad):
+        return {"nonfinite": {"hit": hit, "outcome": outcome, "skipped": skipped, "unchanged": unchanged,
+                              "any_grad": any_grad}}
+
+    assert nonfinite_problems(case, [event(None, "stepped", False, False, True)] * 2) == []
+    assert nonfinite_problems(case, [event(None, "stepped", True, True, False)] * 2) == []
+    assert len(nonfinite_problems(case, [event(None, "stepped", True, True, True)] * 2)) == 2    # skipped for nothing
+    assert len(nonfinite_problems(case, [event("m0.p0", "stepped", False, False, True),
+                                          event(None, "stepped", False, False, True)])) == 2     # missed its policy
+    assert nonfinite_problems(case, [event("m0.p0", "raised", False, True, True),
+                                      event(None, "raised", False, True, True)]) == []

@@ -211,3 +211,17 @@ def test_training_example_starts_at_ln_256():
     losses = train.train(train.parse_args(["--steps", "1", "--no-progress", "--batch", "4",
                                            "--corpus-bytes", "200000"]))
     assert abs(losses[0] - math.log(256)) < 0.1 * math.log(256), losses[0]
+
+
+def test_step_without_any_gradient_changes_nothing_and_reports_skipped():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = ShardedShampoo(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    model(torch.randn(8, 6)).square().mean().backward()
+    opt.step()
+    assert not opt.last_step_skipped and opt.param_groups[0]["step"] == 1
+    opt.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()                                   # no gradient anywhere: weight decay must not act alone
+    assert opt.last_step_skipped and opt.param_groups[0]["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
