@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import titan_harness as th  # noqa: E402
 from titan_ranks import TitanRanks  # noqa: E402
+from titan_scenarios import mesh_report  # noqa: E402
 
 LAYOUTS = (
     ("Llama3 debug, FSDP 4", "llama3", th.Layout()),
@@ -30,13 +31,7 @@ LAYOUTS = (
 
 
 def report(rank: int, world: int, model: str, layout: th.Layout) -> dict[str, Any]:
-    built = th.build({"llama3": th.llama3_spec, "moe": th.moe_spec}[model](), layout)
-    kinds = th.kinds_table(th.placements_table(built.model))
-    ranks = {}
-    for name, p in built.model.named_parameters():
-        mesh = getattr(p, "device_mesh", None)
-        ranks[th.param_kind(name)] = mesh.mesh.tolist() if mesh is not None else None
-    return {"kinds": kinds, "ranks": ranks, "regions": th.held_regions(built.model)}
+    return mesh_report(th.build({"llama3": th.llama3_spec, "moe": th.moe_spec}[model](), layout))
 
 
 def main() -> None:
@@ -44,14 +39,15 @@ def main() -> None:
     try:
         for title, model, layout in LAYOUTS:
             results = runner.run(4, report, model, layout)
-            assert all(r["kinds"] == results[0]["kinds"] and r["ranks"] == results[0]["ranks"] for r in results)
+            first = results[0]
+            assert all(r["kinds"] == first["kinds"] and r["mesh_ranks"] == first["mesh_ranks"] for r in results)
             print(f"\n#### {title}\n")
             print("| parameter | global shape | mesh (dim=size) | mesh ranks | placements | local shape "
                   "| region held by rank 0 / 1 / 2 / 3 |")
             print("|---|---|---|---|---|---|---|")
             for kind, (shape, mesh, placements, local) in results[0]["kinds"].items():
                 held = " / ".join(r["regions"][kind] for r in results)
-                print(f"| `{kind}` | {shape} | {mesh} | {results[0]['ranks'][kind]} | `{placements}` | {local} "
+                print(f"| `{kind}` | {shape} | {mesh} | {results[0]['mesh_ranks'][kind]} | `{placements}` | {local} "
                       f"| {held} |")
     finally:
         runner.close()
