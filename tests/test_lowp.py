@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, ShardedShampoo
 from sharded_shampoo.compute.lowp import ema_round_, rounding_seed, stochastic_round_
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams
@@ -109,15 +110,6 @@ def _train(pre, steps: int = 60, model=None, opt=None) -> tuple[float, ShardedSh
     return float(loss.detach()), opt, model
 
 
-def _allocated_state_bytes(opt: ShardedShampoo) -> int:
-    seen: dict[int, int] = {}
-    for s in opt.state.values():
-        for block in s.values():
-            for v in (block.values() if isinstance(block, dict) else [block]):
-                seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 @pytest.fixture(scope="module")
 def fp32_run():
     return _train(RootInverseShampoo())
@@ -134,7 +126,7 @@ def test_bf16_state_bytes_and_loss(fp32_run, factors, roots, loss_bound):
     bucket = opt.runtime.buckets[0]
     assert bucket.factors[0].dtype == (factors or torch.float32) and bucket.roots[0].dtype == (roots or torch.float32)
     planned = opt.plan.ranks[0].optimizer_state_bytes
-    assert planned == _allocated_state_bytes(opt)
+    assert planned == owned_state_bytes(opt)
     square = sum(d * d for b in opt.plan.blocks for d in b.factor_dims)
     saved = 2 * square * ((factors is not None) + (roots is not None))
     assert opt32.plan.ranks[0].optimizer_state_bytes - planned == saved
@@ -170,5 +162,5 @@ def test_eigenvalue_corrected_bf16_bases():
     loss32 = _train(EigenvalueCorrectedShampoo(), steps=30)[0]
     loss, opt, _ = _train(EigenvalueCorrectedShampoo(root_storage_dtype=BF16), steps=30)
     assert opt.runtime.buckets[0].roots[0].dtype == BF16
-    assert opt.plan.ranks[0].optimizer_state_bytes == _allocated_state_bytes(opt)
+    assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
     assert abs(loss - loss32) / loss32 < 0.05
