@@ -21,8 +21,9 @@ from torch.optim import Optimizer
 
 from .compute.preconditioner import BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
-                     PreconditionerConfig, RootInverseShampoo, structural_signature)
-from .param_groups import check_comm_dtype, check_overlap_chunks, check_parameter, split_named, validate_group
+                     PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
+from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
+                           validate_group)
 from .planning.plan import make_plan
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
 from .runtime.executor import GroupStep, StepExecutor
@@ -132,6 +133,9 @@ class ShardedShampoo(Optimizer):
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
         self._structure = [structural_signature(g) for g in self.param_groups]
+        # parameters whose statistics are float64 (structural, so fixed): their overflow limit is wider
+        self._float64_state = {rec.plan_index for rec in self.runtime.trainable
+                               if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
         self.state.clear()
         self.state.update(self.runtime.state_entries())
 
@@ -160,10 +164,8 @@ class ShardedShampoo(Optimizer):
         try:
             self._check_groups()
             grads = local_gradients(self.runtime)
-            f64 = {rec.plan_index for rec in self.runtime.trainable
-                   if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
             summary = gradient_summary(grads, len(self.runtime.trainable),
-                                       self.nonfinite_grads != NonFinitePolicy.IGNORE, f64)
+                                       self.nonfinite_grads != NonFinitePolicy.IGNORE, self._float64_state)
             return None, grads, summary
         except Exception as err:  # noqa: BLE001 - re-raised after the agreement, on every rank
             return err, {}, None
@@ -282,8 +284,8 @@ def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:
     """A group's settings as plain values; ``dynamic``: only what may change between steps (+ the step)."""
     out = {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in group.items()
-           if k not in ("params", "param_names")}
+           if k not in BOOKKEEPING_KEYS}
     if dynamic:
-        for k in ("grafting", "preconditioner", "blocking", "max_preconditioner_dim"):
+        for k in STRUCTURAL_SETTINGS:
             out.pop(k, None)
     return {k: repr(v) for k, v in out.items()}

@@ -18,6 +18,8 @@ import torch
 from .config import (COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, BlockingConfig, check_range)
 
 OWNER = "ShardedShampoo"
+#: Keys of a param group that name its parameters rather than set anything.
+BOOKKEEPING_KEYS = ("params", "param_names")
 #: Implementations of the element-wise step math (see compute/elementwise.py).
 ELEMENTWISE_MODES = ("eager", "compile")
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ..config import BlockingConfig
 from ..optimizer import ShardedShampoo
+from ..param_groups import BOOKKEEPING_KEYS
 
 #: torchtitan's ``OptimizersContainer`` adds these to every param group (torch Adam kernel
 #: switches); ShardedShampoo has one implementation, so they are dropped.
@@ -56,7 +57,7 @@ def shampoo_group_kwargs(group: dict[str, Any], pattern: str = "?") -> dict[str,
     ``params`` and ``param_names`` pass through. ``pattern`` names the trainer's param-group
     pattern in the message so the user finds the config entry to fix.
     """
-    accepted = shampoo_group_keys() | {"params", "param_names"}
+    accepted = shampoo_group_keys() | set(BOOKKEEPING_KEYS)
     out = {k: v for k, v in group.items() if k not in IGNORED_GROUP_KEYS}
     unknown = sorted(k for k in out if k not in accepted)
     if unknown:
@@ -65,7 +66,7 @@ def shampoo_group_kwargs(group: dict[str, Any], pattern: str = "?") -> dict[str,
             hint = ("it applies to the whole optimizer: pass it in "
                     "optimizer_factory_kwargs_by_name['ShardedShampoo']")
         else:
-            hint = _KEY_HINTS.get(key, f"accepted keys: {sorted(accepted - {'params', 'param_names'})}")
+            hint = _KEY_HINTS.get(key, f"accepted keys: {sorted(accepted - set(BOOKKEEPING_KEYS))}")
         raise ValueError(f"param group with pattern {pattern!r}: ShardedShampoo has no per-group option "
                          f"{key!r} (unknown keys: {unknown}); {hint}.")
     return out
@@ -101,7 +102,7 @@ def split_expert_groups(groups: list[dict[str, Any]],
         if len(names) != len(params):
             raise ValueError(f"param group has {len(params)} params but {len(names)} param_names; they must align.")
         is_expert = [is_expert_weight(n, p.ndim, module_pattern) for n, p in zip(names, params)]
-        rest = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        rest = {k: v for k, v in group.items() if k not in BOOKKEEPING_KEYS}
         dense = [(n, p) for (n, p), e in zip(zip(names, params), is_expert) if not e]
         experts = [(n, p) for (n, p), e in zip(zip(names, params), is_expert) if e]
         if dense:

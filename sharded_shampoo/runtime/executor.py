@@ -69,10 +69,11 @@ class _Exchange:
 class _Wave:
     """One wave: its gather and update exchanges and the owned buckets whose math it runs."""
 
-    schedule: RankSchedule
     gather: _Exchange
     update: _Exchange
     buckets: list[int]
+    #: where each received gradient piece goes: fixed views into the executor's stacks
+    recv_dst: list[torch.Tensor]
 
 
 class StepExecutor:
@@ -82,19 +83,22 @@ class StepExecutor:
         self.rt = runtime
         waves = runtime.waves
         chunks = max(waves, default=0) + 1
-        self.waves: list[_Wave] = []
-        for w, sched in enumerate(split_waves(runtime.schedule, waves, chunks)):
-            buckets = [bi for bi, members in enumerate(runtime.bucket_members) if waves[members[0].index] == w]
-            self.waves.append(_Wave(sched, _Exchange.of(sched.grad_send, sched.grad_recv),
-                                    _Exchange.of(sched.update_send, sched.update_recv), buckets))
-        #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
-        #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
-        self.last_exposed_comm_seconds = 0.0
         # working buffers of static sizes, allocated once: a fresh multi-MiB CPU tensor is
         # page-faulted on every step (the planner counts them in the transient column)
         c = runtime.comm
         self._stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=c.device) for b in runtime.buckets]
         self._buffers: dict[tuple[int, str, str], torch.Tensor] = {}
+        # the gradient side of a step writes into the stacks before any bucket math: fixed views, built once
+        self._local_dst = [runtime.block_view(self._stacks, p) for p in runtime.schedule.grad_local]
+        self.waves: list[_Wave] = []
+        for w, sched in enumerate(split_waves(runtime.schedule, waves, chunks)):
+            buckets = [bi for bi, members in enumerate(runtime.bucket_members) if waves[members[0].index] == w]
+            gather = _Exchange.of(sched.grad_send, sched.grad_recv)
+            self.waves.append(_Wave(gather, _Exchange.of(sched.update_send, sched.update_recv), buckets,
+                                    [runtime.block_view(self._stacks, p) for p in gather.recv]))
+        #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
+        #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
+        self.last_exposed_comm_seconds = 0.0
 
     # ------------------------------------------------------------------ the step
 
@@ -107,13 +111,12 @@ class StepExecutor:
         stacks = list(self._stacks)      # an entry is replaced where a bucket returns a new direction tensor
         inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send], (i, "gather"))
                     for i, w in enumerate(self.waves)]
-        self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
-                   [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
+        self._copy(self._local_dst, [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
         everything = len(active) == len(rt.trainable)
         updates = []
         for i, (wave, work) in enumerate(zip(self.waves, inflight)):
             recv = self._finish(work)
-            self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
+            self._copy(wave.recv_dst, self._views(recv, wave.gather.recv))
             for bi in wave.buckets:
                 stacks[bi] = self._bucket_step(bi, stacks[bi], active, everything, groups)
             updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send],

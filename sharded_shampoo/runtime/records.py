@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..compute.preconditioner import BlockBucket, BucketHyperparams, bucket_key
 from ..planning.blocking import Block
-from ..planning.layout import MeshSpec, ParamSpec, Region
+from ..planning.layout import ParamSpec, Region
 from ..planning.plan import ShampooPlan
 from .placements import local_tensor
 from .routing import Piece, RankSchedule, build_schedule
@@ -52,9 +52,14 @@ class ParamRecord:
         transposed leaves) are updated in place, never through a copy.
         """
         assert self.region is not None
-        for d, ((a, b), (start, _)) in enumerate(zip(box, self.region)):
-            local = local.narrow(d, a - start, b - a)
-        return local
+        return narrow_to(local, box, self.region)
+
+
+def narrow_to(t: torch.Tensor, box: Region, origin: Region) -> torch.Tensor:
+    """The part of ``t`` (which covers global box ``origin``) that covers global ``box``, as a view."""
+    for d, ((a, b), (start, _)) in enumerate(zip(box, origin)):
+        t = t.narrow(d, a - start, b - a)
+    return t
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,6 @@ class CommContext:
 class RankRuntime:
     """Everything this rank executes, built once from the plan."""
 
-    plan: ShampooPlan
     params: list[ParamRecord]                       # every parameter of the optimizer
     trainable: list[ParamRecord]                    # by plan index
     blocks: dict[int, BlockRecord]                  # owned blocks, by plan block index
@@ -98,18 +102,11 @@ class RankRuntime:
     schedule: RankSchedule
     comm: CommContext
     waves: list[int]                                # overlap wave of every plan block
-    mesh: MeshSpec = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.mesh = self.plan.mesh
 
     def block_view(self, stacks: list[torch.Tensor], piece: Piece) -> torch.Tensor:
         """The part ``piece`` of its block inside per-bucket stacks ``[B, *block shape]``."""
         rec = self.blocks[piece.block_index]
-        view = stacks[rec.bucket][rec.slot].view(rec.block.box_shape)
-        for d, ((a, b), (start, _)) in enumerate(zip(piece.box, rec.block.box)):
-            view = view.narrow(d, a - start, b - a)
-        return view
+        return narrow_to(stacks[rec.bucket][rec.slot].view(rec.block.box_shape), piece.box, rec.block.box)
 
     def piece_view(self, tensors: dict[int, torch.Tensor], piece: Piece) -> torch.Tensor:
         """The part ``piece`` of a local-shaped tensor of its parameter (``tensors`` by plan index)."""
@@ -172,7 +169,7 @@ def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: li
         members.append(recs)
         buckets.append(bucket)
         bucket_group.append(gi)
-    return RankRuntime(plan, records, trainable, blocks, buckets, bucket_group, members,
+    return RankRuntime(records, trainable, blocks, buckets, bucket_group, members,
                        build_schedule(plan, comm.rank), comm, waves)
 
 

@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 
-from ..config import CONFIG_OBJECT_SETTINGS, STRUCTURAL_SETTINGS, config_from_dict, config_to_dict
-from ..param_groups import validate_group
+from ..config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_SETTINGS, config_from_dict, config_to_dict,
+                      structural_signature)
+from ..param_groups import BOOKKEEPING_KEYS, validate_group
 from .placements import is_dtensor
 from .records import ParamRecord, RankRuntime
-
-#: Group entries that are bookkeeping, not hyperparameters.
-_BOOKKEEPING = ("params", "param_names")
 
 
 def _momentum_out(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -126,15 +124,15 @@ class StateIO:
                     raise ValueError(f"param group {gi}: {key} differs (checkpoint {value!r}, optimizer "
                                      f"{live[key]!r}); it decides the block plan and state layout, so it must match.")
             values = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
-                      if k not in _BOOKKEEPING and k not in STRUCTURAL_SETTINGS}
+                      if k not in BOOKKEEPING_KEYS and k not in STRUCTURAL_SETTINGS}
             candidate = dict(live) | values
             try:
                 validate_group(candidate)
             except ValueError as err:
                 raise ValueError(f"param group {gi} of the state dict: {err}") from None
-            for key, kind, has in (("betas", "filtered_grad", lambda g: g["betas"][0] > 0),
-                                   ("momentum", "momentum", lambda g: g["momentum"] > 0)):
-                if has(candidate) != has(live):
+            loaded, built = structural_signature(candidate), structural_signature(live)
+            for key, kind, has in (("betas", "filtered_grad", "has_beta1"), ("momentum", "momentum", "has_momentum")):
+                if loaded[has] != built[has]:
                     raise ValueError(f"param group {gi}: the state dict's {key} {candidate[key]!r} changes whether the "
                                      f"{kind} state exists (optimizer: {live[key]!r}); keep it > 0 or == 0 as built.")
             out.append(values)
