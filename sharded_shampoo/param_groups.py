@@ -20,6 +20,8 @@ from .config import (COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, Blocking
 OWNER = "ShardedShampoo"
 #: Keys of a param group that name its parameters rather than set anything.
 BOOKKEEPING_KEYS = ("params", "param_names")
+#: Constructor arguments that set the whole optimizer; in a param group they would be ignored.
+OPTIMIZER_WIDE_KEYS = ("mesh", "comm_dtype", "nonfinite_grads", "overlap_chunks")
 #: Implementations of the element-wise step math (see compute/elementwise.py).
 ELEMENTWISE_MODES = ("eager", "compile")
 
@@ -51,6 +53,10 @@ def _check_bool(name: str, v: Any) -> None:
 
 def validate_group(g: Mapping[str, Any]) -> None:
     """Raise ValueError naming the field and its valid range for any bad hyperparameter."""
+    wide = [k for k in OPTIMIZER_WIDE_KEYS if k in g]
+    if wide:
+        raise ValueError(f"{OWNER}: {wide[0]!r} in a param group would be ignored: it applies to the whole "
+                         f"optimizer. Remove it from the group and pass ShardedShampoo(..., {wide[0]}=...).")
     check_lr(g["lr"])
     betas = g["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

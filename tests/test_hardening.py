@@ -225,3 +225,12 @@ def test_step_without_any_gradient_changes_nothing_and_reports_skipped():
     opt.step()                                   # no gradient anywhere: weight decay must not act alone
     assert opt.last_step_skipped and opt.param_groups[0]["step"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("key,value", [("overlap_chunks", 1), ("comm_dtype", torch.bfloat16),
+                                       ("nonfinite_grads", "skip"), ("mesh", "local")])
+def test_optimizer_wide_setting_in_a_param_group_is_rejected(key, value):
+    """It would be silently ignored: these apply to the whole optimizer (constructor arguments)."""
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match=f"'{key}' in a param group would be ignored.*ShardedShampoo\\(\\.\\.\\., {key}="):
+        ShardedShampoo([{"params": [p], key: value}])

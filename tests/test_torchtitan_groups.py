@@ -86,6 +86,7 @@ def test_fused_and_foreach_are_dropped() -> None:
     ("nesterov", "use_nesterov"),
     ("mesh", "optimizer_factory_kwargs_by_name"),
     ("nonfinite_grads", "optimizer_factory_kwargs_by_name"),
+    ("overlap_chunks", "optimizer_factory_kwargs_by_name"),     # was accepted per group and ignored
     ("capturable", "accepted keys"),
 ])
 def test_unknown_keys_are_rejected_with_a_hint(key: str, hint: str) -> None:

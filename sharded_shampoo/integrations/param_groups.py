@@ -22,14 +22,14 @@ from typing import Any, Optional
 
 from ..config import BlockingConfig
 from ..optimizer import ShardedShampoo
-from ..param_groups import BOOKKEEPING_KEYS
+from ..param_groups import BOOKKEEPING_KEYS, OPTIMIZER_WIDE_KEYS
 
 #: torchtitan's ``OptimizersContainer`` adds these to every param group (torch Adam kernel
 #: switches); ShardedShampoo has one implementation, so they are dropped.
 IGNORED_GROUP_KEYS = ("fused", "foreach")
 
 #: ShardedShampoo arguments that describe the whole optimizer, not one param group.
-CONSTRUCTOR_ONLY_KEYS = ("mesh", "comm_dtype", "nonfinite_grads")
+CONSTRUCTOR_ONLY_KEYS = OPTIMIZER_WIDE_KEYS
 
 #: A parameter is an expert weight when it is 3-D and one component of its owning module's
 #: path ends in "experts" (torchtitan: ``layers.3.moe.routed_experts.inner_experts.w1_EFD``).
