@@ -45,6 +45,22 @@ HYPERPARAMETER_MODES = ("checkpoint", "current")
 _GROUP_STATE_KEYS = ("params", "param_names", "step")
 
 
+def plan_entries(meta: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The entries a state dict holding a ShardedShampoo starts with: the plan guard, then the plan
+    description. The guard comes first: DCP's load planning reports the first missing key, so a
+    checkpoint of another plan fails naming the guard."""
+    if meta is None:
+        return {}
+    return {GUARD_PREFIX + meta["fingerprint"]: meta["fingerprint"], META_KEY: json.dumps(meta, sort_keys=True)}
+
+
+def check_plan(state_dict: Mapping[str, Any], meta: Optional[dict[str, Any]]) -> None:
+    """Before anything is loaded: the stored plan description must be compatible with ``meta``."""
+    if meta is not None:
+        raw = state_dict.get(META_KEY)
+        check_compatible(json.loads(raw) if isinstance(raw, str) and raw else None, meta)
+
+
 def _nests(value: Any) -> bool:
     """Would DCP split ``value`` into several entries (a dict, or a container holding a tensor or dict)?"""
     if isinstance(value, Mapping):
@@ -118,20 +134,12 @@ class TrainState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
-        out: dict[str, Any] = {}
-        meta = self.describe()
-        if meta is not None:
-            # first: DCP's load planning reports the first missing key, so a mismatch names the guard
-            out[GUARD_PREFIX + meta["fingerprint"]] = meta["fingerprint"]
-            out[META_KEY] = json.dumps(meta, sort_keys=True)
+        out = plan_entries(self.describe())
         out.update(model=model_sd, optim=optim_sd, extra=dict(self.extra))
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = self.describe()
-        if meta is not None:
-            raw = state_dict.get(META_KEY)
-            check_compatible(json.loads(raw) if isinstance(raw, str) and raw else None, meta)
+        check_plan(state_dict, self.describe())
         keep = None
         if self.hyperparameters == "current":
             keep = [{k: v for k, v in g.items() if k not in _GROUP_STATE_KEYS} for g in self.optimizer.param_groups]

@@ -330,9 +330,16 @@ def _check_request(ckpt: str, keys: Any, state: TrainState, verify: bool) -> Non
     guard = state.guard_key()
     if guard is not None and f"{APP_KEY}.{guard}" not in keys:
         check_compatible(read_checkpoint_meta(ckpt, verify), state.describe(), where=f"checkpoint {ckpt!r}")
-    missing = [k for k in (state.extra or {}) if f"{APP_KEY}.extra.{k}" not in keys]
+    check_extra_keys(ckpt, keys, state.extra or {})
+
+
+def check_extra_keys(ckpt: str, keys: Any, wanted: Any) -> None:
+    """Every requested ``extra`` value is in the checkpoint (``keys``: its stored keys); else
+    :class:`.errors.MissingExtraError` naming what is missing and what it has."""
+    prefix = f"{APP_KEY}.extra."
+    missing = [k for k in wanted if prefix + k not in keys]
     if missing:
-        have = sorted(k[len(APP_KEY) + 7:] for k in keys if k.startswith(APP_KEY + ".extra."))
+        have = sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
         raise MissingExtraError(f"checkpoint {ckpt!r} has no extra values {missing}; it has {have}.", path=ckpt)
 
 

@@ -25,7 +25,6 @@ both layouts.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -38,13 +37,12 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpointing import check_compatible, describe, read_checkpoint_meta
+from sharded_shampoo.checkpointing.state import check_plan, plan_entries
+from sharded_shampoo.checkpointing.storage import APP_KEY, check_extra_keys
 
 from .torchrec_optim import ShampooDenseOptimizer
 
-#: the top-level key of the DCP state dict, as in ``sharded_shampoo.checkpointing``
-APP_KEY = "app"
-META_KEY = "shampoo_meta"
-GUARD_PREFIX = "shampoo_plan_"
+#: ``extra`` values are stored as flat ``extra.<name>`` entries: the keys TrainState's ``extra`` dict gets
 EXTRA_PREFIX = "extra."
 
 
@@ -81,20 +79,14 @@ class DMPTrainState(Stateful):
         self.description = describe(shampoo) if shampoo is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.description is not None:
-            # first, so that DCP's load planning names this key when the plan differs
-            out[GUARD_PREFIX + self.description["fingerprint"]] = self.description["fingerprint"]
-            out[META_KEY] = json.dumps(self.description, sort_keys=True)
+        out = plan_entries(self.description)
         out.update(model=self.model.state_dict(), optim=self.optimizer.state_dict())
         # flat "extra.<name>" entries, not an "extra" dict: see the module doc (DCP's pre-2.4 fallback)
         out.update({EXTRA_PREFIX + k: v for k, v in self.extra.items()})
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.description is not None:
-            raw = state_dict.get(META_KEY)
-            check_compatible(json.loads(raw) if isinstance(raw, str) and raw else None, self.description)
+        check_plan(state_dict, self.description)
         self.model.load_state_dict(state_dict["model"])
         self.optimizer.load_state_dict(state_dict["optim"])   # torchrec's; ends with post_load_state_dict()
         self.extra.update({k: state_dict[EXTRA_PREFIX + k] for k in self.extra if EXTRA_PREFIX + k in state_dict})
@@ -119,11 +111,6 @@ def load_dmp(path: str, model: nn.Module, optimizer: KeyedOptimizer, *,
     state = DMPTrainState(model, optimizer, extra=extra)
     if state.description is not None:
         check_compatible(read_checkpoint_meta(path), state.description, where=f"checkpoint {path!r}")
-    keys = FileSystemReader(path).read_metadata().state_dict_metadata
-    prefix = f"{APP_KEY}.{EXTRA_PREFIX}"
-    missing = [k for k in state.extra if prefix + k not in keys]
-    if missing:
-        raise KeyError(f"checkpoint {path!r} has no extra values {missing}; it has "
-                       f"{sorted(k[len(prefix):] for k in keys if k.startswith(prefix))}.")
+    check_extra_keys(path, FileSystemReader(path).read_metadata().state_dict_metadata, state.extra)
     dcp.load({APP_KEY: state}, checkpoint_id=path)
     return dict(state.extra)
