@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..planning.layout import MeshSpec
+
 #: Largest world the dry-run plans (the planner is ~linear in ranks; 16384 ranks of a 405B model
 #: take about a minute and a few GB).
 MAX_RANKS = 16384
@@ -64,10 +66,6 @@ class MeshAxes:
     def sparse(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         names = [n for n in ("dp", "efsdp", "ep") if getattr(self, n) > 1 or n == "efsdp"]
         return tuple(names), tuple(getattr(self, n) for n in names)
-
-    def describe(self) -> str:
-        parts = [f"{n}={getattr(self, n)}" for n in _AXES if getattr(self, n) > 1 or n == "fsdp"]
-        return ",".join(parts)
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
@@ -147,17 +145,10 @@ class FakeMeshes:
         for view, shape in self.views.items():
             if set(names) <= set(view):
                 picks = [view.index(n) for n in names]
-                return [tuple(_unravel(r, shape)[i] for i in picks) for r in range(self.axes.world_size)]
+                root = MeshSpec(shape)
+                return [tuple(c[i] for i in picks) for c in map(root.coordinate, range(self.axes.world_size))]
         raise ValueError(f"the dry-run cannot place mesh {names}: parameters must live on sub-meshes of "
                          f"{list(self.views)}.")
-
-
-def _unravel(rank: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = []
-    for size in reversed(shape):
-        out.append(rank % size)
-        rank //= size
-    return tuple(reversed(out))
 
 
 __all__ = ["MAX_RANKS", "FakeMeshes", "MeshAxes", "parse_axes", "parse_mesh"]

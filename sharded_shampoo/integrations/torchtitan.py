@@ -39,7 +39,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'sharded-shampoo[torchtitan]'") from exc
 
 from ..optimizer import ShardedShampoo
-from ..param_groups import BOOKKEEPING_KEYS
 from .param_groups import DEFAULT_EXPERT_MODULE_PATTERN, shampoo_group_kwargs, split_expert_groups
 
 __all__ = ["SHAMPOO_NAME", "ShardedShampooContainer", "build_sharded_shampoo", "default_sharded_shampoo"]
@@ -58,10 +57,7 @@ def build_sharded_shampoo(groups: list[dict[str, Any]], patterns: list[str],
     """
     checked = [shampoo_group_kwargs(g, pattern) for g, pattern in zip(groups, patterns)]
     split = split_expert_groups(checked, expert_module_pattern)
-    # ShardedShampoo reads names from (name, tensor) pairs; it rebuilds ``param_names`` itself
-    named = [{**{k: v for k, v in g.items() if k not in BOOKKEEPING_KEYS},
-              "params": list(zip(g["param_names"], g["params"]))} for g in split]
-    return ShardedShampoo(named, **factory_kwargs)
+    return ShardedShampoo(split, **factory_kwargs)      # groups carry aligned params and param_names
 
 
 class ShardedShampooContainer(OptimizersContainer):
