@@ -21,6 +21,7 @@ Two implementations with the same contract:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,7 @@ MAX_COMPILED_SIGNATURES = 64
 NORM_EPS = 1e-16
 
 
-def _norms(X: torch.Tensor) -> torch.Tensor:
+def block_norms(X: torch.Tensor) -> torch.Tensor:
     """Per-block 2-norms ``[B]`` of a stack, accumulated in at least fp32."""
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(X.reshape(X.shape[0], -1), dim=1, dtype=dtype)
@@ -59,11 +60,12 @@ def update_moments_(G: torch.Tensor, M: Optional[torch.Tensor], V: Optional[torc
 
 
 def graft_eager(G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
-                direction: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """``D = M / (sqrt(V) a + c)``: ``(D or None, per-block ||D||)``. Uses ``G`` as scratch.
+                direction: bool, norm: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``D = M / (sqrt(V) a + c)``: ``(D or None, per-block ||D|| or None)``. Uses ``G`` as scratch.
 
     ``direction``: return ``D`` (then it lives in ``G``'s memory, or a new tensor when ``M`` is
     ``G``); otherwise only its norm is needed and ``M``/``G`` keep their values when ``M is G``.
+    ``norm=False`` skips the norm pass (a step that uses ``D`` itself does not need it).
     """
     if M is G:
         den = torch.sqrt(V)
@@ -73,12 +75,12 @@ def graft_eager(G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, a: torch.Tens
         den = torch.sqrt(V, out=G)
         den.mul_(a).add_(c)
         D = torch.div(M, den, out=den)
-    return (D if direction else None), _norms(D)
+    return (D if direction else None), (block_norms(D) if norm else None)
 
 
 def rescale_eager(P: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out <- P * target / (||P|| + eps)`` per block (``out`` may be ``P``); returns ``out``."""
-    scale = _bshape(target / _norms(P).add_(NORM_EPS), P.ndim).to(out.dtype)
+    scale = _bshape(target / block_norms(P).add_(NORM_EPS), P.ndim).to(out.dtype)
     return torch.mul(P, scale, out=out)
 
 
@@ -151,16 +153,24 @@ FUSED_RESCALE = CompiledKernel(_fused_rescale)
 
 def _scalar(x: float, like: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor input (a Python float would be baked into the compiled code: one compile per value)."""
-    return torch.tensor(x, dtype=like.dtype, device=like.device)
+    return _cached_scalar(float(x), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # made once per value: on a GPU each torch.tensor(x, device=...) is a blocking host-to-device copy;
+    # the kernels only read it
+    return torch.tensor(x, dtype=dtype, device=device)
 
 
 def moments_and_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tensor, beta1: float, v_beta: float,
                       v_weight: float, a: torch.Tensor, c: torch.Tensor, direction: bool,
-                      compiled: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """Update ``M`` and ``V``; return ``(D or None, ||D||)`` (see :func:`graft_eager`)."""
+                      compiled: bool, norm: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Update ``M`` and ``V``; return ``(D or None, ||D||)`` (see :func:`graft_eager`; the fused kernel
+    computes the norm in the same pass, so ``norm=False`` only saves the eager path's extra pass)."""
     if not compiled:
         update_moments_(G, M, V, beta1, v_beta, v_weight)
-        return graft_eager(G, G if M is None else M, V, a, c, direction)
+        return graft_eager(G, G if M is None else M, V, a, c, direction, norm)
     norm = FUSED_MOMENTS_GRAFT(G, M, V, _scalar(1.0 - beta1, G), _scalar(v_beta, G), _scalar(v_weight, G),
                                a.to(G.dtype), c.to(G.dtype), direction)
     return (G if direction else None), norm
@@ -174,5 +184,6 @@ def rescale(P: torch.Tensor, target: torch.Tensor, out: torch.Tensor, compiled: 
     return out
 
 
-__all__ = ["CompiledKernel", "FUSED_MOMENTS_GRAFT", "FUSED_RESCALE", "MAX_COMPILED_SIGNATURES", "graft_eager",
+__all__ = ["CompiledKernel", "FUSED_MOMENTS_GRAFT", "FUSED_RESCALE", "MAX_COMPILED_SIGNATURES", "block_norms",
+           "graft_eager",
            "moments_and_graft", "rescale", "rescale_eager", "update_moments_"]

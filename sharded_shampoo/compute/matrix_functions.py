@@ -12,29 +12,41 @@ import torch
 from ..config import CoupledNewtonConfig, EighRootConfig
 
 
+def work_dtype(A: torch.Tensor) -> torch.dtype:
+    """The dtype roots and bases are computed in: fp64 for fp64 input, fp32 for anything else."""
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+
+def zero_nonfinite(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` with its non-finite matrices replaced by zeros (so a batched call cannot fail on them),
+    and the per-matrix mask of the finite ones (whose results alone are usable)."""
+    finite = torch.isfinite(A).flatten(1).all(-1)
+    return torch.where(finite[:, None, None], A, torch.zeros_like(A)), finite
+
+
 def _eigh(A: torch.Tensor, retry_in_float64: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``eigh`` of a stack in fp32 (or A's dtype if wider), retried in fp64 where it fails.
 
     Returns eigenvalues, eigenvectors (in A's dtype) and a mask of matrices whose result is finite.
     """
-    work_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    work = work_dtype(A)
     try:
-        L, Q = torch.linalg.eigh(A.to(work_dtype))
+        L, Q = torch.linalg.eigh(A.to(work))
         ok = torch.isfinite(L).all(-1) & torch.isfinite(Q).flatten(1).all(-1)
     except (torch.linalg.LinAlgError, RuntimeError):
         L = Q = None
         ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
-    if retry_in_float64 and work_dtype != torch.float64 and not bool(ok.all()):
+    if retry_in_float64 and work != torch.float64 and not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         L64, Q64, ok64 = _eigh_each(A[bad].to(torch.float64))
         if L is None:
-            L = torch.zeros(A.shape[:-1], dtype=work_dtype, device=A.device)
-            Q = torch.zeros(A.shape, dtype=work_dtype, device=A.device)
-        L[bad] = L64.to(work_dtype)
-        Q[bad] = Q64.to(work_dtype)
+            L = torch.zeros(A.shape[:-1], dtype=work, device=A.device)
+            Q = torch.zeros(A.shape, dtype=work, device=A.device)
+        L[bad] = L64.to(work)
+        Q[bad] = Q64.to(work)
         ok[bad] = ok64 & torch.isfinite(L[bad]).all(-1) & torch.isfinite(Q[bad]).flatten(1).all(-1)
     elif L is None:
-        L, Q, ok = _eigh_each(A.to(work_dtype))
+        L, Q, ok = _eigh_each(A.to(work))
     return L, Q, ok
 
 
@@ -67,11 +79,9 @@ def inverse_root_eigh(A: torch.Tensor, exponent: float, epsilon: float,
     has its spectrum shifted so that it becomes exactly ``epsilon``.
     Returns the roots (in A's dtype) and the per-matrix ``ok`` mask.
     """
+    finite = None
     if not torch.isfinite(A).all():
-        finite = torch.isfinite(A).flatten(1).all(-1)
-        A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
-    else:
-        finite = None
+        A, finite = zero_nonfinite(A)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     L, Q, ok = _eigh(A + epsilon * eye, config.retry_in_float64)
     if config.make_positive_semidefinite:
@@ -88,8 +98,7 @@ def inverse_root_eigh(A: torch.Tensor, exponent: float, epsilon: float,
 def eigenbasis(A: torch.Tensor, epsilon: float = 0.0,
                config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns) of each ``A + epsilon I`` of the stack, and the per-matrix ``ok`` mask."""
-    finite = torch.isfinite(A).flatten(1).all(-1)
-    A = torch.where(finite[:, None, None], A, torch.zeros_like(A))
+    A, finite = zero_nonfinite(A)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     _, Q, ok = _eigh(A + epsilon * eye, config.retry_in_float64)
     return Q.to(A.dtype), ok & finite
@@ -107,7 +116,7 @@ def inverse_root_newton(A: torch.Tensor, exponent: float, epsilon: float,
     """
     p = int(round(1.0 / exponent))
     B, d, _ = A.shape
-    work = A.to(torch.float64 if A.dtype == torch.float64 else torch.float32)
+    work = A.to(work_dtype(A))
     eye = torch.eye(d, dtype=work.dtype, device=A.device).expand(B, d, d)
     work = work + epsilon * eye
     norm = torch.linalg.matrix_norm(work).clamp_min(torch.finfo(work.dtype).tiny)

@@ -22,7 +22,7 @@ import torch
 from ..planning.blocking import Block
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
                       GraftingConfig, PreconditionerConfig)
-from .elementwise import moments_and_graft, rescale, update_moments_
+from .elementwise import block_norms, moments_and_graft, rescale, update_moments_
 from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
 from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
 from .refresh import RefreshCounts, WarmBackoff, permute_along, refresh_factor
@@ -244,7 +244,8 @@ class BlockBucket:
         Mstate = self.filtered_grad
         if not isinstance(g, STATEFUL_GRAFTING_TYPES):
             update_moments_(G, Mstate, None, hp.beta1, 1.0, 1.0)
-            norm = None if g is None else self._norms(M) if bc1 is None else self._norms(M) / bc1.flatten()
+            # the norm only rescales a preconditioned direction: not needed when the direction is the graft
+            norm = None if g is None or direction else block_norms(M) if bc1 is None else block_norms(M) / bc1.flatten()
             if not direction:
                 return None, norm
             if bc1 is not None:
@@ -259,11 +260,7 @@ class BlockBucket:
         c = g.epsilon * (one.expand(a.shape) if bc1 is None else bc1.flatten())
         shape = (-1,) + (1,) * len(self.shape)
         return moments_and_graft(G, Mstate, V, hp.beta1, v_beta, v_weight, a.reshape(shape), c.reshape(shape), direction,
-                                 compiled=hp.elementwise == "compile")
-
-    @staticmethod
-    def _norms(X: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(X.reshape(X.shape[0], -1), dim=1)
+                                 compiled=hp.elementwise == "compile", norm=not direction)
 
     # ------------------------------------------------------------------ amortized refresh
 

@@ -9,6 +9,7 @@ caller keeps the previous matrix where ``ok`` is False (a failure counts towards
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,6 +31,10 @@ class RefreshResult:
     fell_back: Optional[torch.Tensor] = None     # bool [B] (warm roots): the series was tried and failed its check
 
 
+#: How many residuals of accepted warm roots a bucket keeps (the most recent ones).
+RESIDUALS_KEPT = 4096
+
+
 @dataclass
 class RefreshCounts:
     """How many matrices each way of refreshing produced (Python ints; telemetry, not state)."""
@@ -37,7 +42,8 @@ class RefreshCounts:
     full: int = 0         # eigh (or coupled Newton) from scratch
     warm: int = 0         # accepted warm-started results
     fallback: int = 0     # warm attempts or first refreshes that needed the full method
-    residuals: list[float] = field(default_factory=list)   # residual estimates of the accepted warm roots
+    #: residual estimates of the most recent accepted warm roots (bounded: a long run refreshes millions of times)
+    residuals: deque[float] = field(default_factory=lambda: deque(maxlen=RESIDUALS_KEPT))
 
 
 class WarmBackoff:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..config import QREigenbasisConfig, WarmStartRootConfig
-from .matrix_functions import eigenbasis, inverse_root_eigh
+from .matrix_functions import eigenbasis, inverse_root_eigh, work_dtype, zero_nonfinite
 
 
 @dataclass
@@ -33,10 +33,6 @@ class RefreshReport:
     residual: torch.Tensor         # float [B]: the residual estimate of the warm result (nan where not computed)
     order: int = 0                 # series order used (0: none; QR: the iterations)
     tried: Optional[torch.Tensor] = None   # bool [B] (warm roots): the series was computed (passed the screen)
-
-
-def _work_dtype(A: torch.Tensor) -> torch.dtype:
-    return torch.float64 if A.dtype == torch.float64 else torch.float32
 
 
 def _is_identity(R: torch.Tensor) -> torch.Tensor:
@@ -179,10 +175,9 @@ def inverse_root_warm(A: torch.Tensor, R_prev: torch.Tensor, exponent: float, ep
     if q < 1 or abs(0.5 / exponent - q) > 1e-9:
         raise ValueError(f"inverse_root_warm needs an exponent 1/(2q) with integer q >= 1; got {exponent}.")
     B, d, _ = A.shape
-    work = _work_dtype(A)
-    finite = torch.isfinite(A).flatten(1).all(-1)
-    Aw = torch.where(finite[:, None, None], A, torch.zeros_like(A)).to(work)
-    Aw = Aw + epsilon * torch.eye(d, dtype=work, device=A.device)
+    work = work_dtype(A)
+    Aw, finite = zero_nonfinite(A)
+    Aw = Aw.to(work) + epsilon * torch.eye(d, dtype=work, device=A.device)
     R = R_prev.to(work)
     cold = _is_identity(R_prev) | ~finite
     if attempt is not None:
@@ -222,9 +217,9 @@ def eigenbasis_qr(A: torch.Tensor, Q_prev: torch.Tensor, epsilon: float,
     still the identity (first refresh) or whose result is not finite get :func:`eigenbasis`.
     """
     B, d, _ = A.shape
-    work = _work_dtype(A)
-    finite = torch.isfinite(A).flatten(1).all(-1)
-    Aw = torch.where(finite[:, None, None], A, torch.zeros_like(A)).to(work)
+    work = work_dtype(A)
+    Aw, finite = zero_nonfinite(A)
+    Aw = Aw.to(work)
     Q = Q_prev.to(work)
     cold = _is_identity(Q_prev) | ~finite
     order = torch.arange(d, device=A.device).expand(B, d).clone()
