@@ -36,6 +36,12 @@ def check_range(owner: str, name: str, value: float, low: float, high: float,
         raise ValueError(f"{owner}.{name} must be a finite number in {lb}{low}, {high}{hb}; got {value!r}.")
 
 
+def check_int(owner: str, name: str, value: int, low: int = 1) -> None:
+    """Raise a ValueError naming ``owner.name`` unless ``value`` is an integer (not a bool) >= ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{owner}.{name} must be an integer >= {low}; got {value!r}.")
+
+
 # ----------------------------------------------------------------------------- grafting
 
 
@@ -135,9 +141,7 @@ class CoupledNewtonConfig:
     tolerance: float = 1e-6
 
     def __post_init__(self) -> None:
-        m = self.max_iterations
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"CoupledNewtonConfig.max_iterations must be an integer >= 1; got {self.max_iterations!r}.")
+        check_int("CoupledNewtonConfig", "max_iterations", self.max_iterations)
         check_range("CoupledNewtonConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True)
 
 
@@ -163,10 +167,8 @@ class WarmStartRootConfig:
     fallback: EighRootConfig = field(default_factory=EighRootConfig)
 
     def __post_init__(self) -> None:
-        for name, low in (("max_order", 1), ("probes", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"WarmStartRootConfig.{name} must be an integer >= {low}; got {v!r}.")
+        for name in ("max_order", "probes"):
+            check_int("WarmStartRootConfig", name, getattr(self, name))
         check_range("WarmStartRootConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
         if not isinstance(self.fallback, EighRootConfig):
             raise ValueError(f"WarmStartRootConfig.fallback must be an EighRootConfig(); got {self.fallback!r}.")
@@ -190,9 +192,7 @@ class QREigenbasisConfig:
     fallback: EighRootConfig = field(default_factory=EighRootConfig)
 
     def __post_init__(self) -> None:
-        v = self.iterations
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"QREigenbasisConfig.iterations must be an integer >= 1; got {v!r}.")
+        check_int("QREigenbasisConfig", "iterations", self.iterations)
         if not isinstance(self.fallback, EighRootConfig):
             raise ValueError(f"QREigenbasisConfig.fallback must be an EighRootConfig(); got {self.fallback!r}.")
 
@@ -309,8 +309,7 @@ def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch
     _validate_exponent_override(owner, override)
     if factor_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
-    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 1:
-        raise ValueError(f"{owner}.max_consecutive_root_failures must be an integer >= 1; got {max_failures!r}.")
+    check_int(owner, "max_consecutive_root_failures", max_failures)
 
 
 #: Storage dtypes factors and roots may use besides ``factor_dtype`` (math stays in ``factor_dtype``).
@@ -363,8 +362,7 @@ class BlockingConfig:
         for name in ("precondition_1d", "merge_dims"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BlockingConfig.{name} must be True or False; got {getattr(self, name)!r}.")
-        if not isinstance(self.batch_dims, int) or isinstance(self.batch_dims, bool) or self.batch_dims < 0:
-            raise ValueError(f"BlockingConfig.batch_dims must be an integer >= 0; got {self.batch_dims!r}.")
+        check_int("BlockingConfig", "batch_dims", self.batch_dims, low=0)
 
 
 class NonFinitePolicy(str, Enum):
@@ -419,9 +417,7 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"PlanSettings.{name} must be an integer >= 1; got {v!r}.")
+            check_int("PlanSettings", name, getattr(self, name))
         if not isinstance(self.preconditioner, PRECONDITIONER_TYPES):
             raise ValueError("PlanSettings.preconditioner must be RootInverseShampoo() or "
                              f"EigenvalueCorrectedShampoo(); got {self.preconditioner!r}.")

@@ -26,6 +26,7 @@ from typing import Mapping
 
 from ..config import (
     STATEFUL_GRAFTING_TYPES,
+    check_int,
     AdaGradGrafting,
     AdamGrafting,
     BlockingConfig,
@@ -87,9 +88,7 @@ class CostModel:
         if not 0.0 <= self.warm_fallback_rate <= 1.0:
             raise ValueError(f"CostModel.warm_fallback_rate must be in [0, 1]; got {self.warm_fallback_rate!r}.")
         for name in ("newton_iterations", "warm_series_order"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CostModel.{name} must be an integer >= 1; got {value!r}.")
+            check_int("CostModel", name, getattr(self, name))
         for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "qr_flops_per_d3", "filtered_grad_elementwise_flops",
                      "adagrad_elementwise_flops", "rmsprop_elementwise_flops", "adam_elementwise_flops",
                      "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops"):
