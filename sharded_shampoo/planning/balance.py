@@ -168,7 +168,7 @@ class _BalanceState:
         self.window = tolerance * total / num_ranks
         # a holder may also take a block while it stays within the makespan lower bound: this keeps
         # shard-aligned blocks on their holders (no traffic) without costing balance beyond the bound
-        self.bound = max(total / num_ranks, max(costs)) if costs else 0.0
+        self.bound = lower_bound(costs, num_ranks)
         self.load_heap = [(0.0, r) for r in range(num_ranks)]
         self.mem_heap = sorted((m, r) for r, m in enumerate(self.mem))
         self.groups = [list(g) for g in holder_groups] if holder_groups is not None else None

@@ -306,5 +306,5 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
 __all__ = [
     "BLOCK_STATE_KINDS", "RANK_STATE_KINDS", "COUNTER_BYTES_PER_BLOCK", "CostModel", "DEFAULT_COST_MODEL",
     "BlockCost", "block_state_bytes", "block_step_flops", "block_amortized_flops",
-    "block_amortized_workspace_bytes", "block_cost", "dtype_itemsize", "param_state_bytes",
+    "block_amortized_workspace_bytes", "block_cost", "param_state_bytes",
 ]

@@ -30,6 +30,10 @@ from functools import lru_cache
 
 import torch
 from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+#: Placements that split a tensor dim (``_StridedShard`` is FSDP-over-TP's; not a ``Shard`` subclass).
+SHARD_TYPES = (Shard, _StridedShard)
 
 #: A box of a tensor: one half-open ``(start, end)`` range per dim.
 Region = tuple[tuple[int, int], ...]
@@ -277,10 +281,7 @@ def _dim_interval(size: int, steps: list[tuple[object, int, int]]) -> tuple[int,
 
 def _rank_regions(shape: tuple[int, ...], layout: Layout) -> list[Region]:
     """The region of every plan rank, per dim from the coordinates of the mesh dims sharding that dim."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    sharding = [[i for i, p in enumerate(layout.placements) if isinstance(p, (Shard, _StridedShard)) and p.dim == d]
+    sharding = [[i for i, p in enumerate(layout.placements) if isinstance(p, SHARD_TYPES) and p.dim == d]
                 for d in range(len(shape))]
     caches: list[dict[tuple[int, ...], tuple[int, int]]] = [{} for _ in shape]
     regions = []
@@ -362,5 +363,5 @@ def pick_source(holders: Sequence[int], owner: int, world_size: int) -> int:
     return min(candidates, key=lambda c: (abs(c - owner), c))
 
 
-__all__ = ["Layout", "MeshSpec", "ParamGeometry", "ParamSpec", "Region", "SubMesh", "box_numel", "dtype_itemsize",
-           "held_region", "intersect", "param_geometry", "pick_source"]
+__all__ = ["SHARD_TYPES", "Layout", "MeshSpec", "ParamGeometry", "ParamSpec", "Region", "SubMesh", "box_numel",
+           "dtype_itemsize", "held_region", "intersect", "param_geometry", "pick_source"]

@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional
 import torch
 import torch.distributed as dist
 
-from ..planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
+from ..planning.layout import SHARD_TYPES, Layout, MeshSpec, ParamSpec, SubMesh
 
 #: ``mesh="local"``: plan on this rank alone, even inside a process group.
 LOCAL_MESH: Literal["local"] = "local"
@@ -55,13 +55,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _shard_types() -> tuple:
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    return (Shard, _StridedShard)
-
-
 def check_placements(name: str, placements: Sequence[Any], ndim: int) -> tuple:
     """The placements as a tuple; raise naming the parameter for any we cannot route."""
     from torch.distributed.tensor import Replicate
@@ -69,7 +62,7 @@ def check_placements(name: str, placements: Sequence[Any], ndim: int) -> tuple:
     for p in placements:
         if isinstance(p, Replicate):
             continue
-        if isinstance(p, _shard_types()):
+        if isinstance(p, SHARD_TYPES):
             if not 0 <= p.dim < max(ndim, 1):
                 raise ValueError(f"parameter {name!r} has placement {p} on a {ndim}-d tensor.")
             continue
@@ -147,7 +140,7 @@ def _specs_for(params: Sequence[torch.Tensor], names: Sequence[str], submeshes: 
         if is_dtensor(p):
             k = next(i for i, m in enumerate(meshes) if p.device_mesh == m)
             layout = Layout(submeshes[k], check_placements(n, p.placements, p.ndim))
-            sharded = any(isinstance(x, _shard_types()) for x in layout.placements)
+            sharded = any(isinstance(x, SHARD_TYPES) for x in layout.placements)
             specs.append(ParamSpec(n, tuple(p.shape), p.dtype, sharded=sharded, layout=layout))
         else:
             specs.append(ParamSpec(n, tuple(p.shape), p.dtype))
