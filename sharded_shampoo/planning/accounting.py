@@ -83,7 +83,7 @@ def _communication(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanc
     n = mesh.world_size
     send_g, recv_g, send_u, recv_u = [0] * n, [0] * n, [0] * n, [0] * n
     comm_size = [dtype_itemsize(s.comm_dtype) for s in per_param]
-    uses: dict[tuple[int, int, int], int] = {}          # (geometry id, coverage id, bytes/elem) -> blocks
+    uses: dict[tuple[int, int, int], list] = {}         # (geometry id, coverage id, bytes/elem) -> [g, cov, blocks]
     totals: dict[int, tuple[int, int]] = {}             # coverage id -> (elements, elements x holders)
     for k, cov, o in zip(b.block_param, b.coverage, b.owners):
         g = b.geometries[k]
@@ -103,13 +103,13 @@ def _communication(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanc
         recv_g[o] += (total - own) * cb
         send_u[o] += (fan_out - own) * cb
         recv_u[o] -= own * cb
-        key = (id(g), id(cov), cb)
-        uses[key] = uses.get(key, 0) + 1
-    by_id = {id(g): g for g in b.geometries}
-    covs = {id(c): c for c in b.coverage}
-    for (gid, cid, cb), count in uses.items():
-        g = by_id[gid]
-        for rid, elems in covs[cid]:
+        use = uses.get((id(g), id(cov), cb))
+        if use is None:
+            uses[(id(g), id(cov), cb)] = [g, cov, 1]
+        else:
+            use[2] += 1
+    for (_, _, cb), (g, cov, count) in uses.items():
+        for rid, elems in cov:
             for h in g.holders[rid]:
                 recv_u[h] += count * elems * cb
     return send_g, recv_g, send_u, recv_u
@@ -121,15 +121,17 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     send_g, recv_g, send_u, recv_u = _communication(mesh, per_param, b)
     # Per-rank sums over owned blocks. State, FLOPs and load only depend on the (shared, cached)
     # BlockCost and load, so count blocks per (rank, cost object, size) and multiply once at the end.
-    counts: dict[tuple[int, int, int, int], int] = {}
+    # A cost object is priced per (block shape, exponents, settings), so it also fixes the block's
+    # elements and factor dtype: those are read from its first block.
+    counts: dict[tuple[int, int], int] = {}
     cost_index: dict[int, int] = {}     # id(cost) -> first-seen index (deterministic order)
-    cost_of: list[tuple[BlockCost, float]] = []
+    cost_of: list[tuple[BlockCost, float, int]] = []     # (cost, load, elements x factor itemsize)
     for blk, k, c, w, o in zip(b.blocks, b.block_param, b.costs, b.loads, b.owners):
         ci = cost_index.get(id(c))
         if ci is None:
             ci = cost_index[id(c)] = len(cost_of)
-            cost_of.append((c, w))
-        key = (o, ci, blk.numel, dtype_itemsize(per_param[k].preconditioner.factor_dtype))
+            cost_of.append((c, w, blk.numel * dtype_itemsize(per_param[k].preconditioner.factor_dtype)))
+        key = (o, ci)
         counts[key] = counts.get(key, 0) + 1
     state = [dict.fromkeys(BLOCK_STATE_KINDS, 0) for _ in range(n_ranks)]
     n_blocks = [0] * n_ranks
@@ -138,15 +140,15 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     load = [0.0] * n_ranks
     work = [0] * n_ranks          # owned elements x factor itemsize x 2 (assembled gradient + direction)
     workspace = [0] * n_ranks     # largest amortized workspace among owned blocks
-    for (o, ci, numel, factor_size), count in sorted(counts.items()):
-        c, w = cost_of[ci]
+    for (o, ci), count in sorted(counts.items()):
+        c, w, elem_bytes = cost_of[ci]
         for kind, v in c.state_bytes.items():
             state[o][kind] += count * v
         n_blocks[o] += count
         step[o] += count * c.step_flops
         amort[o] += count * c.amortized_flops
         load[o] += count * w
-        work[o] += 2 * count * numel * factor_size
+        work[o] += 2 * count * elem_bytes
         workspace[o] = max(workspace[o], c.amortized_workspace_bytes)
     reports = []
     for r in range(n_ranks):

@@ -18,6 +18,7 @@ Every constant lives in :class:`CostModel` so a calibrated model can be passed t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -115,8 +116,9 @@ class BlockCost:
     amortized_flops: float
     amortized_workspace_bytes: int
 
-    @property
+    @functools.cached_property
     def total_state_bytes(self) -> int:
+        # cached: the balancer asks once per block, and blocks share a handful of cost objects
         return sum(self.state_bytes.values())
 
     def balance_cost(self, precondition_frequency: int) -> float:
