@@ -21,7 +21,7 @@ from ..config import PlanSettings
 from .balance import BlockDoesNotFitError
 from .costs import CostModel, param_state_bytes
 from .layout import MeshSpec, ParamSpec, param_geometry
-from .stages import balance_blocks, base_memory
+from .stages import balance_blocks, base_memory, resident_bytes
 
 #: Bounds of the verification: full balances, and blocks per balance (relative to the failing
 #: plan, with a floor for small models).
@@ -104,7 +104,7 @@ def cap_advice(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSett
     assert cap is not None
     current = max(s.max_preconditioner_dim for s in per_param)
     param_bytes, momentum = base_memory(params, per_param, [param_geometry(p, mesh) for p in params], mesh)
-    base = [2 * pb + mb for pb, mb in zip(param_bytes, momentum)]
+    base = resident_bytes(param_bytes, momentum)
     free = cap - min(base)
     total_free = sum(max(cap - b, 0) for b in base)
     screen = _Screen(params, per_param)

@@ -91,6 +91,11 @@ def base_memory(params: list[ParamSpec], per_param: list[PlanSettings], geoms: l
     return param_bytes, momentum
 
 
+def resident_bytes(param_bytes: list[int], momentum: list[int]) -> list[int]:
+    """Per rank, what it holds before any Shampoo state: parameters, their gradients, momentum."""
+    return [2 * pb + mb for pb, mb in zip(param_bytes, momentum)]
+
+
 def block_coverage(blocks: list[Block], block_param: list[int], geoms: list[ParamGeometry]) -> list[Coverage]:
     """For every block, the regions holding parts of it and how many elements each holds."""
     cache: dict[tuple[int, tuple], Coverage] = {}
@@ -144,7 +149,7 @@ def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[Plan
     param_bytes, momentum = base_memory(params, per_param, geoms, mesh)
     coverage = block_coverage(blocks, block_param, geoms)
     groups, prefs = holder_locality(coverage, block_param, geoms, mesh.world_size)
-    base = [2 * pb + mb for pb, mb in zip(param_bytes, momentum)]
+    base = resident_bytes(param_bytes, momentum)
     owners = assign_owners(loads, [b.block_id for b in blocks], mesh.world_size, locality=prefs.__getitem__,
                            memory_bytes=[c.total_state_bytes for c in costs], memory_cap_bytes=cap,
                            base_memory_bytes=base, tolerance=tolerance, holder_groups=groups)

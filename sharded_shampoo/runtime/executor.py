@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..compute.preconditioner import BucketHyperparams
+from .gradients import widened
 from .records import RankRuntime
 from .routing import Piece, RankSchedule, split_waves
 
@@ -148,7 +149,7 @@ class StepExecutor:
         for gi, ks in by_group.items():
             # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
             # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
-            wide = [grads[k] if grads[k].dtype in (torch.float32, torch.float64) else grads[k].float() for k in ks]
+            wide = [widened(grads[k]) for k in ks]
             new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
             grads.update(zip(ks, new))
 
@@ -208,7 +209,7 @@ class StepExecutor:
         recs = [self.rt.trainable[p.param_index] for p, _ in items]
         p_views = [rec.view(rec.local(), p.box) for rec, (p, _) in zip(recs, items)]
         # directions are this executor's buffers (stacks or the receive buffers): safe to edit
-        dirs = [u if u.dtype in (torch.float32, torch.float64) else u.float() for _, u in items]
+        dirs = [widened(u) for _, u in items]
         if g.weight_decay != 0 and g.decoupled_weight_decay:
             torch._foreach_add_(dirs, p_views, alpha=g.weight_decay)
         if g.momentum > 0:
@@ -220,7 +221,7 @@ class StepExecutor:
                     torch._foreach_mul_(dirs, 1.0 - g.dampening)
                 torch._foreach_add_(dirs, m_views, alpha=g.momentum)
             else:   # a bf16 buffer is widened: bf16 + bf16 rounding depends on the sharding (see _fold_l2)
-                dirs = [m if m.dtype in (torch.float32, torch.float64) else m.float() for m in m_views]
+                dirs = [widened(m) for m in m_views]
         torch._foreach_add_(p_views, dirs, alpha=-g.lr)
 
 

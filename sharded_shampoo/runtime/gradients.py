@@ -17,6 +17,12 @@ from .placements import local_tensor
 from .records import RankRuntime
 
 _WIDE = (torch.float32, torch.float64)
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if fp32/fp64, else an fp32 copy: fp16/bf16 arithmetic in place would round
+    differently depending on how a tensor is sharded (and lose precision)."""
+    return t if t.dtype in _WIDE else t.float()
 #: a gradient with a larger 2-norm has a squared norm (a bound on every statistic of one step) that
 #: is not representable in fp32 / fp64 statistics
 _NORM_LIMIT = {torch.float32: math.sqrt(torch.finfo(torch.float32).max),
