@@ -240,7 +240,8 @@ def test_lowered_start_matches_the_dense_math() -> None:
     ref = DenseShampoo(p, (6, 5), 8, (0.25, 0.25), start=6, **kw)
     opt = ShardedShampoo([("w", p)], lr=0.05, betas=(0.0, 1.0), epsilon=1e-10, max_preconditioner_dim=8,
                          precondition_frequency=50, start_preconditioning_step=40,
-                         grafting=AdaGradGrafting(epsilon=1e-8), preconditioner=RootInverseShampoo(factor_dtype=torch.float64))
+                         grafting=AdaGradGrafting(epsilon=1e-8),
+                         preconditioner=RootInverseShampoo(factor_dtype=torch.float64))
     for t in range(8):
         if t == 5:
             opt.param_groups[0]["start_preconditioning_step"] = 2
@@ -257,6 +258,39 @@ def test_no_extra_refresh_when_roots_exist() -> None:
     ref, ref_roots = _run_start(3, None, 5, 8, pre)
     assert all(torch.equal(a, b) for a, b in zip(moved, ref))
     assert all(torch.equal(a, b) for a, b in zip(moved_roots, ref_roots))
+
+
+def test_state_copied_in_place_without_load_state_dict_refreshes_no_extra_root() -> None:
+    """Sibling guard: state restored by a path that bypasses load_state_dict (torchrec's KeyedOptimizer
+    copies tensors in place and sets the group step) keeps the schedule of the run it came from."""
+    pre = PRECONDITIONERS["root_inverse"]
+
+    def build() -> tuple[torch.nn.Parameter, ShardedShampoo]:
+        p = torch.nn.Parameter(torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+        return p, ShardedShampoo([("w", p)], lr=0.05, epsilon=1e-6, precondition_frequency=50,
+                                 start_preconditioning_step=3, preconditioner=pre)
+
+    a, opt_a = build()
+    for t in range(5):
+        a.grad = grad_for(a, 0, t)
+        opt_a.step()
+    b, opt_b = build()
+    with torch.no_grad():
+        b.copy_(a)
+        for dst, src in zip(_tensor_refs(opt_b.state[b]), _tensor_refs(opt_a.state[a])):
+            dst.copy_(src)
+    opt_b.param_groups[0]["step"] = opt_a.param_groups[0]["step"]
+    for t in range(5, 8):
+        for p, opt in ((a, opt_a), (b, opt_b)):
+            p.grad = grad_for(p, 0, t)
+            opt.step()
+        assert torch.equal(a, b), f"step {t + 1}"
+
+
+def _tensor_refs(d: Any) -> list[torch.Tensor]:
+    if isinstance(d, torch.Tensor):
+        return [d]
+    return [t for v in d.values() for t in _tensor_refs(v)] if isinstance(d, dict) else []
 
 
 def _ckpt_run(tmp_path, start_before: int, start_after: int, mode: str) -> list[torch.Tensor]:
