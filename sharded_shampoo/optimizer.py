@@ -271,6 +271,10 @@ class ShardedShampoo(Optimizer):
             pre_hook(self)
         self.membership.check(self.param_groups)
         state_dict = self.state_io.state_dict(self.param_groups, self.state)
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            pending = self.root_schedule.pending_start(gi, group)
+            if pending is not None:      # roots due at the next step: a resume must compute them too
+                saved["start_preconditioning_step"] = pending
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             returned = post_hook(self, state_dict)
             if returned is not None:

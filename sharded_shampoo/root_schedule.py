@@ -11,7 +11,8 @@ preconditioning start.
 
 Whether a group's roots were computed is recorded per group: set by every amortized step, and by
 ``load_state_dict`` from the *loaded* step and settings (a run that reached ``step >= start``
-computed its roots at ``start``). A step counter this record did not see (state loaded by a path
+computed its roots at ``start``; a state dict taken after the start was lowered but before the
+next step records that next step as its start, see :meth:`RootSchedule.pending_start`). A step counter this record did not see (state loaded by a path
 that bypasses ``load_state_dict``, or a step set by hand) is read the same way from the current
 settings. Every input is agreed between ranks (settings and steps are compared at every step), so
 every rank takes the same decision.
@@ -56,6 +57,17 @@ class RootSchedule:
         precondition = t >= start
         return Decision(amortized=precondition and (t % freq == 0 or t == start or not computed),
                         precondition=precondition, roots_computed=computed)
+
+    def pending_start(self, gi: int, group: Mapping[str, Any]) -> int | None:
+        """The start a state dict must record when the roots are due at the next step only because the
+        start was lowered below the current step (else None). Written as ``step + 1`` (the step that
+        will compute the roots and start preconditioning), a state dict taken between the lowering
+        and that step resumes on the same schedule: otherwise a loaded ``step >= start`` reads as
+        "roots computed" and the resumed run would precondition with the identity."""
+        decision = self.decide(gi, group)
+        if decision.precondition and not decision.roots_computed and group["step"] + 1 != start_of(group):
+            return group["step"] + 1
+        return None
 
     def stepped(self, gi: int, step: int, decision: Decision) -> None:
         """Record that group ``gi`` completed ``decision``; its step counter is now ``step``."""

@@ -251,6 +251,62 @@ def test_lowered_start_matches_the_dense_math() -> None:
         assert max_rel_diff(p, ref.p) <= 1e-9, f"step {t + 1}"
 
 
+def _lowered_then_saved(load: Callable[[ShardedShampoo, dict], None]) -> tuple[list[torch.Tensor], dict]:
+    """5 steps with start 100, the start lowered to 2, a state dict taken *before* the next step and
+    loaded into a fresh optimizer by ``load``; 3 more steps there."""
+    pre = PRECONDITIONERS["root_inverse"]
+
+    def build() -> tuple[torch.nn.Parameter, ShardedShampoo]:
+        p = torch.nn.Parameter(torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+        return p, ShardedShampoo([("w", p)], lr=0.05, betas=(0.9, 0.95), epsilon=1e-6, precondition_frequency=50,
+                                 start_preconditioning_step=100, grafting=AdaGradGrafting(epsilon=1e-8),
+                                 preconditioner=pre)
+
+    a, opt_a = build()
+    for t in range(5):
+        a.grad = grad_for(a, 0, t)
+        opt_a.step()
+    opt_a.param_groups[0]["start_preconditioning_step"] = 2
+    sd = opt_a.state_dict()
+    b, opt_b = build()
+    with torch.no_grad():
+        b.copy_(a)
+    load(opt_b, sd)
+    trail = []
+    for t in range(5, 8):
+        b.grad = grad_for(b, 0, t)
+        opt_b.step()
+        trail.append(b.detach().clone())
+    return trail, sd
+
+
+def test_state_dict_between_the_lowering_and_the_next_step_keeps_the_schedule() -> None:
+    """The roots are due at step 6; a state dict taken before it records start 6 (the effective start),
+    so a resume (torch's convention: hyperparameters from the dict) computes them at step 6 too."""
+    ref, _ = _run_start(6, None, 5, 8, PRECONDITIONERS["root_inverse"])
+    resumed, sd = _lowered_then_saved(lambda opt, d: opt.load_state_dict(d))
+    assert sd["param_groups"][0]["start_preconditioning_step"] == 6
+    assert all(torch.equal(x, y) for x, y in zip(resumed, ref[5:]))
+
+    def keep_live_start(opt: ShardedShampoo, d: dict) -> None:     # what hyperparameters="current" does
+        opt.param_groups[0]["start_preconditioning_step"] = 2
+        live = dict(opt.param_groups[0])
+        opt.load_state_dict(d)
+        opt.param_groups[0].update({k: v for k, v in live.items() if k not in ("params", "param_names", "step")})
+    current, _ = _lowered_then_saved(keep_live_start)
+    assert all(torch.equal(x, y) for x, y in zip(current, ref[5:]))
+    # once the roots exist, the state dict carries the start as set
+    params = _params()
+    opt = _two_groups(params, start_preconditioning_step=100)
+    _grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["start_preconditioning_step"] = 1
+    assert opt.state_dict()["param_groups"][0]["start_preconditioning_step"] == 2
+    _grads(params, 1)
+    opt.step()
+    assert opt.state_dict()["param_groups"][0]["start_preconditioning_step"] == 1
+
+
 def test_no_extra_refresh_when_roots_exist() -> None:
     """Sibling guard: lowering the start after preconditioning began does not refresh the roots again."""
     pre = PRECONDITIONERS["root_inverse"]
