@@ -13,7 +13,7 @@ One process is the degenerate case: one rank owns every block and routing is the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -22,9 +22,11 @@ from torch.optim import Optimizer
 from .compute.preconditioner import BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
+from .membership import GroupMembership
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
                            validate_group)
 from .planning.plan import make_plan
+from .root_schedule import Decision, RootSchedule
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
 from .runtime.executor import GroupStep, StepExecutor
 from .runtime.gradients import gradient_summary, local_gradients
@@ -133,6 +135,8 @@ class ShardedShampoo(Optimizer):
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
         self._structure = [structural_signature(g) for g in self.param_groups]
+        self.membership = GroupMembership(self.param_groups)
+        self.root_schedule = RootSchedule(self.param_groups)
         # parameters whose statistics are float64 (structural, so fixed): their overflow limit is wider
         self._float64_state = {rec.plan_index for rec in self.runtime.trainable
                                if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
@@ -149,6 +153,7 @@ class ShardedShampoo(Optimizer):
     # ------------------------------------------------------------------ step
 
     def _check_groups(self) -> None:
+        self.membership.check(self.param_groups)
         for gi, (group, frozen) in enumerate(zip(self.param_groups, self._structure)):
             now = structural_signature(group)
             changed = [k for k in now if now[k] != frozen[k]]
@@ -187,10 +192,12 @@ class ShardedShampoo(Optimizer):
         for rec in self.runtime.trainable:   # zero stand-ins keep message sizes static
             if rec.plan_index not in grads:
                 grads[rec.plan_index] = torch.zeros_like(rec.local())
-        plan = [self._group_step(g) for g in self.param_groups]
+        decisions = [self.root_schedule.decide(gi, g) for gi, g in enumerate(self.param_groups)]
+        plan = [self._group_step(g, d) for g, d in zip(self.param_groups, decisions)]
         self.executor.step(grads, active, plan)
-        for group in self.param_groups:
+        for gi, (group, decision) in enumerate(zip(self.param_groups, decisions)):
             group["step"] += 1
+            self.root_schedule.stepped(gi, group["step"], decision)
         if any(g.amortized for g in plan):
             self._raise_on_exhausted_roots()
         return loss
@@ -229,13 +236,11 @@ class ShardedShampoo(Optimizer):
             return set()
         return {k for k, h in enumerate(flags.holders) if h == world}
 
-    def _group_step(self, group: dict[str, Any]) -> GroupStep:
+    @staticmethod
+    def _group_step(group: dict[str, Any], decision: Decision) -> GroupStep:
         """The schedule and settings of a group for its next step; the same on every rank."""
-        t = group["step"] + 1
-        freq = group["precondition_frequency"]
-        start = group["start_preconditioning_step"] or freq
-        return GroupStep(hyperparams=_hyperparams(group), amortized=t >= start and (t % freq == 0 or t == start),
-                         precondition=t >= start, lr=float(group["lr"]), weight_decay=group["weight_decay"],
+        return GroupStep(hyperparams=_hyperparams(group), amortized=decision.amortized,
+                         precondition=decision.precondition, lr=float(group["lr"]), weight_decay=group["weight_decay"],
                          decoupled_weight_decay=group["use_decoupled_weight_decay"], momentum=group["momentum"],
                          dampening=group["dampening"], nesterov=group["use_nesterov"])
 
@@ -257,22 +262,58 @@ class ShardedShampoo(Optimizer):
     # ------------------------------------------------------------------ state dict
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state_io.state_dict(self.param_groups, self.state)
+        """torch's protocol: the pre-hooks, the dict, then each post-hook (a returned dict replaces it).
+
+        Local to this rank (no collective: it may be called on one rank only), so an edited param
+        list raises here on the ranks that edited it.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self.membership.check(self.param_groups)
+        state_dict = self.state_io.state_dict(self.param_groups, self.state)
+        for gi, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            pending = self.root_schedule.pending_start(gi, group)
+            if pending is not None:      # roots due at the next step: a resume must compute them too
+                saved["start_preconditioning_step"] = pending
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Validate everything on every rank, agree, then apply (a failure changes nothing anywhere)."""
+        """Validate everything on every rank, agree, then apply (a failure changes nothing anywhere).
+
+        torch's hooks: the pre-hooks see a shallow copy of ``state_dict`` and a dict one returns is
+        what is loaded (a pre-hook that raises fails the load on every rank, like a bad dict); the
+        post-hooks run after a successful load.
+        """
         error: Optional[Exception] = None
         staged = None
         try:
+            state_dict = self._run_load_pre_hooks(state_dict)
+            self.membership.check(self.param_groups)
             staged = self.state_io.prepare(self.param_groups, self.state, state_dict)
         except Exception as err:  # noqa: BLE001 - re-raised on this rank by the agreement
             error = err
         self.agreement.outcome(error, "load_state_dict")
         assert staged is not None
         staged.apply(self.param_groups)
+        for gi, group in enumerate(self.param_groups):
+            self.root_schedule.loaded(gi, group)
         self.agreement.same_everywhere(self._description([r.name for r in self.runtime.params],
                                                          [r.param for r in self.runtime.params]),
                                        "the optimizer configuration after load_state_dict")
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _run_load_pre_hooks(self, state_dict: Any) -> Any:
+        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
+        return state_dict
 
 
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:

@@ -93,12 +93,96 @@ def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, 
                 raise AssertionError("a failed load changed the state")
     out["bad_state_dict"] = _outcome(bad_state_dict_on_one_rank)
 
+    out.update(_param_list_edits(rank, params, opt))
+    out["lowered_start"] = _lowered_start()
+
     def still_works() -> None:
         _grads(params, 5)
         opt.step()
     out["still_works"] = _outcome(still_works)
     out["_types"] = (RankFailureError.__name__, NonFiniteGradientError.__name__, 0.0)
     return out
+
+
+def _param_list_edits(rank: int, params: dict[str, torch.nn.Parameter],
+                      opt: ShardedShampoo) -> dict[str, tuple[str, str, float]]:
+    """Issue 18 items 2 and 4: an edited param list or a failing load pre-hook on one rank (or on
+    all) raises on every rank before anything changes; each edit is undone afterwards."""
+    out: dict[str, tuple[str, str, float]] = {}
+    group = opt.param_groups[0]
+    built = (list(group["params"]), list(group["param_names"]))
+    extra = torch.nn.Parameter(torch.ones(3))
+
+    def restore() -> None:
+        group["params"], group["param_names"] = list(built[0]), list(built[1])
+
+    def unchanged(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            before = [p.detach().clone() for p in params.values()] + \
+                [t.clone() for s in opt.state.values() for t in _tensors(s)]
+            try:
+                return fn()
+            finally:
+                after = [p.detach() for p in params.values()] + [t for s in opt.state.values() for t in _tensors(s)]
+                restore()
+                if not all(torch.equal(a, b) for a, b in zip(before, after)):
+                    raise AssertionError("a refused step or load changed parameters or state")
+        return run
+
+    def append_on_rank1() -> None:
+        _grads(params, 6)
+        if rank == 1:
+            group["params"].append(extra)
+            group["param_names"].append("extra")
+        opt.step()
+    out["edit_one_rank"] = _outcome(unchanged(append_on_rank1))
+
+    def remove_everywhere() -> None:
+        _grads(params, 7)
+        group["params"].pop()
+        group["param_names"].pop()
+        opt.step()
+    out["edit_every_rank"] = _outcome(unchanged(remove_everywhere))
+
+    sd = opt.state_dict()
+
+    def load_after_edit_on_rank1() -> None:
+        if rank == 1:
+            group["params"].reverse()
+            group["param_names"].reverse()
+        opt.load_state_dict(sd)
+    out["load_edit_one_rank"] = _outcome(unchanged(load_after_edit_on_rank1))
+
+    def load_pre_hook_fails_on_rank1() -> None:
+        def hook(o: Any, d: Any) -> None:
+            if rank == 1:
+                raise RuntimeError("load pre-hook failed on rank 1")
+        handle = opt.register_load_state_dict_pre_hook(hook)
+        try:
+            opt.load_state_dict(sd)
+        finally:
+            handle.remove()
+    out["load_pre_hook_fails"] = _outcome(unchanged(load_pre_hook_fails_on_rank1))
+    return out
+
+
+def _lowered_start() -> tuple[str, str, float]:
+    """Issue 18 item 3 on 2 ranks: start lowered below the current step after 3 steps computes the roots
+    at step 4, as a one-process run that started at 4 (the amortized-step decision agrees on every rank)."""
+    def run(start: int, lowered: bool, mesh: Any) -> dict[str, torch.nn.Parameter]:
+        params = _params()
+        opt = ShardedShampoo(list(params.items()), lr=0.05, epsilon=1e-6, precondition_frequency=50,
+                             start_preconditioning_step=start, mesh=mesh)
+        for t in range(6):
+            if t == 3 and lowered:
+                opt.param_groups[0]["start_preconditioning_step"] = 1
+            _grads(params, 10 + t)
+            opt.step()
+        return params
+
+    lowered, reference = run(100, True, None), run(4, False, "local")
+    diff = max(float((lowered[n] - reference[n]).detach().abs().max()) for n in lowered)
+    return ("ok" if diff <= 1e-6 else "mismatch", f"max difference {diff:.3e}", diff)
 
 
 def _tensors(d: Any) -> list[torch.Tensor]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from ..config import (
+    COMM_DTYPES,
     AdaGradGrafting,
     AdamGrafting,
     EigenvalueCorrectedShampoo,
@@ -29,6 +31,7 @@ from ..config import (
 from ..config import PlanSettings
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
+from .outputs import check_output_paths, write_output
 from .presets import preset_names
 from .report import DryRunError, format_report, write_png
 
@@ -36,6 +39,13 @@ _GRAFTING = {
     "adagrad": AdaGradGrafting, "rmsprop": RMSpropGrafting, "adam": AdamGrafting, "sgd": SGDGrafting,
     "none": None,
 }
+#: How the help names dtypes (``parse_dtype`` also takes the long names, e.g. bfloat16).
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _dtype_list(dtypes: Sequence[torch.dtype]) -> str:
+    names = [_DTYPE_NAMES[d] for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -45,30 +55,62 @@ def _build_parser() -> argparse.ArgumentParser:
         "plan", help="dry-run: memory, communication and work per GPU before you launch",
         description="Build the model on the meta device, shard it with FSDP2 over a fake process group of the "
                     "mesh, and print the Shampoo plan the optimizer would use.")
-    p.add_argument("--model", help=f"preset ({', '.join(preset_names())}) or package.module:factory")
-    p.add_argument("--mesh", help="S for FSDP over S ranks, RxS for HSDP (R replicas x S shards, e.g. 16x64), or "
-                                   "named axes dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8)")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (adds a tp axis to --mesh)")
-    p.add_argument("--ep", type=int, default=None,
-                   help="expert-parallel degree (experts sharded over ep within fsdp x tp)")
-    p.add_argument("--list-models", action="store_true", help="list the presets and exit")
-    p.add_argument("--max-preconditioner-dim", type=int, default=1024)
-    p.add_argument("--precondition-frequency", type=int, default=100)
-    p.add_argument("--param-dtype", default=None, help="cast parameters (fp32, bf16, fp16); default: as built")
-    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected"), default="shampoo")
-    p.add_argument("--factor-dtype", default="fp32", help="dtype of factors and roots (fp32 or fp64)")
-    p.add_argument("--grafting", choices=sorted(_GRAFTING), default="adagrad")
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--comm-dtype", default="fp32", help="dtype of the gradient/update exchange (fp32, bf16)")
-    p.add_argument("--memory-cap-gib", type=float, default=None,
-                   help="per-rank cap on params + grads + optimizer state, in GiB")
-    p.add_argument("--top", type=int, default=8, help="busiest ranks to list for meshes over 16 ranks")
-    p.add_argument("--all-ranks", action="store_true", help="print every rank, even on large meshes")
-    p.add_argument("--json", metavar="FILE", help="write the plan as JSON")
-    p.add_argument("--json-no-blocks", action="store_true", help="leave the per-block list out of the JSON")
-    p.add_argument("--png", metavar="FILE", help="draw per-rank memory and load (needs matplotlib)")
+    _add_job_options(p)
+    _add_optimizer_options(p)
+    _add_output_options(p)
     return parser
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    """The model and the mesh: what is planned."""
+    p.add_argument("--model", help=f"preset ({', '.join(preset_names())}) or package.module:factory (a function "
+                                   "returning the nn.Module); required, no default")
+    p.add_argument("--mesh", help="S for FSDP over S ranks, RxS for HSDP (R replicas x S shards, e.g. 16x64), or "
+                                   "named axes dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8); required, no default")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel degree (adds a tp axis to --mesh); default: none (no tensor parallelism)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (experts sharded over ep within "
+                                                        "fsdp x tp); default: none (no expert parallelism)")
+    p.add_argument("--list-models", action="store_true", help="list the presets and exit; default: off")
+    p.add_argument("--param-dtype", default=None,
+                   help=f"cast parameters to {_dtype_list(list(_DTYPE_NAMES))}; default: as the model builds them")
+
+
+def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """The ShardedShampoo settings that change the plan (the same names as the optimizer's arguments)."""
+    p.add_argument("--max-preconditioner-dim", type=int, default=1024,
+                   help="largest factor size: larger dims are split into blocks, smaller ones merged up to it; "
+                        "default: %(default)s")
+    p.add_argument("--precondition-frequency", type=int, default=100,
+                   help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
+    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected"), default="shampoo",
+                   help="shampoo (inverse roots) or eigenvalue-corrected (SOAP-like); default: %(default)s")
+    p.add_argument("--factor-dtype", default="fp32",
+                   help="dtype of factors and roots: fp32 or fp64; default: %(default)s")
+    p.add_argument("--grafting", choices=sorted(_GRAFTING), default="adagrad",
+                   help="grafting method, whose state is counted per block (none: no grafting state); "
+                        "default: %(default)s")
+    p.add_argument("--beta1", type=float, default=0.9,
+                   help="filtered-gradient coefficient in [0, 1) (0: no filtered-gradient state); default: %(default)s")
+    p.add_argument("--momentum", type=float, default=0.0,
+                   help="momentum in [0, 1) (> 0: a momentum buffer per parameter shard); default: %(default)s")
+    p.add_argument("--comm-dtype", default="fp32",
+                   help=f"dtype of the gradient/update exchange: {_dtype_list(COMM_DTYPES)}; default: %(default)s")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="per-rank cap on params + grads + optimizer state, in GiB (a plan over it is an error); "
+                        "default: no cap")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """What is printed and written (every file is checked before planning)."""
+    p.add_argument("--top", type=int, default=8,
+                   help="busiest ranks to list for meshes over 16 ranks; default: %(default)s")
+    p.add_argument("--all-ranks", action="store_true", help="print every rank, even on large meshes; default: off")
+    p.add_argument("--json", metavar="FILE", help="write the plan as JSON to FILE; default: no JSON")
+    p.add_argument("--json-no-blocks", action="store_true",
+                   help="leave the per-block list out of the JSON; default: off (blocks included)")
+    p.add_argument("--png", metavar="FILE",
+                   help="draw per-rank memory and load to FILE (needs matplotlib); default: no PNG")
 
 
 def _settings(args: argparse.Namespace) -> PlanSettings:
@@ -95,19 +137,6 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
         raise ValueError(message) from err
 
 
-def _check_writable(option: str, path: str | None) -> None:
-    """Fail before minutes of planning if an output file cannot be written."""
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is a directory; give a file name.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option} {path!r}: the directory {folder!r} does not exist.")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"{option} {path!r} cannot be written (permission denied).")
-
-
 def _run_plan(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(preset_names()))
@@ -115,6 +144,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if not args.model or not args.mesh:
         raise ValueError("plan needs --model (a preset or package.module:factory) and --mesh (e.g. 64, 16x64 or "
                          "dp=8,fsdp=32,tp=8).")
+    check_output_paths([("--json", args.json), ("--png", args.png)])     # before minutes of planning
     axes = parse_axes(args.mesh, tp=args.tp, ep=args.ep)
     param_dtype = parse_dtype(args.param_dtype) if args.param_dtype else None
     settings = _settings(args)
@@ -125,8 +155,6 @@ def _run_plan(args: argparse.Namespace) -> int:
         cap = int(args.memory_cap_gib * 1024 ** 3)
     if args.top < 1:
         raise ValueError(f"--top must be >= 1; got {args.top}.")
-    _check_writable("--json", args.json)
-    _check_writable("--png", args.png)
     if args.png:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
@@ -137,11 +165,14 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         data = plan.to_json(include_blocks=not args.json_no_blocks)
         data["model"] = name
-        with open(args.json, "w") as f:
-            json.dump(data, f)
+
+        def dump(path: str) -> None:
+            with open(path, "w") as f:
+                json.dump(data, f)
+        write_output("--json", args.json, dump)
         print(f"wrote {args.json}")
     if args.png:
-        write_png(plan, args.png, name)
+        write_output("--png", args.png, lambda path: write_png(plan, path, name))
         print(f"wrote {args.png}")
     return 0
 

@@ -72,12 +72,27 @@ def shampoo_group_kwargs(group: dict[str, Any], pattern: str = "?") -> dict[str,
     return out
 
 
-def is_expert_weight(fqn: str, ndim: int, module_pattern: str = DEFAULT_EXPERT_MODULE_PATTERN) -> bool:
+def expert_pattern(pattern: Any, setting: str = "expert_module_pattern") -> Optional[re.Pattern[str]]:
+    """``pattern`` compiled (None stays None); a ValueError naming ``setting`` if it is not a regex."""
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise ValueError(f"{setting} must be a string (a regular expression) or None; got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{setting} {pattern!r} is not a valid regular expression ({err}). Fix it (the default "
+                         f"{DEFAULT_EXPERT_MODULE_PATTERN!r} matches module names ending in 'experts'), or set it to "
+                         "None for no expert group.") from None
+
+
+def is_expert_weight(fqn: str, ndim: int,
+                     module_pattern: str | re.Pattern[str] = DEFAULT_EXPERT_MODULE_PATTERN) -> bool:
     """True for a 3-D parameter whose owning module path has a component matching the pattern."""
     if ndim != 3:
         return False
     modules = fqn.split(".")[:-1]
-    rx = re.compile(module_pattern)
+    rx = module_pattern if isinstance(module_pattern, re.Pattern) else expert_pattern(module_pattern)
     return any(rx.search(m) for m in modules)
 
 
@@ -94,14 +109,15 @@ def split_expert_groups(groups: list[dict[str, Any]],
     empty parts are dropped, hyperparameters are copied unchanged. ``module_pattern=None``
     returns the groups as they are (no expert group).
     """
-    if module_pattern is None:
+    rx = expert_pattern(module_pattern)
+    if rx is None:
         return [dict(g) for g in groups]
     out: list[dict[str, Any]] = []
     for group in groups:
         names, params = list(group["param_names"]), list(group["params"])
         if len(names) != len(params):
             raise ValueError(f"param group has {len(params)} params but {len(names)} param_names; they must align.")
-        is_expert = [is_expert_weight(n, p.ndim, module_pattern) for n, p in zip(names, params)]
+        is_expert = [is_expert_weight(n, p.ndim, rx) for n, p in zip(names, params)]
         rest = {k: v for k, v in group.items() if k not in BOOKKEEPING_KEYS}
         dense = [(n, p) for (n, p), e in zip(zip(names, params), is_expert) if not e]
         experts = [(n, p) for (n, p), e in zip(zip(names, params), is_expert) if e]

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'sharded-shampoo[torchtitan]'") from exc
 
 from ..optimizer import ShardedShampoo
-from .param_groups import DEFAULT_EXPERT_MODULE_PATTERN, shampoo_group_kwargs, split_expert_groups
+from .param_groups import DEFAULT_EXPERT_MODULE_PATTERN, expert_pattern, shampoo_group_kwargs, split_expert_groups
 
 __all__ = ["SHAMPOO_NAME", "ShardedShampooContainer", "build_sharded_shampoo", "default_sharded_shampoo"]
 
@@ -73,6 +73,11 @@ class ShardedShampooContainer(OptimizersContainer):
         """Regex matched against each module-name component of a parameter's FQN; 3-D
         parameters under a matching module are MoE expert weights ``[E, d_in, d_out]`` and are
         preconditioned per expert (a param group of their own). None: no expert group."""
+
+        def __post_init__(self) -> None:
+            # checked when the config is made (not at build time, after the model is built); no
+            # zero-argument super() here: slots=True recreates the class, which breaks it
+            expert_pattern(self.expert_module_pattern, "ShardedShampooContainer.Config.expert_module_pattern")
 
     def __init__(self, config: Config, *, model_parts: list[nn.Module]) -> None:
         impl_kwargs = self._build_impl_kwargs(config)

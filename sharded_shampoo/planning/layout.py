@@ -279,6 +279,28 @@ def _dim_interval(size: int, steps: list[tuple[object, int, int]]) -> tuple[int,
     return runs[0]
 
 
+def _indivisible_strided_shard(d: int, size: int, layout: Layout, mesh_dims: list[int]) -> str | None:
+    """Why a strided layout of dim ``d`` is not a box, when the cause is a degree that does not divide it.
+
+    FSDP2 over tensor parallelism gives ``(_StridedShard(d, sf), Shard(d))``: the dim is cut into
+    ``sf`` (the TP degree) pieces first. When ``sf`` does not divide the size, the pieces differ in
+    length and an FSDP rank's rows are not contiguous; the fix is the degree, not the shard order.
+    """
+    for n, i in enumerate(mesh_dims):
+        sf = getattr(layout.placements[i], "split_factor", None)
+        if sf is None or size % sf == 0:
+            continue
+        names = layout.mesh.dim_names
+        later = [j for j in mesh_dims[n + 1:] if isinstance(layout.placements[j], Shard)]
+        label = " x ".join(f"{names[j]}={layout.mesh.shape[j]}" if names else
+                           f"mesh dim {j} (size {layout.mesh.shape[j]})" for j in later) or f"split factor {sf}"
+        degree = f"{names[later[0]]} degree" if names and len(later) == 1 else "degree"
+        return (f"dim {d} has size {size}, which {label} does not divide: the FSDP shard over it (a strided shard "
+                f"of split factor {sf}) would give a rank non-contiguous indices, which is not supported. Use a "
+                f"{degree} that divides {size}, or a size that {label} divides.")
+    return None
+
+
 def _rank_regions(shape: tuple[int, ...], layout: Layout) -> list[Region]:
     """The region of every plan rank, per dim from the coordinates of the mesh dims sharding that dim."""
     sharding = [[i for i, p in enumerate(layout.placements) if isinstance(p, SHARD_TYPES) and p.dim == d]
@@ -291,8 +313,11 @@ def _rank_regions(shape: tuple[int, ...], layout: Layout) -> list[Region]:
             key = tuple(c[i] for i in sharding[d])
             iv = caches[d].get(key)
             if iv is None:
-                iv = caches[d][key] = _dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c[i])
-                                                           for i in sharding[d]])
+                try:
+                    iv = _dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c[i]) for i in sharding[d]])
+                except ValueError as err:
+                    raise ValueError(_indivisible_strided_shard(d, size, layout, sharding[d]) or str(err)) from None
+                caches[d][key] = iv
             region.append(iv)
         regions.append(tuple(region))
     return regions
