@@ -52,6 +52,14 @@ METADATA_GLOBALS = frozenset({
 })
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global (or persistent id) that DCP metadata is never made of; ``what`` names it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only :data:`METADATA_GLOBALS` and ``torch.<dtype>``."""
 
@@ -60,10 +68,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not part of DCP metadata")
+        raise _Refused(f"the global '{module}.{name}'")
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not part of DCP metadata")
+        raise _Refused("a persistent id")
 
 
 def _check_paths(metadata: Metadata, path: str, ckpt: str) -> None:
@@ -79,11 +87,11 @@ def parse_metadata(raw: bytes, path: str, ckpt: str) -> Metadata:
     """DCP ``Metadata`` from the bytes of ``path`` (a checkpoint's ``.metadata``), unpickled restrictedly."""
     try:
         metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+    except _Refused as err:
+        raise UnsafeCheckpointError(f"{path!r} is not DCP metadata: its pickle names {err.what}, which DCP "
+                                    "metadata is never made of; refusing to unpickle it (a crafted or foreign "
+                                    "file; nothing from it was run)", path=ckpt) from None
     except pickle.UnpicklingError as err:
-        if "is not part of DCP metadata" in str(err):
-            raise UnsafeCheckpointError(f"{path!r} is not DCP metadata: its pickle names {err}; refusing to "
-                                        "unpickle it (a crafted or foreign file; nothing from it was run)",
-                                        path=ckpt) from None
         raise CheckpointCorruptError(f"{path!r} cannot be read (UnpicklingError: {err}); the checkpoint is "
                                      "damaged or incomplete", path=ckpt) from err
     except Exception as err:

@@ -42,8 +42,7 @@ def state(seed: int) -> tuple[Any, Any]:
 def rounds(seed: int, count: int) -> list[tuple[str, int, float]]:
     """(variant, writer that waits, its delay in seconds) per round, drawn from ``seed``."""
     rng = random.Random(seed)
-    return [(VARIANTS[r % len(VARIANTS)], rng.randrange(2), rng.choice((0.0, 0.0, 0.002, 0.01, 0.03)))
-            for r in range(count)]
+    return [(rng.choice(VARIANTS), rng.randrange(2), rng.choice((0.0, 0.0, 0.002, 0.01, 0.03))) for _ in range(count)]
 
 
 def prepare(root: str, variant: str) -> None:

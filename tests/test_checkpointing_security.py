@@ -78,7 +78,7 @@ def test_crafted_metadata_runs_nothing(pristine: str, tmp_path, how: str) -> Non
         cc.replace_metadata(ckpt, raw)
         for verify in (True, False):
             message = _refused(ckpt, lambda: load_checkpoint(ckpt, model, opt, verify=verify), marker, ".metadata")
-            assert "is not part of DCP metadata" in message and ("system" in message or "exec" in message), message
+            assert "DCP metadata is never made of" in message and ("system" in message or "exec" in message), message
         for offline in (verify_checkpoint, check_pickles, read_checkpoint_meta):
             _refused(ckpt, lambda: offline(ckpt), marker, ".metadata")
         assert cs.same(cs.snapshot(model, opt), before), variant
@@ -90,7 +90,7 @@ def test_crafted_item_runs_nothing_in_any_pickled_item(pristine: str, tmp_path) 
     marker = str(tmp_path / "marker")
     blob = cc.torch_blob(cc.payloads(marker)["os.system"])
     items = cc.pickled_items(pristine)
-    assert len(items) > 20 and "app.extra.name" in items and "app.shampoo_meta" in items
+    assert len(items) > 50 and "app.extra.name" in items and "app.shampoo_meta" in items
     model, opt = _trained(steps=1)
     before = cs.snapshot(model, opt)
     template = {k: 0 for k in EXTRA}
@@ -167,3 +167,17 @@ def test_unreadable_pickle_is_corrupt_not_unsafe(pristine: str, tmp_path) -> Non
     with pytest.raises(CheckpointLoadError, match="damaged or incomplete") as info:
         load_checkpoint(ckpt, model, opt)
     assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_rank_local_metadata_fallback_is_restricted_too(pristine: str, tmp_path) -> None:
+    """DCP may ask the reader for a rank's own ``__{rank}.metadata``; it goes through the same gate."""
+    from sharded_shampoo.checkpointing.integrity import VerifyingReader, read_checksums
+
+    marker = str(tmp_path / "marker")
+    ckpt = str(tmp_path / "c")
+    shutil.copytree(pristine, ckpt)
+    with open(os.path.join(ckpt, "__0.metadata"), "wb") as f:
+        f.write(cc.metadata_with(ckpt, cc.payloads(marker)["os.system"]))
+    reader = VerifyingReader(ckpt, read_checksums(ckpt))
+    assert reader.read_metadata().state_dict_metadata       # the checksummed .metadata is fine
+    _refused(ckpt, lambda: reader.read_metadata(rank=0), marker, "__0.metadata")

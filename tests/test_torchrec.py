@@ -112,7 +112,7 @@ def test_damaged_or_crafted_dmp_checkpoint_fails_on_every_rank_and_changes_nothi
     results, _, _ = two_rank_run
     expected = {"flip in an embedding table": ("CheckpointCorruptError", "CRC-32"),
                 "truncated shard file": ("CheckpointCorruptError", "__1_0.distcp"),
-                "crafted .metadata": ("UnsafeCheckpointError", "is not part of DCP metadata"),
+                "crafted .metadata": ("UnsafeCheckpointError", "DCP metadata is never made of"),
                 "crafted extra": ("UnsafeCheckpointError", "app.extra.step")}[case]
     for rank, r in enumerate(results):
         got = r["hardening"][case]
