@@ -162,3 +162,25 @@ def test_parameters_of_the_fused_optimizer_are_refused_with_the_fix() -> None:
         ShampooDenseOptimizer(dict(model.named_parameters()), **th.CONFIG)
     dense = ShampooDenseOptimizer({"1.weight": model[1].weight, "1.bias": model[1].bias}, **th.CONFIG)
     assert len(dense.shampoo.param_groups[0]["params"]) == 2
+
+
+def test_a_failed_save_dmp_raises_our_error_and_publishes_nothing(tmp_path, monkeypatch) -> None:
+    """DCP's own failure is a BaseException (CheckpointException); save_dmp raises a CheckpointSaveError."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from sharded_shampoo.checkpointing import CheckpointSaveError
+
+    model, opt = th.keyed_model()
+    path = str(tmp_path / "step_1")
+    save_dmp(path, model, opt, extra={"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
+    with pytest.raises(CheckpointSaveError, match="No space left") as info:
+        save_dmp(path, model, opt, extra={"step": 2})
+    assert isinstance(info.value, Exception)
+    assert os.listdir(tmp_path) == ["step_1"]              # the old checkpoint stays, no temporary left
+    monkeypatch.undo()
+    assert load_dmp(path, model, opt, extra={"step": 0}) == {"step": 1}

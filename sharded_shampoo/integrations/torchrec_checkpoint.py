@@ -129,7 +129,7 @@ def save_dmp(path: str, model: nn.Module, optimizer: KeyedOptimizer, *,
     published meanwhile is never replaced: this save raises ``ConcurrentSaveError``). No
     ``latest`` pointer is written. ``extra`` values that could not be loaded back (dicts, lists
     holding tensors) raise ``CheckpointArgumentError`` before anything is written. Any failure
-    raises a ``CheckpointSaveError`` on every rank. Returns ``path``.
+    raises a ``CheckpointSaveError`` on every rank. Returns the absolute path of the checkpoint.
     """
     root, name = os.path.split(os.path.abspath(path))
     step = _STEP_DIR.match(name)
