@@ -77,17 +77,19 @@ def as_error(err: BaseException, base: type[CheckpointError], what: str, path: s
 
 
 def agree(local: Optional[BaseException], base: type[CheckpointError], path: str, *,
-          token: Optional[str] = None, what: str = "checkpoint") -> None:
+          token: Optional[str] = None, what: str = "checkpoint", share: Any = None) -> Any:
     """Every rank calls this with its local error (or None); if any rank failed, every rank raises.
 
     ``token``: a value every rank must pass identically (e.g. the checkpoint name); ranks that
     disagree all raise ``base`` instead of going on to write or read different checkpoints.
+    Returns rank 0's ``share`` on every rank (e.g. the temporary directory rank 0 created), at no
+    extra collective.
     """
     mine = None if local is None else (type(local).__name__, str(local))
-    statuses: list[Any] = [(mine, token)]
+    statuses: list[Any] = [(mine, token, share)]
     if distributed():
         statuses = [None] * dist.get_world_size()
-        dist.all_gather_object(statuses, (mine, token), group=coordination_group())
+        dist.all_gather_object(statuses, (mine, token, share), group=coordination_group())
     failed = [(r, s[0]) for r, s in enumerate(statuses) if s[0] is not None]
     if local is not None:
         raise local
@@ -100,3 +102,4 @@ def agree(local: Optional[BaseException], base: type[CheckpointError], path: str
         per_rank = ", ".join(f"rank {r}: {s[1]}" for r, s in enumerate(statuses))
         raise base(f"the ranks disagree on the {what} ({per_rank}); every rank must pass the same value.",
                    path=path)
+    return statuses[0][2]

@@ -5,7 +5,7 @@ Layout::
     checkpoint_dir/
         latest          text file naming the newest complete checkpoint, e.g. "step_200"
         step_100/       .metadata, __{rank}_0.distcp, checksums.json, commit.json
-        step_300.tmp/   a save in progress (or one whose rank died): never named by ``latest``
+        step_300.tmp-3f2a.../   a save in progress (or one whose rank died): never named by ``latest``
 
 ``commit.json`` holds the checkpoint's *save sequence number*, one more than the largest in the
 directory when it was published. ``keep_last`` prunes by this order, not by step number: after
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 from typing import Optional
@@ -53,7 +54,7 @@ def fsync_dir(path: str) -> None:
 
 def write_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` so a reader sees the old or the new content, never a mix."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(8)}.part")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -139,19 +140,22 @@ def save_order(checkpoint_dir: str) -> list[str]:
     return [path for _, path in sorted(keyed)]
 
 
-def write_commit(tmp: str, root: str, step: int, checksums: bool) -> int:
-    """Write ``tmp/commit.json`` with the next save sequence number of ``root``; return the number."""
+def write_commit(tmp: str, root: str, step: Optional[int], checksums: bool, save_id: str) -> int:
+    """Write ``tmp/commit.json`` with the next save sequence number of ``root`` and this save's unique
+    ``save_id`` (what tells two saves of one step apart, :mod:`.writers`); return the number."""
     sequences = [c["sequence"] for _, p in list_checkpoints(root) if (c := read_commit(p)) is not None]
     sequence = max(sequences, default=0) + 1
-    record = {"sequence": sequence, "step": step, "checksums": checksums, "time": time.time()}
+    record = {"sequence": sequence, "step": step, "checksums": checksums, "time": time.time(), "save_id": save_id}
     write_atomic(os.path.join(tmp, COMMIT_FILE), json.dumps(record) + "\n")
     return sequence
 
 
 def prune(root: str, keep_last: int, newest: str) -> list[str]:
-    """Delete all but the ``keep_last`` most recently saved checkpoints (never ``newest``); the deleted paths."""
+    """Delete all but the ``keep_last`` most recently saved checkpoints (never ``newest``, nor the one
+    ``latest`` names now: another job may have published it meanwhile); the deleted paths."""
     order = save_order(root)
-    doomed = [p for p in order[:max(len(order) - keep_last, 0)] if os.path.basename(p) != newest]
+    keep = {newest, read_pointer(root)}
+    doomed = [p for p in order[:max(len(order) - keep_last, 0)] if os.path.basename(p) not in keep]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -33,8 +33,13 @@ class CheckpointArgumentError(CheckpointError, ValueError):
 
 class CheckpointSaveError(CheckpointError, RuntimeError):
     """A save failed on some rank. ``latest`` and every published checkpoint are unchanged, and the
-    ``step_N.tmp`` directory was removed (unless a rank vanished mid-save: then the next save of
-    that step removes it)."""
+    save's ``step_N.tmp-<id>`` directory was removed (unless a rank vanished mid-save: then the
+    next save into that directory removes it once its writer is gone)."""
+
+
+class ConcurrentSaveError(CheckpointSaveError):
+    """Another save (e.g. a job that was thought dead, and its restart) published the same checkpoint
+    while this one was writing it. The other save's checkpoint stays; this save's data was discarded."""
 
 
 class CheckpointLoadError(CheckpointError, RuntimeError):
@@ -47,6 +52,11 @@ class CheckpointNotFoundError(CheckpointLoadError, FileNotFoundError):
 
 class CheckpointCorruptError(CheckpointLoadError):
     """A checkpoint file is missing, truncated, or its bytes do not match the checksum saved with it."""
+
+
+class UnsafeCheckpointError(CheckpointCorruptError):
+    """A pickled part of the checkpoint names something other than the data a save writes (e.g. a
+    callable such as ``os.system``): it was refused before being unpickled, so nothing from it ran."""
 
 
 class CheckpointPointerError(CheckpointLoadError, CheckpointSaveError):

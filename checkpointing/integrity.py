@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 
 from .directory import write_atomic
 from .errors import CheckpointCorruptError
+from .safe_pickle import check_pickles, parse_metadata, read_metadata_file, refused
 
 CHECKSUM_FILE = "checksums.json"
 METADATA_FILE = ".metadata"
@@ -147,19 +148,13 @@ def read_checksums(ckpt: str) -> Optional[Checksums]:
 
 
 def _parse_metadata(ckpt: str, raw: bytes, sums: Optional[Checksums]) -> Metadata:
-    """DCP's ``.metadata`` from its bytes, checked against its CRC first (it says where every tensor is)."""
+    """DCP's ``.metadata`` from its bytes, checked against its CRC first (it says where every tensor is),
+    then unpickled restrictedly (:mod:`.safe_pickle`: nothing in it can run code)."""
     path = os.path.join(ckpt, METADATA_FILE)
     if sums is not None and (len(raw), zlib.crc32(raw)) != (int(sums.metadata["size"]), int(sums.metadata["crc"])):
         raise CheckpointCorruptError(f"{path!r} does not match its checksum (size {len(raw)} vs "
                                      f"{sums.metadata['size']} saved); the checkpoint is damaged", path=ckpt)
-    try:
-        metadata = pickle.loads(raw)  # what FileSystemReader.read_metadata does, on the verified bytes
-    except Exception as err:
-        raise CheckpointCorruptError(f"{path!r} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
-                                     "damaged or incomplete", path=ckpt) from err
-    if not isinstance(metadata, Metadata):
-        raise CheckpointCorruptError(f"{path!r} holds a {type(metadata).__name__}, not DCP metadata", path=ckpt)
-    return metadata
+    return parse_metadata(raw, path, ckpt)
 
 
 def check_file(ckpt: str, name: str, needed: int, sums: Optional[Checksums]) -> None:
@@ -191,11 +186,14 @@ class VerifyingReader(FileSystemReader):
         self.checked_reads = 0
         self._names: dict[tuple[str, int], str] = {}
         self._metadata: Optional[Metadata] = None
+        self.reading = "an item"          # the item being read, for errors raised inside DCP's read
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """``.metadata``, verified and parsed once (the load's checks and DCP's planning share it)."""
-        if args or kwargs.get("rank") is not None:   # DCP's rank-local fallback: not ours to verify
-            return super().read_metadata(*args, **kwargs)
+        if args or kwargs.get("rank") is not None:   # DCP's rank-local fallback: no checksum, still restricted
+            rank = kwargs["rank"] if kwargs.get("rank") is not None else args[0]
+            local = read_metadata_file(os.path.join(self.ckpt, f"__{rank}{METADATA_FILE}"), self.ckpt)
+            return self._with_load_id(local)
         if self._metadata is None:
             try:
                 with open(os.path.join(self.ckpt, METADATA_FILE), "rb") as f:
@@ -203,12 +201,14 @@ class VerifyingReader(FileSystemReader):
             except OSError as err:
                 raise CheckpointCorruptError(f"{os.path.join(self.ckpt, METADATA_FILE)!r} cannot be read ({err})",
                                              path=self.ckpt) from err
-            metadata = _parse_metadata(self.ckpt, raw, self.checksums)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            self._metadata = metadata
-        self._metadata.storage_meta.load_id = self.load_id
-        return self._metadata
+            self._metadata = _parse_metadata(self.ckpt, raw, self.checksums)
+        return self._with_load_id(self._metadata)
+
+    def _with_load_id(self, metadata: Metadata) -> Metadata:
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
@@ -227,12 +227,20 @@ class VerifyingReader(FileSystemReader):
         self.planned_reads = len(plan.items)
         return super().prepare_local_plan(plan)
 
+    def read_data(self, plan: LoadPlan, planner: Any) -> Any:
+        """DCP's read (tensors via ``torch.load(weights_only=True)``), naming the item a refused pickle is in."""
+        try:
+            return super().read_data(plan, planner)
+        except pickle.UnpicklingError as err:
+            raise refused(self.reading, err, self.ckpt) from None
+
     def _slice_file(self, file: IO[bytes], sinfo: Any) -> IO[bytes]:
         """DCP's hook that hands one item's bytes to ``torch.load``: verify them first."""
         file.seek(sinfo.offset)
         raw = file.read(sinfo.length)
         where = (f"checkpoint file {os.path.join(self.ckpt, sinfo.relative_path)!r}, bytes [{sinfo.offset}, "
                  f"{sinfo.offset + sinfo.length}) holding {self._names.get((sinfo.relative_path, sinfo.offset), '?')}")
+        self.reading = where
         if len(raw) != sinfo.length:
             raise CheckpointCorruptError(f"{where}: only {len(raw)} bytes could be read; the file was truncated",
                                          path=self.ckpt)
@@ -246,10 +254,13 @@ class VerifyingReader(FileSystemReader):
 
 
 def verify_checkpoint(path: str) -> dict[str, int]:
-    """Verify every byte of checkpoint ``path`` against its checksums (local; reads all files).
+    """Verify every byte of checkpoint ``path`` against its checksums (local; reads all files), and
+    that every pickled part unpickles under :mod:`.safe_pickle`'s restrictions.
 
-    Returns ``{"files": n, "items": n, "bytes": n}``; raises :class:`.errors.CheckpointCorruptError`
-    on the first mismatch, or if the checkpoint has no checksums.
+    Works on every checkpoint with checksums: ``save_checkpoint``'s and the torchrec ``save_dmp``'s.
+    Returns ``{"files": n, "items": n, "bytes": n, "objects": n}``; raises
+    :class:`.errors.CheckpointCorruptError` (:class:`.errors.UnsafeCheckpointError` for a refused
+    pickle) on the first problem, or if the checkpoint has no checksums.
     """
     sums = read_checksums(path)
     if sums is None:
@@ -266,4 +277,5 @@ def verify_checkpoint(path: str) -> dict[str, int]:
                 totals["items"] += 1
                 totals["bytes"] += length
         totals["files"] += 1
+    totals["objects"] = check_pickles(path, metadata)["objects"]
     return totals

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Set
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +43,23 @@ GUARD_PREFIX = "shampoo_plan_"
 HYPERPARAMETER_MODES = ("checkpoint", "current")
 #: param-group entries that are state, never "hyperparameters" kept from the live optimizer
 _GROUP_STATE_KEYS = ("params", "param_names", "step")
+
+
+class CheckpointState(Protocol):
+    """What the save and load machinery (:mod:`.saving`, :mod:`.loading`) needs of a checkpoint's state.
+
+    :class:`TrainState` is one; the torchrec integration's ``DMPTrainState`` is the other.
+    """
+
+    extra: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+    def describe(self) -> Optional[dict[str, Any]]: ...
+
+    def guard_key(self) -> Optional[str]: ...
 
 
 def plan_entries(meta: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -9,8 +9,10 @@ FSDP2 under torchrun; it reports, in one run:
 - load time into freshly built model + optimizer (``load_checkpoint``);
 - the cost of integrity checks: save with ``checksums=True`` (default: read back and CRC-32 every
   stored item) vs ``checksums=False``, load with ``verify=True`` (default: CRC-32 of every item
-  read, staged all-or-nothing) vs ``verify=False`` (staged, not verified) vs a plain in-place
-  ``dcp.load`` of a ``TrainState`` (no staging, no verification); interleaved repeats, medians;
+  read, staged all-or-nothing, small objects unpickled with ``weights_only=True``) vs the same with
+  small objects unpickled without restriction (the behaviour before issue 18, for comparison only)
+  vs ``verify=False`` (staged, not verified) vs a plain in-place ``dcp.load`` of a ``TrainState``
+  (no staging, no verification); interleaved repeats, medians;
   and CRC-32 vs BLAKE2b throughput over rank 0's data file (why CRC-32);
 - checkpoint size on disk, split into model, optimizer state and small objects, and the
   optimizer-state tensor bytes per rank file against the planner's analytic per-rank
@@ -24,6 +26,7 @@ FSDP2 under torchrun; it reports, in one run:
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import hashlib
@@ -102,6 +105,19 @@ def timed_cpu(fn: Any) -> tuple[float, float]:
     return wall, time.process_time() - c0
 
 
+def unrestricted(load: Any) -> None:
+    """Run ``load`` with small objects unpickled by ``torch.load(weights_only=False)`` (what loads did
+    before issue 18): the baseline for the cost of the restricted unpickling. Benchmark only."""
+    from sharded_shampoo.checkpointing import staged_load
+
+    safe = staged_load.load_object
+    staged_load.load_object = lambda raw, where, ckpt: torch.load(io.BytesIO(raw), weights_only=False)
+    try:
+        load()
+    finally:
+        staged_load.load_object = safe
+
+
 def integrity_costs(args: argparse.Namespace, world: int, model: torch.nn.Module, opt: ShardedShampoo,
                     path: str) -> dict[str, list[tuple[float, float]]]:
     """Save/load times with and without checksums, interleaved (and the order rotated every repeat)
@@ -114,6 +130,7 @@ def integrity_costs(args: argparse.Namespace, world: int, model: torch.nn.Module
         "save_on": lambda r: save_checkpoint(args.dir + "_on", r, model, opt, keep_last=1),
         "save_off": lambda r: save_checkpoint(args.dir + "_off", r, model, opt, keep_last=1, checksums=False),
         "load_on": lambda r: load_checkpoint(path, model2, opt2),
+        "load_unrestricted": lambda r: unrestricted(lambda: load_checkpoint(path, model2, opt2)),
         "load_off": lambda r: load_checkpoint(path, model2, opt2, verify=False),
         "load_dcp": lambda r: dcp.load({"app": TrainState(model2, opt2)}, checkpoint_id=path),
     }
@@ -216,12 +233,15 @@ def main() -> None:
             "|---|---|---|",
         ]
         rows = (("save_on", "save, checksums on (default)"), ("save_off", "save, `checksums=False`"),
-                ("load_on", "load, verified + staged (default)"), ("load_off", "load, `verify=False` (staged only)"),
+                ("load_on", "load, verified + staged (default)"),
+                ("load_unrestricted", "load, verified + staged, small objects unpickled without restriction"),
+                ("load_off", "load, `verify=False` (staged only)"),
                 ("load_dcp", "load, plain in-place `dcp.load` of `TrainState`"))
         med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in costs.items()}
         lines += [f"| {label} | {med[k][0]:.2f} s | {med[k][1]:.2f} s |" for k, label in rows]
         for a, b, label in (("save_on", "save_off", "save: cost of checksums"),
                             ("load_on", "load_off", "load: cost of verification"),
+                            ("load_on", "load_unrestricted", "load: cost of the restricted unpickling"),
                             ("load_on", "load_dcp", "load: verification + staging vs plain `dcp.load`")):
             lines.append(f"| {label} | {med[a][0] - med[b][0]:+.2f} s ({(med[a][0] / med[b][0] - 1) * 100:+.0f}%) | "
                          f"{med[a][1] - med[b][1]:+.2f} s ({(med[a][1] / med[b][1] - 1) * 100:+.0f}%) |")

@@ -1,6 +1,7 @@
 """Randomized multi-rank fuzzing of ShardedShampoo on CPU/gloo ranks (see docs/testing.md).
 
     python scripts/fuzz.py --seeds 300            # seeds 0..299
+    python scripts/fuzz.py --storage --seeds 300  # checkpoint storage: damages, crafted pickles, races
     python scripts/fuzz.py --seed 17              # one case (the reproduction command a failure prints)
     python scripts/fuzz.py --seeds 50 --start 1000 --worlds 4
 
@@ -35,12 +36,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="measure (not assert) the difference to the 1-process run outside the well-conditioned "
                          "regime: epsilon 1e-12, preconditioning from step 1, fp64 factors with fp32 communication")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
+    ap.add_argument("--storage", action="store_true",
+                    help="fuzz checkpoint storage instead: one damaged or crafted checkpoint per seed (must fail "
+                         "cleanly, change nothing, run no code) and as many rounds of two processes saving the "
+                         "same step into one directory")
     return ap.parse_args(argv)
+
+
+def storage_main(seeds: list[int]) -> int:
+    """``--storage``: the damage cases of ``seeds``, then ``len(seeds)`` race rounds drawn from the first seed."""
+    from fuzz_storage import draw_damage, run_damages, run_race, summary
+
+    failures = run_damages(seeds)
+    print(summary(seeds, failures), flush=True)
+    for seed, problems in sorted(failures.items()):
+        print(f"FAIL {draw_damage(seed).summary()}")
+        for p in problems:
+            print(f"    {p}")
+        print(f"    reproduce: python scripts/fuzz.py --storage --seed {seed}")
+    race_failures, counts = run_race(seeds[0], len(seeds))
+    print("race: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; failures: {len(race_failures)}")
+    for k, problems in sorted(race_failures.items()):
+        print(f"FAIL race round {k} of seed {seeds[0]}: " + "; ".join(problems))
+        print(f"    reproduce: python scripts/fuzz.py --storage --start {seeds[0]} --seeds {len(seeds)}")
+    print(f"total: {len(seeds)} storage cases, {counts['rounds']} race rounds, "
+          f"{len(failures) + len(race_failures)} failed")
+    return 1 if failures or race_failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = args.seed or list(range(args.start, args.start + args.seeds))
+    if args.storage:
+        return storage_main(seeds)
     worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else None
     if args.list:
         for s in seeds:

@@ -32,7 +32,7 @@ def attempt(fn: Callable[[], Any], root: Optional[str] = None) -> dict[str, Any]
                "path": getattr(err, "path", None)}
     out["seconds"] = time.perf_counter() - t0
     if root is not None:
-        out["tmp_after"] = sorted(n for n in os.listdir(root) if n.endswith(".tmp"))
+        out["tmp_after"] = sorted(n for n in os.listdir(root) if ".tmp" in n)
     return out
 
 
@@ -113,7 +113,7 @@ def _fail_on_rank1(module: Any, name: str) -> None:
 
 def scenario_agreement(rank: int, world: int, root: str) -> dict[str, Any]:
     """Local failures on one rank during save and load: every rank must raise, within seconds."""
-    from sharded_shampoo.checkpointing import storage
+    from sharded_shampoo.checkpointing import saving as storage
 
     model, opt = cs.build("fsdp", "root_inverse", (2,))
     cs.feed(model, opt, 0, 2)
@@ -150,6 +150,6 @@ def scenario_agreement(rank: int, world: int, root: str) -> dict[str, Any]:
     _fail_on_rank1(storage, "checksum_files")
     case("save: checksums fail on rank 1", lambda: save_checkpoint(root, 3, model, opt))
     dist.barrier()
-    out["tmp_dirs"] = sorted(n for n in os.listdir(root) if n.endswith(".tmp"))
+    out["tmp_dirs"] = sorted(n for n in os.listdir(root) if ".tmp" in n)
     out["latest"] = os.path.basename(latest_checkpoint(root))
     return out

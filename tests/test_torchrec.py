@@ -98,3 +98,58 @@ def test_train_dlrm_script_same_on_one_and_two_ranks(two_rank_run: tuple, one_ra
     worst = max(abs(a - b) / b for a, b in zip(one["script"]["loss"], two["loss"]))
     assert len(two["loss"]) == 7 and worst <= 1e-5, worst   # measured 9.6e-8 (roots at steps 3 and 6)
     assert abs(one["script"]["auc"][-1][1] - two["auc"][-1][1]) <= 1e-3
+
+
+# ----------------------------------------------------------------------------- hardening (issue 18)
+
+
+@pytest.mark.parametrize("case", ["flip in an embedding table", "truncated shard file", "crafted .metadata",
+                                  "crafted extra"])
+def test_damaged_or_crafted_dmp_checkpoint_fails_on_every_rank_and_changes_nothing(two_rank_run: tuple,
+                                                                                   case: str) -> None:
+    """A flipped byte in a table's item is caught by its checksum; a truncated shard file fails before
+    anything is written (not a BaseException half-way through); crafted pickles run nothing."""
+    results, _, _ = two_rank_run
+    expected = {"flip in an embedding table": ("CheckpointCorruptError", "CRC-32"),
+                "truncated shard file": ("CheckpointCorruptError", "__1_0.distcp"),
+                "crafted .metadata": ("UnsafeCheckpointError", "DCP metadata is never made of"),
+                "crafted extra": ("UnsafeCheckpointError", "app.extra.step")}[case]
+    for rank, r in enumerate(results):
+        got = r["hardening"][case]
+        assert got["error"] is not None, (rank, case, "loaded without an error")
+        assert got["error"][0] == expected[0] or f"{expected[0]}" in got["message"], (rank, got)
+        assert "CheckpointLoadError" in got["error"] and "Exception" in got["error"], got["error"]
+        assert expected[1] in got["message"] or rank != 0, (rank, got["message"])
+        assert got["unchanged"], (rank, case, "tables, fused state or dense state changed")
+        assert not got["marker"], "code from the checkpoint ran"
+    if case == "flip in an embedding table":
+        assert "t_c0.weight" in results[0]["hardening"][case]["message"]
+
+
+def test_dmp_checkpoint_has_checksums_and_verifies(two_rank_run: tuple) -> None:
+    results, ckpt, _ = two_rank_run
+    for r in results:
+        assert r["hardening"]["verify"]["error"] is None, r["hardening"]["verify"]
+        totals = r["hardening"]["verify"]["value"]
+        assert totals["files"] == 2 and totals["items"] > 40 and totals["objects"] >= 3, totals
+        assert r["hardening"]["good"]["value"] == {"step": sc.SAVE_AT}
+    assert os.path.isfile(os.path.join(ckpt, "checksums.json")) and os.path.isfile(os.path.join(ckpt, "commit.json"))
+    assert not [n for n in os.listdir(os.path.dirname(ckpt)) if ".tmp" in n]
+
+
+def test_save_dmp_refuses_an_extra_that_cannot_be_loaded(two_rank_run: tuple) -> None:
+    results, _, _ = two_rank_run
+    for r in results:
+        got = r["hardening"]["nested extra"]
+        assert got["error"] is not None and got["error"][0] == "CheckpointArgumentError", got
+        assert "extra['cfg'] is a dict" in got["message"] and "json.dumps" in got["message"]
+        assert not got["written"]
+
+
+def test_dense_optimizer_over_all_parameters_names_the_fused_tables(two_rank_run: tuple) -> None:
+    results, _, _ = two_rank_run
+    for r in results:
+        got = r["hardening"]["all parameters"]
+        assert got["error"] is not None and got["error"][0] == "ValueError", got
+        assert "t_c0.weight" in got["message"] and "fused" in got["message"], got["message"]
+        assert "dense_parameters(model)" in got["message"] and "cross-rank" not in got["message"]

@@ -109,7 +109,7 @@ def test_errors_name_the_fix(tmp_path) -> None:
     model = _model()
     with pytest.raises(TypeError, match="KeyedOptimizer"):
         DMPTrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="neither a DCP checkpoint"):   # a CheckpointNotFoundError
         load_dmp(str(tmp_path / "missing"), model, _keyed(model))
     dlrm = sc.build_model()
     with pytest.raises(ValueError, match="world_size must be an integer >= 1"):

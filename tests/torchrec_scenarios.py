@@ -173,6 +173,9 @@ def scenario_two_ranks(rank: int, world: int, ckpt: str, snap_dir: str) -> dict[
     out["total_blocks"] = len(dense.shampoo.plan.blocks)
     out["state_keys"] = sorted(opt.state_dict()["state"])
     out.update(_reload_same_world(rank, world, ckpt, out["losses"], out["final_dense"]))
+    import torchrec_hardening
+
+    out["hardening"] = torchrec_hardening.run(rank, world, ckpt)
     out["script"] = run_script()
     return out
 

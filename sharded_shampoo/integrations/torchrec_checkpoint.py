@@ -12,6 +12,15 @@ that as one ``Stateful``, plus ShardedShampoo's plan description and guard key (
 ``shampoo_meta`` entry as ``TrainState``, so ``sharded_shampoo.checkpointing.read_checkpoint_meta``
 reads it), so an incompatible checkpoint fails before any tensor is written.
 
+:func:`save_dmp` / :func:`load_dmp` are ``sharded_shampoo.checkpointing``'s one save and one load
+(:mod:`sharded_shampoo.checkpointing.saving`, :mod:`~sharded_shampoo.checkpointing.loading`) applied
+to a :class:`DMPTrainState`, so a torchrec checkpoint gets the same guarantees as
+``save_checkpoint``'s: per-item checksums verified on load (``verify_checkpoint`` works on it), a
+private temporary directory and an atomic publish that is safe with concurrent writers, an
+all-or-nothing load that raises ``CheckpointError`` subclasses, and no code run from its pickles.
+With ``save_param_groups(True)`` the ShardedShampoo config objects in the saved param groups are
+stored as plain dicts, so the checkpoint holds only data.
+
 Resharding: DCP re-shards the tables (torchrec's ShardedTensor metadata), and ShardedShampoo's
 block keys (``{fqn}.block_{i}``) carry no rank, so each rank of the new world reads the blocks it
 owns under the new plan.
@@ -26,24 +35,25 @@ both layouts.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.stateful import Stateful
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from sharded_shampoo import ShardedShampoo
-from sharded_shampoo.checkpointing import check_compatible, describe, read_checkpoint_meta
-from sharded_shampoo.checkpointing.state import check_plan, plan_entries
-from sharded_shampoo.checkpointing.storage import APP_KEY, check_extra_keys
+from sharded_shampoo.checkpointing import describe
+from sharded_shampoo.checkpointing.loading import load_state
+from sharded_shampoo.checkpointing.saving import Target, save_state
+from sharded_shampoo.checkpointing.state import GUARD_PREFIX, check_extra, check_plan, plan_entries
 
-from .torchrec_optim import ShampooDenseOptimizer
+from .torchrec_optim import ShampooDenseOptimizer, plain_param_groups
 
 #: ``extra`` values are stored as flat ``extra.<name>`` entries: the keys TrainState's ``extra`` dict gets
 EXTRA_PREFIX = "extra."
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def find_shampoo(optimizer: KeyedOptimizer) -> Optional[ShardedShampoo]:
@@ -63,8 +73,11 @@ class DMPTrainState(Stateful):
     """A DMP model and its keyed optimizer (+ small ``extra`` values) as one DCP ``Stateful``.
 
     ``dcp.save({"app": DMPTrainState(model, opt)}, checkpoint_id=path)`` and the matching
-    ``dcp.load`` work directly; :func:`save_dmp` / :func:`load_dmp` add the compatibility check.
-    After a load, ``self.extra`` holds the checkpoint's values for the keys given in ``extra``.
+    ``dcp.load`` work directly; :func:`save_dmp` / :func:`load_dmp` add checksums, an atomic
+    publish, verification, the compatibility check and an all-or-nothing load. After a load,
+    ``self.extra`` holds the checkpoint's values for the keys given in ``extra``. ``extra`` values
+    must each be one DCP entry (see ``sharded_shampoo.checkpointing.state.check_extra``): a dict is
+    refused here, at construction, because it could be saved but never loaded back.
     """
 
     def __init__(self, model: nn.Module, optimizer: KeyedOptimizer, *,
@@ -72,15 +85,26 @@ class DMPTrainState(Stateful):
         if not isinstance(optimizer, KeyedOptimizer):
             raise TypeError(f"DMPTrainState needs a torchrec KeyedOptimizer (e.g. CombinedOptimizer([model."
                             f"fused_optimizer, ShampooDenseOptimizer(...)])); got {type(optimizer).__name__}.")
+        check_extra(extra)
         self.model = model
         self.optimizer = optimizer
         self.extra: dict[str, Any] = dict(extra or {})
         shampoo = find_shampoo(optimizer)
         self.description = describe(shampoo) if shampoo is not None else None
 
+    def describe(self) -> Optional[dict[str, Any]]:
+        """The dense ShardedShampoo's plan description (None without one)."""
+        return self.description
+
+    def guard_key(self) -> Optional[str]:
+        return None if self.description is None else GUARD_PREFIX + self.description["fingerprint"]
+
     def state_dict(self) -> dict[str, Any]:
         out = plan_entries(self.description)
-        out.update(model=self.model.state_dict(), optim=self.optimizer.state_dict())
+        optim = self.optimizer.state_dict()
+        if "param_groups" in optim:       # save_param_groups(True): configs as data, not pickled classes
+            optim = {**optim, "param_groups": plain_param_groups(optim["param_groups"], plain=True)}
+        out.update(model=self.model.state_dict(), optim=optim)
         # flat "extra.<name>" entries, not an "extra" dict: see the module doc (DCP's pre-2.4 fallback)
         out.update({EXTRA_PREFIX + k: v for k, v in self.extra.items()})
         return out
@@ -88,29 +112,43 @@ class DMPTrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_plan(state_dict, self.description)
         self.model.load_state_dict(state_dict["model"])
-        self.optimizer.load_state_dict(state_dict["optim"])   # torchrec's; ends with post_load_state_dict()
+        optim = state_dict["optim"]
+        if "param_groups" in optim:
+            optim = {**optim, "param_groups": plain_param_groups(optim["param_groups"], plain=False)}
+        self.optimizer.load_state_dict(optim)   # torchrec's; ends with post_load_state_dict()
         self.extra.update({k: state_dict[EXTRA_PREFIX + k] for k in self.extra if EXTRA_PREFIX + k in state_dict})
 
 
 def save_dmp(path: str, model: nn.Module, optimizer: KeyedOptimizer, *,
-             extra: Optional[Mapping[str, Any]] = None) -> None:
-    """``dcp.save`` of :class:`DMPTrainState` into the directory ``path``; collective over all ranks."""
-    dcp.save({APP_KEY: DMPTrainState(model, optimizer, extra=extra)}, checkpoint_id=path)
+             extra: Optional[Mapping[str, Any]] = None, checksums: bool = True) -> str:
+    """Save :class:`DMPTrainState` as the checkpoint directory ``path``; collective over all ranks.
+
+    The same save as ``sharded_shampoo.checkpointing.save_checkpoint``: written into a private
+    ``{path}.tmp-<id>``, every item checksummed, published by an atomic rename (an older
+    checkpoint at ``path`` is replaced only once the new one is complete; one another job
+    published meanwhile is never replaced: this save raises ``ConcurrentSaveError``). No
+    ``latest`` pointer is written. ``extra`` values that could not be loaded back (dicts, lists
+    holding tensors) raise ``CheckpointArgumentError`` before anything is written. Any failure
+    raises a ``CheckpointSaveError`` on every rank. Returns the absolute path of the checkpoint.
+    """
+    root, name = os.path.split(os.path.abspath(path))
+    step = _STEP_DIR.match(name)
+    target = Target(root, name, int(step.group(1)) if step else None, pointer=False, checksums=checksums)
+    return save_state(target, lambda: DMPTrainState(model, optimizer, extra=extra)).wait()
 
 
 def load_dmp(path: str, model: nn.Module, optimizer: KeyedOptimizer, *,
-             extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+             extra: Optional[Mapping[str, Any]] = None, verify: bool = True) -> dict[str, Any]:
     """Load a :func:`save_dmp` checkpoint into a model/optimizer built for the *current* world size.
 
-    The ShardedShampoo plan description is checked first (raising
-    ``IncompatibleCheckpointError`` on every rank before any state is touched). Returns the
+    The same load as ``sharded_shampoo.checkpointing.load_checkpoint``: the ShardedShampoo plan
+    description and the ``extra`` keys are checked first, every byte is verified against its
+    checksum, nothing pickled runs code, and the live tables, dense parameters and optimizer
+    states change only once every rank has read and verified everything. Any failure raises a
+    ``CheckpointLoadError`` subclass (an ``Exception``) on every rank with everything unchanged:
+    ``IncompatibleCheckpointError``, ``MissingExtraError``, ``CheckpointCorruptError``,
+    ``CheckpointNotFoundError`` (a ``FileNotFoundError``), ... A checkpoint without checksums (an
+    older ``save_dmp``, plain ``dcp.save``) loads with an ``UnverifiedCheckpointWarning``. Returns the
     checkpoint's ``extra`` values for the keys given in ``extra``.
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_dmp: no checkpoint directory {path!r}.")
-    state = DMPTrainState(model, optimizer, extra=extra)
-    if state.description is not None:
-        check_compatible(read_checkpoint_meta(path), state.description, where=f"checkpoint {path!r}")
-    check_extra_keys(path, FileSystemReader(path).read_metadata().state_dict_metadata, state.extra)
-    dcp.load({APP_KEY: state}, checkpoint_id=path)
-    return dict(state.extra)
+    return load_state(path, lambda keys: DMPTrainState(model, optimizer, extra=extra), verify=verify)

@@ -24,13 +24,15 @@ hooks, checked against ``torchrec/optim/keyed.py`` (1.8):
   state; ShardedShampoo allocates all of its state at construction, and a real step would
   advance its counters. (``CombinedOptimizer.init_state`` still steps every sub-optimizer with
   zero gradients; torchrec follows it with ``load_state_dict``, which restores everything.)
-- ``save_param_groups(True)``: param groups (hyperparameters and config objects) are saved too.
+- ``save_param_groups(True)``: param groups (hyperparameters and config objects) are saved too,
+  the config objects as plain dicts (``config_to_dict``), so a checkpoint holds only data.
 - ``set_optimizer_step``/``update_hyper_parameters``: not provided (torchrec calls them only if
   present); change hyperparameters through ``param_groups`` or an LR scheduler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
@@ -40,6 +42,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.config import CONFIG_OBJECT_SETTINGS, config_from_dict, config_to_dict
 
 #: the per-parameter state entry that carries the param group's step counter
 STEP_KEY = "step"
@@ -53,6 +56,39 @@ def dense_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     fused optimizer, so they are dense parameters too.
     """
     return {n: p for n, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad}
+
+
+def check_not_fused(params: Mapping[str, torch.Tensor]) -> None:
+    """Refuse parameters that torchrec's in-backward (fused) optimizer trains: sharded embedding tables.
+
+    Without this, ``ShampooDenseOptimizer(dict(dmp.named_parameters()))`` fails deep in planning with a
+    cross-rank shape mismatch (each rank holds other shards of the tables), which names the wrong cause.
+    """
+    fused = [name for name, _ in in_backward_optimizer_filter(iter(params.items()), include=True)]
+    if fused:
+        shown = fused[:4] + ([f"... ({len(fused)} in all)"] if len(fused) > 4 else [])
+        raise ValueError(f"ShampooDenseOptimizer got parameters that torchrec's fused (in-backward) optimizer "
+                         f"already trains: {shown}. These are sharded embedding tables -- each rank holds only its "
+                         "shards, and they belong to the fused optimizer (model.fused_optimizer). Pass "
+                         "dense_parameters(model) instead of dict(model.named_parameters()), and combine: "
+                         "CombinedOptimizer([model.fused_optimizer, ShampooDenseOptimizer(dense_parameters(model), "
+                         "...)]) (or combined_optimizer(model, ...)).")
+
+
+def _to_plain(value: Any) -> Any:
+    return config_to_dict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
+def _to_config(value: Any) -> Any:
+    return config_from_dict(value) if isinstance(value, Mapping) and "__config__" in value else value
+
+
+def plain_param_groups(groups: Any, plain: bool) -> list[dict[str, Any]]:
+    """Saved param groups with ShardedShampoo's config objects as plain dicts (``plain=True``: data a
+    ``torch.load(weights_only=True)`` reads) or back as objects (``plain=False``); idempotent, and
+    other optimizers' groups pass unchanged."""
+    convert = _to_plain if plain else _to_config
+    return [{k: (convert(v) if k in CONFIG_OBJECT_SETTINGS else v) for k, v in g.items()} for g in groups]
 
 
 class _KeyedState(Mapping[torch.Tensor, dict[str, Any]]):
@@ -100,6 +136,7 @@ class ShampooDenseOptimizer(KeyedOptimizerWrapper):
         if not params:
             raise ValueError("ShampooDenseOptimizer got no parameters; pass dense_parameters(model) of a model "
                              "that has dense (non-embedding) parameters.")
+        check_not_fused(params)
 
         def factory(named: Mapping[str, torch.Tensor]) -> ShardedShampoo:
             return ShardedShampoo(list(named.items()), **shampoo_kwargs)
@@ -126,6 +163,20 @@ class ShampooDenseOptimizer(KeyedOptimizerWrapper):
         loss = self.shampoo.step(closure)
         self._record_steps()
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """KeyedOptimizer's, with config objects in saved param groups as plain dicts (``config_to_dict``):
+        a checkpoint then holds only data, which loads with ``torch.load(weights_only=True)``."""
+        out = super().state_dict()
+        if "param_groups" in out:
+            out["param_groups"] = plain_param_groups(out["param_groups"], plain=True)
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """KeyedOptimizer's, turning plain-dict configs of saved param groups back into config objects."""
+        if "param_groups" in state_dict:
+            state_dict = {**state_dict, "param_groups": plain_param_groups(state_dict["param_groups"], plain=False)}
+        super().load_state_dict(state_dict)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.shampoo.zero_grad(set_to_none=set_to_none)
