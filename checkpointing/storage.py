@@ -42,6 +42,7 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader, 
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from .added_keys import request_without_added_keys
 from .compat import check_compatible
 from .coordination import agree, as_error, coordination_group, distributed, rank
 from .directory import LATEST, fsync_dir, latest_checkpoint, prune, read_commit, read_pointer, write_commit, \
@@ -362,7 +363,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     except CheckpointError as e:
         raise CheckpointLoadError(f"a pending asynchronous save failed, so nothing was loaded from {path!r}: {e}",
                                   path=path) from e
-    err, ckpt, reader, state, state_dict = None, path, None, None, None
+    err, ckpt, reader, state, state_dict, restore = None, path, None, None, None, None
     try:
         ckpt, metadata, reader = _open_checkpoint(path, verify)
         keys = metadata.state_dict_metadata
@@ -370,6 +371,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                            hyperparameters=hyperparameters)
         _check_request(ckpt, keys, state, verify)
         state_dict = {APP_KEY: state.state_dict()}
+        # settings added after the checkpoint was written keep their live value (or their alias's)
+        restore = request_without_added_keys(state_dict[APP_KEY], keys, f"{APP_KEY}.")
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
     agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
@@ -390,6 +393,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     agree(err, CheckpointLoadError, ckpt)
     try:
         planner.apply()
+        restore()
         state.load_state_dict(state_dict[APP_KEY])
         err = None
     except Exception as e:  # noqa: BLE001
