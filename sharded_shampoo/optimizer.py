@@ -110,8 +110,8 @@ class ShardedShampoo(Optimizer):
         explicit = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        resolve_group(group, explicit, "ShardedShampoo" if len(self.param_groups) == 1 else
-                      f"param group {len(self.param_groups) - 1}")
+        own = explicit - {"params", "param_names"}     # a group's own settings are named after the group
+        resolve_group(group, explicit, f"param group {len(self.param_groups) - 1}" if own else "ShardedShampoo")
         validate_group(group)
         for j, (p, n) in enumerate(zip(group["params"], group["param_names"])):
             check_parameter(p, repr(n) if n is not None else f"param_groups[{len(self.param_groups) - 1}][{j}]")

@@ -8,7 +8,8 @@ setting and the fix. The rules (docs/user_guide.md, "Iterate averaging and weigh
   ``dampening=d``, ``use_nesterov=n`` -- the keys the legacy arguments always set, which stay the
   live values a schedule may change between steps -- and ``iterate_averaging`` is then None.
   Giving ``iterate_averaging`` and a non-default ``momentum`` / ``dampening`` / ``use_nesterov``
-  for the same group is an error (which one was meant?).
+  at the same level (both to the constructor, or both in one group dict) is an error (which one
+  was meant?); a group dict's own setting replaces the constructor's other one.
 * GPA / Schedule-Free groups get ``train_mode`` (True) and, for Schedule-Free, ``lr_sum`` (0.0).
 * ``use_decoupled_weight_decay`` (deprecated, FutureWarning) maps True -> ``DECOUPLED``, False ->
   ``L2``; with a contradicting ``weight_decay_type`` it is an error. It is not kept in the group.
@@ -34,6 +35,8 @@ LEGACY_WEIGHT_DECAY_KEY = "use_decoupled_weight_decay"
 #: Group keys the optimizer keeps for GPA / Schedule-Free (state that travels with ``param_groups``).
 MODE_KEY = "train_mode"
 LR_SUM_KEY = "lr_sum"
+#: The classic-momentum arguments and their "off" values.
+LEGACY_MOMENTUM_OFF: dict[str, Any] = {"momentum": 0.0, "dampening": 0.0, "use_nesterov": False}
 
 
 def resolve_weight_decay_type(weight_decay_type: Any, use_decoupled: Any, where: str = OWNER,
@@ -67,17 +70,7 @@ def resolve_group(group: dict[str, Any], explicit: set[str], where: str) -> None
         group["weight_decay_type"] = resolve_weight_decay_type(given, legacy, where, stacklevel=5)
     else:
         group["weight_decay_type"] = WeightDecayType.parse(group["weight_decay_type"], f"{where}.weight_decay_type")
-    averaging = group.get("iterate_averaging")
-    if averaging is not None:
-        if not isinstance(averaging, ITERATE_AVERAGING_TYPES):
-            raise ValueError(f"{where}.iterate_averaging must be None, ClassicMomentum(...), "
-                             f"GeneralizedPrimalAveraging(...) or ScheduleFree(...); got {averaging!r}.")
-        legacy_momentum = {k: group[k] for k, off in (("momentum", 0), ("dampening", 0), ("use_nesterov", False))
-                           if group[k] != off}
-        if legacy_momentum:
-            raise ValueError(f"{where}: iterate_averaging={averaging!r} and {legacy_momentum} are both set; pass "
-                             "one of them: iterate_averaging=ClassicMomentum(momentum, dampening, use_nesterov) "
-                             "replaces the momentum/dampening/use_nesterov arguments.")
+    averaging = _resolve_averaging(group, explicit, where)
     if isinstance(averaging, ClassicMomentum):
         group.update(momentum=averaging.momentum, dampening=averaging.dampening,
                      use_nesterov=averaging.use_nesterov, iterate_averaging=None)
@@ -90,6 +83,29 @@ def resolve_group(group: dict[str, Any], explicit: set[str], where: str) -> None
             group["peak_lr"] = float(group["lr"])
         except (TypeError, ValueError, RuntimeError):
             pass            # a bad lr: validate_group names it
+
+
+def _resolve_averaging(group: dict[str, Any], explicit: set[str], where: str) -> Any:
+    """The group's ``iterate_averaging`` against the momentum arguments; a group's own setting wins over
+    the constructor's (torch's param-group rule), both given at the same level is an error."""
+    averaging = group.get("iterate_averaging")
+    if averaging is None:
+        return None
+    if not isinstance(averaging, ITERATE_AVERAGING_TYPES):
+        raise ValueError(f"{where}.iterate_averaging must be None, ClassicMomentum(...), "
+                         f"GeneralizedPrimalAveraging(...) or ScheduleFree(...); got {averaging!r}.")
+    legacy = {k: group[k] for k, off in LEGACY_MOMENTUM_OFF.items() if group[k] != off}
+    own_averaging = "iterate_averaging" in explicit
+    own_legacy = {k: v for k, v in legacy.items() if k in explicit}
+    if legacy and own_averaging == bool(own_legacy):
+        raise ValueError(f"{where}: iterate_averaging={averaging!r} and {legacy} are both set; pass one of them: "
+                         "iterate_averaging=ClassicMomentum(momentum, dampening, use_nesterov) replaces the "
+                         "momentum/dampening/use_nesterov arguments.")
+    if own_legacy:              # the group's momentum replaces the constructor's averaging
+        group["iterate_averaging"] = None
+        return None
+    group.update(LEGACY_MOMENTUM_OFF)     # the group's averaging replaces the constructor's momentum
+    return averaging
 
 
 def validate_update_options(g: Mapping[str, Any]) -> None:

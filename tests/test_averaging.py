@@ -170,6 +170,22 @@ def test_classic_momentum_config_is_the_momentum_arguments():
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_group_setting_replaces_the_constructors_other_update_stage():
+    p = _params()
+    opt = ShardedShampoo([{"params": [p["w"]], "momentum": 0.9, "use_nesterov": True},
+                          {"params": [p["b"]]}], lr=0.1, iterate_averaging=SF)
+    g0, g1 = opt.param_groups
+    assert (g0["iterate_averaging"], g0["momentum"], g0["use_nesterov"]) == (None, 0.9, True)
+    assert (g1["iterate_averaging"], g1["momentum"]) == (SF, 0.0) and "z" in opt.state[p["b"]]
+    opt = ShardedShampoo([{"params": [p["w"]], "iterate_averaging": GPA}, {"params": [p["b"]]}], lr=0.1,
+                         momentum=0.9, dampening=0.1)
+    g0, g1 = opt.param_groups
+    assert (g0["iterate_averaging"], g0["momentum"], g0["dampening"]) == (GPA, 0.0, 0.0)
+    assert (g1["iterate_averaging"], g1["momentum"]) == (None, 0.9) and "momentum" in opt.state[p["b"]]
+    with pytest.raises(ValueError, match=r"param group 0: iterate_averaging=.* are both set"):
+        ShardedShampoo([{"params": [p["w"]], "iterate_averaging": GPA, "momentum": 0.5}], lr=0.1)
+
+
 @pytest.mark.parametrize("legacy,kind", [(True, WeightDecayType.DECOUPLED), (False, WeightDecayType.L2)])
 def test_use_decoupled_weight_decay_is_a_deprecated_alias(legacy, kind):
     a, b = _params(), _params()
