@@ -39,17 +39,22 @@ LR_SUM_KEY = "lr_sum"
 LEGACY_MOMENTUM_OFF: dict[str, Any] = {"momentum": 0.0, "dampening": 0.0, "use_nesterov": False}
 
 
+def _name(where: str, setting: str) -> str:
+    """``ShardedShampoo.lr`` for constructor arguments, ``param group 1: lr`` for a group's own."""
+    return f"{where}.{setting}" if where == OWNER else f"{where}: {setting}"
+
+
 def resolve_weight_decay_type(weight_decay_type: Any, use_decoupled: Any, where: str = OWNER,
                               stacklevel: int = 3) -> WeightDecayType:
     """``weight_decay_type`` (None: DECOUPLED) reconciled with the deprecated ``use_decoupled_weight_decay``."""
     if use_decoupled is None:
         return WeightDecayType.DECOUPLED if weight_decay_type is None else \
-            WeightDecayType.parse(weight_decay_type, f"{where}.weight_decay_type")
+            WeightDecayType.parse(weight_decay_type, _name(where, "weight_decay_type"))
     if not isinstance(use_decoupled, bool):
-        raise ValueError(f"{where}.use_decoupled_weight_decay must be True or False (it is deprecated: pass "
-                         f"weight_decay_type=WeightDecayType.DECOUPLED or L2 instead); got {use_decoupled!r}.")
+        raise ValueError(f"{_name(where, 'use_decoupled_weight_decay')} must be True or False (it is deprecated: "
+                         f"pass weight_decay_type=WeightDecayType.DECOUPLED or L2 instead); got {use_decoupled!r}.")
     legacy = WeightDecayType.DECOUPLED if use_decoupled else WeightDecayType.L2
-    warnings.warn(f"{where}.use_decoupled_weight_decay is deprecated; pass weight_decay_type="
+    warnings.warn(f"{_name(where, 'use_decoupled_weight_decay')} is deprecated; pass weight_decay_type="
                   f"WeightDecayType.{legacy.name} (or the string {legacy.value!r}) instead.", FutureWarning,
                   stacklevel=stacklevel)
     if weight_decay_type is not None and WeightDecayType.parse(weight_decay_type) != legacy:
@@ -67,9 +72,11 @@ def resolve_group(group: dict[str, Any], explicit: set[str], where: str) -> None
     legacy = group.pop(LEGACY_WEIGHT_DECAY_KEY, None)
     given = group["weight_decay_type"] if "weight_decay_type" in explicit else None
     if legacy is not None:
-        group["weight_decay_type"] = resolve_weight_decay_type(given, legacy, where, stacklevel=5)
+        # the warning points at the user's ShardedShampoo(...) call (through torch's Optimizer.__init__)
+        group["weight_decay_type"] = resolve_weight_decay_type(given, legacy, where, stacklevel=6)
     else:
-        group["weight_decay_type"] = WeightDecayType.parse(group["weight_decay_type"], f"{where}.weight_decay_type")
+        group["weight_decay_type"] = WeightDecayType.parse(group["weight_decay_type"],
+                                                           _name(where, "weight_decay_type"))
     averaging = _resolve_averaging(group, explicit, where)
     if isinstance(averaging, ClassicMomentum):
         group.update(momentum=averaging.momentum, dampening=averaging.dampening,
@@ -92,7 +99,7 @@ def _resolve_averaging(group: dict[str, Any], explicit: set[str], where: str) ->
     if averaging is None:
         return None
     if not isinstance(averaging, ITERATE_AVERAGING_TYPES):
-        raise ValueError(f"{where}.iterate_averaging must be None, ClassicMomentum(...), "
+        raise ValueError(f"{_name(where, 'iterate_averaging')} must be None, ClassicMomentum(...), "
                          f"GeneralizedPrimalAveraging(...) or ScheduleFree(...); got {averaging!r}.")
     legacy = {k: group[k] for k, off in LEGACY_MOMENTUM_OFF.items() if group[k] != off}
     own_averaging = "iterate_averaging" in explicit
