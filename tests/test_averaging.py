@@ -372,3 +372,20 @@ def test_planned_z_bytes_are_the_allocated_ones():
     assert [r.state_bytes_by_kind["averaging"] for r in plan.ranks] == [16 * 32 * 2] * 4
     with pytest.raises(ValueError, match=re.escape("PlanSettings.momentum=0.9 and PlanSettings.primal_averaging")):
         PlanSettings(primal_averaging=True, momentum=0.9)
+
+
+def test_plan_command_counts_z_and_refuses_it_with_momentum(tmp_path, capsys):
+    import json
+
+    from sharded_shampoo.dryrun.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "4", "--iterate-averaging", "schedule-free",
+                 "--json", str(out), "--json-no-blocks"]) == 0
+    ranks = json.loads(out.read_text())["ranks"]
+    assert all(r["optimizer_state_breakdown"]["averaging"] == r["param_bytes"] > 0 for r in ranks)
+    assert all(r["optimizer_state_breakdown"]["momentum"] == 0 for r in ranks)
+    assert "averaging" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "4", "--iterate-averaging", "gpa",
+                 "--momentum", "0.9"]) == 2
+    assert "--momentum=0.9 and --iterate-averaging gpa/schedule-free exclude each other" in capsys.readouterr().err

@@ -67,3 +67,20 @@ def test_checkpoint_written_before_weight_decay_type_loads(tmp_path, flatten: bo
     assert g["weight_decay_type"] is WeightDecayType.L2 and g["peak_lr"] == 0.5 and g["iterate_averaging"] is None
     assert cs.same(cs.opt_snapshot(new_opt)["state"], cs.opt_snapshot(opt)["state"])
     assert all(torch.equal(a, b) for a, b in zip(new_model.parameters(), model.parameters()))
+
+
+def test_averaging_is_part_of_the_fingerprint(tmp_path) -> None:
+    from sharded_shampoo.checkpointing import IncompatibleCheckpointError, describe
+
+    plain = describe(cs.build("single", "root_inverse")[1])
+    model, opt = cs.build("single", "gpa")
+    assert describe(opt)["fingerprint"] != plain["fingerprint"]
+    assert "iterate_averaging" not in plain["groups"][0]        # earlier fingerprints stay valid
+    cs.feed(model, opt, 0, 2)
+    save_checkpoint(str(tmp_path), 2, model, opt)
+    other_model, other = cs.build("single", "schedule_free")
+    before = cs.snapshot(other_model, other)
+    with pytest.raises(IncompatibleCheckpointError, match=r"param group 0: iterate_averaging differs \(checkpoint "
+                                                          r"GeneralizedPrimalAveraging.*optimizer ScheduleFree"):
+        load_checkpoint(str(tmp_path), other_model, other)
+    assert cs.same(before, cs.snapshot(other_model, other))
