@@ -20,6 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from .averaging_config import IterateAveragingConfig, WeightDecayType
+from .compute.averaging import UpdateRule
 from .compute.preconditioner import BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
@@ -257,7 +258,7 @@ class ShardedShampoo(Optimizer):
         return {k for k, h in enumerate(flags.holders) if h == world}
 
     @staticmethod
-    def _group_step(group: dict[str, Any], decision: Decision, rule: Any) -> GroupStep:
+    def _group_step(group: dict[str, Any], decision: Decision, rule: UpdateRule) -> GroupStep:
         """The schedule and settings of a group for its next step; the same on every rank."""
         l2 = WeightDecayType.parse(group["weight_decay_type"]) == WeightDecayType.L2
         return GroupStep(hyperparams=_hyperparams(group), amortized=decision.amortized,
