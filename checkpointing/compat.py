@@ -3,7 +3,8 @@
 The *description* (:func:`describe`) records, for a ``ShardedShampoo``, everything that decides
 the block plan and the state layout -- trainable parameter names, global shapes and param-group
 membership, and per group ``max_preconditioner_dim``, ``preconditioner``, ``grafting``,
-``blocking``, whether ``betas[0] > 0`` and whether ``momentum > 0`` -- plus the block plan
+``blocking``, whether ``betas[0] > 0``, whether ``momentum > 0`` and ``iterate_averaging`` (GPA /
+Schedule-Free; left out while None, so earlier fingerprints stay valid) -- plus the block plan
 itself (ids, shapes, exponents). Its *fingerprint* is a hash of exactly that. Owners, the world
 size and the mesh are recorded for information only and are not part of the fingerprint: they
 change when a run resumes on another number of ranks, and the loader re-plans them.
@@ -24,8 +25,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from sharded_shampoo.config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_KEYS, config_from_dict, config_to_dict,
-                                    structural_signature)
+from sharded_shampoo.config import (ADDED_LATER_STRUCTURAL_KEYS, CONFIG_OBJECT_SETTINGS, STRUCTURAL_KEYS,
+                                    config_from_dict, config_to_dict, structural_signature)
 
 from .errors import IncompatibleCheckpointError
 
@@ -53,7 +54,7 @@ def describe(opt: "ShardedShampoo") -> dict[str, Any]:
     for g in opt.param_groups:
         sig = structural_signature(g)
         groups.append({k: (_canonical(config_to_dict(v)) if k in CONFIG_OBJECT_SETTINGS else v)
-                       for k, v in sig.items()})
+                       for k, v in sig.items() if not (k in ADDED_LATER_STRUCTURAL_KEYS and v is None)})
     params = [{"name": rec.name, "shape": list(rec.spec.shape), "group": rec.group}
               for rec in opt.runtime.trainable]
     blocks = [[b.block_id, list(b.shape), list(b.exponents)] for b in opt.plan.blocks]

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
 
+from .added_keys import request_without_added_keys
 from .compat import check_compatible
 from .coordination import agree, as_error
 from .directory import LATEST, latest_checkpoint, read_commit
@@ -113,13 +114,15 @@ def load_state(path: str, make_state: Callable[[Mapping[str, Any]], CheckpointSt
     except CheckpointError as e:
         raise CheckpointLoadError(f"a pending asynchronous save failed, so nothing was loaded from {path!r}: {e}",
                                   path=path) from e
-    err, ckpt, reader, state, state_dict = None, path, None, None, None
+    err, ckpt, reader, state, state_dict, restore = None, path, None, None, None, None
     try:
         ckpt, metadata, reader = open_checkpoint(path, verify)
         keys = metadata.state_dict_metadata
         state = make_state(keys)
         _check_request(ckpt, keys, state, verify)
         state_dict = {APP_KEY: state.state_dict()}
+        # settings added after the checkpoint was written keep their live value (or their alias's)
+        restore = request_without_added_keys(state_dict[APP_KEY], keys, f"{APP_KEY}.")
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
     agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
@@ -140,6 +143,7 @@ def load_state(path: str, make_state: Callable[[Mapping[str, Any]], CheckpointSt
     agree(err, CheckpointLoadError, ckpt)
     try:
         planner.apply()
+        restore()
         state.load_state_dict(state_dict[APP_KEY])
         err = None
     except Exception as e:  # noqa: BLE001

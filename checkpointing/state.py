@@ -41,8 +41,9 @@ from .errors import CheckpointArgumentError
 META_KEY = "shampoo_meta"
 GUARD_PREFIX = "shampoo_plan_"
 HYPERPARAMETER_MODES = ("checkpoint", "current")
-#: param-group entries that are state, never "hyperparameters" kept from the live optimizer
-_GROUP_STATE_KEYS = ("params", "param_names", "step")
+#: param-group entries that are state, never "hyperparameters" kept from the live optimizer (the
+#: step count, and iterate averaging's mode and Schedule-Free learning-rate sum)
+_GROUP_STATE_KEYS = ("params", "param_names", "step", "train_mode", "lr_sum")
 
 
 class CheckpointState(Protocol):

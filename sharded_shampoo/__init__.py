@@ -1,6 +1,7 @@
 """sharded-shampoo: Distributed Shampoo native to DTensor, FSDP2, HSDP and DCP."""
 
 from .planning.blocking import Block, plan_blocks
+from .averaging_config import ClassicMomentum, GeneralizedPrimalAveraging, ScheduleFree, WeightDecayType
 from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                      EighRootConfig, QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
                      WarmStartRootConfig)
@@ -12,7 +13,7 @@ from .compute.preconditioner import RootFailureError
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "CoupledNewtonConfig", "EigenvalueCorrectedShampoo",
-    "EighRootConfig", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
+    "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "ClassicMomentum", "CoupledNewtonConfig",
+    "EigenvalueCorrectedShampoo", "EighRootConfig", "GeneralizedPrimalAveraging", "ScheduleFree", "WeightDecayType", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
 ]

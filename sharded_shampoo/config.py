@@ -17,29 +17,14 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .averaging_config import (ITERATE_AVERAGING_TYPES, PRIMAL_AVERAGING_TYPES, ClassicMomentum,  # noqa: F401
+                               GeneralizedPrimalAveraging, IterateAveragingConfig, ScheduleFree, WeightDecayType)
+from .checks import check_int, check_range  # noqa: F401 - re-exported: config classes elsewhere use them
 
 #: Field metadata of config fields added after checkpoints were first written: ``config_to_dict``
 #: leaves such a field out while it has its default value, so the dicts (and the checkpoint
 #: fingerprints built from them) of configs that do not use it stay what they were.
 ADDED_LATER = {"omit_if_default": True}
-
-
-def check_range(owner: str, name: str, value: float, low: float, high: float,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """Raise a ValueError naming ``owner.name`` unless ``value`` lies in the interval."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lb = "(" if low_open else "["
-        hb = ")" if high_open else "]"
-        raise ValueError(f"{owner}.{name} must be a finite number in {lb}{low}, {high}{hb}; got {value!r}.")
-
-
-def check_int(owner: str, name: str, value: int, low: int = 1) -> None:
-    """Raise a ValueError naming ``owner.name`` unless ``value`` is an integer (not a bool) >= ``low``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}.{name} must be an integer >= {low}; got {value!r}.")
 
 
 # ----------------------------------------------------------------------------- grafting
@@ -385,9 +370,13 @@ class NonFinitePolicy(str, Enum):
 #: required to match when state is loaded. ``has_beta1`` / ``has_momentum`` (whether the
 #: filtered-gradient / momentum state exists) complete them: see :func:`structural_signature`.
 STRUCTURAL_SETTINGS = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
-STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum")
-#: Group settings holding config objects (stored with :func:`config_to_dict`).
-CONFIG_OBJECT_SETTINGS = ("grafting", "preconditioner", "blocking")
+#: ``iterate_averaging`` (GPA / Schedule-Free: the ``z`` state exists, and the parameters hold ``y``)
+#: is structural too; it was added later, so a group without it reads as None and a checkpoint
+#: description leaves it out while it is None (the fingerprints of earlier checkpoints stay valid).
+ADDED_LATER_STRUCTURAL_KEYS = ("iterate_averaging",)
+STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum") + ADDED_LATER_STRUCTURAL_KEYS
+#: Group settings holding config objects or enums (stored with :func:`config_to_dict`).
+CONFIG_OBJECT_SETTINGS = ("grafting", "preconditioner", "blocking", "iterate_averaging", "weight_decay_type")
 
 
 def structural_signature(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,6 +384,7 @@ def structural_signature(group: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: group[k] for k in STRUCTURAL_SETTINGS}
     out["has_beta1"] = group["betas"][0] > 0
     out["has_momentum"] = group["momentum"] > 0
+    out["iterate_averaging"] = group.get("iterate_averaging")
     return out
 
 
@@ -412,6 +402,7 @@ class PlanSettings:
     grafting: GraftingConfig | None = AdaGradGrafting()
     beta1: float = 0.9            # filtered-gradient state exists iff beta1 > 0
     momentum: float = 0.0         # momentum state exists iff momentum > 0 (local shard, param dtype)
+    primal_averaging: bool = False    # a z buffer per local shard (GPA / Schedule-Free; param dtype)
     precondition_frequency: int = 100
     comm_dtype: torch.dtype = torch.float32
 
@@ -430,6 +421,11 @@ class PlanSettings:
             raise ValueError(f"PlanSettings.beta1 must be a number in [0, 1); got {self.beta1!r}.")
         if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
             raise ValueError(f"PlanSettings.momentum must be a finite number >= 0; got {self.momentum!r}.")
+        if not isinstance(self.primal_averaging, bool):
+            raise ValueError(f"PlanSettings.primal_averaging must be True or False; got {self.primal_averaging!r}.")
+        if self.primal_averaging and self.momentum > 0:
+            raise ValueError(f"PlanSettings.momentum={self.momentum} and PlanSettings.primal_averaging=True exclude "
+                             "each other (a group has classic momentum or GPA / Schedule-Free, not both); set one.")
         if not isinstance(self.comm_dtype, torch.dtype) or not self.comm_dtype.is_floating_point:
             raise ValueError("PlanSettings.comm_dtype must be a floating torch.dtype (e.g. torch.float32 or "
                              f"torch.bfloat16); got {self.comm_dtype!r}.")
@@ -440,6 +436,7 @@ class PlanSettings:
         return cls(max_preconditioner_dim=group["max_preconditioner_dim"], preconditioner=group["preconditioner"],
                    blocking=group["blocking"], grafting=group["grafting"], beta1=group["betas"][0],
                    momentum=group["momentum"], precondition_frequency=group["precondition_frequency"],
+                   primal_averaging=isinstance(group.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES),
                    comm_dtype=comm_dtype)
 
 
@@ -457,6 +454,8 @@ def config_to_dict(config: Any) -> Any:
         return out
     if isinstance(config, torch.dtype):
         return {"__dtype__": str(config).removeprefix("torch.")}
+    if isinstance(config, Enum):
+        return config.value      # a plain string: loads with torch.load(weights_only=True)
     if isinstance(config, Mapping):
         return {"__mapping__": [[config_to_dict(k), config_to_dict(v)] for k, v in config.items()]}
     return config
@@ -470,7 +469,8 @@ def _default_of(f: "dataclasses.Field[Any]") -> Any:
 
 _CONFIG_CLASSES = {cls.__name__: cls for cls in (
     SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
-    WarmStartRootConfig, QREigenbasisConfig, RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig)}
+    WarmStartRootConfig, QREigenbasisConfig, RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig,
+    ClassicMomentum, GeneralizedPrimalAveraging, ScheduleFree)}
 
 
 def config_from_dict(data: Any) -> Any:

@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from torch.optim import Optimizer
 
+from .averaging_config import IterateAveragingConfig, WeightDecayType
+from .compute.averaging import UpdateRule
 from .compute.preconditioner import BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
@@ -28,12 +30,14 @@ from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chu
 from .planning.plan import make_plan
 from .root_schedule import Decision, RootSchedule
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
+from .runtime.averaging import IterateAveraging, primal_averaging_of, update_rule
 from .runtime.executor import GroupStep, StepExecutor
 from .runtime.gradients import gradient_summary, local_gradients
 from .runtime.placements import local_tensor, resolve_mesh
 from .runtime.records import CommContext, RankRuntime, build_runtime, param_records
 from .runtime.routing import block_waves
 from .runtime.state_io import StateIO
+from .update_options import LR_SUM_KEY, resolve_group, resolve_weight_decay_type
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -50,10 +54,13 @@ class ShardedShampoo(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         epsilon: float = 1e-12,
         weight_decay: float = 0.0,
-        use_decoupled_weight_decay: bool = True,
+        use_decoupled_weight_decay: Optional[bool] = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
         use_nesterov: bool = False,
+        weight_decay_type: Optional[WeightDecayType | str] = None,
+        iterate_averaging: Optional[IterateAveragingConfig] = None,
+        peak_lr: Optional[float] = None,
         max_preconditioner_dim: int = 1024,
         precondition_frequency: int = 100,
         start_preconditioning_step: Optional[int] = None,
@@ -72,9 +79,12 @@ class ShardedShampoo(Optimizer):
         check_overlap_chunks(overlap_chunks)
         self.comm_dtype = comm_dtype
         self.overlap_chunks = overlap_chunks
+        # weight_decay_type=None: DECOUPLED, unless the deprecated use_decoupled_weight_decay says otherwise
+        weight_decay_type = resolve_weight_decay_type(weight_decay_type, use_decoupled_weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, epsilon=epsilon,
-                        weight_decay=weight_decay, use_decoupled_weight_decay=use_decoupled_weight_decay,
+                        weight_decay=weight_decay, weight_decay_type=weight_decay_type, peak_lr=peak_lr,
                         momentum=momentum, dampening=dampening, use_nesterov=use_nesterov,
+                        iterate_averaging=iterate_averaging,
                         max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
                         start_preconditioning_step=start_preconditioning_step,
                         use_bias_correction=use_bias_correction, grafting=grafting, preconditioner=preconditioner,
@@ -98,8 +108,11 @@ class ShardedShampoo(Optimizer):
         # groups with and without names (which made a second param group fail)
         if not param_group.get("param_names"):
             param_group["param_names"] = [None] * len(param_group["params"])
+        explicit = set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        own = explicit - {"params", "param_names"}     # a group's own settings are named after the group
+        resolve_group(group, explicit, f"param group {len(self.param_groups) - 1}" if own else "ShardedShampoo")
         validate_group(group)
         for j, (p, n) in enumerate(zip(group["params"], group["param_names"])):
             check_parameter(p, repr(n) if n is not None else f"param_groups[{len(self.param_groups) - 1}][{j}]")
@@ -127,13 +140,15 @@ class ShardedShampoo(Optimizer):
         self.agreement = Agreement(comm)
         self.agreement.same_everywhere(self._description(names, params), "the optimizer configuration")
         momentum_groups = {gi for gi, g in enumerate(self.param_groups) if g["momentum"] > 0}
+        averaging_groups = frozenset(gi for gi, g in enumerate(self.param_groups) if primal_averaging_of(g))
         records = param_records(params, names, group_of, resolved.param_specs, self.plan, resolved.rank,
-                                momentum_groups)
+                                momentum_groups, averaging_groups)
         chunks = self.overlap_chunks if comm.world_size > 1 else 1
         self.runtime: RankRuntime = build_runtime(records, self.plan, [_hyperparams(g) for g in self.param_groups],
                                                   comm, block_waves(self.plan, chunks))
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
+        self.averaging = IterateAveraging(self.runtime, self.param_groups)
         self._structure = [structural_signature(g) for g in self.param_groups]
         self.membership = GroupMembership(self.param_groups)
         self.root_schedule = RootSchedule(self.param_groups)
@@ -159,14 +174,16 @@ class ShardedShampoo(Optimizer):
             changed = [k for k in now if now[k] != frozen[k]]
             if changed:
                 raise ValueError(f"param group {gi} changed {changed} after construction; these decide the block "
-                                 "plan and the state layout. Only lr, betas (keeping beta1 > 0 or == 0), epsilon, "
-                                 "weight_decay, momentum (keeping > 0 or == 0), precondition_frequency and "
-                                 "start_preconditioning_step may change.")
+                                 "plan and the state layout (iterate_averaging included). Only lr, betas (keeping "
+                                 "beta1 > 0 or == 0), epsilon, weight_decay, weight_decay_type, peak_lr, momentum "
+                                 "(keeping > 0 or == 0), precondition_frequency and start_preconditioning_step "
+                                 "may change.")
             validate_group(group)
 
     def _local_phase(self) -> tuple[Optional[Exception], dict[int, torch.Tensor], Optional[dict[str, torch.Tensor]]]:
         """Everything this rank checks alone; a failure is reported, not raised, so all ranks agree first."""
         try:
+            self.averaging.check_train_mode(self.param_groups)
             self._check_groups()
             grads = local_gradients(self.runtime)
             summary = gradient_summary(grads, len(self.runtime.trainable),
@@ -193,10 +210,14 @@ class ShardedShampoo(Optimizer):
             if rec.plan_index not in grads:
                 grads[rec.plan_index] = torch.zeros_like(rec.local())
         decisions = [self.root_schedule.decide(gi, g) for gi, g in enumerate(self.param_groups)]
-        plan = [self._group_step(g, d) for g, d in zip(self.param_groups, decisions)]
+        rules = [update_rule(g) for g in self.param_groups]
+        plan = [self._group_step(g, d, rule) for g, d, (rule, _) in zip(self.param_groups, decisions, rules)]
+        self.averaging.start_z(self.param_groups)
         self.executor.step(grads, active, plan)
-        for gi, (group, decision) in enumerate(zip(self.param_groups, decisions)):
+        for gi, (group, decision, (_, lr_sum)) in enumerate(zip(self.param_groups, decisions, rules)):
             group["step"] += 1
+            if lr_sum is not None:
+                group[LR_SUM_KEY] = lr_sum
             self.root_schedule.stepped(gi, group["step"], decision)
         if any(g.amortized for g in plan):
             self._raise_on_exhausted_roots()
@@ -237,12 +258,33 @@ class ShardedShampoo(Optimizer):
         return {k for k, h in enumerate(flags.holders) if h == world}
 
     @staticmethod
-    def _group_step(group: dict[str, Any], decision: Decision) -> GroupStep:
+    def _group_step(group: dict[str, Any], decision: Decision, rule: UpdateRule) -> GroupStep:
         """The schedule and settings of a group for its next step; the same on every rank."""
+        l2 = WeightDecayType.parse(group["weight_decay_type"]) == WeightDecayType.L2
         return GroupStep(hyperparams=_hyperparams(group), amortized=decision.amortized,
-                         precondition=decision.precondition, lr=float(group["lr"]), weight_decay=group["weight_decay"],
-                         decoupled_weight_decay=group["use_decoupled_weight_decay"], momentum=group["momentum"],
-                         dampening=group["dampening"], nesterov=group["use_nesterov"])
+                         precondition=decision.precondition, l2_weight_decay=group["weight_decay"] if l2 else 0.0,
+                         update=rule)
+
+    # ------------------------------------------------------------------ train / eval sequences
+
+    def train(self) -> "ShardedShampoo":
+        """Parameters of GPA / Schedule-Free groups back to the training sequence y (idempotent).
+
+        Local to this rank (every rank converts its own shards; call it on every rank, like
+        ``model.train()``). A no-op without iterate averaging: the parameters are the training
+        sequence. Returns the optimizer.
+        """
+        self.averaging.switch(self.param_groups, train=True)
+        return self
+
+    def eval(self) -> "ShardedShampoo":
+        """Parameters of GPA / Schedule-Free groups to the evaluation sequence x (idempotent).
+
+        ``step()`` raises until :meth:`train` is called. Raises (changing nothing) when no group
+        has ``iterate_averaging=GeneralizedPrimalAveraging(...)`` or ``ScheduleFree(...)``.
+        """
+        self.averaging.switch(self.param_groups, train=False)
+        return self
 
     def _raise_on_exhausted_roots(self) -> None:
         """After a completed amortized step: raise on every rank if any owner hit the failure limit."""

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .config import (COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, BlockingConfig, check_range)
+from .update_options import validate_update_options
 
 OWNER = "ShardedShampoo"
 #: Keys of a param group that name its parameters rather than set anything.
@@ -67,7 +68,7 @@ def validate_group(g: Mapping[str, Any]) -> None:
     check_range(OWNER, "weight_decay", g["weight_decay"], 0.0, math.inf)
     check_range(OWNER, "momentum", g["momentum"], 0.0, 1.0, high_open=True)
     check_range(OWNER, "dampening", g["dampening"], 0.0, 1.0, high_open=True)
-    for name in ("use_decoupled_weight_decay", "use_nesterov", "use_bias_correction"):
+    for name in ("use_nesterov", "use_bias_correction"):
         _check_bool(name, g[name])
     if g["use_nesterov"] and g["momentum"] == 0:
         raise ValueError(f"{OWNER}.use_nesterov=True needs momentum > 0; set momentum (e.g. 0.9) or "
@@ -89,6 +90,7 @@ def validate_group(g: Mapping[str, Any]) -> None:
     step = g.get("step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"param group 'step' must be an integer >= 0 (the number of steps taken); got {step!r}.")
+    validate_update_options(g)
 
 
 def check_comm_dtype(comm_dtype: Any) -> None:

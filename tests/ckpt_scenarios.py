@@ -154,6 +154,59 @@ def resume_diff(layout: str, config: str, mesh_shape: tuple[int, ...], path: str
     return sc.max_rel_diff(full_params(model), ref)
 
 
+# ----------------------------------------------------------------------------- iterate averaging
+
+#: (config, mode the checkpoint is saved in, how it is written and read)
+AVERAGING_CASES = (("gpa", "train", "pair"), ("gpa", "eval", "pair"), ("schedule_free", "eval", "pair"),
+                   ("schedule_free", "eval", "raw_flat"), ("schedule_free", "train", "raw_nested"))
+
+
+def averaging_path(root: str, config: str, mode: str, how: str) -> str:
+    return os.path.join(root, f"AVG_{config}_{mode}_{how}")
+
+
+def averaging_reference(config: str, mode: str) -> dict[str, torch.Tensor]:
+    """The uninterrupted single-process run; with ``mode='eval'`` it evaluates (eval(), train()) at SAVE_AT."""
+    model, opt = build("single", config)
+    feed(model, opt, 0, SAVE_AT)
+    if mode == "eval":
+        opt.eval()
+        opt.train()
+    feed(model, opt, SAVE_AT, END)
+    return full_params(model)
+
+
+def save_averaging(root: str, layout: str, mesh_shape: tuple[int, ...]) -> None:
+    """Every AVERAGING_CASES checkpoint, trained to SAVE_AT under ``layout`` and saved in its mode."""
+    for config, mode, how in AVERAGING_CASES:
+        model, opt = build(layout, config, mesh_shape)
+        feed(model, opt, 0, SAVE_AT)
+        if mode == "eval":
+            opt.eval()
+        path = averaging_path(root, config, mode, how)
+        if how == "pair":
+            save_checkpoint(path, SAVE_AT, model, opt, extra={"step": SAVE_AT})
+        else:
+            raw_save(model, opt, path, flatten=(how == "raw_flat"))
+
+
+def resume_averaging(layout: str, mesh_shape: tuple[int, ...], root: str, config: str, mode: str, how: str,
+                     ref: dict[str, torch.Tensor]) -> float:
+    """Load an AVERAGING_CASES checkpoint: the optimizer takes the checkpoint's mode (the model was saved
+    in it too); opt.train() -- a no-op for a train-mode checkpoint -- then training goes on to END."""
+    model, opt = build(layout, config, mesh_shape)
+    path = averaging_path(root, config, mode, how)
+    if how == "pair":
+        load_checkpoint(path, model, opt, extra={"step": -1})
+    else:
+        raw_load(model, opt, path, flatten=(how == "raw_flat"))
+    modes = {g["train_mode"] for g in opt.param_groups if "train_mode" in g}
+    assert modes == {mode == "train"}, (modes, mode)
+    opt.train()
+    feed(model, opt, SAVE_AT, END)
+    return sc.max_rel_diff(full_params(model), ref)
+
+
 # ----------------------------------------------------------------------------- launches
 
 
@@ -209,6 +262,7 @@ def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dic
                                                  refs["root_inverse"], how)
     out["single->fsdp2"] = resume_diff("fsdp", "eigen_corrected", (2,), os.path.join(root, "D"),
                                        refs["eigen_corrected"])
+    save_averaging(root, "fsdp", (2,))      # read back on one process by test_checkpointing_dist.py
 
     # async save: the state at SAVE_AT is staged before save_checkpoint returns; training goes on
     model, opt = build("fsdp", "eigen_corrected", (2,))

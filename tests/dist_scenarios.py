@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo,
-                             ShardedShampoo)
+from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigenvalueCorrectedShampoo, GeneralizedPrimalAveraging,
+                             RootInverseShampoo, ScheduleFree, ShardedShampoo)
 
 STEPS = 20
 
@@ -61,6 +61,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # bf16 communication perturbs gradients by ~2^-8 relative; with a tiny epsilon, directions in the
 # (near) null space of rank-deficient factors amplify that, so the bf16 bound is stated for eps=1e-4.
 CONFIGS["root_inverse_eps1e-4"] = dict(CONFIGS["root_inverse"], epsilon=1e-4)
+# iterate averaging: GPA with decoupled weight decay (shrinks z), Schedule-Free with independent decay
+CONFIGS["gpa"] = dict({k: v for k, v in CONFIGS["root_inverse"].items() if k != "momentum"},
+                      iterate_averaging=GeneralizedPrimalAveraging(eval_interp_coeff=0.9, train_interp_coeff=0.8))
+CONFIGS["schedule_free"] = dict(CONFIGS["gpa"], weight_decay=1e-3, weight_decay_type="INDEPENDENT",
+                                iterate_averaging=ScheduleFree(train_interp_coeff=0.7, eval_coeff_lr_power=2))
+
+
+def with_eval_sequence(opt: ShardedShampoo, params: dict[str, torch.Tensor],
+                       collect: Any) -> dict[str, torch.Tensor]:
+    """``params`` plus, for GPA / Schedule-Free, the evaluation sequence (``name@eval``) via eval()/train()."""
+    if not opt.averaging.groups:
+        return params
+    opt.eval()
+    out = dict(params, **{f"{n}@eval": v for n, v in collect().items()})
+    opt.train()
+    return out
 
 
 def run_steps(model: nn.Module, opt: ShardedShampoo, set_grad: Any, skip_every: int = 0) -> None:
@@ -82,7 +98,10 @@ def reference(config: str, skip_every: int = 0, kind: str = "toy") -> dict[str, 
         p.grad = g
 
     run_steps(model, opt, set_grad, skip_every)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def collect() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return with_eval_sequence(opt, collect(), collect)
 
 
 def full(p: torch.Tensor) -> torch.Tensor:
@@ -122,7 +141,10 @@ def distributed_run(layout: str, config: str, mesh_shape: tuple[int, ...], comm_
         p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g
 
     run_steps(model, opt, set_grad, skip_every)
-    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}, opt
+
+    def collect() -> dict[str, torch.Tensor]:
+        return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    return with_eval_sequence(opt, collect(), collect), opt
 
 
 def owned_state_bytes(opt: ShardedShampoo) -> int:
@@ -167,6 +189,7 @@ def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...], kind: str = "to
     c = CONFIGS[config]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], preconditioner=c["preconditioner"],
                             grafting=c["grafting"], beta1=c["betas"][0], momentum=c.get("momentum", 0.0),
-                            precondition_frequency=c["precondition_frequency"])
+                            precondition_frequency=c["precondition_frequency"],
+                            primal_averaging=c.get("iterate_averaging") is not None)
     plan = plan_model(lambda: make_model(kind), mesh_shape, settings)
     return [r.optimizer_state_bytes for r in plan.ranks]

@@ -153,10 +153,12 @@ class Case:
 
 
 def _settings_line(kw: dict) -> str:
+    wd_type = kw.get("weight_decay_type") or ("d" if kw["use_decoupled_weight_decay"] else "L2")
+    averaging = f" avg={kw['iterate_averaging'][0]}" if kw.get("iterate_averaging") else ""
     return (f"{kw['preconditioner'][0]}{'64' if kw['preconditioner'][1]['factor_dtype'] == 'float64' else ''}"
             f"{'/newton' if kw['preconditioner'][1].get('root') == 'newton' else ''}/{kw['grafting'][0]}"
-            f" b={kw['betas']} mom={kw['momentum']}{'N' if kw['use_nesterov'] else ''}"
-            f" wd={kw['weight_decay']}{'d' if kw['use_decoupled_weight_decay'] else 'L2'}"
+            f" b={kw['betas']} mom={kw['momentum']}{'N' if kw['use_nesterov'] else ''}{averaging}"
+            f" wd={kw['weight_decay']}{wd_type}"
             f" f={kw['precondition_frequency']} s={kw['start_preconditioning_step']} eps={kw['epsilon']:.0e}"
             f" D={kw['max_preconditioner_dim']} {kw['regime']}")
 
@@ -305,6 +307,26 @@ def _group_settings(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: 
                 blocking={"precondition_1d": pre1d, "merge_dims": merge}, regime=regime)
 
 
+def _update_stage(rng: random.Random, group: tuple[tuple[str, object], ...]) -> tuple[tuple[str, object], ...]:
+    """GPA / Schedule-Free for some groups without momentum, and a ``weight_decay_type`` (which then
+    replaces ``use_decoupled_weight_decay``) for some decoupled ones, with their ``peak_lr``.
+
+    Drawn from a generator of its own (see :func:`draw`), so every other draw of a seed -- and
+    with it every seed documented in the tests -- stays what it was.
+    """
+    g = dict(group)
+    if not g:
+        return group
+    if g["momentum"] == 0 and rng.random() < 0.4:
+        g["iterate_averaging"] = rng.choice((
+            ("gpa", {"eval_interp_coeff": rng.choice((0.5, 0.9)), "train_interp_coeff": rng.choice((0.8, 1.0))}),
+            ("schedule_free", {"train_interp_coeff": rng.choice((0.5, 0.8)), "eval_coeff_lr_power": rng.choice((0, 2))})))
+    if g["use_decoupled_weight_decay"] and rng.random() < 0.5:
+        g["weight_decay_type"] = rng.choice(("DECOUPLED", "corrected", "INDEPENDENT"))
+        g["peak_lr"] = g["lr"] * rng.choice((1, 2))
+    return tuple(g.items())
+
+
 def _config(rng: random.Random, modules: tuple[ModuleDraw, ...], steps: int,
             missing: dict[str, tuple[int, ...]], scale: float, chaotic: bool) -> ConfigDraw:
     """Group 0 (its settings are the constructor's), an optional second dense group, the experts' group."""
@@ -352,6 +374,9 @@ def draw(seed: int, chaotic: bool = False) -> Case:
     zero_grad = _grad_steps(rng, modules, steps, 0.1)
     scale = rng.choice((0.1, 1.0, 3.0))
     config = _config(rng, modules, steps, {n: s for n, s in no_grad + zero_grad}, scale, chaotic)
+    stage = random.Random(f"update-stage-{seed}")
+    config = ConfigDraw(_update_stage(stage, config.kwargs), _update_stage(stage, config.second_group),
+                        config.expert_group, config.regime)
     nonfinite = None
     if rng.random() < 0.4:
         names = [f"{m.name}.{p.attr}" for m in modules if not m.frozen for p in m.params]

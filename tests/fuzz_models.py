@@ -26,8 +26,8 @@ from torch import nn
 
 from fuzz_cases import Case, ModuleDraw
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
-                             EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,
-                             SGDGrafting, ShardedShampoo)
+                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, RMSpropGrafting,
+                             RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -130,6 +130,11 @@ def _settings(spec: dict[str, Any]) -> dict[str, Any]:
         kw["preconditioner"] = _preconditioner(kw["preconditioner"])
     if "blocking" in kw:
         kw["blocking"] = BlockingConfig(**kw["blocking"])
+    if "weight_decay_type" in kw:         # drawn in place of the deprecated alias
+        kw.pop("use_decoupled_weight_decay", None)
+    if kw.get("iterate_averaging"):
+        kind, args = kw["iterate_averaging"]
+        kw["iterate_averaging"] = (GeneralizedPrimalAveraging if kind == "gpa" else ScheduleFree)(**args)
     return kw
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_scenarios import owned_state_bytes
-from sharded_shampoo import AdaGradGrafting, BlockingConfig, ShardedShampoo
+from sharded_shampoo import AdaGradGrafting, BlockingConfig, ScheduleFree, ShardedShampoo
 
 STEPS = 12
 LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
@@ -63,7 +63,10 @@ def make_model() -> Tiny:
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("moe.")]
     experts = [(n, p) for n, p in model.named_parameters() if n.startswith("moe.")]
-    return [{"params": dense}, {"params": experts, "blocking": BlockingConfig(batch_dims=1)}]
+    # the experts average their iterates (Schedule-Free; the group's own setting replaces the
+    # constructor's momentum), so z is sharded over EP / efsdp and checkpointed across layouts too
+    return [{"params": dense}, {"params": experts, "blocking": BlockingConfig(batch_dims=1),
+                                "iterate_averaging": ScheduleFree(train_interp_coeff=0.8)}]
 
 
 CONFIG: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.99), epsilon=1e-8, weight_decay=0.01, momentum=0.5,

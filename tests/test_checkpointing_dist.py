@@ -118,6 +118,15 @@ def test_fsdp_4_to_single_process(root: str, refs: dict, four: list[dict]) -> No
                           how="raw_nested") <= BOUND
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("config,mode,how", cs.AVERAGING_CASES)
+def test_iterate_averaging_fsdp_2_to_single_process(root: str, two: list[dict], config: str, mode: str,
+                                                    how: str) -> None:
+    # saved by 2 FSDP ranks in train or eval mode (z is a DTensor, train_mode / lr_sum ride in the param groups)
+    ref = cs.averaging_reference(config, mode)
+    assert cs.resume_averaging("single", (1,), root, config, mode, how, ref) <= BOUND
+
+
 def test_killed_save_leaves_previous_checkpoint_and_pointer(tmp_path) -> None:
     root = str(tmp_path)
     with pytest.raises(Exception):

@@ -56,6 +56,9 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         ("ddp", "root_inverse", (2,), F32, 0),
         ("mixed", "eigen_corrected", (2,), F32, 0),
         ("fsdp", "root_inverse_eps1e-4", (2,), BF16, 0),
+        # iterate averaging: the training sequence and (name@eval) the evaluation sequence after opt.eval()
+        ("fsdp", "gpa", (2,), F32, 4),
+        ("fsdp", "schedule_free", (2,), F32, 0),
     ]
     _check(run_ranks(2, sc.scenario_invariance, cases, _refs(cases)), cases)
 
@@ -70,6 +73,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("fsdp", "root_inverse", (4,), F32, 0),      # 3-row parameter: one rank holds an empty shard
         ("hsdp", "root_inverse", (2, 2), F32, 0),
         ("hsdp", "eigen_corrected", (2, 2), F32, 0),
+        ("hsdp", "schedule_free", (2, 2), F32, 0),
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
     ]
     _check(run_ranks(4, sc.scenario_invariance, cases, _refs(cases)), cases)

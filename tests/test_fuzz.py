@@ -44,6 +44,8 @@ def test_fixed_seeds_cover_the_space():
     assert {g["regime"] for g in settings} == {"full_rank", "large_eps"}
     assert any(g["use_nesterov"] for g in settings) and any(not g["use_decoupled_weight_decay"] and g["weight_decay"]
                                                           for g in settings)
+    assert {g["iterate_averaging"][0] for g in settings if g.get("iterate_averaging")} == {"gpa", "schedule_free"}
+    assert {g.get("weight_decay_type", "").upper() for g in settings} >= {"DECOUPLED", "CORRECTED", "INDEPENDENT"}
     assert {(c.nonfinite.kind, c.nonfinite.policy) for c in cases if c.nonfinite} == \
         {(k, p) for k in fc.NONFINITE_KINDS for p in ("raise", "skip")}
     assert len({(c.layout, c.checkpoint.load_layout) for c in cases if c.checkpoint}) >= 8

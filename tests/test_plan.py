@@ -111,7 +111,8 @@ def test_hand_computed_single_rank():
     assert plan.blocks[0].shape == (32,)          # merged: 8 * 4 <= 1024
     assert r.param_bytes == r.grad_bytes == 128
     assert r.state_bytes_by_kind == {"factors": 32 * 32 * 4, "roots": 32 * 32 * 4, "eigenvalues": 0,
-                                     "grafting": 128, "filtered_grad": 128, "counters": 16, "momentum": 0}
+                                     "grafting": 128, "filtered_grad": 128, "counters": 16, "momentum": 0,
+                                     "averaging": 0}
     assert r.comm_bytes_per_step == 0
     assert r.step_flops == 4 * 32 * 32 + 13 * 32
     assert r.amortized_flops == 11 * 32 ** 3

@@ -21,7 +21,7 @@ from torchrec.distributed.planner.types import PlannerError  # noqa: E402
 from torchrec.optim.keyed import CombinedOptimizer  # noqa: E402
 
 import torchrec_scenarios as sc  # noqa: E402
-from sharded_shampoo import ShardedShampoo  # noqa: E402
+from sharded_shampoo import ScheduleFree, ShardedShampoo  # noqa: E402
 from sharded_shampoo.integrations.torchrec import (STEP_KEY, DMPTrainState, ShampooDenseOptimizer,  # noqa: E402
                                                    combined_optimizer, dense_bytes_per_rank, dense_named_parameters,
                                                    dense_tensor_estimate, load_dmp, storage_reservation)
@@ -111,6 +111,9 @@ def test_errors_name_the_fix(tmp_path) -> None:
         DMPTrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(FileNotFoundError, match="neither a DCP checkpoint"):   # a CheckpointNotFoundError
         load_dmp(str(tmp_path / "missing"), model, _keyed(model))
+    with pytest.raises(ValueError, match="does not support iterate_averaging=.*Use ClassicMomentum"):
+        ShampooDenseOptimizer(dict(model.named_parameters()),
+                              **dict(CONFIG, momentum=0.0, iterate_averaging=ScheduleFree()))
     dlrm = sc.build_model()
     with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
         dense_bytes_per_rank(dlrm, 0)

@@ -94,6 +94,9 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                    help="filtered-gradient coefficient in [0, 1) (0: no filtered-gradient state); default: %(default)s")
     p.add_argument("--momentum", type=float, default=0.0,
                    help="momentum in [0, 1) (> 0: a momentum buffer per parameter shard); default: %(default)s")
+    p.add_argument("--iterate-averaging", choices=("none", "gpa", "schedule-free"), default="none",
+                   help="GPA or Schedule-Free iterate averaging: a z buffer per parameter shard (parameter dtype; "
+                        "excludes --momentum); default: %(default)s")
     p.add_argument("--comm-dtype", default="fp32",
                    help=f"dtype of the gradient/update exchange: {_dtype_list(COMM_DTYPES)}; default: %(default)s")
     p.add_argument("--memory-cap-gib", type=float, default=None,
@@ -128,12 +131,14 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
         return PlanSettings(
             max_preconditioner_dim=args.max_preconditioner_dim, preconditioner=pre,
             grafting=graft_cls() if graft_cls is not None else None, beta1=args.beta1, momentum=args.momentum,
+            primal_averaging=args.iterate_averaging != "none",
             precondition_frequency=args.precondition_frequency,
             comm_dtype=parse_dtype(args.comm_dtype, "--comm-dtype"))
     except ValueError as err:          # name the command-line flag, not the dataclass field
         message = str(err)
         for name in ("max_preconditioner_dim", "precondition_frequency", "beta1", "momentum", "comm_dtype"):
             message = message.replace(f"PlanSettings.{name}", "--" + name.replace("_", "-"))
+        message = message.replace("PlanSettings.primal_averaging=True", "--iterate-averaging gpa/schedule-free")
         raise ValueError(message) from err
 
 

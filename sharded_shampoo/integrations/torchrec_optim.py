@@ -142,6 +142,12 @@ class ShampooDenseOptimizer(KeyedOptimizerWrapper):
             return ShardedShampoo(list(named.items()), **shampoo_kwargs)
 
         super().__init__(params, factory, pass_params_dict=True)
+        if self.shampoo.averaging.groups:
+            raise ValueError("ShampooDenseOptimizer does not support iterate_averaging=GeneralizedPrimalAveraging / "
+                             "ScheduleFree yet: their train/eval mode and Schedule-Free lr_sum live in the param "
+                             "groups, which torchrec's KeyedOptimizer does not checkpoint, so a resume would "
+                             "silently restart the averaging. Use ClassicMomentum (or momentum=) here, or "
+                             "ShardedShampoo directly.")
         # one host-side counter per param group, shared by that group's parameters' ``step`` entries
         self._group_steps = [torch.zeros((), dtype=torch.int64) for _ in self.shampoo.param_groups]
         steps = {p: t for g, t in zip(self.shampoo.param_groups, self._group_steps) for p in g["params"]}

@@ -154,6 +154,7 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     for r in range(n_ranks):
         kinds = dict(state[r])
         kinds["momentum"] = b.momentum_bytes[r]
+        kinds["averaging"] = b.averaging_bytes[r]
         buffers = send_g[r] + recv_g[r] + send_u[r] + recv_u[r]     # the executor keeps both exchanges' buffers
         reports.append(RankReport(
             rank=r, replica=mesh.replica_index(r), shard=mesh.shard_index(r), coordinate=mesh.coordinate(r),

@@ -103,8 +103,7 @@ def cap_advice(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSett
     """The balancer's error plus the largest ``max_preconditioner_dim`` that fits (see the module doc)."""
     assert cap is not None
     current = max(s.max_preconditioner_dim for s in per_param)
-    param_bytes, momentum = base_memory(params, per_param, [param_geometry(p, mesh) for p in params], mesh)
-    base = resident_bytes(param_bytes, momentum)
+    base = resident_bytes(*base_memory(params, per_param, [param_geometry(p, mesh) for p in params], mesh))
     free = cap - min(base)
     total_free = sum(max(cap - b, 0) for b in base)
     screen = _Screen(params, per_param)
@@ -118,8 +117,8 @@ def cap_advice(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSett
             candidates.append(d)
     if not candidates:
         if free <= 0:
-            return (f"{err} (no max_preconditioner_dim fits: parameters, gradients and momentum alone exceed the "
-                    "cap on some rank; raise memory_cap_bytes or use more ranks).")
+            return (f"{err} (no max_preconditioner_dim fits: parameters, gradients and momentum / z alone "
+                    "exceed the cap on some rank; raise memory_cap_bytes or use more ranks).")
         total, d = best_total if best_total is not None else (screen(current)[1], current)
         return (f"{err} (no max_preconditioner_dim fits: the optimizer state needs at least {total} bytes in total "
                 f"(at max_preconditioner_dim={d}) but all ranks together have {total_free} bytes free under the "

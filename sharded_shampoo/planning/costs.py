@@ -44,12 +44,13 @@ from ..config import (
 from .blocking import Block, block_exponents, merged_shape
 from .layout import dtype_itemsize
 
-#: Kinds of per-block optimizer state, in report order. "momentum" is per rank (it lives with
-#: the local shard), so it is not a block kind; see :data:`RANK_STATE_KINDS`.
+#: Kinds of per-block optimizer state, in report order. "momentum" and "averaging" (the z buffer of
+#: GPA / Schedule-Free) are per rank (they live with the local shard), so they are not block kinds;
+#: see :data:`RANK_STATE_KINDS`.
 BLOCK_STATE_KINDS: tuple[str, ...] = (
     "factors", "roots", "eigenvalues", "grafting", "filtered_grad", "counters")
 #: All optimizer-state kinds a rank can hold.
-RANK_STATE_KINDS: tuple[str, ...] = BLOCK_STATE_KINDS + ("momentum",)
+RANK_STATE_KINDS: tuple[str, ...] = BLOCK_STATE_KINDS + ("momentum", "averaging")
 #: Per-block counters: an int64 step counter and an int64 consecutive-root-failure counter.
 COUNTER_BYTES_PER_BLOCK = 16
 

@@ -31,6 +31,7 @@ class Balanced:
     owners: list[int]
     param_bytes: list[int]           # per rank: parameter bytes held (= gradient bytes)
     momentum_bytes: list[int]        # per rank: momentum bytes (local shards)
+    averaging_bytes: list[int]       # per rank: GPA / Schedule-Free z bytes (local shards)
 
 
 def plan_all_blocks(params: list[ParamSpec], per_param: list[PlanSettings]) -> tuple[list[Block], list[int]]:
@@ -71,29 +72,33 @@ def price_blocks(blocks: list[Block], block_param: list[int], per_param: list[Pl
 
 
 def base_memory(params: list[ParamSpec], per_param: list[PlanSettings], geoms: list[ParamGeometry],
-                mesh: MeshSpec) -> tuple[list[int], list[int]]:
-    """Per rank: bytes of parameters held (= gradients) and of momentum (local shards)."""
+                mesh: MeshSpec) -> tuple[list[int], list[int], list[int]]:
+    """Per rank: bytes of parameters held (= gradients), of momentum and of z (local shards, param dtype)."""
     n = mesh.world_size
-    weights: dict[int, list] = {}           # id(geometry) -> [geometry, param bytes/elem, momentum bytes/elem]
+    weights: dict[int, list] = {}           # id(geometry) -> [geometry, bytes/elem of params, momentum, z]
     for p, s, g in zip(params, per_param, geoms):
-        w = weights.setdefault(id(g), [g, 0, 0])
+        w = weights.setdefault(id(g), [g, 0, 0, 0])
         w[1] += p.itemsize
         if s.momentum > 0:
             w[2] += p.itemsize
+        if s.primal_averaging:
+            w[3] += p.itemsize
     param_bytes = [0] * n
     momentum = [0] * n
-    for g, pb, mb in weights.values():
+    averaging = [0] * n
+    for g, pb, mb, zb in weights.values():
         sizes = {rid: box_numel(g.region(rid)) for rid in g.holders}
         for r, rid in enumerate(g.rank_region):
             if rid is not None:
                 param_bytes[r] += sizes[rid] * pb
                 momentum[r] += sizes[rid] * mb
-    return param_bytes, momentum
+                averaging[r] += sizes[rid] * zb
+    return param_bytes, momentum, averaging
 
 
-def resident_bytes(param_bytes: list[int], momentum: list[int]) -> list[int]:
-    """Per rank, what it holds before any Shampoo state: parameters, their gradients, momentum."""
-    return [2 * pb + mb for pb, mb in zip(param_bytes, momentum)]
+def resident_bytes(param_bytes: list[int], momentum: list[int], averaging: list[int]) -> list[int]:
+    """Per rank, what it holds before any Shampoo state: parameters, their gradients, momentum, z."""
+    return [2 * pb + mb + zb for pb, mb, zb in zip(param_bytes, momentum, averaging)]
 
 
 def block_coverage(blocks: list[Block], block_param: list[int], geoms: list[ParamGeometry]) -> list[Coverage]:
@@ -146,11 +151,11 @@ def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[Plan
     blocks, block_param = plan_all_blocks(params, per_param)
     costs, loads = price_blocks(blocks, block_param, per_param, cost_model)
     geoms = [param_geometry(p, mesh) for p in params]
-    param_bytes, momentum = base_memory(params, per_param, geoms, mesh)
+    param_bytes, momentum, averaging = base_memory(params, per_param, geoms, mesh)
     coverage = block_coverage(blocks, block_param, geoms)
     groups, prefs = holder_locality(coverage, block_param, geoms, mesh.world_size)
-    base = resident_bytes(param_bytes, momentum)
+    base = resident_bytes(param_bytes, momentum, averaging)
     owners = assign_owners(loads, [b.block_id for b in blocks], mesh.world_size, locality=prefs.__getitem__,
                            memory_bytes=[c.total_state_bytes for c in costs], memory_cap_bytes=cap,
                            base_memory_bytes=base, tolerance=tolerance, holder_groups=groups)
-    return Balanced(blocks, block_param, costs, loads, geoms, coverage, owners, param_bytes, momentum)
+    return Balanced(blocks, block_param, costs, loads, geoms, coverage, owners, param_bytes, momentum, averaging)

@@ -7,8 +7,9 @@ Executes the static schedule of the :class:`~.records.RankRuntime`:
    when distributed);
 2. bucket math (``compute/preconditioner.py``): factor updates, amortized roots, directions;
 3. scatter: every holder gets the update of the pieces it holds (local views, plus ``all_to_all_single``);
-4. apply: decoupled weight decay, momentum / Nesterov and the learning-rate step on this rank's
-   local shards (``foreach`` ops, narrow views, so non-contiguous parameters update in place).
+4. apply: the update stage (``compute/averaging.py``: non-L2 weight decay, classic momentum or
+   GPA / Schedule-Free, the learning-rate step) on this rank's local shards (``foreach`` ops,
+   narrow views, so non-contiguous parameters update in place).
 
 Overlap: each owner's blocks are cut into ``chunks`` waves (``routing.block_waves``, the same on
 every rank; blocks of different waves never share a bucket). All gather exchanges are issued asynchronously at once; the math of wave ``w`` starts
@@ -30,6 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..compute.averaging import UpdateRule, apply_update_
 from ..compute.preconditioner import BucketHyperparams
 from .gradients import widened
 from .records import RankRuntime
@@ -43,12 +45,8 @@ class GroupStep:
     hyperparams: BucketHyperparams
     amortized: bool                  # refresh roots / eigenbases this step
     precondition: bool               # use the preconditioner (else the grafting direction)
-    lr: float
-    weight_decay: float
-    decoupled_weight_decay: bool
-    momentum: float
-    dampening: float
-    nesterov: bool
+    l2_weight_decay: float           # folded into the gradient before it travels (0: none)
+    update: UpdateRule               # the update stage after the direction
 
 
 @dataclass
@@ -144,13 +142,13 @@ class StepExecutor:
         by_group: dict[int, list[int]] = {}
         for k in active:
             g = groups[self.rt.trainable[k].group]
-            if g.weight_decay != 0 and not g.decoupled_weight_decay:
+            if g.l2_weight_decay != 0:
                 by_group.setdefault(self.rt.trainable[k].group, []).append(k)
         for gi, ks in by_group.items():
             # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
             # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
             wide = [widened(grads[k]) for k in ks]
-            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
+            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].l2_weight_decay)
             grads.update(zip(ks, new))
 
     # ------------------------------------------------------------------ data movement
@@ -198,33 +196,22 @@ class StepExecutor:
     # ------------------------------------------------------------------ apply
 
     def _apply(self, updates: list[tuple[Piece, torch.Tensor]], groups: list[GroupStep]) -> None:
-        """Decoupled weight decay, momentum/Nesterov and the lr step on this rank's shards, per group."""
+        """The update stage on this rank's shards, per group (``compute/averaging.py``)."""
         by_group: dict[int, list[tuple[Piece, torch.Tensor]]] = {}
         for piece, u in updates:
             by_group.setdefault(self.rt.trainable[piece.param_index].group, []).append((piece, u))
         for gi, items in by_group.items():
-            self._apply_group(items, groups[gi])
-
-    def _apply_group(self, items: list[tuple[Piece, torch.Tensor]], g: GroupStep) -> None:
-        recs = [self.rt.trainable[p.param_index] for p, _ in items]
-        p_views = [rec.view(rec.local(), p.box) for rec, (p, _) in zip(recs, items)]
-        # directions are this executor's buffers (stacks or the receive buffers): safe to edit
-        dirs = [widened(u) for _, u in items]
-        if g.weight_decay != 0 and g.decoupled_weight_decay:
-            torch._foreach_add_(dirs, p_views, alpha=g.weight_decay)
-        if g.momentum > 0:
-            m_views = [rec.view(_momentum(rec.momentum), p.box) for rec, (p, _) in zip(recs, items)]
-            torch._foreach_mul_(m_views, g.momentum)
-            torch._foreach_add_(m_views, dirs, alpha=1.0 - g.dampening)
-            if g.nesterov:  # P <- (1 - dampening) P + mu B, as in the reference
-                if g.dampening:
-                    torch._foreach_mul_(dirs, 1.0 - g.dampening)
-                torch._foreach_add_(dirs, m_views, alpha=g.momentum)
-            else:   # a bf16 buffer is widened: bf16 + bf16 rounding depends on the sharding (see _fold_l2)
-                dirs = [widened(m) for m in m_views]
-        torch._foreach_add_(p_views, dirs, alpha=-g.lr)
+            rule = groups[gi].update
+            recs = [self.rt.trainable[p.param_index] for p, _ in items]
+            p_views = [rec.view(rec.local(), p.box) for rec, (p, _) in zip(recs, items)]
+            buffers = [rec.view(_shard_buffer(rec.momentum if rule.averaging is None else rec.z, rule), p.box)
+                       for rec, (p, _) in zip(recs, items)] if rule.momentum > 0 or rule.averaging else []
+            # directions are this executor's buffers (stacks or the receive buffers): safe to edit
+            apply_update_(p_views, [u for _, u in items], buffers, rule)
 
 
-def _momentum(m: Optional[torch.Tensor]) -> torch.Tensor:
-    assert m is not None, "momentum > 0 needs a momentum buffer (momentum must stay > 0 after construction)"
-    return m
+def _shard_buffer(buffer: Optional[torch.Tensor], rule: UpdateRule) -> torch.Tensor:
+    what = "a z buffer (iterate_averaging is structural)" if rule.averaging else \
+        "a momentum buffer (momentum must stay > 0 after construction)"
+    assert buffer is not None, f"this update needs {what}"
+    return buffer

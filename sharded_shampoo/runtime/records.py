@@ -1,7 +1,7 @@
 """The per-rank runtime, built once from the plan as typed records.
 
 * :class:`ParamRecord` -- one per parameter of the optimizer: its name, group, spec, the region
-  of the global tensor this rank holds, views into its local storage, its momentum.
+  of the global tensor this rank holds, views into its local storage, its momentum or ``z``.
 * :class:`BlockRecord` -- one per block this rank owns: the block, its bucket and slot.
 * :class:`RankRuntime` -- the records, the stacked state buckets, the routing schedule and the
   communication context. Routing, the executor, state I/O and the checkpoint fingerprint all
@@ -36,6 +36,7 @@ class ParamRecord:
     plan_index: Optional[int]       # index among the plan's parameters; None: frozen at construction
     region: Optional[Region]        # the box of the global tensor this rank holds; None: nothing
     momentum: Optional[torch.Tensor] = None   # local-shaped momentum buffer (momentum > 0 only)
+    z: Optional[torch.Tensor] = None          # local-shaped base sequence z (GPA / Schedule-Free only)
 
     @property
     def trainable(self) -> bool:
@@ -113,7 +114,7 @@ class RankRuntime:
         return self.trainable[piece.param_index].view(tensors[piece.param_index], piece.box)
 
     def state_entries(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """What ``optimizer.state`` shows: per trainable parameter, its owned blocks' views and momentum.
+        """What ``optimizer.state`` shows: per trainable parameter, its owned blocks' views, momentum, z.
 
         Every trainable parameter gets an entry, empty on ranks that own none of its blocks, so
         the state is non-empty on every rank: torch's ``_init_optim_state`` (get_state_dict) then
@@ -126,12 +127,19 @@ class RankRuntime:
         for rec in self.trainable:
             if rec.momentum is not None:
                 out[rec.param]["momentum"] = rec.momentum
+            if rec.z is not None:
+                out[rec.param]["z"] = rec.z
         return out
 
 
 def param_records(params: list[torch.Tensor], names: list[str], group_of: list[int], specs: list[ParamSpec],
-                  plan: ShampooPlan, rank: int, momentum_groups: set[int]) -> list[ParamRecord]:
-    """One record per parameter; trainable ones in plan order get their plan index and momentum."""
+                  plan: ShampooPlan, rank: int, momentum_groups: set[int],
+                  averaging_groups: frozenset[int] = frozenset()) -> list[ParamRecord]:
+    """One record per parameter; trainable ones in plan order get their plan index and momentum / z.
+
+    ``z`` is allocated here (zeros, so the planner's bytes are what exists from construction on)
+    and set to the parameter at the group's first step (``runtime/averaging.py``).
+    """
     plan_index = {p.name: k for k, p in enumerate(plan.params)}
     records = []
     for i, (p, n, gi, spec) in enumerate(zip(params, names, group_of, specs)):
@@ -140,6 +148,8 @@ def param_records(params: list[torch.Tensor], names: list[str], group_of: list[i
         rec = ParamRecord(i, n, gi, p, spec, k, region)
         if k is not None and gi in momentum_groups:
             rec.momentum = torch.zeros_like(rec.local())
+        if k is not None and gi in averaging_groups:
+            rec.z = torch.zeros_like(rec.local())
         records.append(rec)
     return records
 

@@ -2,14 +2,15 @@
 
 Layout follows ``torch.optim.Optimizer``: ``state`` keyed by the parameter's global index,
 ``param_groups`` with ``params`` as indices. Per parameter, the state holds one dict per
-*owned* block (key ``block_{i}``, never a rank) and the ``momentum`` shard if any. Config
-objects are stored as plain dicts (``config_to_dict``) so the result loads with
-``torch.load(weights_only=True)``.
+*owned* block (key ``block_{i}``, never a rank) and the ``momentum`` or GPA / Schedule-Free ``z``
+shard if any. Config objects and enums are stored as plain dicts / strings (``config_to_dict``)
+so the result loads with ``torch.load(weights_only=True)``. The train/eval mode and the
+Schedule-Free ``lr_sum`` are param-group entries (``train_mode``, ``lr_sum``) and load with them.
 
-Multi-process: each rank's ``state`` holds only the blocks it owns, and ``momentum`` of a DTensor
-parameter is returned as a DTensor with the parameter's mesh and placements, so the dict works
-with ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, flattened or not):
-every block key exists on exactly one rank and DCP reshards momentum like the parameter.
+Multi-process: each rank's ``state`` holds only the blocks it owns, and ``momentum`` / ``z`` of a
+DTensor parameter are returned as DTensors with the parameter's mesh and placements, so the dict
+works with ``torch.distributed.checkpoint`` (``get_state_dict``/``set_state_dict``, flattened or
+not): every block key exists on exactly one rank and DCP reshards those like the parameter.
 
 Loading checks everything first (parameter count, names, structural settings, every
 hyperparameter value, block keys, tensor shapes) and raises a ValueError naming the first
@@ -28,12 +29,16 @@ import torch
 from ..config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_SETTINGS, config_from_dict, config_to_dict,
                       structural_signature)
 from ..param_groups import BOOKKEEPING_KEYS, validate_group
+from ..update_options import legacy_group_values
 from .placements import is_dtensor
 from .records import ParamRecord, RankRuntime
 
+#: Per-parameter state laid out like the parameter's local shard (a DTensor in the state dict).
+SHARD_STATE_KEYS = ("momentum", "z")
 
-def _momentum_out(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """A DTensor parameter's momentum as a DTensor over the same storage (so DCP reshards it)."""
+
+def _shard_state_out(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor parameter's momentum / z as a DTensor over the same storage (so DCP reshards it)."""
     if not is_dtensor(p):
         return local
     from torch.distributed.tensor import DTensor
@@ -41,8 +46,8 @@ def _momentum_out(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
-def _momentum_in(p: torch.Tensor, src: Any) -> Any:
-    """The local shard of a loaded DTensor momentum, laid out like the parameter ``p``."""
+def _shard_state_in(p: torch.Tensor, src: Any) -> Any:
+    """The local shard of a loaded DTensor momentum / z, laid out like the parameter ``p``."""
     if not is_dtensor(src):
         return src
     if is_dtensor(p) and (src.device_mesh != p.device_mesh or tuple(src.placements) != tuple(p.placements)):
@@ -73,8 +78,9 @@ class StateIO:
         out_state = {}
         for p, s in state.items():
             entry = dict(s)
-            if "momentum" in entry:
-                entry["momentum"] = _momentum_out(p, entry["momentum"])
+            for key in SHARD_STATE_KEYS:
+                if key in entry:
+                    entry[key] = _shard_state_out(p, entry[key])
             out_state[self.index[id(p)]] = entry
         groups = []
         for group in param_groups:
@@ -95,6 +101,11 @@ class StateIO:
                              "(as produced by ShardedShampoo.state_dict()).")
         saved_groups = list(state_dict["param_groups"])
         values = self._check_groups(saved_groups, param_groups)
+        modes = {v["train_mode"] for v in values if "train_mode" in v}
+        if len(modes) > 1:
+            raise ValueError("the state dict's param groups with iterate_averaging are in different modes "
+                             "(train_mode True in some, False in others); opt.train() / opt.eval() switch all "
+                             "groups together, so a state dict written by ShardedShampoo never has that.")
         copies = self._check_state(saved_groups, param_groups, state, state_dict["state"])
         return StagedLoad(copies, values)
 
@@ -123,8 +134,17 @@ class StateIO:
                 if value != live[key]:
                     raise ValueError(f"param group {gi}: {key} differs (checkpoint {value!r}, optimizer "
                                      f"{live[key]!r}); it decides the block plan and state layout, so it must match.")
-            values = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
-                      if k not in BOOKKEEPING_KEYS and k not in STRUCTURAL_SETTINGS}
+            values = {k: (tuple(v) if k == "betas" else config_from_dict(v) if k in CONFIG_OBJECT_SETTINGS else v)
+                      for k, v in saved.items() if k not in BOOKKEEPING_KEYS and k not in STRUCTURAL_SETTINGS}
+            try:
+                values = legacy_group_values(values)
+            except ValueError as err:
+                raise ValueError(f"param group {gi} of the state dict: {err}") from None
+            saved_avg, live_avg = values.get("iterate_averaging"), live.get("iterate_averaging")
+            if saved_avg != live_avg:
+                raise ValueError(f"param group {gi}: iterate_averaging differs (checkpoint {saved_avg!r}, optimizer "
+                                 f"{live_avg!r}); it decides the z state and what the parameters hold, so it must "
+                                 "match.")
             candidate = dict(live) | values
             try:
                 validate_group(candidate)
@@ -154,8 +174,9 @@ class StateIO:
         for i in sorted(set(live_keys) | {mapping[k] for k in saved_state}):
             rec = self.rt.params[i]
             saved_flat = _flat_items(saved_state.get(inverse[i], {}))
-            if "momentum" in saved_flat:
-                saved_flat["momentum"] = _momentum_in(rec.param, saved_flat["momentum"])
+            for key in SHARD_STATE_KEYS:
+                if key in saved_flat:
+                    saved_flat[key] = _shard_state_in(rec.param, saved_flat[key])
             copies.extend(_pairs(rec, saved_flat, live_keys.get(i, {})))
         return copies
 
