@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
+from enum import Enum
 from typing import Any, Callable, Optional
 
 import torch
@@ -76,7 +77,11 @@ def check_not_fused(params: Mapping[str, torch.Tensor]) -> None:
 
 
 def _to_plain(value: Any) -> Any:
-    return config_to_dict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    # dataclass configs and Enum settings (weight_decay_type) are pickled by class otherwise, which a
+    # weights_only load refuses
+    if isinstance(value, Enum) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return config_to_dict(value)
+    return value
 
 
 def _to_config(value: Any) -> Any:
