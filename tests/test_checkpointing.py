@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-import ckpt_scenarios as cs
+from tests.support import ckpt_scenarios as cs
 from sharded_shampoo import AdamGrafting, BlockingConfig, EigenvalueCorrectedShampoo, RootInverseShampoo
 from sharded_shampoo.checkpointing import (IncompatibleCheckpointError, TrainState, describe, latest_checkpoint,
                                            list_checkpoints, load_checkpoint, read_checkpoint_meta,

@@ -11,8 +11,8 @@ import os
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-import ckpt_scenarios as cs
-from dist_utils import run_ranks
+from tests.support import ckpt_scenarios as cs
+from tests.support.dist_utils import run_ranks
 from sharded_shampoo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 
 BOUND = 1e-6

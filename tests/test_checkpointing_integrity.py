@@ -18,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-import ckpt_scenarios as cs
+from tests.support import ckpt_scenarios as cs
 from sharded_shampoo.checkpointing import (CheckpointArgumentError, CheckpointCorruptError, CheckpointError,
                                            CheckpointLoadError, CheckpointNotFoundError, CheckpointPointerError,
                                            CheckpointSaveError, IncompatibleCheckpointError, MissingExtraError,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sharded_shampoo.compute.refresh as preconditioner_mod
-from _numerics import make_params, set_grads
+from tests.support.numerics import make_params, set_grads
 from sharded_shampoo import NonFiniteGradientError, RootFailureError, ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                                     EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hardening_scenarios as hs
-from dist_utils import run_ranks
+from tests.support import rank_failure_scenarios as hs
+from tests.support.dist_utils import run_ranks
 
 FAST = 15.0   # seconds; the process-group timeout of the harness is 90 s
 

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 
 def test_compare_optimizers_writes_curves(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    import compare_optimizers
+    from scripts import compare_optimizers
 
     png = tmp_path / "curves.png"
     monkeypatch.setattr(sys, "argv", ["compare_optimizers.py", "--steps", "3", "--plot", str(png),
@@ -27,7 +26,7 @@ def test_compare_optimizers_writes_curves(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_roots_measures_both_methods():
-    import bench_roots
+    from scripts.benchmarks import bench_roots
 
     r = bench_roots.measure([(*bench_roots.random_factors(2, 24), 0.25)], 1e-8, repeats=1)
     for key in ("t_eigh", "t_warm", "t_basis_eigh", "t_basis_qr", "eigh", "warm", "res_warm", "basis_qr", "fallback"):
@@ -37,7 +36,7 @@ def test_bench_roots_measures_both_methods():
 
 
 def test_train_builds_each_preconditioner():
-    import train
+    from scripts import train
 
     from sharded_shampoo import EigenvalueCorrectedShampoo, RootInverseShampoo
     from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig

@@ -205,8 +205,7 @@ def test_training_example_starts_at_ln_256():
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import train
+    from scripts import train
 
     losses = train.train(train.parse_args(["--steps", "1", "--no-progress", "--batch", "4",
                                            "--corpus-bytes", "200000"]))

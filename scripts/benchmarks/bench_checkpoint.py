@@ -17,8 +17,8 @@ FSDP2 under torchrun; it reports, in one run:
   ``optimizer_state_bytes`` (they must be equal: each rank writes exactly the blocks it owns
   and its momentum shards; the on-disk excess is torch.save's per-tensor framing).
 
-    python scripts/bench_checkpoint.py [--dir /tmp/bench_ckpt] [--repeats 3] [--markdown]
-    torchrun --nproc-per-node 2 scripts/bench_checkpoint.py --markdown
+    python -m scripts.benchmarks.bench_checkpoint [--dir /tmp/bench_ckpt] [--repeats 3] [--markdown]
+    torchrun --nproc-per-node 2 -m scripts.benchmarks.bench_checkpoint --markdown
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import build_model  # noqa: E402  (the step benchmark's model)
+from sharded_shampoo import AdamGrafting, ShardedShampoo
+from sharded_shampoo.checkpointing import TrainState, load_checkpoint, save_checkpoint
 
-from sharded_shampoo import AdamGrafting, ShardedShampoo  # noqa: E402
-from sharded_shampoo.checkpointing import TrainState, load_checkpoint, save_checkpoint  # noqa: E402
+from scripts.benchmarks.models import build_model
 
 
 def build(args: argparse.Namespace, world: int) -> tuple[torch.nn.Module, ShardedShampoo]:
@@ -185,7 +184,7 @@ def main() -> None:
     analytic = [r.optimizer_state_bytes for r in opt.plan.ranks]
     if rank == 0:
         n_params = sum(q.numel() for q in model.parameters())
-        cmd = ("torchrun --nproc-per-node %d " % world if world > 1 else "python ") + "scripts/bench_checkpoint.py " + \
+        cmd = ("torchrun --nproc-per-node %d " % world if world > 1 else "python ") + "scripts/benchmarks/bench_checkpoint.py " + \
             " ".join(sys.argv[1:])
         mb = 1 / 2 ** 20
         lines = [

@@ -2,7 +2,7 @@
 
 Run under torchrun (one torch thread per rank, so N ranks use N cores and 1 rank uses one):
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 scripts/bench_distributed.py
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m scripts.benchmarks.bench_distributed
 
 In one launch: (1) rank 0 alone steps a single-process ShardedShampoo on the unsharded model
 (the other ranks wait); (2) all ranks step ShardedShampoo on the FSDP2-sharded model, without

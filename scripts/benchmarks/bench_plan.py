@@ -5,8 +5,8 @@
 2. Plans every preset in-process on ``--ranks`` FSDP ranks with ``max_preconditioner_dim``
    1024 and reports max/mean, max / lower bound and what whole-parameter round-robin gives.
 
-    PYTHONPATH=. python scripts/bench_plan.py                       # print markdown
-    PYTHONPATH=. python scripts/bench_plan.py --append docs/benchmarks.md
+    python -m scripts.benchmarks.bench_plan                       # print markdown
+    python -m scripts.benchmarks.bench_plan --append docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -19,20 +19,18 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sharded_shampoo.dryrun import plan_model  # noqa: E402
-from sharded_shampoo.planning.plan import PlanSettings  # noqa: E402
-from sharded_shampoo.dryrun.presets import preset_names  # noqa: E402
+from sharded_shampoo.dryrun import plan_model
+from sharded_shampoo.planning.plan import PlanSettings
+from sharded_shampoo.dryrun.presets import preset_names
 
 
 def run_cli(argv: list[str]) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes, exit status, stdout) of one CLI run in a fresh process."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "sharded_shampoo.dryrun.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                            stderr=subprocess.STDOUT, cwd=REPO)
     assert proc.stdout is not None
     out = proc.stdout.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                      s.max_over_tight_lower_bound, s.round_robin_param_imbalance,
                      s.round_robin_param_max_over_lower_bound, s.persistent_bytes_imbalance, dt))
 
-    cmd = f"PYTHONPATH=. python scripts/bench_plan.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    cmd = f"python -m scripts.benchmarks.bench_plan {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = [
         "## Dry-run planner",
         "",

@@ -17,7 +17,7 @@ byte-level GPT at a refresh, with the previous refresh's roots: real, ill-condit
 Part 2 (``--train-steps N``) runs scripts/train.py on 1 process with each method and reports the final
 loss (mean of the last 20 steps) relative to eigh's.
 
-    OMP_NUM_THREADS=1 python scripts/bench_roots.py [--dim 1024 --blocks 4] [--train-steps 300]
+    OMP_NUM_THREADS=1 python -m scripts.benchmarks.bench_roots [--dim 1024 --blocks 4] [--train-steps 300]
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from sharded_shampoo.compute.warm_refresh import (eigenbasis_qr, eigenbasis_resi
                                                   whitening_residual)
 from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -63,7 +62,7 @@ def random_factors(blocks: int, d: int, beta2: float = 0.999, last: int = 20) ->
 
 def train_factors(steps: int = 30) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(F_hat at the last refresh, F_hat at the one before, exponent) for every 2-d factor stack of train.py."""
-    import train
+    from scripts import train
 
     args = train.parse_args(["--steps", str(steps), "--no-progress"])
     torch.manual_seed(args.seed)
@@ -138,7 +137,7 @@ def report(name: str, r: dict[str, float]) -> list[str]:
 
 
 def train_losses(steps: int) -> list[str]:
-    import train
+    from scripts import train
 
     runs = [("root-inverse, eigh", []), ("root-inverse, warm series", ["--root", "warm"]),
             ("root-inverse, eigh, compiled element-wise", ["--elementwise", "compile"]),

@@ -11,7 +11,7 @@ Model: a ~20M-parameter stack of Linear layers with several shapes, some larger 
 - the amortized root computation of one bucket (>= 8 blocks of one shape) batched vs one
   call per block.
 
-    python scripts/bench_step.py [--max-preconditioner-dim 512] [--steps 5] [--elementwise compile]
+    python -m scripts.benchmarks.bench_step [--max-preconditioner-dim 512] [--steps 5] [--elementwise compile]
         [--threads 1] [--factor-storage bfloat16] [--root-storage bfloat16]
 """
 
@@ -28,13 +28,7 @@ from torch import nn
 from sharded_shampoo import AdamGrafting, RootInverseShampoo, ShardedShampoo
 from sharded_shampoo.compute.matrix_functions import inverse_root_eigh
 
-SHAPES = [(1024, 1024)] * 6 + [(2048, 1024)] * 2 + [(1024, 3072)] * 2 + [(512, 512)] * 8 + [(768, 1280)]
-
-
-def build_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(i, o, bias=True) for o, i in SHAPES])
-
+from scripts.benchmarks.models import SHAPES, build_model, set_grads
 
 def step_times(fn: Callable[[], None], repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
@@ -65,12 +59,6 @@ def gemm_rate(d: int = 512, batch: int = 16, repeats: int = 7) -> float:
         torch.bmm(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * batch * d ** 3 / best
-
-
-def set_grads(model: nn.Module, step: int) -> None:
-    g = torch.Generator().manual_seed(step)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g) * 1e-2
 
 
 def bench(args: argparse.Namespace) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Run under torchrun (one torch thread per rank, so 2 ranks use 2 cores and 1 rank uses one):
 
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 scripts/bench_torchrec_dense.py
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m scripts.benchmarks.bench_torchrec_dense
 
 The model is torchrec's DLRM with the dense sizes of torchrec's DLRM example (bottom MLP
 13-512-256-64, over MLP 512-256-1 on the 415 interaction features, embedding dim 64, 26 small tables sharded table-wise on
@@ -36,9 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import train_dlrm  # noqa: E402  (model, data and sharding of the training example)
+from scripts import train_dlrm
 
 
 def dlrm_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """ShardedShampoo vs the reference Distributed Shampoo, same parameters, config and gradients, one run.
 
 The reference is facebookresearch/optimizers (``DistributedShampoo``), read from a local checkout
-given with ``--reference`` and put on ``sys.path`` at run time only (it is never vendored and never
+given with ``--reference`` and imported from there at run time only (it is never vendored and never
 a dependency). Both optimizers step copies of the same 9 parameters (up to 4096 x 1024; 17 blocks at
 ``max_preconditioner_dim=1024``) with the same seeded gradients, root-inverse Shampoo, eigh roots,
 AdaGrad grafting, ``precondition_frequency=10``. After ``--warmup`` steps (the first root refresh
@@ -15,13 +15,14 @@ included) each optimizer runs ``--steps`` timed steps; the runs are interleaved 
 and the ratios ours / reference. The parameters of both runs are compared at the end (same math:
 the relative difference must be small, else the configs do not match and the timing means nothing).
 
-    OMP_NUM_THREADS=1 python scripts/bench_vs_reference.py --reference /work/reference
+    OMP_NUM_THREADS=1 python -m scripts.benchmarks.bench_vs_reference --reference /work/reference
     ... --root warm --elementwise compile --root-storage bfloat16   # our faster options vs the same reference
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -92,6 +93,25 @@ def ours(args: argparse.Namespace, params: list[Any]) -> Any:
                           preconditioner=pre, elementwise=args.elementwise)
 
 
+def import_reference(checkout: str) -> None:
+    """Import the checkout's ``distributed_shampoo`` package under its own name (``sys.path`` untouched).
+
+    ``checkout`` is the repository (holding ``distributed_shampoo/``) or the package folder itself; the
+    package's absolute imports (``from distributed_shampoo.utils ...``) resolve through its ``__path__``.
+    """
+    package = os.path.abspath(checkout)
+    if not os.path.isfile(os.path.join(package, "__init__.py")):
+        package = os.path.join(package, "distributed_shampoo")
+    init = os.path.join(package, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--reference {checkout!r}: no distributed_shampoo package there (expected {init})")
+    spec = importlib.util.spec_from_file_location("distributed_shampoo", init, submodule_search_locations=[package])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distributed_shampoo"] = module
+    spec.loader.exec_module(module)
+
+
 def reference(args: argparse.Namespace, params: list[Any]) -> Any:
     from distributed_shampoo import AdaGradPreconditionerConfig, DistributedShampoo
 
@@ -141,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_only:
         print("\n".join(memory_table(args)))
         return 0
-    sys.path.insert(0, os.path.abspath(args.reference))
+    import_reference(args.reference)
     runs = [Run("ours", ours, args), Run("reference", reference, args)]
     for r in runs:
         r.advance(args.warmup, timed=False)

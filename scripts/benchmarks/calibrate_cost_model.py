@@ -12,8 +12,8 @@ and fits the effective constants ``c = t * R / d^3`` by least squares over the s
 (``c = sum(t_i d_i^3) R / sum(d_i^6)``). Eigh is far less GEMM-efficient than a matmul, so the
 effective constant is larger than the textbook 9 (and much larger on GPUs: run this there).
 
-    python scripts/calibrate_cost_model.py                 # CPU, writes docs/cost_model.md section
-    python scripts/calibrate_cost_model.py --device cuda --no-write
+    python -m scripts.benchmarks.calibrate_cost_model                 # CPU, writes docs/cost_model.md section
+    python -m scripts.benchmarks.calibrate_cost_model --device cuda --no-write
 
 Use the result as ``make_plan(..., cost_model=CostModel(eigh_flops_per_d3=c_eigh,
 root_form_flops_per_d3=c_root))``.
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     c_step = fit(ds, step_t, rate)          # model: 4 numel d x 2 dims = 8 d^3
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    cmd = "python scripts/calibrate_cost_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m scripts.benchmarks.calibrate_cost_model " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"Measured {datetime.date.today().isoformat()} on `{device.type}` ({name}, {threads} threads), torch "
         f"{torch.__version__}, fp32, best of {args.repeats}, 1-minute load average {os.getloadavg()[0]:.2f} "

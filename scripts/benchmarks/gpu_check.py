@@ -1,6 +1,6 @@
 """The CUDA path on one device: correctness, batched roots, step vs GEMM floor, memory vs the planner.
 
-Called by scripts/gpu_check.sh on a GPU machine (``--device cuda``); ``--device cpu --quick`` runs the
+Called by scripts/benchmarks/gpu_check.sh on a GPU machine (``--device cuda``); ``--device cpu --quick`` runs the
 same code on small sizes, which tests/test_gpu_check.py does on every CI run so the GPU run has the
 best chance to work the first time. Prints a markdown report; exits non-zero if a correctness check
 fails (timings are reported, never asserted).
@@ -11,15 +11,15 @@ fails (timings are reported, never asserted).
    per-block loop of ``eigh``, by the warm-started GEMM series from the previous root
    (``WarmStartRootConfig``; a well-conditioned drifted factor, so it is accepted), and one
    warm-started QR iteration (``QREigenbasisConfig``), with each result's error;
-3. **plain step vs the GEMM floor**: ``scripts/bench_step.py``'s model, fp32 and with bf16 roots,
+3. **plain step vs the GEMM floor**: ``scripts/benchmarks/bench_step.py``'s model, fp32 and with bf16 roots,
    eager and compiled element-wise math, against ``4 m n (m + n)`` FLOPs at the fp32 batched-GEMM
    rate measured in the same run, beside AdamW;
 4. **memory vs the planner**: the bytes the optimizer's state occupies on the device equal the plan's
    ``optimizer_state_bytes``; the peak during steps is reported against params + grads + state +
    the plan's modeled transient peak.
 
-    python scripts/gpu_check.py --device cuda            # ~3-5 minutes on an H100
-    python scripts/gpu_check.py --device cpu --quick     # seconds; what CI runs
+    python -m scripts.benchmarks.gpu_check --device cuda            # ~3-5 minutes on an H100
+    python -m scripts.benchmarks.gpu_check --device cpu --quick     # seconds; what CI runs
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from sharded_shampoo import AdamGrafting, RootInverseShampoo, ShardedShampoo  # noqa: E402
-from sharded_shampoo.compute.matrix_functions import eigenbasis, inverse_root_eigh  # noqa: E402
-from sharded_shampoo.compute.warm_refresh import (eigenbasis_qr, eigenbasis_residual,  # noqa: E402
+from sharded_shampoo import AdamGrafting, RootInverseShampoo, ShardedShampoo
+from sharded_shampoo.compute.matrix_functions import eigenbasis, inverse_root_eigh
+from sharded_shampoo.compute.warm_refresh import (eigenbasis_qr, eigenbasis_residual,
                                                   inverse_root_warm)
-from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig  # noqa: E402
+from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
+
+from scripts.benchmarks.models import SHAPES, linear_stack, set_grads
 
 
 def sync(device: torch.device) -> None:
@@ -60,17 +60,6 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> f
     return best
 
 
-def make_model(shapes: list[tuple[int, int]], device: torch.device) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(i, o) for o, i in shapes]).to(device)
-
-
-def set_grads(model: nn.Module, step: int) -> None:
-    g = torch.Generator().manual_seed(step)
-    for p in model.parameters():
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-2).to(p.device)
-
-
 def shampoo(model: nn.Module, max_dim: int, **kw) -> ShardedShampoo:
     return ShardedShampoo(model.named_parameters(), lr=1e-3, betas=(0.9, 0.999), epsilon=1e-8,
                           max_preconditioner_dim=max_dim, precondition_frequency=3, start_preconditioning_step=1,
@@ -88,7 +77,7 @@ def check_step_equals_cpu(device: torch.device, quick: bool) -> tuple[list[str],
     try:
         params = []
         for dev in (torch.device("cpu"), device):
-            model = make_model(shapes, dev)
+            model = linear_stack(shapes, dev)
             opt = shampoo(model, max_dim)
             for step in range(7):                      # refreshes at steps 1, 3, 6
                 set_grads(model, step)
@@ -151,14 +140,12 @@ def gemm_rate(d: int, device: torch.device, dtype: torch.dtype = torch.float32) 
 
 
 def check_step_vs_floor(device: torch.device, quick: bool) -> list[str]:
-    import bench_step
-
-    shapes = [(64, 64)] * 4 + [(128, 64)] * 2 if quick else bench_step.SHAPES
+    shapes = [(64, 64)] * 4 + [(128, 64)] * 2 if quick else SHAPES
     max_dim = 32 if quick else 512
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False      # the floor is priced at the fp32 rate
     try:
-        model = make_model(shapes, device)
+        model = linear_stack(shapes, device)
         set_grads(model, 0)
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         t_adamw = timed(adamw.step, device, repeats=5)
@@ -206,7 +193,7 @@ def check_memory(device: torch.device, quick: bool) -> tuple[list[str], bool]:
     for label, pre in (("fp32 state", RootInverseShampoo()),
                        ("bf16 factors + roots", RootInverseShampoo(factor_storage_dtype=torch.bfloat16,
                                                                    root_storage_dtype=torch.bfloat16))):
-        model = make_model(shapes, device)
+        model = linear_stack(shapes, device)
         set_grads(model, 0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

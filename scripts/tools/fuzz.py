@@ -1,8 +1,8 @@
 """Randomized multi-rank fuzzing of ShardedShampoo on CPU/gloo ranks (see docs/testing.md).
 
-    python scripts/fuzz.py --seeds 300            # seeds 0..299
-    python scripts/fuzz.py --seed 17              # one case (the reproduction command a failure prints)
-    python scripts/fuzz.py --seeds 50 --start 1000 --worlds 4
+    python -m scripts.tools.fuzz --seeds 300            # seeds 0..299
+    python -m scripts.tools.fuzz --seed 17              # one case (the reproduction command a failure prints)
+    python -m scripts.tools.fuzz --seeds 50 --start 1000 --worlds 4
 
 Each seed fully determines its case (model, layout, config, NaN/Inf injection, save/load points);
 the run prints a summary (cases, layouts, configs, regimes, events, largest differences,
@@ -16,10 +16,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-from fuzz_cases import draw  # noqa: E402
-from fuzz_runner import reproduce, run_cases  # noqa: E402
+from tests.support.fuzz_cases import draw
+from tests.support.fuzz_runner import reproduce, run_cases
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Print the DTensor placements torchtitan 0.3.0 gives every parameter, as Markdown tables.
 
-    python scripts/torchtitan_placements.py            # needs the [torchtitan] extra; 4 CPU gloo ranks
+    python -m scripts.tools.torchtitan_placements            # needs the [torchtitan] extra; 4 CPU gloo ranks
 
 Builds torchtitan's Llama3 debug model and the (shrunk) qwen3 MoE debug model with torchtitan's own
 parallelize functions on 4 CPU ranks, one table per layout, parameters of all layers folded into
@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import titan_harness as th  # noqa: E402
-from titan_ranks import TitanRanks  # noqa: E402
-from titan_scenarios import mesh_report  # noqa: E402
+from tests.support import titan_harness as th
+from tests.support.titan_ranks import TitanRanks
+from tests.support.titan_scenarios import mesh_report
 
 LAYOUTS = (
     ("Llama3 debug, FSDP 4", "llama3", th.Layout()),

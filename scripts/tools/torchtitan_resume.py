@@ -1,6 +1,6 @@
 """Losses of torchtitan's Llama3 debug model with ShardedShampoo, saved on FSDP 4 and resumed on HSDP 2 x 2.
 
-    python scripts/torchtitan_resume.py          # needs the [torchtitan] extra; 4 CPU gloo ranks
+    python -m scripts.tools.torchtitan_resume          # needs the [torchtitan] extra; 4 CPU gloo ranks
 
 The scenario of tests/test_torchtitan_dist.py::test_fsdp_llama3_shampoo_trains_and_resumes_on_hsdp
 (2 steps, save through torchtitan's CheckpointManager, 2 more steps; a fresh HSDP model and optimizer
@@ -14,11 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import titan_harness as th  # noqa: E402
-import titan_scenarios as sc  # noqa: E402
-from titan_ranks import TitanRanks  # noqa: E402
+from tests.support import titan_harness as th
+from tests.support import titan_scenarios
+from tests.support.titan_ranks import TitanRanks
 
 
 def main() -> None:
@@ -27,7 +25,7 @@ def main() -> None:
     try:
         for label, load_optimizer in (("resumed after step 2", True), ("resumed without the optimizer state", False)):
             with tempfile.TemporaryDirectory() as d:
-                res = runner.run(4, sc.train_save_resume, str(Path(d) / "ckpt"), ("llama3", th.Layout()),
+                res = runner.run(4, titan_scenarios.train_save_resume, str(Path(d) / "ckpt"), ("llama3", th.Layout()),
                                  ("llama3", th.Layout(dp_replicate=2, dp_shard=2)), "shampoo", 2, load_optimizer)[0]
             if not rows:
                 rows.append(("FSDP 4, uninterrupted", res["losses"]))

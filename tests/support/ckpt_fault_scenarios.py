@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-import ckpt_scenarios as cs
+from tests.support import ckpt_scenarios as cs
 from sharded_shampoo.checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 
 

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-import dist_scenarios as sc
+from tests.support import dist_scenarios
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.checkpointing import (IncompatibleCheckpointError, TrainState, load_checkpoint,
                                            save_checkpoint)
@@ -43,7 +43,7 @@ class Net(nn.Module):
 def build(layout: str, config: str, mesh_shape: tuple[int, ...] = (1,), model: Optional[nn.Module] = None,
           **overrides: Any) -> tuple[nn.Module, ShardedShampoo]:
     """The toy model (or ``model``) under ``layout`` ('single', 'fsdp', 'hsdp') and its optimizer."""
-    model = sc.make_model() if model is None else model
+    model = dist_scenarios.make_model() if model is None else model
     mesh = None
     if layout != "single":
         from torch.distributed.device_mesh import init_device_mesh
@@ -55,7 +55,7 @@ def build(layout: str, config: str, mesh_shape: tuple[int, ...] = (1,), model: O
             if any(p.requires_grad for p in child.parameters()):
                 fully_shard(child, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    opt = ShardedShampoo(model.named_parameters(), mesh=mesh, **dict(sc.CONFIGS[config], **overrides))
+    opt = ShardedShampoo(model.named_parameters(), mesh=mesh, **dict(dist_scenarios.CONFIGS[config], **overrides))
     return model, opt
 
 
@@ -66,14 +66,14 @@ def feed(model: nn.Module, opt: ShardedShampoo, start: int, stop: int) -> None:
     for step in range(start, stop):
         for name, p in model.named_parameters():
             if p.requires_grad:
-                g = sc.grad_for(name, p.shape, step)
+                g = dist_scenarios.grad_for(name, p.shape, step)
                 p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g
         opt.step()
     opt.zero_grad(set_to_none=True)
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: sc.full(p.detach()).clone() for n, p in model.named_parameters()}
+    return {n: dist_scenarios.full(p.detach()).clone() for n, p in model.named_parameters()}
 
 
 def reference(config: str, steps: int, **overrides: Any) -> tuple[dict[str, torch.Tensor], ShardedShampoo]:
@@ -151,7 +151,7 @@ def resume_diff(layout: str, config: str, mesh_shape: tuple[int, ...], path: str
         raw_load(model, opt, path, flatten=(how == "raw_flat"))
     assert all(g["step"] == SAVE_AT for g in opt.param_groups)
     feed(model, opt, SAVE_AT, END)
-    return sc.max_rel_diff(full_params(model), ref)
+    return dist_scenarios.max_rel_diff(full_params(model), ref)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -277,24 +277,11 @@ def scenario_killed_save(rank: int, world: int, root: str) -> None:
 # ----------------------------------------------------------------------------- scripts/train.py
 
 
-def train_module() -> Any:
-    """scripts/train.py as a module (scripts/ is not a package)."""
-    import importlib.util
-    import sys
-
-    if "train_script" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py")
-        spec = importlib.util.spec_from_file_location("train_script", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_script"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_script"]
-
-
 TRAIN_ARGS = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq", "16", "--batch", "4",
               "--corpus-bytes", "100000", "--precondition-frequency", "2", "--no-progress", "--log-every", "100"]
 
 
 def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
-    train = train_module()
+    from scripts import train
+
     return train.train(train.parse_args(TRAIN_ARGS + argv))

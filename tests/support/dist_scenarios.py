@@ -154,7 +154,7 @@ def scenario_invariance(rank: int, world: int, cases: list[tuple], refs: dict[tu
 
 def scenario_train(rank: int, world: int, argv: list[str]) -> list[float]:
     """scripts/train.py's loop on this rank (FSDP2 over the world)."""
-    import train
+    from scripts import train
 
     return train.train(train.parse_args(argv))
 

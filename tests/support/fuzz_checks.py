@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fuzz_cases import TOLERANCE, Case
-from fuzz_ranks import Job
+from tests.support.fuzz_cases import TOLERANCE, Case
+from tests.support.fuzz_ranks import Job
 
 
 def _region(full: torch.Tensor, offset: tuple[int, ...], shape: torch.Size) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fuzz_cases import Case, ModuleDraw
+from tests.support.fuzz_cases import Case, ModuleDraw
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                              EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,
                              SGDGrafting, ShardedShampoo)

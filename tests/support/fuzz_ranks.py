@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from fuzz_cases import Case, draw
-from fuzz_models import Meshes, build, family, feed, local_box, make_model
+from tests.support.fuzz_cases import Case, draw
+from tests.support.fuzz_models import Meshes, build, family, feed, local_box, make_model
 from sharded_shampoo import NonFiniteGradientError, ShardedShampoo
 
 
@@ -39,7 +39,7 @@ class Job:
 
     @property
     def world(self) -> int:
-        from fuzz_cases import LAYOUT_WORLD
+        from tests.support.fuzz_cases import LAYOUT_WORLD
 
         return LAYOUT_WORLD[self.layout]
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
-from fuzz_cases import LAYOUT_WORLD, TOLERANCE, Case, draw
-from fuzz_ranks import Job, LaunchPlan, launch, run_job
+from tests.support.fuzz_cases import LAYOUT_WORLD, TOLERANCE, Case, draw
+from tests.support.fuzz_ranks import Job, LaunchPlan, launch, run_job
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _run_launch(world: int, jobs: list[Job], timeout_s: float, results: dict[tup
 def _one_launch(world: int, rounds: tuple, timeout_s: float, results: dict[tuple[int, int], Any],
                 notes: list[str]) -> Optional[int]:
     """One launch; the index of the round it stopped after (None: it ran every round)."""
-    from dist_utils import run_ranks
+    from tests.support.dist_utils import run_ranks
 
     plan = LaunchPlan(world, rounds, timeout_s)
     by_id = {str(j.id): j for r in rounds for _, j in r}
@@ -235,7 +235,7 @@ def _model_line(cases: list[Case]) -> str:
 def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: float = 60.0,
               progress: bool = False, chaotic: bool = False) -> Report:
     """Draw, schedule, run and check ``seeds``; the report lists every failure with its seed."""
-    from fuzz_checks import check_case
+    from tests.support.fuzz_checks import check_case
 
     t0 = time.perf_counter()
     cases = [draw(s, chaotic) for s in seeds]
@@ -270,7 +270,7 @@ def run_cases(seeds: list[int], worlds: Optional[list[int]] = None, timeout_s: f
 def reproduce(seed: int, worlds: Optional[list[int]], chaotic: bool = False) -> str:
     """The one-line command that reruns exactly this case (on the same launch sequence, if forced)."""
     extra = f" --worlds {','.join(map(str, worlds))}" if worlds else ""
-    return f"python scripts/fuzz.py --seed {seed}{extra}{' --chaotic' if chaotic else ''}"
+    return f"python -m scripts.tools.fuzz --seed {seed}{extra}{' --chaotic' if chaotic else ''}"
 
 
 def probe_hang(world: int = 2, timeout_s: float = 5.0) -> tuple[list[str], dict[tuple[int, int], Any], float]:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_scenarios import owned_state_bytes
+from tests.support.dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdaGradGrafting, BlockingConfig, ShardedShampoo
 
 STEPS = 12

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from dist_utils import free_port
+from tests.support.dist_utils import free_port
 
 _RANK_TIMEOUT_S = 600
 # torchtitan.trainer: the models' update_from_config imports it (and with it datasets, pandas)
@@ -71,7 +71,7 @@ def _serve(conn: Any) -> None:
     """The zygote: patch and import once, then fork ranks for each (world, fn, args, out_dir) received."""
     import importlib
 
-    import titan_harness
+    from tests.support import titan_harness
 
     titan_harness.apply_cpu_workarounds()
     for name in _PRELOAD:

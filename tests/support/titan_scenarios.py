@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-import titan_harness as th
+from tests.support import titan_harness as th
 
 #: ShardedShampoo settings for the tests: small blocks (cheap roots on CPU), preconditioning from
 #: step 1 with a root every step, so 2-4 steps exercise factors, roots and grafting state.

@@ -181,8 +181,7 @@ def run_script() -> dict[str, list]:
     """scripts/train_dlrm.py's training loop on this launch's ranks."""
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    import train_dlrm
+    from scripts import train_dlrm
 
     return train_dlrm.train(train_dlrm.parse_args(SCRIPT_ARGS))
 
