@@ -20,14 +20,14 @@ from .errors import (CheckpointArgumentError, CheckpointCorruptError, Checkpoint
                      CheckpointNotFoundError, CheckpointPointerError, CheckpointSaveError, IncompatibleCheckpointError,
                      MissingExtraError, UnverifiedCheckpointWarning)
 from .integrity import verify_checkpoint
-from .state import TrainState
+from .state import HyperparameterSource, TrainState
 from .storage import (SaveHandle, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint,
                       wait_pending)
 
 __all__ = [
     "CheckpointArgumentError", "CheckpointCorruptError", "CheckpointError", "CheckpointLoadError",
     "CheckpointNotFoundError", "CheckpointPointerError", "CheckpointSaveError", "IncompatibleCheckpointError",
-    "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
+    "HyperparameterSource", "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
     "differences", "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
     "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "wait_pending",
 ]

@@ -2,8 +2,8 @@
 
 from .planning.blocking import Block, plan_blocks
 from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
-                     EighRootConfig, QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
-                     WarmStartRootConfig)
+                     EighRootConfig, ElementwiseMode, NonFinitePolicy, QREigenbasisConfig, RMSpropGrafting,
+                     RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
 from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "CoupledNewtonConfig", "EigenvalueCorrectedShampoo",
-    "EighRootConfig", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
+    "EighRootConfig", "ElementwiseMode", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec",
+    "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
 ]

@@ -381,6 +381,23 @@ class NonFinitePolicy(str, Enum):
                              f"got {value!r}.") from None
 
 
+class ElementwiseMode(str, Enum):
+    """How the element-wise step math runs (moments, grafting state, norms; see compute/elementwise.py)."""
+
+    EAGER = "eager"      # one torch op after another
+    COMPILE = "compile"  # fused kernels via torch.compile, with an eager fallback where it cannot compile
+
+    @classmethod
+    def parse(cls, value: Any) -> "ElementwiseMode":
+        """The mode for ``value`` (the enum or its string); the one check of ``elementwise=``."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"ShardedShampoo.elementwise must be one of {tuple(m.value for m in cls)} ('compile': "
+                             f"fused element-wise kernels via torch.compile, with an eager fallback); "
+                             f"got {value!r}.") from None
+
+
 #: Group settings that decide the block plan and the state layout: fixed after construction and
 #: required to match when state is loaded. ``has_beta1`` / ``has_momentum`` (whether the
 #: filtered-gradient / momentum state exists) complete them: see :func:`structural_signature`.

@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from .compute.preconditioner import BucketHyperparams, RootFailureError
-from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
+from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
                            validate_group)
@@ -61,9 +61,9 @@ class ShardedShampoo(Optimizer):
         blocking: BlockingConfig = BlockingConfig(),
         mesh: Any = None,
         comm_dtype: torch.dtype = torch.float32,
-        nonfinite_grads: str = "raise",
+        nonfinite_grads: str | NonFinitePolicy = "raise",
         overlap_chunks: int = 4,
-        elementwise: str = "eager",
+        elementwise: str | ElementwiseMode = "eager",
     ) -> None:
         self.nonfinite_grads = NonFinitePolicy.parse(nonfinite_grads)
         check_comm_dtype(comm_dtype)
@@ -278,7 +278,8 @@ class ShardedShampoo(Optimizer):
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
                              use_bias_correction=group["use_bias_correction"], grafting=group["grafting"],
-                             preconditioner=group["preconditioner"], elementwise=group["elementwise"])
+                             preconditioner=group["preconditioner"],
+                             elementwise=ElementwiseMode.parse(group["elementwise"]))
 
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:

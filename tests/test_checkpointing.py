@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.state_dict import _init_optim_state
+from sharded_shampoo._torch_compat import init_optim_state
 
 from tests.support import ckpt_scenarios as cs
 from sharded_shampoo import AdamGrafting, BlockingConfig, EigenvalueCorrectedShampoo, RootInverseShampoo
@@ -165,7 +165,7 @@ def test_init_step_is_a_no_op_and_state_is_eager() -> None:
         if trained:
             cs.feed(model, opt, 0, 3)
         before = cs.snapshot(model, opt)
-        _init_optim_state(opt)   # torch's get_state_dict init: state exists, so it does nothing
+        init_optim_state(opt)    # torch's get_state_dict init: state exists, so it does nothing
         assert cs.same(cs.snapshot(model, opt), before)
         # torchtitan's init_optim_state: zero grads, lr 0, one step
         for p in model.parameters():

@@ -192,7 +192,7 @@ def test_cli_usage_and_listing(capsys):
 
 
 def test_live_process_group_is_refused():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from sharded_shampoo._torch_compat import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         with pytest.raises(DryRunError, match="already initialized"):

@@ -21,7 +21,7 @@ import torch
 
 from ..planning.blocking import Block
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
-                      GraftingConfig, PreconditionerConfig)
+                      ElementwiseMode, GraftingConfig, PreconditionerConfig)
 from .elementwise import block_norms, moments_and_graft, rescale, update_moments_
 from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
 from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
@@ -38,7 +38,7 @@ class BucketHyperparams:
     use_bias_correction: bool
     grafting: Optional[GraftingConfig]
     preconditioner: PreconditionerConfig
-    elementwise: str = "eager"        # "compile": fused element-wise kernels (torch.compile, eager fallback)
+    elementwise: ElementwiseMode = ElementwiseMode.EAGER
 
 
 class RootFailureError(RuntimeError):
@@ -178,7 +178,7 @@ class BlockBucket:
             P = apply_kronecker(M, self._kron_list(self.roots), out=G,
                                 scratch=self._workspace(M.numel(), self.roots[0].dtype))
         if hp.grafting is not None:
-            return rescale(P, graft_norm, out=G, compiled=hp.elementwise == "compile")
+            return rescale(P, graft_norm, out=G, compiled=hp.elementwise is ElementwiseMode.COMPILE)
         if bc1 is not None:
             return torch.div(P, bc1, out=G)
         return P if P.dtype == self.dtype else G.copy_(P)
@@ -260,7 +260,7 @@ class BlockBucket:
         c = g.epsilon * (one.expand(a.shape) if bc1 is None else bc1.flatten())
         shape = (-1,) + (1,) * len(self.shape)
         return moments_and_graft(G, Mstate, V, hp.beta1, v_beta, v_weight, a.reshape(shape), c.reshape(shape), direction,
-                                 compiled=hp.elementwise == "compile", norm=not direction)
+                                 compiled=hp.elementwise is ElementwiseMode.COMPILE, norm=not direction)
 
     # ------------------------------------------------------------------ amortized refresh
 

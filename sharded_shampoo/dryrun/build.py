@@ -130,7 +130,7 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
     this can be called repeatedly in one process.
     """
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from .._torch_compat import FakeStore
 
     if not dist.is_available():
         raise DryRunError("the dry-run needs torch.distributed, which this torch build lacks.")

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .._torch_compat import foreach_add, foreach_add_, foreach_copy_, foreach_mul_
 from ..compute.preconditioner import BucketHyperparams
 from .gradients import widened
 from .records import RankRuntime
@@ -150,7 +151,7 @@ class StepExecutor:
             # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
             # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
             wide = [widened(grads[k]) for k in ks]
-            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
+            new = foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].weight_decay)
             grads.update(zip(ks, new))
 
     # ------------------------------------------------------------------ data movement
@@ -158,7 +159,7 @@ class StepExecutor:
     @staticmethod
     def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         if dst:
-            torch._foreach_copy_(dst, src)
+            foreach_copy_(dst, src)
 
     @staticmethod
     def _views(buffer: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:
@@ -211,18 +212,18 @@ class StepExecutor:
         # directions are this executor's buffers (stacks or the receive buffers): safe to edit
         dirs = [widened(u) for _, u in items]
         if g.weight_decay != 0 and g.decoupled_weight_decay:
-            torch._foreach_add_(dirs, p_views, alpha=g.weight_decay)
+            foreach_add_(dirs, p_views, alpha=g.weight_decay)
         if g.momentum > 0:
             m_views = [rec.view(_momentum(rec.momentum), p.box) for rec, (p, _) in zip(recs, items)]
-            torch._foreach_mul_(m_views, g.momentum)
-            torch._foreach_add_(m_views, dirs, alpha=1.0 - g.dampening)
+            foreach_mul_(m_views, g.momentum)
+            foreach_add_(m_views, dirs, alpha=1.0 - g.dampening)
             if g.nesterov:  # P <- (1 - dampening) P + mu B, as in the reference
                 if g.dampening:
-                    torch._foreach_mul_(dirs, 1.0 - g.dampening)
-                torch._foreach_add_(dirs, m_views, alpha=g.momentum)
+                    foreach_mul_(dirs, 1.0 - g.dampening)
+                foreach_add_(dirs, m_views, alpha=g.momentum)
             else:   # a bf16 buffer is widened: bf16 + bf16 rounding depends on the sharding (see _fold_l2)
                 dirs = [widened(m) for m in m_views]
-        torch._foreach_add_(p_views, dirs, alpha=-g.lr)
+        foreach_add_(p_views, dirs, alpha=-g.lr)
 
 
 def _momentum(m: Optional[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .._torch_compat import foreach_norm
 from .placements import local_tensor
 from .records import RankRuntime
 
@@ -75,7 +76,7 @@ def gradient_summary(grads: dict[int, torch.Tensor], num_params: int, check: boo
     narrow = [k for k, i in enumerate(idx) if grads[i].dtype not in _WIDE]
     for ks, dtype in ((wide, None), (narrow, torch.float32)):    # fp16/bf16 norms accumulate in fp32
         if ks:
-            norms[ks] = torch.stack(torch._foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double().cpu()
+            norms[ks] = torch.stack(foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double().cpu()
     out["has"][idx] = 1.0
     if check:
         limits = torch.tensor([_NORM_LIMIT[torch.float64 if i in float64_state else torch.float32] for i in idx],

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tests.support.fuzz_cases import Case, ModuleDraw
+from sharded_shampoo._torch_compat import unflatten_mesh
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                              EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,
                              SGDGrafting, ShardedShampoo)
@@ -174,9 +175,9 @@ def grad_for(case: Case, name: str, step: int, shape: tuple[int, ...], dtype: to
 def local_box(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this rank's part of ``p`` (torch's own arithmetic for DTensors)."""
     if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from sharded_shampoo._torch_compat import local_shape_and_offset
 
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        shape, offset = local_shape_and_offset(p.shape, p.device_mesh, p.placements)
         return tuple(shape), tuple(offset)
     return tuple(p.shape), (0,) * p.ndim
 
@@ -246,8 +247,8 @@ class Meshes:
             elif fam in ("ep2", "ep4"):
                 ep = int(fam[2:])
                 root = init_device_mesh("cpu", (world,), mesh_dim_names=("world",))
-                full[fam] = (root, root._unflatten(0, (2, world // 2), ("fsdp", "tp")),
-                             root._unflatten(0, (world // ep, ep), ("efsdp", "ep")))
+                full[fam] = (root, unflatten_mesh(root, 0, (2, world // 2), ("fsdp", "tp")),
+                             unflatten_mesh(root, 0, (world // ep, ep), ("efsdp", "ep")))
         return cls(world, made, full)
 
 

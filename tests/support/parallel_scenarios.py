@@ -18,6 +18,7 @@ from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdaGradGrafting, BlockingConfig, ShardedShampoo
+from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
 LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
@@ -131,8 +132,8 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
 
         ep = 2 if layout == "ep2" else 4
         world_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("world",))
-        dense = world_mesh._unflatten(0, (2, world // 2), ("fsdp", "tp"))
-        sparse = world_mesh._unflatten(0, (world // ep, ep), ("efsdp", "ep"))
+        dense = unflatten_mesh(world_mesh, 0, (2, world // 2), ("fsdp", "tp"))
+        sparse = unflatten_mesh(world_mesh, 0, (world // ep, ep), ("efsdp", "ep"))
         apply_parallelism(model, dense["fsdp"], tp_mesh=dense["tp"], ep_mesh=sparse["ep"],
                           expert_dp_mesh=sparse["efsdp"])
     return model, ShardedShampoo(param_groups(model), **(CONFIG | kwargs))
@@ -140,9 +141,9 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
 
 def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's part of a full tensor laid out like DTensor ``p`` (torch's own offset arithmetic)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from sharded_shampoo._torch_compat import local_shape_and_offset
 
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    shape, offset = local_shape_and_offset(p.shape, p.device_mesh, p.placements)
     for d, (n, o) in enumerate(zip(shape, offset)):
         full = full.narrow(d, o, n)
     return full.contiguous()

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sharded_shampoo._torch_compat import pretend_no_accelerator
+
 _KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
 _KERNEL_NAMES = ("copy_full_counts_to_peers_kernel", "copy_rows_to_peers_kernel", "expand_topk_grad_kernel",
                  "fill_combine_metadata_kernel", "fill_dispatch_metadata_kernel", "invert_flat_indices_kernel",
@@ -44,7 +46,7 @@ def apply_cpu_workarounds() -> None:
     if "torchtitan.tools.utils" in sys.modules and sys.modules["torchtitan.tools.utils"].device_type != "cpu":
         raise RuntimeError("torchtitan was imported before apply_cpu_workarounds(); its device type is "
                            "already fixed to a non-CPU device.")
-    torch._utils._get_available_device_type = lambda: "cpu"
+    pretend_no_accelerator()
     if _KERNELS not in sys.modules:
         stub = types.ModuleType(_KERNELS)
 
