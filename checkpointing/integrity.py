@@ -207,6 +207,7 @@ class VerifyingReader(FileSystemReader):
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             self._metadata = metadata
+        assert self._metadata.storage_meta is not None     # set above when the file had none
         self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
 

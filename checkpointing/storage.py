@@ -32,7 +32,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -248,6 +248,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: nn.Module, optimizer:
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointSaveError, f"preparing checkpoint {name!r} in {root!r}", root)
     _agree_or_remove(err, root, tmp, token=name)
+    assert state_dict is not None   # _agree_or_remove() raised otherwise
     writer = FileSystemWriter(os.path.join(root, name + ".tmp"))
     final = os.path.join(root, name)
 
@@ -281,8 +282,8 @@ def _start_async(state_dict: dict[str, Any], writer: FileSystemWriter, final: st
     except _DCP_FAILURES as e:
         stager.close()
         finish(as_error(e, CheckpointSaveError, f"staging {final!r}", os.path.dirname(final)), None)
-        raise AssertionError("unreachable: finish() raises for a failed save")  # pragma: no cover
-    future = getattr(response, "upload_completion", response)
+        raise AssertionError("unreachable: finish() raises for a failed save") from e  # pragma: no cover
+    future = cast(Future, getattr(response, "upload_completion", response))   # AsyncSaveResponse or a Future
     _pending = SaveHandle(final, finish, future, cleanup=stager.close)
     return _pending
 
@@ -329,7 +330,9 @@ def _check_request(ckpt: str, keys: Any, state: TrainState, verify: bool) -> Non
     """The plan fingerprint and the requested ``extra`` keys, before anything is read."""
     guard = state.guard_key()
     if guard is not None and f"{APP_KEY}.{guard}" not in keys:
-        check_compatible(read_checkpoint_meta(ckpt, verify), state.describe(), where=f"checkpoint {ckpt!r}")
+        live = state.describe()
+        assert live is not None                     # a guard key comes with a description
+        check_compatible(read_checkpoint_meta(ckpt, verify), live, where=f"checkpoint {ckpt!r}")
     check_extra_keys(ckpt, keys, state.extra or {})
 
 
@@ -373,6 +376,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
     agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
+    assert reader is not None and state is not None and state_dict is not None   # agree() raised otherwise
     if verify and reader.checksums is None:
         warnings.warn(f"checkpoint {ckpt!r} has no {CHECKSUM_FILE} (written by plain dcp.save, an older version or "
                       "with checksums=False): its bytes are loaded without verification.", UnverifiedCheckpointWarning,

@@ -12,9 +12,7 @@ as a ratio to AdamW's own time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Optional
 

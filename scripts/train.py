@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (shown only when stderr is a terminal)")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save a checkpoint every N steps (and after the last step) into --checkpoint-dir")
     p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
@@ -194,7 +194,7 @@ def train(args: argparse.Namespace) -> list[float]:
     local = args.batch // world
     losses: list[float] = []
     bar = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and not args.no_progress and sys.stderr.isatty():   # no bar in a piped log
         from tqdm import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc=f"{args.optimizer} x{world}", unit="step")

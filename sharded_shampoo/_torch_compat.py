@@ -12,6 +12,10 @@ The supported torch range is ``pyproject.toml``'s (README: which versions CI tes
 
 from __future__ import annotations
 
+__all__ = ["DCP_ITEM_READ_HOOK", "StridedShard", "fake_store", "flatten_mesh", "foreach_add", "foreach_add_",
+           "foreach_copy_", "foreach_mul_", "foreach_norm", "init_optim_state", "local_shape_and_offset",
+           "local_shape_and_offset_at", "pretend_no_accelerator", "print_options", "unflatten_mesh"]
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +25,7 @@ import torch
 # FSDP2 shards a tensor-parallel parameter with ``_StridedShard`` (dim, split_factor): each TP chunk is
 # split again over the FSDP ranks. The planner must read it to know which region a rank holds.
 # Public replacement: none yet (torch may publish it as ``StridedShard``); import that here then.
-from torch.distributed.tensor.placement_types import _StridedShard as StridedShard  # noqa: E402
+from torch.distributed.tensor.placement_types import _StridedShard as StridedShard
 
 # --- Device meshes ---------------------------------------------------------------------------------
 
@@ -44,12 +48,22 @@ def unflatten_mesh(mesh: Any, dim: int, sizes: Sequence[int], names: Sequence[st
 
 
 # --- A process group without processes (the dry-run planner) -------------------------------------
-# ``FakeStore`` (and importing its module registers the "fake" backend, a process group of any size
-# in one process that answers collectives without communicating): the dry-run parallelizes a model
-# with torch's own fully_shard/TP on the meta device through it. torch's own
-# ``torch.distributed.init_process_group`` reaches for the same module. Public replacement: the
-# "fake" backend registered by torch.distributed itself (then ``dist.HashStore()`` suffices).
-from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
+
+
+def fake_store() -> Any:
+    """A store for ``init_process_group("fake", ...)``: a process group of any size in one process.
+
+    The "fake" backend answers collectives without communicating; the dry-run parallelizes a model
+    with torch's own fully_shard/TP on the meta device through it. ``FakeStore`` lives in
+    ``torch.testing._internal.distributed.fake_pg``, and importing that module is what registers the
+    backend (torch's own ``init_process_group`` reaches for it too); imported on first use, so
+    ``import sharded_shampoo`` registers nothing. Public replacement: a "fake" backend registered by
+    torch.distributed itself (then ``dist.HashStore()`` suffices).
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
 
 # --- Fused multi-tensor kernels ---------------------------------------------------------------------
 # One kernel launch for a list of tensors (what torch.optim's foreach implementations use). No public
@@ -119,4 +133,4 @@ def pretend_no_accelerator() -> None:
     """
     import torch._utils as torch_utils
 
-    setattr(torch_utils, "_get_available_device_type", lambda: "cpu")
+    setattr(torch_utils, "_get_available_device_type", lambda: "cpu")  # noqa: B010 (a plain write reads as a reach-in)

@@ -112,7 +112,7 @@ def _validate_exponent_override(owner: str, override: ExponentOverride) -> None:
 
 def _freeze_override(override: ExponentOverride) -> tuple:
     """A hashable, order-independent form of an exponent override (for equality and fingerprints)."""
-    items = []
+    items: list[tuple[int, Any]] = []
     for order, value in sorted(override.items()):
         if isinstance(value, Mapping):
             items.append((order, tuple(sorted((int(d), float(e)) for d, e in value.items()))))

@@ -14,7 +14,7 @@ One process is the degenerate case: one rank owns every block and routing is the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch.optim import Optimizer
@@ -134,7 +134,7 @@ class ShardedShampoo(Optimizer):
         self.state_io = StateIO(self.runtime)
         self._structure = [structural_signature(g) for g in self.param_groups]
         # parameters whose statistics are float64 (structural, so fixed): their overflow limit is wider
-        self._float64_state = {rec.plan_index for rec in self.runtime.trainable
+        self._float64_state = {cast(int, rec.plan_index) for rec in self.runtime.trainable
                                if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
         self.state.clear()
         self.state.update(self.runtime.state_entries())
@@ -186,7 +186,7 @@ class ShardedShampoo(Optimizer):
             return loss
         for rec in self.runtime.trainable:   # zero stand-ins keep message sizes static
             if rec.plan_index not in grads:
-                grads[rec.plan_index] = torch.zeros_like(rec.local())
+                grads[cast(int, rec.plan_index)] = torch.zeros_like(rec.local())
         plan = [self._group_step(g) for g in self.param_groups]
         self.executor.step(grads, active, plan)
         for group in self.param_groups:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from tests.support import ckpt_scenarios as cs
 from tests.support.dist_utils import run_ranks

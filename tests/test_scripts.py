@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -45,3 +44,14 @@ def test_train_builds_each_preconditioner():
     assert isinstance(cfg, RootInverseShampoo) and isinstance(cfg.root, WarmStartRootConfig)
     cfg = train.preconditioner_config(train.parse_args(["--preconditioner", "eigen", "--eigenbasis", "qr"]))
     assert isinstance(cfg, EigenvalueCorrectedShampoo) and isinstance(cfg.eigenbasis, QREigenbasisConfig)
+
+
+def test_training_example_draws_no_progress_bar_into_a_pipe(capsys):
+    """A piped log gets the loss lines, not thousands of carriage-return bar updates (stderr is no tty here)."""
+    from scripts import train
+
+    train.train(train.parse_args(["--steps", "2", "--batch", "4", "--corpus-bytes", "200000", "--dim", "32",
+                                  "--layers", "1", "--heads", "2", "--seq", "16", "--log-every", "1"]))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "step/s" not in err and "s/step" not in err, err
+    assert "loss" in out

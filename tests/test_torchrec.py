@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.support.torchrec_required import require_torchrec  # noqa: E402
+from tests.support.torchrec_required import require_torchrec
 
 require_torchrec()
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from tests.support.torchrec_required import require_torchrec  # noqa: E402
+from tests.support.torchrec_required import require_torchrec
 
 require_torchrec()
 

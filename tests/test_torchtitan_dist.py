@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-from tests.support import titan_scenarios  # noqa: E402
-from tests.support.titan_harness import Layout  # noqa: E402
-from tests.support.titan_ranks import TitanRanks  # noqa: E402
+from tests.support import titan_scenarios
+from tests.support.titan_harness import Layout
+from tests.support.titan_ranks import TitanRanks
 
 
 S0, S1, R = "Shard(dim=0)", "Shard(dim=1)", "Replicate()"

@@ -202,8 +202,6 @@ def test_adagrad_grafting_default_still_trains():
 
 def test_training_example_starts_at_ln_256():
     """The training example's byte-level GPT-2 starts near ln(256) = 5.55 nats (it started at ~65)."""
-    import os
-    import sys
 
     from scripts import train
 

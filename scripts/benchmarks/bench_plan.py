@@ -19,11 +19,11 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from sharded_shampoo.dryrun import plan_model
-from sharded_shampoo.planning.plan import PlanSettings
 from sharded_shampoo.dryrun.presets import preset_names
+from sharded_shampoo.planning.plan import PlanSettings
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_cli(argv: list[str]) -> tuple[float, int, int, str]:

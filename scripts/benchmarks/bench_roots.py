@@ -23,9 +23,7 @@ loss (mean of the last 20 steps) relative to eigh's.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Callable
 

@@ -23,12 +23,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from sharded_shampoo import AdamGrafting, RootInverseShampoo, ShardedShampoo
 from sharded_shampoo.compute.matrix_functions import inverse_root_eigh
 
-from scripts.benchmarks.models import SHAPES, build_model, set_grads
+from scripts.benchmarks.models import build_model, set_grads
 
 def step_times(fn: Callable[[], None], repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):

@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable

@@ -25,7 +25,6 @@ fails (timings are reported, never asserted).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable

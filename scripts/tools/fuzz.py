@@ -13,7 +13,6 @@ Exit status 1 when any case failed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tests.support.fuzz_cases import draw

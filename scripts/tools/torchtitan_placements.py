@@ -11,8 +11,6 @@ in docs/parallelism.md; tests/test_torchtitan_dist.py asserts the FSDP x TP and 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from tests.support import titan_harness as th

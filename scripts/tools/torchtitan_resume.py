@@ -10,7 +10,6 @@ Prints the Markdown table shown in docs/parallelism.md.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 

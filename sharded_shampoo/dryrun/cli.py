@@ -22,6 +22,7 @@ from ..config import (
     AdaGradGrafting,
     AdamGrafting,
     EigenvalueCorrectedShampoo,
+    PreconditionerConfig,
     RMSpropGrafting,
     RootInverseShampoo,
     SGDGrafting,
@@ -73,6 +74,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
+    pre: PreconditionerConfig
     if args.preconditioner == "shampoo":
         pre = RootInverseShampoo(factor_dtype=factor_dtype)
     else:

@@ -70,7 +70,8 @@ def dense_named_parameters(model: nn.Module, sharders: Optional[Sequence[ModuleS
         if type(module) in types:
             skip.update(id(t) for t in module.parameters())
             skip.update(id(t) for t in module.buffers())
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+    params: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters()
+                                              if p.requires_grad and id(p) not in skip]
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in skip)
     return params, buffer_bytes
 

@@ -10,6 +10,7 @@ and is non-zero (the zero-lr state-initialisation step is recognised by all-zero
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -50,7 +51,7 @@ def local_gradients(rt: RankRuntime) -> dict[int, torch.Tensor]:
             raise ValueError(f"the gradient of parameter {rec.name!r} has shape {tuple(lg.shape)} on this rank but "
                              f"the parameter's shard has shape {expected}; a gradient must have its parameter's "
                              "shape (and placements).")
-        grads[rec.plan_index] = lg
+        grads[cast(int, rec.plan_index)] = lg          # trainable (checked above): an int
     return grads
 
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 from .._torch_compat import flatten_mesh
 from ..planning.layout import SHARD_TYPES, Layout, MeshSpec, ParamSpec, SubMesh
@@ -63,7 +66,7 @@ class ResolvedMesh:
     param_specs: list[ParamSpec]
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """A DTensor (duck-typed, so no import of torch.distributed.tensor is needed to ask)."""
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 

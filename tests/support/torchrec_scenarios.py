@@ -179,7 +179,6 @@ def scenario_two_ranks(rank: int, world: int, ckpt: str, snap_dir: str) -> dict[
 
 def run_script() -> dict[str, list]:
     """scripts/train_dlrm.py's training loop on this launch's ranks."""
-    import sys
 
     from scripts import train_dlrm
 
