@@ -12,7 +12,7 @@ The supported torch range is ``pyproject.toml``'s (README: which versions CI tes
 
 from __future__ import annotations
 
-__all__ = ["DCP_ITEM_READ_HOOK", "StridedShard", "fake_store", "flatten_mesh", "foreach_add", "foreach_add_",
+__all__ = ["DCP_ITEM_READ_HOOK", "StridedShard", "all_gather_into", "fake_store", "flatten_mesh", "foreach_add", "foreach_add_",
            "foreach_copy_", "foreach_mul_", "foreach_norm", "init_optim_state", "local_shape_and_offset",
            "local_shape_and_offset_at", "pretend_no_accelerator", "print_options", "unflatten_mesh"]
 
@@ -63,6 +63,20 @@ def fake_store() -> Any:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     return FakeStore()
+
+
+# --- Collectives whose public name changed ------------------------------------------------------
+
+
+def all_gather_into(output: torch.Tensor, tensor: torch.Tensor, group: Any = None) -> None:
+    """Gather every rank's ``tensor`` into ``output`` (rank-major), one collective.
+
+    torch 2.13 renamed ``all_gather_into_tensor`` to ``all_gather_single`` and warns (FutureWarning)
+    on every call of the old name; older releases have only the old one. Drop the fallback once the
+    supported minimum has ``all_gather_single``.
+    """
+    gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 # --- Fused multi-tensor kernels ---------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_wheel_ships_every_module_and_installs_no_top_level_checkpointing(tmp_pa
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith((".dist-info", "bin"))) == ["sharded_shampoo"]
-    code = ("import importlib.util, sharded_shampoo, sharded_shampoo.checkpointing as c; "
+    code = ("import importlib.util, sys, sharded_shampoo, sharded_shampoo.checkpointing as c; "
+            "assert 'checkpointing' not in sys.modules; "
             "print(sharded_shampoo.__file__); print(c.__file__); print(importlib.util.find_spec('checkpointing'))")
     # -E -s: no PYTHONPATH and no user site; run in `target`, which `-c` puts first on the child's
     # path, so neither the repository nor an editable install can shadow the installed wheel

@@ -62,3 +62,19 @@ def test_no_other_file_uses_a_private_torch_name() -> None:
                 if PRIVATE_TORCH.search(code) and not re.search(r"[\"'].*_StridedShard", code):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert offenders == [], "private torch names outside sharded_shampoo/_torch_compat.py:\n" + "\n".join(offenders)
+
+
+def test_all_gather_into_gathers_without_a_deprecation_warning() -> None:
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        out = torch.empty(3, dtype=torch.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)    # torch 2.13 deprecates all_gather_into_tensor
+            compat.all_gather_into(out, torch.tensor([4, 5, 6]))
+        assert out.tolist() == [4, 5, 6]
+    finally:
+        dist.destroy_process_group()

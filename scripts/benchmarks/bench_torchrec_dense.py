@@ -4,8 +4,8 @@ Run under torchrun (one torch thread per rank, so 2 ranks use 2 cores and 1 rank
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m scripts.benchmarks.bench_torchrec_dense
 
-The model is torchrec's DLRM with the dense sizes of torchrec's DLRM example (bottom MLP
-13-512-256-64, over MLP 512-256-1 on the 415 interaction features, embedding dim 64, 26 small tables sharded table-wise on
+The model is torchrec's DLRM as built by ``scripts/train_dlrm.py`` (bottom MLP 13-512-64, over MLP
+415-512-256-1 on the 415 interaction features: 0.38M dense parameters; embedding dim 64, 26 small tables sharded table-wise on
 the fused row-wise AdaGrad). One forward/backward gives real DDP-averaged dense gradients; then
 only the dense optimizer's ``step()`` is timed, repeatedly on those gradients, with the
 amortized roots (every ``--precondition-frequency`` steps) included in the mean. In one launch:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-from .._torch_compat import flatten_mesh
+from .._torch_compat import all_gather_into, flatten_mesh
 from ..planning.layout import SHARD_TYPES, Layout, MeshSpec, ParamSpec, SubMesh
 
 class MeshKeyword(str, Enum):
@@ -142,7 +142,7 @@ def gather_coordinates(meshes: list[Any], plan_mesh: Any, group: Optional[dist.P
         mine[i, :m.ndim] = torch.tensor(m.get_coordinate())
     device = _collective_device(group)
     out = torch.empty(world * len(meshes) * width, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, mine.flatten().to(device), group=group)
+    all_gather_into(out, mine.flatten().to(device), group=group)
     table = out.view(world, len(meshes), width).cpu().tolist()
     return [[tuple(table[r][i][:m.ndim]) for r in range(world)] for i, m in enumerate(meshes)]
 
