@@ -67,3 +67,21 @@ def test_python_block_runs(where: str, marker: str, code: str, workdirs: dict[st
     finally:
         undo()
     assert os.getcwd() == str(workdirs[doc])
+
+
+def test_every_script_module_and_test_file_the_docs_name_exists() -> None:
+    missing, checked = [], 0
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        modules = re.findall(r"python3? -m (scripts(?:\.\w+)+)", text)
+        modules += re.findall(r"torchrun [^\n`]*?-m (scripts(?:\.\w+)+)", text)
+        checked += len(modules)
+        for module in modules:   # NAME: a placeholder
+            if not module.split(".")[-1].isupper() and not (ROOT / (module.replace(".", "/") + ".py")).is_file():
+                missing.append(f"{path.name}: {module}")
+        files = re.findall(r"(?<![\w/.])((?:scripts|tests)/[\w/]+\.(?:py|sh))", text)
+        checked += len(files)
+        for file in files:
+            if not (ROOT / file).is_file():
+                missing.append(f"{path.name}: {file}")
+    assert checked > 50 and missing == [], "the docs name scripts or tests that do not exist:\n" + "\n".join(missing)
