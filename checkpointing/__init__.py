@@ -33,7 +33,8 @@ from .storage import (SaveHandle, load_checkpoint, read_checkpoint_meta, resolve
 __all__ = [
     "CheckpointArgumentError", "CheckpointCorruptError", "CheckpointError", "CheckpointLoadError",
     "CheckpointNotFoundError", "CheckpointPointerError", "CheckpointSaveError", "IncompatibleCheckpointError",
-    "HyperparameterSource", "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
+    "HyperparameterSource", "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning",
+    "check_compatible", "describe",
     "differences", "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
     "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "wait_pending",
 ]

@@ -20,8 +20,8 @@ import torch
 from torch.optim import Optimizer
 
 from .compute.preconditioner import BucketHyperparams, RootFailureError
-from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy, PlanSettings,
-                     PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
+from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy,
+                     PlanSettings, PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
                            validate_group)
 from .planning.plan import make_plan

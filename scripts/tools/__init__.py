@@ -1,1 +1,4 @@
-"""Maintainer tools (fuzzing, doc generators); run from the repository root as ``python -m scripts.tools.NAME``."""
+"""Maintainer tools: fuzzing and doc generators.
+
+Run from the repository root as ``python -m scripts.tools.NAME``.
+"""
