@@ -72,10 +72,14 @@ def fsdp() -> Context:
 
 
 def torchtitan() -> Context:
-    """``config``: torchtitan's Llama3 debug ``Trainer.Config`` (and ``llama3_debugmodel`` itself)."""
-    from tests.support.titan_harness import apply_cpu_workarounds
+    """``config``: torchtitan's Llama3 debug ``Trainer.Config`` (and ``llama3_debugmodel`` itself).
 
-    apply_cpu_workarounds()
+    Building a config needs only the stand-in for torchtitan's Triton kernels (not in CPU builds of
+    torch), not the harness's process-wide workarounds: other tests may have imported torchtitan.
+    """
+    from tests.support.titan_harness import install_triton_stub
+
+    install_triton_stub()
     from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
     return {"config": llama3_debugmodel(), "llama3_debugmodel": llama3_debugmodel}, lambda: None

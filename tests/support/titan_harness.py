@@ -47,16 +47,23 @@ def apply_cpu_workarounds() -> None:
         raise RuntimeError("torchtitan was imported before apply_cpu_workarounds(); its device type is "
                            "already fixed to a non-CPU device.")
     pretend_no_accelerator()
-    if _KERNELS not in sys.modules:
-        stub = types.ModuleType(_KERNELS)
-
-        def unavailable(*args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("MinimalAsyncEP Triton kernels are not available on CPU")
-
-        for name in _KERNEL_NAMES:
-            setattr(stub, name, unavailable)
-        sys.modules[_KERNELS] = stub
+    install_triton_stub()
     torch.autograd.set_multithreading_enabled(False)  # as torchtitan's init_distributed does
+
+
+def install_triton_stub() -> bool:
+    """Workaround 2 alone: a stand-in for torchtitan's Triton kernel module; True if it was installed now."""
+    if _KERNELS in sys.modules:
+        return False
+    stub = types.ModuleType(_KERNELS)
+
+    def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("MinimalAsyncEP Triton kernels are not available on CPU")
+
+    for name in _KERNEL_NAMES:
+        setattr(stub, name, unavailable)
+    sys.modules[_KERNELS] = stub
+    return True
 
 
 @dataclass(frozen=True)
