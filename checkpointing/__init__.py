@@ -1,7 +1,13 @@
 """Distributed checkpointing of ShardedShampoo state with torch.distributed.checkpoint (DCP).
 
-Installed as ``sharded_shampoo.checkpointing`` (see pyproject ``package-dir``), never as a
-top-level ``checkpointing`` package, so it cannot collide with other projects' modules.
+Installed as ``sharded_shampoo.checkpointing`` (the link ``sharded_shampoo/checkpointing`` ->
+``../checkpointing``), never as a top-level ``checkpointing`` package, so it cannot collide with
+other projects' modules.
+
+Contract: inputs are a model and its optimizer (a ``ShardedShampoo`` is fingerprinted and checked;
+any torch optimizer is saved as is) and a directory; outputs DCP checkpoints and loaded state,
+all-or-nothing on every rank. May import ``sharded_shampoo``'s public API, ``config`` and
+``_torch_compat``; nothing else in the library imports it.
 
 - :func:`save_checkpoint` / :func:`load_checkpoint`: the crash-safe, verified pair (``step_N``
   directories with per-item checksums, private temporary directories and an atomic publish that
@@ -24,15 +30,15 @@ from .errors import (CheckpointArgumentError, CheckpointCorruptError, Checkpoint
                      IncompatibleCheckpointError, MissingExtraError, UnsafeCheckpointError, UnverifiedCheckpointWarning)
 from .integrity import verify_checkpoint
 from .safe_pickle import check_pickles
-from .state import TrainState
+from .state import HyperparameterSource, TrainState
 from .storage import (SaveHandle, load_checkpoint, read_checkpoint_meta, resolve_checkpoint, save_checkpoint,
                       wait_pending)
 
 __all__ = [
     "CheckpointArgumentError", "CheckpointCorruptError", "CheckpointError", "CheckpointLoadError",
     "CheckpointNotFoundError", "CheckpointPointerError", "CheckpointSaveError", "ConcurrentSaveError",
-    "IncompatibleCheckpointError", "MissingExtraError", "SaveHandle", "TrainState", "UnsafeCheckpointError",
-    "UnverifiedCheckpointWarning", "check_compatible", "check_pickles", "describe",
+    "HyperparameterSource", "IncompatibleCheckpointError", "MissingExtraError", "SaveHandle", "TrainState",
+    "UnsafeCheckpointError", "UnverifiedCheckpointWarning", "check_compatible", "check_pickles", "describe",
     "differences", "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
     "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "wait_pending",
 ]

@@ -30,7 +30,7 @@ def _converted(key: str, legacy_value: Any) -> Any:
 
 def _entries(optim: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
     """``(container, key in it, stored DCP key below 'optim.')`` of every param-group setting."""
-    out = []
+    out: list[tuple[dict[str, Any], str, str]] = []
     groups = optim.get("param_groups")
     if isinstance(groups, list):                          # nested layout
         for i, group in enumerate(groups):

@@ -14,7 +14,7 @@ code between them needs this.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
@@ -67,7 +67,7 @@ def as_error(err: BaseException, base: type[CheckpointError], what: str, path: s
         failures = {r: exc for r, (exc, _) in sorted(err.failures.items())}
         kinds = {type(exc) for exc in failures.values()}
         if len(kinds) == 1 and issubclass(next(iter(kinds)), base):
-            cls = next(iter(kinds))
+            cls = cast(type[CheckpointError], next(iter(kinds)))
         detail = "; ".join(f"rank {r}: {_one_line(exc)}" for r, exc in failures.items())
     else:
         detail = _one_line(err)

@@ -207,6 +207,7 @@ class VerifyingReader(FileSystemReader):
     def _with_load_id(self, metadata: Metadata) -> Metadata:
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        assert metadata.storage_meta is not None     # set above when the file had none
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

@@ -98,7 +98,9 @@ def _check_request(ckpt: str, keys: Any, state: CheckpointState, verify: bool) -
     """The plan fingerprint and the requested ``extra`` keys, before anything is read."""
     guard = state.guard_key()
     if guard is not None and f"{APP_KEY}.{guard}" not in keys:
-        check_compatible(read_checkpoint_meta(ckpt, verify), state.describe(), where=f"checkpoint {ckpt!r}")
+        live = state.describe()
+        assert live is not None                     # a guard key comes with a description
+        check_compatible(read_checkpoint_meta(ckpt, verify), live, where=f"checkpoint {ckpt!r}")
     check_extra_keys(ckpt, keys, state.extra or {})
 
 
@@ -126,6 +128,8 @@ def load_state(path: str, make_state: Callable[[Mapping[str, Any]], CheckpointSt
     except Exception as e:  # noqa: BLE001 - agreed below, raised on every rank
         err = as_error(e, CheckpointLoadError, f"opening checkpoint {path!r}", path)
     agree(err, CheckpointLoadError, ckpt, token=os.path.basename(os.path.normpath(ckpt)), what="checkpoint to load")
+    # agree() raised otherwise
+    assert reader is not None and state is not None and state_dict is not None and restore is not None
     if verify and reader.checksums is None:
         warnings.warn(f"checkpoint {ckpt!r} has no {CHECKSUM_FILE} (written by plain dcp.save, an older version or "
                       "with checksums=False): its bytes are loaded without verification.", UnverifiedCheckpointWarning,

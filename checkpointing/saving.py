@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -238,6 +238,7 @@ def save_state(target: Target, make_state: Callable[[], CheckpointState], *, asy
                        target.root)
     tmp = _agree_or_remove(err, target, claim, token=target.name,
                            share=claim.tmp.path if claim is not None else None)
+    assert state_dict is not None   # _agree_or_remove() raised otherwise
     writer = FileSystemWriter(tmp)
 
     def finish(failure: Optional[BaseException], metadata: Any) -> None:
@@ -270,7 +271,7 @@ def _start_async(state_dict: dict[str, Any], writer: FileSystemWriter, final: st
     except DCP_FAILURES as e:
         stager.close()
         finish(as_error(e, CheckpointSaveError, f"staging {final!r}", os.path.dirname(final)), None)
-        raise AssertionError("unreachable: finish() raises for a failed save")  # pragma: no cover
-    future = getattr(response, "upload_completion", response)
+        raise AssertionError("unreachable: finish() raises for a failed save") from None  # pragma: no cover
+    future = cast(Future, getattr(response, "upload_completion", response))   # AsyncSaveResponse or a Future
     _pending = SaveHandle(final, finish, future, cleanup=stager.close)
     return _pending

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.planner import ReadItem
+
+from sharded_shampoo._torch_compat import dcp_set_element
 
 from .safe_pickle import load_object
 
@@ -42,7 +43,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def set_object(self, read_item: ReadItem, obj: Any) -> None:
         """Where DCP's ``load_bytes`` puts a small object (the nested state dict DCP was given)."""
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            dcp_set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 

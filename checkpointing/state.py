@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Set
+from enum import Enum
 from typing import Any, Optional, Protocol
 
 import torch
@@ -40,7 +41,25 @@ from .errors import CheckpointArgumentError
 
 META_KEY = "shampoo_meta"
 GUARD_PREFIX = "shampoo_plan_"
-HYPERPARAMETER_MODES = ("checkpoint", "current")
+
+
+class HyperparameterSource(str, Enum):
+    """Where a load takes the param groups' hyperparameters (lr, betas, ...) from."""
+
+    CHECKPOINT = "checkpoint"  # torch's convention: the saved values come back
+    CURRENT = "current"        # keep the live values (a new lr, precondition_frequency, ...)
+
+    @classmethod
+    def parse(cls, value: Any) -> "HyperparameterSource":
+        """The source for ``value`` (the enum or its string); the one check of ``hyperparameters=``."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise CheckpointArgumentError(f"TrainState.hyperparameters must be one of {HYPERPARAMETER_MODES}; "
+                                          f"got {value!r}.") from None
+
+
+HYPERPARAMETER_MODES = tuple(s.value for s in HyperparameterSource)
 #: param-group entries that are state, never "hyperparameters" kept from the live optimizer (the
 #: step count, and iterate averaging's mode and Schedule-Free learning-rate sum)
 _GROUP_STATE_KEYS = ("params", "param_names", "step", "train_mode", "lr_sum")
@@ -128,16 +147,14 @@ class TrainState(Stateful):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  extra: Optional[Mapping[str, Any]] = None, flatten_optimizer_state_dict: bool = True,
-                 hyperparameters: str = "checkpoint") -> None:
-        if hyperparameters not in HYPERPARAMETER_MODES:
-            raise CheckpointArgumentError(f"TrainState.hyperparameters must be one of {HYPERPARAMETER_MODES}; "
-                             f"got {hyperparameters!r}.")
+                 hyperparameters: str | HyperparameterSource = "checkpoint") -> None:
+        source = HyperparameterSource.parse(hyperparameters)
         self.model = model
         self.optimizer = optimizer
         check_extra(extra)
         self.extra: dict[str, Any] = dict(extra or {})
         self.flatten_optimizer_state_dict = flatten_optimizer_state_dict
-        self.hyperparameters = hyperparameters
+        self.hyperparameters = source
 
     def _options(self) -> StateDictOptions:
         return StateDictOptions(flatten_optimizer_state_dict=self.flatten_optimizer_state_dict)
@@ -159,7 +176,7 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_plan(state_dict, self.describe())
         keep = None
-        if self.hyperparameters == "current":
+        if self.hyperparameters is HyperparameterSource.CURRENT:
             keep = [{k: v for k, v in g.items() if k not in _GROUP_STATE_KEYS} for g in self.optimizer.param_groups]
         set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict["optim"], options=self._options())

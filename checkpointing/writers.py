@@ -89,13 +89,14 @@ def _lock(tmp: str, token: str) -> Optional[int]:
     """Create ``tmp/.writer.lock`` already locked (see the module doc); the fd, or None without flock."""
     staging = os.path.join(tmp, f"{LOCK_FILE}.{token}")
     fd = os.open(staging, os.O_CREAT | os.O_RDWR, 0o644)
+    locked: Optional[int] = fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        fd = None
+        locked = None
     os.rename(staging, os.path.join(tmp, LOCK_FILE))
-    return fd
+    return locked
 
 
 def create_tmp(root: str, name: str) -> TmpDir:

@@ -12,17 +12,17 @@ as a ratio to AdamW's own time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train  # noqa: E402
+if __package__:               # imported as scripts.compare_optimizers (tests) or run with -m
+    from scripts import train
+else:                         # python scripts/compare_optimizers.py: Python put scripts/ first on sys.path
+    import train
 
 #: label -> extra train.py arguments
 OPTIMIZERS = {

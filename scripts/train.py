@@ -94,7 +94,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--plot", default=None, help="write the loss curve to this PNG (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (shown only when stderr is a terminal)")
+    p.add_argument("--no-timings", action="store_true", help="leave the elapsed seconds out of the loss lines")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save a checkpoint every N steps (and after the last step) into --checkpoint-dir")
     p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
@@ -194,7 +195,7 @@ def train(args: argparse.Namespace) -> list[float]:
     local = args.batch // world
     losses: list[float] = []
     bar = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and not args.no_progress and sys.stderr.isatty():   # no bar in a piped log
         from tqdm import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc=f"{args.optimizer} x{world}", unit="step")
@@ -218,7 +219,9 @@ def train(args: argparse.Namespace) -> list[float]:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == args.steps - 1):
-            msg = f"step {step:4d}  loss {losses[-1]:.4f}  ({time.perf_counter() - t0:.1f}s)"
+            msg = f"step {step:4d}  loss {losses[-1]:.4f}"
+            if not args.no_timings:
+                msg += f"  ({time.perf_counter() - t0:.1f}s)"
             (bar.write if bar is not None else print)(msg)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             handle = save_step(args, step + 1, model, opt)

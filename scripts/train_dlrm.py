@@ -185,7 +185,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write the loss curve (and eval AUC) to this PNG")
-    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar")
+    p.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bar (shown only when stderr is a terminal)")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="save a checkpoint every N steps")
     p.add_argument("--checkpoint-dir", default="dlrm_ckpt", metavar="DIR", help="where step_N/ checkpoints go")
     p.add_argument("--resume", default=None, metavar="PATH", help="a step_N directory written by --save-every")
@@ -239,7 +239,7 @@ def train(args: argparse.Namespace) -> dict[str, list]:
     t = teacher(args)
     history: dict[str, list] = {"loss": [], "auc": []}
     bar = None
-    if rank == 0 and not args.no_progress:
+    if rank == 0 and not args.no_progress and sys.stderr.isatty():   # no bar in a piped log
         from tqdm import tqdm
 
         bar = tqdm(total=args.steps, initial=start, desc=f"{args.optimizer} x{world}", unit="step")

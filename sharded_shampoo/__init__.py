@@ -3,8 +3,8 @@
 from .planning.blocking import Block, plan_blocks
 from .averaging_config import ClassicMomentum, GeneralizedPrimalAveraging, ScheduleFree, WeightDecayType
 from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
-                     EighRootConfig, QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
-                     WarmStartRootConfig)
+                     EighRootConfig, ElementwiseMode, NonFinitePolicy, QREigenbasisConfig, RMSpropGrafting,
+                     RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
 from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "ClassicMomentum", "CoupledNewtonConfig",
-    "EigenvalueCorrectedShampoo", "EighRootConfig", "GeneralizedPrimalAveraging", "ScheduleFree", "WeightDecayType", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
+    "EigenvalueCorrectedShampoo", "EighRootConfig", "ElementwiseMode", "GeneralizedPrimalAveraging", "Layout",
+    "MeshSpec", "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "QREigenbasisConfig", "RMSpropGrafting",
+    "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
 ]

@@ -7,9 +7,10 @@ can use them without an import cycle.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
-def check_range(owner: str, name: str, value: float, low: float, high: float,
+def check_range(owner: str, name: str, value: Any, low: float, high: float,
                  low_open: bool = False, high_open: bool = False) -> None:
     """Raise a ValueError naming ``owner.name`` unless ``value`` lies in the interval."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

@@ -19,7 +19,7 @@ import torch
 
 from .averaging_config import (ITERATE_AVERAGING_TYPES, PRIMAL_AVERAGING_TYPES, ClassicMomentum,  # noqa: F401
                                GeneralizedPrimalAveraging, IterateAveragingConfig, ScheduleFree, WeightDecayType)
-from .checks import check_int, check_range  # noqa: F401 - re-exported: config classes elsewhere use them
+from .checks import check_int, check_range
 
 #: Field metadata of config fields added after checkpoints were first written: ``config_to_dict``
 #: leaves such a field out while it has its default value, so the dicts (and the checkpoint
@@ -97,7 +97,7 @@ def _validate_exponent_override(owner: str, override: ExponentOverride) -> None:
 
 def _freeze_override(override: ExponentOverride) -> tuple:
     """A hashable, order-independent form of an exponent override (for equality and fingerprints)."""
-    items = []
+    items: list[tuple[int, Any]] = []
     for order, value in sorted(override.items()):
         if isinstance(value, Mapping):
             items.append((order, tuple(sorted((int(d), float(e)) for d, e in value.items()))))
@@ -363,6 +363,23 @@ class NonFinitePolicy(str, Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"ShardedShampoo.nonfinite_grads must be one of {[p.value for p in cls]}; "
+                             f"got {value!r}.") from None
+
+
+class ElementwiseMode(str, Enum):
+    """How the element-wise step math runs (moments, grafting state, norms; see compute/elementwise.py)."""
+
+    EAGER = "eager"      # one torch op after another
+    COMPILE = "compile"  # fused kernels via torch.compile, with an eager fallback where it cannot compile
+
+    @classmethod
+    def parse(cls, value: Any) -> "ElementwiseMode":
+        """The mode for ``value`` (the enum or its string); the one check of ``elementwise=``."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"ShardedShampoo.elementwise must be one of {tuple(m.value for m in cls)} ('compile': "
+                             f"fused element-wise kernels via torch.compile, with an eager fallback); "
                              f"got {value!r}.") from None
 
 

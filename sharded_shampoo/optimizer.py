@@ -14,7 +14,7 @@ One process is the degenerate case: one rank owns every block and routing is the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch.optim import Optimizer
@@ -22,8 +22,8 @@ from torch.optim import Optimizer
 from .averaging_config import IterateAveragingConfig, WeightDecayType
 from .compute.averaging import UpdateRule
 from .compute.preconditioner import BucketHyperparams, RootFailureError
-from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
-                     PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
+from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy,
+                     PlanSettings, PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .membership import GroupMembership
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
                            validate_group)
@@ -70,9 +70,9 @@ class ShardedShampoo(Optimizer):
         blocking: BlockingConfig = BlockingConfig(),
         mesh: Any = None,
         comm_dtype: torch.dtype = torch.float32,
-        nonfinite_grads: str = "raise",
+        nonfinite_grads: str | NonFinitePolicy = "raise",
         overlap_chunks: int = 4,
-        elementwise: str = "eager",
+        elementwise: str | ElementwiseMode = "eager",
     ) -> None:
         self.nonfinite_grads = NonFinitePolicy.parse(nonfinite_grads)
         check_comm_dtype(comm_dtype)
@@ -153,7 +153,7 @@ class ShardedShampoo(Optimizer):
         self.membership = GroupMembership(self.param_groups)
         self.root_schedule = RootSchedule(self.param_groups)
         # parameters whose statistics are float64 (structural, so fixed): their overflow limit is wider
-        self._float64_state = {rec.plan_index for rec in self.runtime.trainable
+        self._float64_state = {cast(int, rec.plan_index) for rec in self.runtime.trainable
                                if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
         self.state.clear()
         self.state.update(self.runtime.state_entries())
@@ -208,7 +208,7 @@ class ShardedShampoo(Optimizer):
             return loss
         for rec in self.runtime.trainable:   # zero stand-ins keep message sizes static
             if rec.plan_index not in grads:
-                grads[rec.plan_index] = torch.zeros_like(rec.local())
+                grads[cast(int, rec.plan_index)] = torch.zeros_like(rec.local())
         decisions = [self.root_schedule.decide(gi, g) for gi, g in enumerate(self.param_groups)]
         rules = [update_rule(g) for g in self.param_groups]
         plan = [self._group_step(g, d, rule) for g, d, (rule, _) in zip(self.param_groups, decisions, rules)]
@@ -361,7 +361,8 @@ class ShardedShampoo(Optimizer):
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
                              use_bias_correction=group["use_bias_correction"], grafting=group["grafting"],
-                             preconditioner=group["preconditioner"], elementwise=group["elementwise"])
+                             preconditioner=group["preconditioner"],
+                             elementwise=ElementwiseMode.parse(group["elementwise"]))
 
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:

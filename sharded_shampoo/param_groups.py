@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import (COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, BlockingConfig, check_range)
+from .config import COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, BlockingConfig, ElementwiseMode, check_range
 from .update_options import validate_update_options
 
 OWNER = "ShardedShampoo"
@@ -23,8 +23,6 @@ OWNER = "ShardedShampoo"
 BOOKKEEPING_KEYS = ("params", "param_names")
 #: Constructor arguments that set the whole optimizer; in a param group they would be ignored.
 OPTIMIZER_WIDE_KEYS = ("mesh", "comm_dtype", "nonfinite_grads", "overlap_chunks")
-#: Implementations of the element-wise step math (see compute/elementwise.py).
-ELEMENTWISE_MODES = ("eager", "compile")
 
 
 def check_lr(lr: Any) -> None:
@@ -84,9 +82,7 @@ def validate_group(g: Mapping[str, Any]) -> None:
                          f"got {g['preconditioner']!r}.")
     if not isinstance(g["blocking"], BlockingConfig):
         raise ValueError(f"{OWNER}.blocking must be a BlockingConfig; got {g['blocking']!r}.")
-    if g.get("elementwise", "eager") not in ELEMENTWISE_MODES:
-        raise ValueError(f"{OWNER}.elementwise must be one of {ELEMENTWISE_MODES} ('compile': fused element-wise "
-                         f"kernels via torch.compile, with an eager fallback); got {g.get('elementwise')!r}.")
+    ElementwiseMode.parse(g.get("elementwise", ElementwiseMode.EAGER))
     step = g.get("step", 0)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"param group 'step' must be an integer >= 0 (the number of steps taken); got {step!r}.")

@@ -1,7 +1,7 @@
 """Iterate averaging and weight-decay types: train()/eval(), state dicts, aliases and every bad input.
 
 The update rules themselves are checked against textbook math in test_averaging_dense.py, against
-the reference implementation by scripts/parity_vs_reference.py, and across world sizes and
+the reference implementation by scripts/benchmarks/parity_vs_reference.py, and across world sizes and
 checkpoints in test_distributed.py / test_checkpointing_dist.py.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from _numerics import grad_for
+from tests.support.numerics import grad_for
 from sharded_shampoo import (AdaGradGrafting, ClassicMomentum, GeneralizedPrimalAveraging, ScheduleFree,
                              ShardedShampoo, WeightDecayType)
 from sharded_shampoo.planning.plan import PlanSettings, make_plan

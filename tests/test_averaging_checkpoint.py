@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import ckpt_scenarios as cs
+from tests.support import ckpt_scenarios as cs
 from sharded_shampoo import WeightDecayType
 from sharded_shampoo.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from sharded_shampoo.checkpointing.added_keys import ADDED_GROUP_KEYS

@@ -15,10 +15,10 @@ from typing import Any, Optional
 import pytest
 import torch
 
-from _numerics import grad_for, max_rel_diff
+from tests.support.numerics import grad_for, max_rel_diff
 from sharded_shampoo import (AdaGradGrafting, ClassicMomentum, GeneralizedPrimalAveraging, RootInverseShampoo,
                              ScheduleFree, ShardedShampoo, WeightDecayType)
-from test_dense_reference import DenseShampoo
+from tests.test_dense_reference import DenseShampoo
 
 F64 = torch.float64
 TOL = 1e-6

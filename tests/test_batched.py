@@ -13,7 +13,7 @@ import string
 import pytest
 import torch
 
-from _numerics import grad_for, make_params, max_rel_diff, set_grads
+from tests.support.numerics import grad_for, make_params, max_rel_diff, set_grads
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.planning.blocking import Block
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,

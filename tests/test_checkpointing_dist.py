@@ -10,10 +10,11 @@ import glob
 import os
 
 import pytest
+import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-import ckpt_scenarios as cs
-from dist_utils import run_ranks
+from tests.support import ckpt_scenarios as cs
+from tests.support.dist_utils import run_ranks
 from sharded_shampoo.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 
 BOUND = 1e-6
@@ -129,7 +130,7 @@ def test_iterate_averaging_fsdp_2_to_single_process(root: str, two: list[dict], 
 
 def test_killed_save_leaves_previous_checkpoint_and_pointer(tmp_path) -> None:
     root = str(tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="exit code 17"):   # rank 1's os._exit(17)
         run_ranks(2, cs.scenario_killed_save, root)
     assert open(os.path.join(root, "latest")).read().strip() == "step_5"
     (partial,) = glob.glob(os.path.join(root, "step_10.tmp-*"))      # the interrupted save ...

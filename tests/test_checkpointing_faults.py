@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-import ckpt_fault_scenarios as fs
-import ckpt_scenarios as cs
-from dist_utils import run_ranks
+from tests.support import ckpt_fault_scenarios as fs
+from tests.support import ckpt_scenarios as cs
+from tests.support.dist_utils import run_ranks
 from sharded_shampoo.checkpointing import UnverifiedCheckpointWarning, load_checkpoint
 
 FAST_S = 10.0

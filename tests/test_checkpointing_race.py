@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-import ckpt_scenarios as cs
-import race_writers as rw
+from tests.support import ckpt_scenarios as cs
+from tests.support import race_writers as rw
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

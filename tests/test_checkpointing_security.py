@@ -18,8 +18,8 @@ import shutil
 import pytest
 import torch
 
-import ckpt_craft as cc
-import ckpt_scenarios as cs
+from tests.support import ckpt_craft as cc
+from tests.support import ckpt_scenarios as cs
 from sharded_shampoo.checkpointing import (CheckpointCorruptError, CheckpointLoadError, UnsafeCheckpointError,
                                            check_pickles, load_checkpoint, read_checkpoint_meta, save_checkpoint,
                                            verify_checkpoint)
@@ -135,7 +135,7 @@ def test_data_only_foreign_objects_still_load_as_data(pristine: str, tmp_path) -
 def test_torchrec_checkpoint_runs_nothing(tmp_path) -> None:
     """save_dmp/load_dmp (DMPTrainState over a KeyedOptimizer; the 2-rank DMP run repeats two cases)."""
     pytest.importorskip("torchrec")
-    import keyed_helpers as th
+    from tests.support import keyed_helpers as th
     from sharded_shampoo.integrations.torchrec import load_dmp, save_dmp
 
     marker = str(tmp_path / "marker")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-import ckpt_scenarios as cs
-from dist_utils import run_ranks
+from tests.support import ckpt_scenarios as cs
+from tests.support.dist_utils import run_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -17,18 +16,9 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-@pytest.fixture
-def one_thread():
-    # the spawned ranks run with 1 thread (dist_utils); so does the in-process run, which also keeps
-    # the eigh of the amortized steps fast on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(*argv: str) -> list[float]:
-    train = cs.train_module()
+    from scripts import train
+
     return train.train(train.parse_args(cs.TRAIN_ARGS + list(argv)))
 
 
@@ -52,7 +42,8 @@ def test_train_saved_with_two_processes_resumes_with_one(tmp_path, one_thread) -
 
 
 def test_train_checkpoint_flags_are_validated() -> None:
-    train = cs.train_module()
+    from scripts import train
+
     for argv in (["--save-every", "-1"], ["--keep-last", "0"]):
         with pytest.raises(SystemExit):
             train.parse_args(argv)

@@ -16,7 +16,7 @@ from typing import Optional
 import pytest
 import torch
 
-from _numerics import block_boxes, grad_for, kron_all, max_rel_diff
+from tests.support.numerics import block_boxes, grad_for, kron_all, max_rel_diff
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)

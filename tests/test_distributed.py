@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 
-import dist_scenarios as sc
-from dist_utils import run_ranks
+from tests.support import dist_scenarios
+from tests.support.dist_utils import run_ranks
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 F32 = torch.float32
 BF16 = torch.bfloat16
@@ -21,7 +18,7 @@ BF16_BOUND = 1e-2
 
 
 def _refs(cases: list[tuple]) -> dict:
-    return {(sc.model_kind(c[0]), c[1], c[4]): sc.reference(c[1], c[4], sc.model_kind(c[0])) for c in cases}
+    return {(dist_scenarios.model_kind(c[0]), c[1], c[4]): dist_scenarios.reference(c[1], c[4], dist_scenarios.model_kind(c[0])) for c in cases}
 
 
 def _check(results: list[dict], cases: list[tuple]) -> None:
@@ -29,12 +26,12 @@ def _check(results: list[dict], cases: list[tuple]) -> None:
         if case[0] == "fsdp_one_block":
             from sharded_shampoo import plan_blocks
 
-            c = sc.CONFIGS[case[1]]
+            c = dist_scenarios.CONFIGS[case[1]]
             blocks = plan_blocks([("0.weight", (3, 4))], c["max_preconditioner_dim"], c["preconditioner"])
             assert len(blocks) == 1 and len(results) == 4, "three of the four ranks must own nothing"
         layout, config, mesh_shape = case[:3]
         # the dry-run (meta device, fake process group) predicts every rank's allocation exactly
-        dry = sc.dryrun_state_bytes(config, mesh_shape, sc.model_kind(layout)) \
+        dry = dist_scenarios.dryrun_state_bytes(config, mesh_shape, dist_scenarios.model_kind(layout)) \
             if layout in ("fsdp", "hsdp", "fsdp_one_block") else None
         for rank, r in enumerate(results):
             real, planned = r[repr(case) + ".bytes"]
@@ -60,12 +57,12 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         ("fsdp", "gpa", (2,), F32, 4),
         ("fsdp", "schedule_free", (2,), F32, 0),
     ]
-    _check(run_ranks(2, sc.scenario_invariance, cases, _refs(cases)), cases)
+    _check(run_ranks(2, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
 
 def test_three_ranks_fsdp() -> None:
     cases = [("fsdp", "root_inverse", (3,), F32, 0), ("fsdp", "eigen_corrected", (3,), F32, 0)]
-    _check(run_ranks(3, sc.scenario_invariance, cases, _refs(cases)), cases)
+    _check(run_ranks(3, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
 
 def test_four_ranks_fsdp_and_hsdp() -> None:
@@ -76,7 +73,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("hsdp", "schedule_free", (2, 2), F32, 0),
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
     ]
-    _check(run_ranks(4, sc.scenario_invariance, cases, _refs(cases)), cases)
+    _check(run_ranks(4, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
 
 def test_train_script_two_ranks_matches_one_process() -> None:
@@ -87,12 +84,12 @@ def test_train_script_two_ranks_matches_one_process() -> None:
     epsilon is tiny (1e-10 gives 1.7e-3 here), so this check uses epsilon=1e-4 (measured 1.1e-5).
     The optimizer itself is exact for identical gradients (test_*_ranks_* above).
     """
-    import train
+    from scripts import train
 
     argv = ["--epsilon", "1e-4", "--steps", "20", "--batch", "8", "--seq", "32", "--dim", "64", "--layers", "1",
             "--precondition-frequency", "5", "--corpus-bytes", "200000", "--no-progress", "--log-every", "100"]
     single = train.train(train.parse_args(argv))
-    multi = run_ranks(2, sc.scenario_train, argv)
+    multi = run_ranks(2, dist_scenarios.scenario_train, argv)
     assert multi[0] == multi[1]
     rel = max(abs(a - b) / abs(b) for a, b in zip(multi[0], single))
     assert rel <= 1e-4, f"losses differ by {rel:.3g} relative"

@@ -192,8 +192,8 @@ def test_cli_usage_and_listing(capsys):
 
 
 def test_live_process_group_is_refused():
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    from sharded_shampoo._torch_compat import fake_store
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
     try:
         with pytest.raises(DryRunError, match="already initialized"):
             sharded_param_specs(PRESETS["llama-tiny"], (2,))

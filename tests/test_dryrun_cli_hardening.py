@@ -56,12 +56,12 @@ def test_tp_degree_that_does_not_divide_a_dim_is_named(capsys):
 def test_tp_message_on_an_unnamed_mesh():
     """The layout error names the mesh dim by position when the mesh has no dim names."""
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from sharded_shampoo._torch_compat import StridedShard
 
     from sharded_shampoo.planning.layout import Layout, MeshSpec, ParamSpec, SubMesh, param_geometry
 
     mesh = MeshSpec((3, 2))
-    layout = Layout(SubMesh.root(mesh), (_StridedShard(0, split_factor=2), Shard(0)))
+    layout = Layout(SubMesh.root(mesh), (StridedShard(0, split_factor=2), Shard(0)))
     with pytest.raises(ValueError, match=r"parameter 'w'.*dim 0 has size 13, which mesh dim 1 \(size 2\) does not "
                                          r"divide.*a degree that divides 13"):
         param_geometry(ParamSpec("w", (13, 4), layout=layout), mesh)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sharded_shampoo.compute.refresh as preconditioner_mod
-from _numerics import make_params, set_grads
+from tests.support.numerics import make_params, set_grads
 from sharded_shampoo import NonFiniteGradientError, RootFailureError, ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                                     EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,
@@ -513,10 +513,11 @@ def test_load_state_dict_mismatch_raises_and_leaves_state_untouched(case):
 
 
 def _globals() -> dict:
-    from torch._tensor_str import PRINT_OPTS
+    from sharded_shampoo._torch_compat import print_options
+
     return {
         "default_dtype": torch.get_default_dtype(),
-        "print": dict(vars(PRINT_OPTS)),
+        "print": dict(vars(print_options())),
         "grad": torch.is_grad_enabled(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "matmul_precision": torch.get_float32_matmul_precision(),
@@ -574,13 +575,13 @@ def test_mesh_argument_is_validated():
 
 def test_unsupported_placements_raise_naming_the_parameter():
     from torch.distributed.tensor import Partial, Replicate, Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from sharded_shampoo._torch_compat import StridedShard
 
     from sharded_shampoo.runtime.placements import check_placements
 
     # every Shard / _StridedShard / Replicate mix is data for the router (tensor and expert parallel)
     for placements, ndim in (((Shard(0),), 1), ((Replicate(), Shard(0)), 2), ((Shard(0), Shard(1)), 2),
-                             ((_StridedShard(0, split_factor=2), Shard(0)), 2), ((Shard(0), Replicate()), 2)):
+                             ((StridedShard(0, split_factor=2), Shard(0)), 2), ((Shard(0), Replicate()), 2)):
         assert check_placements("w", placements, ndim) == placements
     with pytest.raises(ValueError, match=r"'layers.0.w'.*Partial"):
         check_placements("layers.0.w", (Shard(0), Partial()), 2)

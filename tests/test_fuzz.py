@@ -1,5 +1,5 @@
 """Randomized multi-rank fuzzing (docs/testing.md): a fixed set of seeds in one 4-rank launch, plus
-the harness's own invariants. ``scripts/fuzz.py --seeds N`` runs many more.
+the harness's own invariants. ``scripts/tools/fuzz.py --seeds N`` runs many more.
 
 The seeds below were picked (greedy set cover over seeds 0..2999 that fit one 4-rank launch) so
 that together they draw every layout, both preconditioners, every grafting, every non-finite kind
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 
-import fuzz_cases as fc
-from fuzz_runner import launch_sequence, pack_rounds, probe_hang, reproduce, run_cases, schedule
+from tests.support import fuzz_cases as fc
+from tests.support.fuzz_runner import launch_sequence, pack_rounds, probe_hang, reproduce, run_cases, schedule
 
 SEEDS = [43, 129, 208, 254, 284, 302, 303, 305, 330, 360, 394, 428, 616, 659, 693, 755, 886, 1078, 1212, 1294, 1306,
          1380, 1415, 1417, 1419, 1505, 1535, 1602, 1618, 1689, 1719, 1958, 2072, 2317, 2320, 2434, 2759, 2825, 2857,
@@ -63,7 +63,7 @@ def test_a_seed_determines_its_case():
         assert fc.draw(seed) == fc.draw(seed)
         assert fc.draw(seed).summary() == fc.draw(seed).summary()
     assert len({fc.draw(s).summary() for s in range(50)}) == 50
-    assert reproduce(17, [4]) == "python scripts/fuzz.py --seed 17 --worlds 4"
+    assert reproduce(17, [4]) == "python -m scripts.tools.fuzz --seed 17 --worlds 4"
 
 
 def test_full_rank_regime_matches_the_real_blocking():
@@ -123,7 +123,7 @@ def test_nonfinite_check_knows_an_injection_that_hit_nothing():
     """Seeds 1164 and 1216 (found by a 300-seed run): the drawn rank held only empty pieces, or no
     parameter had a gradient at that step. Then nothing is corrupted and the step is a real one;
     with no gradient anywhere it does nothing and reports skipped."""
-    from fuzz_checks import nonfinite_problems
+    from tests.support.fuzz_checks import nonfinite_problems
 
     case = next(c for c in (fc.draw(s) for s in range(200)) if c.nonfinite and c.nonfinite.policy == "raise")
 

@@ -1,5 +1,5 @@
 """Randomized checkpoint-storage fuzzing (tests/fuzz_storage.py): a fixed set of damage seeds, and the
-harness's own invariants. ``scripts/fuzz.py --storage --seeds N`` runs many more, with racing writers
+harness's own invariants. ``scripts/tools/fuzz.py --storage --seeds N`` runs many more, with racing writers
 (whose fixed-seed share is tests/test_checkpointing_race.py).
 
 The seeds are the first ones (of 0..2999) that draw each combination of damage kind, writer
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import fuzz_storage as fz
+from tests.support import fuzz_storage as fz
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")]

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py (the prepared CUDA check) runs its whole CPU-runnable path here: --device cpu --quick."""
+"""scripts/benchmarks/gpu_check.py (the prepared CUDA check) runs its whole CPU-runnable path here: --device cpu --quick."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-sys.path.insert(0, SCRIPTS)
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmarks")
 
 
 def test_gpu_check_runs_on_cpu(capsys):
-    import gpu_check
+    from scripts.benchmarks import gpu_check
 
     assert gpu_check.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
@@ -25,7 +24,7 @@ def test_gpu_check_runs_on_cpu(capsys):
 
 
 def test_gpu_check_sh_is_valid_bash_and_refuses_without_cuda(tmp_path):
-    script = os.path.join(SCRIPTS, "gpu_check.sh")
+    script = os.path.join(BENCHMARKS, "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from _numerics import PARAM_SHAPES, assert_params_close, clone_params, grad_for, make_params, set_grads
+from tests.support.numerics import PARAM_SHAPES, assert_params_close, clone_params, grad_for, make_params, set_grads
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, RMSpropGrafting, RootInverseShampoo,
                                     SGDGrafting)

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from _numerics import grad_for, max_rel_diff
-from test_dense_reference import DenseShampoo
+from tests.support.numerics import grad_for, max_rel_diff
+from tests.test_dense_reference import DenseShampoo
 from sharded_shampoo import AdaGradGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, ShardedShampoo
 
 SHAPES = {"w": (6, 4), "b": (4,), "v": (3, 5)}

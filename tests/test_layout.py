@@ -14,8 +14,8 @@ import random
 import pytest
 import torch
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-from torch.distributed.tensor.placement_types import _StridedShard
+
+from sharded_shampoo._torch_compat import StridedShard, local_shape_and_offset_at
 
 from sharded_shampoo.planning.layout import (Layout, MeshSpec, ParamSpec, SubMesh, box_numel, param_geometry,
                                              pick_source)
@@ -38,7 +38,7 @@ def _random_layout(rng: random.Random, ndim: int):
             continue
         d = dims[i]
         sf = later.get(d, 1)
-        placements.append(_StridedShard(d, split_factor=sf) if sf > 1 else Shard(d))
+        placements.append(StridedShard(d, split_factor=sf) if sf > 1 else Shard(d))
         later[d] = sf * mesh_shape[i]
     return shape, mesh_shape, tuple(reversed(placements))
 
@@ -51,7 +51,7 @@ def test_regions_equal_torch_offsets(seed):
     spec = ParamSpec("p", shape, layout=Layout(SubMesh(mesh_shape, coords), placements))
     geom = param_geometry(spec, MeshSpec((len(coords),)))
     for r, c in enumerate(coords):
-        local, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(c), placements)
+        local, offset = local_shape_and_offset_at(shape, mesh_shape, c, placements)
         held = geom.held(r)
         if 0 in local:
             assert held is None, (placements, c)
@@ -63,16 +63,16 @@ def test_regions_equal_torch_offsets(seed):
 
 def test_strided_after_plain_shard_is_rejected():
     mesh = (2, 2)
-    layout = Layout(SubMesh(mesh, _coords(mesh)), (Shard(0), _StridedShard(0, split_factor=2)))
+    layout = Layout(SubMesh(mesh, _coords(mesh)), (Shard(0), StridedShard(0, split_factor=2)))
     with pytest.raises(ValueError, match=r"'w'.*non-contiguous"):
         param_geometry(ParamSpec("w", (8, 4), layout=layout), MeshSpec((4,)))
 
 
 def test_fsdp_tp_colwise_regions_by_hand():
-    # (_StridedShard(0, sf=2), Shard(0)) on (fsdp=2, tp=2), 10 rows: tp chunks rows 0-4 / 5-9, fsdp chunks
+    # (StridedShard(0, sf=2), Shard(0)) on (fsdp=2, tp=2), 10 rows: tp chunks rows 0-4 / 5-9, fsdp chunks
     # each into 3 + 2 rows, so rank (f, t) holds rows [5t + 3f, 5t + 3f + (3 if f == 0 else 2)).
     coords = _coords((2, 2))
-    layout = Layout(SubMesh((2, 2), coords), (_StridedShard(0, split_factor=2), Shard(0)))
+    layout = Layout(SubMesh((2, 2), coords), (StridedShard(0, split_factor=2), Shard(0)))
     geom = param_geometry(ParamSpec("w", (10, 6), layout=layout), MeshSpec((2, 2)))
     assert [geom.held(r) for r in range(4)] == [((0, 3), (0, 6)), ((5, 8), (0, 6)), ((3, 5), (0, 6)),
                                                 ((8, 10), (0, 6))]

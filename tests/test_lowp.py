@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_scenarios import owned_state_bytes
+from tests.support.dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, ShardedShampoo
 from sharded_shampoo.compute.lowp import ema_round_, rounding_seed, stochastic_round_
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-import parallel_scenarios as ps
-from dist_utils import run_ranks
+from tests.support import parallel_scenarios as ps
+from tests.support.dist_utils import run_ranks
 
 EXPECTED = {
     "fsdp_tp": {"w_in.weight": "(_StridedShard(dim=0, sf=2), Shard(dim=0)) on ('fsdp', 'tp')",

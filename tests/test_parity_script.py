@@ -1,17 +1,12 @@
-"""scripts/parity_vs_reference.py without the reference (never a test dependency): our side of every row
+"""scripts/benchmarks/parity_vs_reference.py without the reference (never a test dependency): our side of every row
 runs, the registry lists, and the metric is what the docstring says."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-
-import parity_vs_reference as pv  # noqa: E402
+from scripts.benchmarks import parity_vs_reference as pv
 
 
 def test_our_side_of_every_row_runs_and_differs_from_the_base():

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from _numerics import grad_for, make_params, set_grads
+from tests.support.numerics import grad_for, make_params, set_grads
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                                     EigenvalueCorrectedShampoo, EighRootConfig, RMSpropGrafting, RootInverseShampoo,

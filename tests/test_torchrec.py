@@ -11,12 +11,12 @@ import os
 
 import pytest
 
-from torchrec_required import require_torchrec  # noqa: E402
+from tests.support.torchrec_required import require_torchrec
 
 require_torchrec()
 
-from dist_utils import run_ranks  # noqa: E402
-import torchrec_scenarios as sc  # noqa: E402
+from tests.support.dist_utils import run_ranks  # noqa: E402
+from tests.support import torchrec_scenarios  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,14 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], 
     root = tmp_path_factory.mktemp("dmp")
     ckpt, snaps = str(root / "ckpt"), str(root / "snaps")
     os.makedirs(snaps)
-    return run_ranks(2, sc.scenario_two_ranks, ckpt, snaps), ckpt, snaps
+    return run_ranks(2, torchrec_scenarios.scenario_two_ranks, ckpt, snaps), ckpt, snaps
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(two_rank_run: tuple) -> dict:
     """The two-rank checkpoint resumed on one rank (and the training script on one rank)."""
     _, ckpt, snaps = two_rank_run
-    (one,) = run_ranks(1, sc.scenario_resume, ckpt, snaps, 2)
+    (one,) = run_ranks(1, torchrec_scenarios.scenario_resume, ckpt, snaps, 2)
     return one
 
 
@@ -63,7 +63,7 @@ def test_combined_state_dict_round_trip(two_rank_run: tuple) -> None:
         assert any(".embedding_bags." in k for k in keys) and any("dense_arch" in k for k in keys)
         # a fresh model (other seed) + CombinedOptimizer.init_state + load retraces steps 16..24 exactly,
         # preconditioning from step 20 on, so the restored group step counter matters
-        assert r["reload_extra"] == {"step": sc.SAVE_AT} and r["reload_group_step"] == sc.SAVE_AT
+        assert r["reload_extra"] == {"step": torchrec_scenarios.SAVE_AT} and r["reload_group_step"] == torchrec_scenarios.SAVE_AT
         assert r["reload_loss_diff"] == 0.0 and r["reload_dense_diff"] == 0.0
         # one LR scheduler drives both optimizers: factor 0 freezes the tables and the dense part
         assert r["lrs"] == [0.0]
@@ -72,19 +72,19 @@ def test_combined_state_dict_round_trip(two_rank_run: tuple) -> None:
 
 def test_resume_on_one_rank(two_rank_run: tuple, one_rank_run: dict) -> None:
     results, one = two_rank_run[0], one_rank_run
-    assert one["extra"] == {"step": sc.SAVE_AT} and one["group_step"] == sc.SAVE_AT
+    assert one["extra"] == {"step": torchrec_scenarios.SAVE_AT} and one["group_step"] == torchrec_scenarios.SAVE_AT
     # every block (9) now lives on the single rank, read from the blocks both ranks wrote
     assert one["dense_state_keys"][1] == results[0]["total_blocks"]
     assert one["dense_state_diff"] == 0.0, "dense Shampoo state must reshard exactly"
     assert one["sparse_state_diff"] == 0.0, "tables and fused optimizer state must reshard exactly"
     # the continuation on the global batches follows the two-rank run (float rounding only:
     # measured 3.9e-7 on the losses)
-    two_rank = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])][sc.SAVE_AT:]
+    two_rank = [(a + b) / 2 for a, b in zip(results[0]["losses"], results[1]["losses"])][torchrec_scenarios.SAVE_AT:]
     worst = max(abs(a - b) / abs(b) for a, b in zip(one["losses"], two_rank))
     assert worst <= 1e-5, worst
     # the dense parameters after the first roots (step 20) amplify that rounding (epsilon 1e-8):
     # measured 2.3e-4; a lost step counter or state would be off by orders of magnitude more
-    assert sc.max_rel_diff(one["final_dense"], results[0]["final_dense"]) <= 1e-3
+    assert torchrec_scenarios.max_rel_diff(one["final_dense"], results[0]["final_dense"]) <= 1e-3
     message, touched = one["incompatible"]
     assert "max_preconditioner_dim" in message and touched == 0.0, message
     assert "no extra values ['epoch']" in one["missing_extra"] and "['step']" in one["missing_extra"]
@@ -132,7 +132,7 @@ def test_dmp_checkpoint_has_checksums_and_verifies(two_rank_run: tuple) -> None:
         assert r["hardening"]["verify"]["error"] is None, r["hardening"]["verify"]
         totals = r["hardening"]["verify"]["value"]
         assert totals["files"] == 2 and totals["items"] > 40 and totals["objects"] >= 3, totals
-        assert r["hardening"]["good"]["value"] == {"step": sc.SAVE_AT}
+        assert r["hardening"]["good"]["value"] == {"step": torchrec_scenarios.SAVE_AT}
     assert os.path.isfile(os.path.join(ckpt, "checksums.json")) and os.path.isfile(os.path.join(ckpt, "commit.json"))
     assert not [n for n in os.listdir(os.path.dirname(ckpt)) if ".tmp" in n]
 

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from torchrec_required import require_torchrec  # noqa: E402
+from tests.support.torchrec_required import require_torchrec
 
 require_torchrec()
 
@@ -20,8 +20,8 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch import nn  # noqa: E402
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward  # noqa: E402
 
-import ckpt_craft as cc  # noqa: E402
-import keyed_helpers as th  # noqa: E402
+from tests.support import ckpt_craft as cc  # noqa: E402
+from tests.support import keyed_helpers as th  # noqa: E402
 from sharded_shampoo.checkpointing import (CheckpointArgumentError, CheckpointCorruptError,  # noqa: E402
                                            CheckpointLoadError, UnverifiedCheckpointWarning, verify_checkpoint)
 from sharded_shampoo.config import AdaGradGrafting  # noqa: E402

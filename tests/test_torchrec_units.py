@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from torchrec_required import require_torchrec  # noqa: E402
+from tests.support.torchrec_required import require_torchrec
 
 require_torchrec()
 
@@ -20,13 +20,13 @@ from torchrec.distributed.planner.storage_reservations import HeuristicalStorage
 from torchrec.distributed.planner.types import PlannerError  # noqa: E402
 from torchrec.optim.keyed import CombinedOptimizer  # noqa: E402
 
-import torchrec_scenarios as sc  # noqa: E402
+from tests.support import torchrec_scenarios  # noqa: E402
 from sharded_shampoo import ScheduleFree, ShardedShampoo  # noqa: E402
 from sharded_shampoo.integrations.torchrec import (STEP_KEY, DMPTrainState, ShampooDenseOptimizer,  # noqa: E402
                                                    combined_optimizer, dense_bytes_per_rank, dense_named_parameters,
                                                    dense_tensor_estimate, load_dmp, storage_reservation)
 
-CONFIG = dict(sc.CONFIG, start_preconditioning_step=3, precondition_frequency=2)
+CONFIG = dict(torchrec_scenarios.CONFIG, start_preconditioning_step=3, precondition_frequency=2)
 
 
 def _model() -> nn.Module:
@@ -66,11 +66,11 @@ def test_state_dict_round_trip_restores_the_step_counter() -> None:
 def test_init_state_does_not_step() -> None:
     model = _model()
     opt = _keyed(model)
-    before = {k: v.clone() for k, v in sc.flat_state(opt.shampoo.state).items()}
+    before = {k: v.clone() for k, v in torchrec_scenarios.flat_state(opt.shampoo.state).items()}
     opt.init_state()
     assert opt.shampoo.param_groups[0]["step"] == 0
     assert all(p.grad is None for p in model.parameters())
-    after = sc.flat_state(opt.shampoo.state)
+    after = torchrec_scenarios.flat_state(opt.shampoo.state)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -114,7 +114,7 @@ def test_errors_name_the_fix(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not support iterate_averaging=.*Use ClassicMomentum"):
         ShampooDenseOptimizer(dict(model.named_parameters()),
                               **dict(CONFIG, momentum=0.0, iterate_averaging=ScheduleFree()))
-    dlrm = sc.build_model()
+    dlrm = torchrec_scenarios.build_model()
     with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
         dense_bytes_per_rank(dlrm, 0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_precond_dim'"):
@@ -127,33 +127,33 @@ def test_errors_name_the_fix(tmp_path) -> None:
 
 def test_estimate_equals_one_process_allocation() -> None:
     """World size 1: the estimate is what a ShardedShampoo over the dense parameters allocates."""
-    dlrm = sc.build_model()
+    dlrm = torchrec_scenarios.build_model()
     params, buffer_bytes = dense_named_parameters(dlrm)
     assert [n for n, _ in params][0] == "model.dense_arch.model._mlp.0._linear.weight" and len(params) == 8
     assert buffer_bytes == 2 * 10 * 8, "DLRM's interaction keeps its 2 x 10 int64 triangle indices"
-    opt = ShardedShampoo(params, **sc.CONFIG)
+    opt = ShardedShampoo(params, **torchrec_scenarios.CONFIG)
     for _, p in params:
         p.grad = torch.zeros_like(p)
-    real = sum(2 * p.numel() * p.element_size() for _, p in params) + sc.unique_bytes(opt.state) + buffer_bytes
-    assert dense_bytes_per_rank(dlrm, 1, **sc.CONFIG) == [real]
+    real = sum(2 * p.numel() * p.element_size() for _, p in params) + torchrec_scenarios.unique_bytes(opt.state) + buffer_bytes
+    assert dense_bytes_per_rank(dlrm, 1, **torchrec_scenarios.CONFIG) == [real]
     # mesh="local" repeats everything on every rank
-    assert dense_bytes_per_rank(dlrm, 3, mesh="local", **sc.CONFIG) == [real] * 3
-    split = dense_bytes_per_rank(dlrm, 2, **sc.CONFIG)
-    assert max(split) < real and dense_tensor_estimate(dlrm, 2, **sc.CONFIG) == max(split)
+    assert dense_bytes_per_rank(dlrm, 3, mesh="local", **torchrec_scenarios.CONFIG) == [real] * 3
+    split = dense_bytes_per_rank(dlrm, 2, **torchrec_scenarios.CONFIG)
+    assert max(split) < real and dense_tensor_estimate(dlrm, 2, **torchrec_scenarios.CONFIG) == max(split)
 
 
 def _available(reservation: object, cap: int, model: nn.Module, device: str = "cpu") -> int:
     """Per-device memory the reservation leaves for tables (DDR on CPU topologies, HBM on GPU ones)."""
     kind = "ddr" if device == "cpu" else "hbm"
     topology = Topology(world_size=2, compute_device=device, local_world_size=2, **{f"{kind}_cap": cap})
-    reserved = reservation.reserve(topology, sc.BATCH, model, [EmbeddingBagCollectionSharder()])
+    reserved = reservation.reserve(topology, torchrec_scenarios.BATCH, model, [EmbeddingBagCollectionSharder()])
     (left,) = {getattr(d.storage, kind) for d in reserved.devices}   # the same on every device
     return left
 
 
 def _plans(reservation: object, cap: int, model: nn.Module) -> bool:
     topology = Topology(world_size=2, compute_device="cpu", ddr_cap=cap, local_world_size=2)
-    planner = EmbeddingShardingPlanner(topology=topology, storage_reservation=reservation, batch_size=sc.BATCH)
+    planner = EmbeddingShardingPlanner(topology=topology, storage_reservation=reservation, batch_size=torchrec_scenarios.BATCH)
     try:
         planner.plan(model, [EmbeddingBagCollectionSharder()])
     except PlannerError:
@@ -162,9 +162,9 @@ def _plans(reservation: object, cap: int, model: nn.Module) -> bool:
 
 
 def test_planner_reserves_the_estimate() -> None:
-    model = sc.build_model()
-    ours = storage_reservation(model, 2, percentage=0.0, **sc.CONFIG)
-    estimate = dense_tensor_estimate(model, 2, **sc.CONFIG)
+    model = torchrec_scenarios.build_model()
+    ours = storage_reservation(model, 2, percentage=0.0, **torchrec_scenarios.CONFIG)
+    estimate = dense_tensor_estimate(model, 2, **torchrec_scenarios.CONFIG)
     params, buffer_bytes = dense_named_parameters(model)
     six_x = 6 * sum(p.numel() * p.element_size() for _, p in params) + buffer_bytes
     with warnings.catch_warnings():
@@ -176,7 +176,7 @@ def test_planner_reserves_the_estimate() -> None:
     # Shampoo's real need (21,396 B on the busier rank) is 30% above torchrec's 6x guess (16,504 B)
     assert estimate > six_x
     # torchrec applies the percentage margin to HBM only (GPU topologies)
-    margin = storage_reservation(model, 2, percentage=0.15, **sc.CONFIG)
+    margin = storage_reservation(model, 2, percentage=0.15, **torchrec_scenarios.CONFIG)
     assert _available(margin, cap, model, "cuda") == int(0.85 * cap) - kjt - estimate
     assert _available(margin, cap, model) == cap - kjt - estimate
     # The planner's success depends only on what the reservation leaves for the tables. Find the

@@ -14,10 +14,10 @@ from torch import nn
 
 pytest.importorskip("torchtitan")
 
-from torchtitan.components.optimizer import LRSchedulersContainer, ParamGroupConfig  # noqa: E402
+from torchtitan.components.optimizer import LRSchedulersContainer, ParamGroupConfig
 
-from sharded_shampoo import AdamGrafting, BlockingConfig, ShardedShampoo  # noqa: E402
-from sharded_shampoo.integrations.torchtitan import (SHAMPOO_NAME, ShardedShampooContainer,  # noqa: E402
+from sharded_shampoo import AdamGrafting, BlockingConfig, ShardedShampoo
+from sharded_shampoo.integrations.torchtitan import (SHAMPOO_NAME, ShardedShampooContainer,
                                                      default_sharded_shampoo)
 
 KW = dict(lr=0.05, betas=(0.9, 0.95), epsilon=1e-10, weight_decay=0.01, max_preconditioner_dim=8,

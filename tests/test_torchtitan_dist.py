@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("torchtitan")
 
-import titan_scenarios as sc  # noqa: E402
-from titan_harness import Layout  # noqa: E402
-from titan_ranks import TitanRanks  # noqa: E402
+from tests.support import titan_scenarios
+from tests.support.titan_harness import Layout
+from tests.support.titan_ranks import TitanRanks
 
 
 S0, S1, R = "Shard(dim=0)", "Shard(dim=1)", "Replicate()"
@@ -104,7 +104,7 @@ def _check_train_save_resume(results: list[dict[str, Any]], steps: int, same_gra
 
 def test_adamw_placements_fsdp_tp_and_ep(titan: TitanRanks) -> None:
     """The harness: torchtitan's AdamW trains both layouts; the placements are the documented ones."""
-    results = titan.run(4, sc.adamw_layouts)
+    results = titan.run(4, titan_scenarios.adamw_layouts)
     llama, moe = results[0]["llama3 fsdp2 x tp2"], results[0]["moe fsdp4 / efsdp2 x ep2"]
     for key in ("kinds", "mesh_ranks"):  # every rank sees the same shapes and meshes
         assert all(res[label][key] == results[0][label][key] for res in results for label in results[0])
@@ -135,7 +135,7 @@ def test_adamw_placements_fsdp_tp_and_ep(titan: TitanRanks) -> None:
 
 def test_fsdp_llama3_shampoo_trains_and_resumes_on_hsdp(titan: TitanRanks, tmp_path: Path) -> None:
     """FSDP 4 -> HSDP 2x2 through torchtitan's CheckpointManager, with today's core."""
-    results = titan.run(4, sc.train_save_resume, str(tmp_path / "ckpt"), ("llama3", Layout()),
+    results = titan.run(4, titan_scenarios.train_save_resume, str(tmp_path / "ckpt"), ("llama3", Layout()),
                               ("llama3", Layout(dp_replicate=2, dp_shard=2)))
     _check_train_save_resume(results, steps=2)
     first, second = results[0]["first_kinds"], results[0]["second_kinds"]
@@ -146,14 +146,14 @@ def test_fsdp_llama3_shampoo_trains_and_resumes_on_hsdp(titan: TitanRanks, tmp_p
 
 def test_fsdp_tp_llama3_shampoo_trains_and_resumes_on_fsdp(titan: TitanRanks, tmp_path: Path) -> None:
     """FSDP x TP 2x2 -> FSDP 4 through torchtitan's CheckpointManager."""
-    results = titan.run(4, sc.train_save_resume, str(tmp_path / "ckpt"), ("llama3", Layout(tp=2)),
+    results = titan.run(4, titan_scenarios.train_save_resume, str(tmp_path / "ckpt"), ("llama3", Layout(tp=2)),
                               ("llama3", Layout()))
     _check_train_save_resume(results, steps=2, same_gradients=False)
 
 
 def test_ep_moe_shampoo_trains_and_resumes_without_ep(titan: TitanRanks, tmp_path: Path) -> None:
     """qwen3 MoE (shrunk) with EP 2 -> no EP, through torchtitan's CheckpointManager; experts per expert."""
-    results = titan.run(4, sc.train_save_resume, str(tmp_path / "ckpt"), ("moe", Layout(ep=2)),
+    results = titan.run(4, titan_scenarios.train_save_resume, str(tmp_path / "ckpt"), ("moe", Layout(ep=2)),
                               ("moe", Layout()))
     _check_train_save_resume(results, steps=2)
     assert results[0]["second_kinds"][EXPERTS + "w1_EFD"][1:3] == ("fsdp=4", "Shard(dim=0)")

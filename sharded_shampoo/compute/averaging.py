@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .._torch_compat import foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul_
 from ..averaging_config import WeightDecayType
 
 _WIDE = (torch.float32, torch.float64)
@@ -70,7 +71,7 @@ def _write_back(targets: Sequence[torch.Tensor], wide: Sequence[torch.Tensor]) -
     """Round the fp32 working copies of fp16/bf16 tensors into them (once)."""
     pairs = [(t, w) for t, w in zip(targets, wide) if t is not w]
     if pairs:
-        torch._foreach_copy_([t for t, _ in pairs], [w for _, w in pairs])
+        foreach_copy_([t for t, _ in pairs], [w for _, w in pairs])
 
 
 def apply_update_(params: list[torch.Tensor], dirs: list[torch.Tensor], buffers: list[torch.Tensor],
@@ -81,21 +82,21 @@ def apply_update_(params: list[torch.Tensor], dirs: list[torch.Tensor], buffers:
         primal_averaging_(params, dirs, buffers, rule.lr, rule.decay_alpha, rule.averaging)
         return
     if rule.decay_alpha != 0:
-        torch._foreach_add_(dirs, params, alpha=rule.decay_alpha)
+        foreach_add_(dirs, params, alpha=rule.decay_alpha)
     if rule.momentum > 0:
         dirs = classic_momentum_(dirs, buffers, rule.momentum, rule.dampening, rule.nesterov)
-    torch._foreach_add_(params, dirs, alpha=-rule.lr)
+    foreach_add_(params, dirs, alpha=-rule.lr)
 
 
 def classic_momentum_(dirs: list[torch.Tensor], buffers: list[torch.Tensor], momentum: float, dampening: float,
                       nesterov: bool) -> list[torch.Tensor]:
     """Update the momentum ``buffers`` from ``dirs``; the directions the step uses (as the reference)."""
-    torch._foreach_mul_(buffers, momentum)
-    torch._foreach_add_(buffers, dirs, alpha=1.0 - dampening)
+    foreach_mul_(buffers, momentum)
+    foreach_add_(buffers, dirs, alpha=1.0 - dampening)
     if nesterov:        # P <- (1 - dampening) P + momentum B
         if dampening:
-            torch._foreach_mul_(dirs, 1.0 - dampening)
-        torch._foreach_add_(dirs, buffers, alpha=momentum)
+            foreach_mul_(dirs, 1.0 - dampening)
+        foreach_add_(dirs, buffers, alpha=momentum)
         return dirs
     return [_widened(b) for b in buffers]   # a bf16 buffer is widened for the step (see the module doc)
 
@@ -106,10 +107,10 @@ def primal_averaging_(params: list[torch.Tensor], dirs: list[torch.Tensor], zs: 
     wide_p = [_widened(p) for p in params]
     wide_z = [_widened(z) for z in zs]
     if decay_alpha != 0:
-        torch._foreach_mul_(wide_z, 1.0 - lr * decay_alpha)
-    torch._foreach_lerp_(wide_p, wide_z, 1.0 - step.mu_x)
-    torch._foreach_add_(wide_p, dirs, alpha=-lr * (1.0 - step.mu_x * step.mu_y))
-    torch._foreach_add_(wide_z, dirs, alpha=-lr)
+        foreach_mul_(wide_z, 1.0 - lr * decay_alpha)
+    foreach_lerp_(wide_p, wide_z, 1.0 - step.mu_x)
+    foreach_add_(wide_p, dirs, alpha=-lr * (1.0 - step.mu_x * step.mu_y))
+    foreach_add_(wide_z, dirs, alpha=-lr)
     _write_back(params, wide_p)
     _write_back(zs, wide_z)
 
@@ -119,7 +120,7 @@ def interpolate_toward_z_(params: list[torch.Tensor], zs: list[torch.Tensor], we
     if not params or weight == 0:
         return
     wide_p = [_widened(p) for p in params]
-    torch._foreach_lerp_(wide_p, [_widened(z) for z in zs], weight)
+    foreach_lerp_(wide_p, [_widened(z) for z in zs], weight)
     _write_back(params, wide_p)
 
 

@@ -171,9 +171,9 @@ def moments_and_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tenso
     if not compiled:
         update_moments_(G, M, V, beta1, v_beta, v_weight)
         return graft_eager(G, G if M is None else M, V, a, c, direction, norm)
-    norm = FUSED_MOMENTS_GRAFT(G, M, V, _scalar(1.0 - beta1, G), _scalar(v_beta, G), _scalar(v_weight, G),
-                               a.to(G.dtype), c.to(G.dtype), direction)
-    return (G if direction else None), norm
+    d_norm = FUSED_MOMENTS_GRAFT(G, M, V, _scalar(1.0 - beta1, G), _scalar(v_beta, G), _scalar(v_weight, G),
+                                 a.to(G.dtype), c.to(G.dtype), direction)
+    return (G if direction else None), d_norm
 
 
 def rescale(P: torch.Tensor, target: torch.Tensor, out: torch.Tensor, compiled: bool) -> torch.Tensor:

@@ -15,13 +15,13 @@ Math (per block, step t of that block, see docs/math.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 
 from ..planning.blocking import Block
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo,
-                      GraftingConfig, PreconditionerConfig)
+                      ElementwiseMode, GraftingConfig, PreconditionerConfig)
 from .elementwise import block_norms, moments_and_graft, rescale, update_moments_
 from .kron import apply_kronecker, gram, gram_scratch_numel, gram_update_, unfold
 from .lowp import block_salt, chunk_slices, ema_round_, rounding_seed
@@ -38,7 +38,7 @@ class BucketHyperparams:
     use_bias_correction: bool
     grafting: Optional[GraftingConfig]
     preconditioner: PreconditionerConfig
-    elementwise: str = "eager"        # "compile": fused element-wise kernels (torch.compile, eager fallback)
+    elementwise: ElementwiseMode = ElementwiseMode.EAGER
 
 
 class RootFailureError(RuntimeError):
@@ -102,9 +102,10 @@ class BlockBucket:
 
     def _set_stacks(self, stacks: list[Optional[torch.Tensor]]) -> None:
         n = len(self.factors)
-        self.factors = list(stacks[:n])
-        self.roots = list(stacks[n:2 * n])
-        (self.eigenvalues, self.grafting_state, self.filtered_grad, self.step, self.failures) = stacks[2 * n:]
+        self.factors = cast(list[torch.Tensor], stacks[:n])
+        self.roots = cast(list[torch.Tensor], stacks[n:2 * n])
+        (self.eigenvalues, self.grafting_state, self.filtered_grad) = stacks[2 * n:2 * n + 3]
+        self.step, self.failures = cast(list[torch.Tensor], stacks[2 * n + 3:])
 
     # ------------------------------------------------------------------ the step
 
@@ -136,7 +137,7 @@ class BlockBucket:
             self._active_index = None
         for dst, src in zip(full, sub):
             if dst is not None:
-                dst.index_copy_(0, idx, src)
+                dst.index_copy_(0, idx, cast(torch.Tensor, src))    # the same stacks exist in both
         P = torch.zeros_like(G)
         P.index_copy_(0, idx, P_sub)
         return P
@@ -170,6 +171,7 @@ class BlockBucket:
         preconditioned = precondition and bool(self.factor_dims)
         graft, graft_norm = self._moments_and_graft(G, M, bc1, direction=not preconditioned)
         if not preconditioned:
+            assert graft is not None                 # direction=True returns it
             return graft
         # G is dead from here on (factors, D and moments are updated): the direction is written into it
         if self.is_eigen:
@@ -178,7 +180,8 @@ class BlockBucket:
             P = apply_kronecker(M, self._kron_list(self.roots), out=G,
                                 scratch=self._workspace(M.numel(), self.roots[0].dtype))
         if hp.grafting is not None:
-            return rescale(P, graft_norm, out=G, compiled=hp.elementwise == "compile")
+            assert graft_norm is not None            # computed whenever there is a grafting method
+            return rescale(P, graft_norm, out=G, compiled=hp.elementwise is ElementwiseMode.COMPILE)
         if bc1 is not None:
             return torch.div(P, bc1, out=G)
         return P if P.dtype == self.dtype else G.copy_(P)
@@ -252,6 +255,7 @@ class BlockBucket:
                 return torch.div(M, bc1, out=G) if M is not G else G.div_(bc1), norm
             return (G.copy_(M) if M is not G else G), norm
         V = self.grafting_state
+        assert V is not None                         # stateful grafting (the caller checked)
         v_beta, v_weight = (1.0, 1.0) if isinstance(g, AdaGradGrafting) else (g.beta2, 1.0 - g.beta2)
         one = torch.ones((), dtype=V.dtype, device=V.device)
         a = one.expand(self.step.shape[0]) if bc1 is None else bc1.flatten()
@@ -260,7 +264,7 @@ class BlockBucket:
         c = g.epsilon * (one.expand(a.shape) if bc1 is None else bc1.flatten())
         shape = (-1,) + (1,) * len(self.shape)
         return moments_and_graft(G, Mstate, V, hp.beta1, v_beta, v_weight, a.reshape(shape), c.reshape(shape), direction,
-                                 compiled=hp.elementwise == "compile", norm=not direction)
+                                 compiled=hp.elementwise is ElementwiseMode.COMPILE, norm=not direction)
 
     # ------------------------------------------------------------------ amortized refresh
 
@@ -297,10 +301,12 @@ class BlockBucket:
         G_rot = apply_kronecker(G, self._kron_list(self.roots), transpose=True,
                                 scratch=self._workspace(G.numel(), self.roots[0].dtype))
         beta2 = self.hp.beta2
+        D = self.eigenvalues
+        assert D is not None                         # eigenvalue-corrected buckets have it
         if beta2 < 1.0:
-            self.eigenvalues.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
+            D.mul_(beta2).addcmul_(G_rot, G_rot, value=1.0 - beta2)
         else:
-            self.eigenvalues.addcmul_(G_rot, G_rot)
+            D.addcmul_(G_rot, G_rot)
 
     def _eigen_corrected_direction(self, M: torch.Tensor, bc2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Direction for the un-bias-corrected ``M`` (the caller applies ``1 / bc1``)."""
@@ -310,6 +316,7 @@ class BlockBucket:
         scratch = self._workspace(M.numel(), self.roots[0].dtype)
         M_rot = apply_kronecker(M, Qs, transpose=True, scratch=scratch).to(self.dtype)
         # the root before epsilon, as in the reference (and torch Adam): (D_hat^e + eps)
+        assert self.eigenvalues is not None
         denom = (self.eigenvalues / bc2).pow_(exponent).add_(hp.epsilon)
         return apply_kronecker(M_rot.div_(denom), Qs, out=out, scratch=scratch)
 

@@ -97,6 +97,7 @@ def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float,
     if isinstance(root, WarmStartRootConfig):
         X, ok, report = inverse_root_warm(F_hat, previous, exponent, epsilon, root, attempt)
         _count_warm(counts, report.fell_back, report.residual)
+        assert report.tried is not None                      # warm roots always report it
         return RefreshResult(X, ok, fell_back=report.fell_back & report.tried)
     counts.full += B
     if isinstance(root, CoupledNewtonConfig):

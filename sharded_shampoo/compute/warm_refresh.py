@@ -223,7 +223,7 @@ def eigenbasis_qr(A: torch.Tensor, Q_prev: torch.Tensor, epsilon: float,
     Q = Q_prev.to(work)
     cold = _is_identity(Q_prev) | ~finite
     order = torch.arange(d, device=A.device).expand(B, d).clone()
-    for it in range(config.iterations):
+    for _ in range(config.iterations):
         AQ = Aw @ Q
         estimate = (Q * AQ).sum(dim=-2)                  # diag(Q^T A Q), the eigenvalue estimates
         perm = estimate.argsort(dim=-1, descending=True)

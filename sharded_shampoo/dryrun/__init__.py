@@ -5,6 +5,12 @@ apply the job's parallelism (FSDP/HSDP, tensor parallel, expert parallel) over a
 group, and run the same planner the optimizer runs. Stages: ``meshes`` (named axes -> device
 meshes), ``parallelize`` (TP/EP/FSDP on a model), ``build`` (the pipeline), ``report`` (table,
 JSON-ready plan, PNG), ``presets`` (model zoo).
+
+Contract: inputs are a model factory (preset, ``pkg.mod:factory`` or callable), mesh axes and
+``PlanSettings``; outputs a ``ShampooPlan`` and its report. Runs in one process on the meta device
+(no real communication). May import ``planning``, ``runtime.placements`` (the same placement
+parsing as training), ``config`` and ``_torch_compat``; never ``optimizer``, ``compute`` or
+``checkpointing``, and nothing imports it except its CLI.
 """
 
 from .build import ShardedModel, parse_dtype, plan_model, resolve_model, shard_model, sharded_param_specs

@@ -69,7 +69,7 @@ def resolve_model(source: ModelSource) -> tuple[str, Callable[[], nn.Module]]:
         raise ValueError(f"--model {source!r}: write package.module:factory, both parts non-empty.")
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any import-time failure of the user's module
+    except Exception as err:
         raise ValueError(f"--model {source!r}: cannot import module {module_name!r} ({type(err).__name__}: {err}); "
                          "check the name and that its directory is on PYTHONPATH.") from err
     factory: Any = module
@@ -91,7 +91,7 @@ def _build_on_meta(factory: Callable[[], nn.Module], name: str) -> nn.Module:
     except TypeError as err:
         raise ValueError(f"--model {name!r}: calling the factory failed ({err}); it must be callable with no "
                          "arguments (wrap it, e.g. `def build(): return MyModel(cfg)`).") from err
-    except Exception as err:  # noqa: BLE001 - the user's code
+    except Exception as err:
         raise ValueError(f"--model {name!r}: the factory raised {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {name!r} returned a {type(model).__name__}; the factory must return an "
@@ -130,7 +130,7 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
     this can be called repeatedly in one process.
     """
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from .._torch_compat import fake_store
 
     if not dist.is_available():
         raise DryRunError("the dry-run needs torch.distributed, which this torch build lacks.")
@@ -140,7 +140,7 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
     model = _build_on_meta(factory, name)
     if param_dtype is not None:
         model = model.to(dtype=param_dtype)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=axes.world_size)
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=axes.world_size)
     try:
         meshes = FakeMeshes(axes)
         _parallelize(model, meshes, name)

@@ -24,6 +24,7 @@ from ..config import (
     AdaGradGrafting,
     AdamGrafting,
     EigenvalueCorrectedShampoo,
+    PreconditionerConfig,
     RMSpropGrafting,
     RootInverseShampoo,
     SGDGrafting,
@@ -118,6 +119,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
+    pre: PreconditionerConfig
     if args.preconditioner == "shampoo":
         pre = RootInverseShampoo(factor_dtype=factor_dtype)
     else:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .._torch_compat import unflatten_mesh
 from ..planning.layout import MeshSpec
 
 #: Largest world the dry-run plans (the planner is ~linear in ranks; 16384 ranks of a 405B model
@@ -137,7 +138,7 @@ class FakeMeshes:
 
     def _view(self, world: Any, names: tuple[str, ...], shape: tuple[int, ...]) -> Any:
         self.views[names] = shape
-        return world._unflatten(0, shape, names)
+        return unflatten_mesh(world, 0, shape, names)
 
     def coordinates(self, mesh: Any, plan_mesh: Any) -> list[tuple[int, ...]]:
         """Every plan rank's coordinate in ``mesh`` (a view or a sub-mesh of one), from its dim names."""

@@ -148,7 +148,7 @@ def write_png(plan: ShampooPlan, path: str, model_name: str = "model") -> None:
     """Per-rank memory stacked by kind (top) and per-rank load split step/root (bottom)."""
     plt = _pyplot()
     ranks = list(range(plan.mesh.world_size))
-    series: dict[str, list[float]] = {
+    series: dict[str, list[int]] = {
         "params": [r.param_bytes for r in plan.ranks],
         "grads": [r.grad_bytes for r in plan.ranks],
     }

@@ -8,4 +8,9 @@ explicitly, which imports its library, so the core package keeps ``torch`` as it
 - :mod:`sharded_shampoo.integrations.torchrec`: ShardedShampoo as the dense optimizer of a
   torchrec ``DistributedModelParallel`` model, the planner's dense-memory reservation and DCP
   checkpoints of the combined model + optimizers (docs/torchrec.md).
+
+Contract: inputs are a framework's objects (torchtitan configs and model parts, torchrec DMP
+models); outputs ShardedShampoo optimizers, param groups, memory reservations and checkpoints in
+that framework's terms. The outermost stage: may import anything of ``sharded_shampoo`` (and its
+framework, only here); nothing in the library imports it.
 """

@@ -93,7 +93,7 @@ def is_expert_weight(fqn: str, ndim: int,
         return False
     modules = fqn.split(".")[:-1]
     rx = module_pattern if isinstance(module_pattern, re.Pattern) else expert_pattern(module_pattern)
-    return any(rx.search(m) for m in modules)
+    return rx is not None and any(rx.search(m) for m in modules)
 
 
 def expert_blocking(base: Optional[BlockingConfig]) -> BlockingConfig:

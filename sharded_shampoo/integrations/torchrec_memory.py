@@ -39,6 +39,7 @@ from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 
 from sharded_shampoo import ShardedShampoo
+from sharded_shampoo.runtime.placements import MeshKeyword
 
 
 def _shampoo_arguments(shampoo_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def dense_named_parameters(model: nn.Module, sharders: Optional[Sequence[ModuleS
         if type(module) in types:
             skip.update(id(t) for t in module.parameters())
             skip.update(id(t) for t in module.buffers())
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+    params: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters()
+                                              if p.requires_grad and id(p) not in skip]
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in skip)
     return params, buffer_bytes
 
@@ -103,7 +105,7 @@ def dense_bytes_per_rank(model: nn.Module, world_size: int, *,
     if not params:
         raise ValueError("the model has no dense trainable parameters outside the sharded modules; there is no "
                          "dense optimizer state to reserve (torchrec's default reservation applies).")
-    local = isinstance(arguments["mesh"], str) and arguments["mesh"] == "local"
+    local = MeshKeyword.parse(arguments["mesh"]) is MeshKeyword.LOCAL
     plan = _plan_dense(params, 1 if local else world_size, arguments)
     per_rank = [r.param_bytes + r.grad_bytes + r.optimizer_state_bytes + buffer_bytes for r in plan.ranks]
     return per_rank * world_size if local else per_rank

@@ -170,7 +170,7 @@ class ShampooDenseOptimizer(KeyedOptimizerWrapper):
         for group, counter in zip(self.shampoo.param_groups, self._group_steps):
             counter.fill_(int(group["step"]))
 
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = self.shampoo.step(closure)
         self._record_steps()
         return loss

@@ -146,7 +146,7 @@ def plan_parameter_blocks(
     merged = tuple(math.prod(shape[i] for i in g) for g in groups)
     grid = [_chunks(d, max_preconditioner_dim) for d in merged]
     exponents = block_exponents(len(merged), preconditioner, blocking)
-    blocks = []
+    blocks: list[Block] = []
     for batch in itertools.product(*(range(d) for d in shape[:nb])):
         for ranges in itertools.product(*grid):
             blocks.append(Block(block_id=f"{name}.block_{len(blocks)}", param_name=name, param_shape=shape,

@@ -30,10 +30,10 @@ from functools import lru_cache
 
 import torch
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
+from .._torch_compat import StridedShard
 
 #: Placements that split a tensor dim (``_StridedShard`` is FSDP-over-TP's; not a ``Shard`` subclass).
-SHARD_TYPES = (Shard, _StridedShard)
+SHARD_TYPES = (Shard, StridedShard)
 
 #: A box of a tensor: one half-open ``(start, end)`` range per dim.
 Region = tuple[tuple[int, int], ...]

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .._torch_compat import all_gather_into
 from .records import CommContext
 
 #: Digests are taken modulo this, so sums of squares over thousands of ranks stay exact in float64.
@@ -102,7 +103,7 @@ class Agreement:
             return
         mine = torch.tensor([stable_digest(description)], dtype=torch.int64, device=self.comm.device)
         everyone = torch.empty(self.comm.world_size, dtype=torch.int64, device=self.comm.device)
-        dist.all_gather_into_tensor(everyone, mine, group=self.comm.group)
+        all_gather_into(everyone, mine, group=self.comm.group)
         digests = everyone.cpu().tolist()
         if len(set(digests)) == 1:
             return

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from .._torch_compat import foreach_copy_
 from ..averaging_config import PRIMAL_AVERAGING_TYPES, ScheduleFree, WeightDecayType
 from ..compute.averaging import (PrimalAveragingStep, UpdateRule, interpolate_toward_z_, schedule_free_eval_coeff,
                                  weight_decay_alpha)
@@ -87,7 +88,7 @@ class IterateAveraging:
         for gi in self.groups:
             recs = self.members[gi]
             if param_groups[gi]["step"] == 0 and recs:
-                torch._foreach_copy_([_z(rec) for rec in recs], [rec.local() for rec in recs])
+                foreach_copy_([_z(rec) for rec in recs], [rec.local() for rec in recs])
 
     def switch(self, param_groups: list[dict[str, Any]], train: bool) -> None:
         """Put every averaging group's parameters into the training (y) or evaluation (x) sequence.

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .._torch_compat import foreach_add, foreach_copy_
 from ..compute.averaging import UpdateRule, apply_update_
 from ..compute.preconditioner import BucketHyperparams
 from .gradients import widened
@@ -148,7 +149,7 @@ class StepExecutor:
             # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
             # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
             wide = [widened(grads[k]) for k in ks]
-            new = torch._foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].l2_weight_decay)
+            new = foreach_add(wide, [self.rt.trainable[k].local() for k in ks], alpha=groups[gi].l2_weight_decay)
             grads.update(zip(ks, new))
 
     # ------------------------------------------------------------------ data movement
@@ -156,7 +157,7 @@ class StepExecutor:
     @staticmethod
     def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         if dst:
-            torch._foreach_copy_(dst, src)
+            foreach_copy_(dst, src)
 
     @staticmethod
     def _views(buffer: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:

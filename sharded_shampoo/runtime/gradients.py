@@ -10,9 +10,11 @@ and is non-zero (the zero-lr state-initialisation step is recognised by all-zero
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
+from .._torch_compat import foreach_norm
 from .placements import local_tensor
 from .records import RankRuntime
 
@@ -49,7 +51,7 @@ def local_gradients(rt: RankRuntime) -> dict[int, torch.Tensor]:
             raise ValueError(f"the gradient of parameter {rec.name!r} has shape {tuple(lg.shape)} on this rank but "
                              f"the parameter's shard has shape {expected}; a gradient must have its parameter's "
                              "shape (and placements).")
-        grads[rec.plan_index] = lg
+        grads[cast(int, rec.plan_index)] = lg          # trainable (checked above): an int
     return grads
 
 
@@ -75,7 +77,7 @@ def gradient_summary(grads: dict[int, torch.Tensor], num_params: int, check: boo
     narrow = [k for k, i in enumerate(idx) if grads[i].dtype not in _WIDE]
     for ks, dtype in ((wide, None), (narrow, torch.float32)):    # fp16/bf16 norms accumulate in fp32
         if ks:
-            norms[ks] = torch.stack(torch._foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double().cpu()
+            norms[ks] = torch.stack(foreach_norm([grads[idx[k]] for k in ks], 2, dtype=dtype)).double().cpu()
     out["has"][idx] = 1.0
     if check:
         limits = torch.tensor([_NORM_LIMIT[torch.float64 if i in float64_state else torch.float32] for i in idx],

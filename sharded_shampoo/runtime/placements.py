@@ -21,15 +21,36 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+from .._torch_compat import all_gather_into, flatten_mesh
 from ..planning.layout import SHARD_TYPES, Layout, MeshSpec, ParamSpec, SubMesh
 
+class MeshKeyword(str, Enum):
+    """The strings ``mesh=`` accepts besides ``None`` and a ``DeviceMesh``."""
+
+    LOCAL = "local"  # plan on this rank alone, even inside a process group
+
+    @classmethod
+    def parse(cls, mesh: Any) -> Optional["MeshKeyword"]:
+        """The keyword ``mesh`` names, None for a non-string (``None`` or a mesh); the one check of strings."""
+        if not isinstance(mesh, str):
+            return None
+        try:
+            return cls(mesh)
+        except ValueError:
+            raise ValueError(f"mesh must be None, {LOCAL_MESH.value!r} or a DeviceMesh; got {mesh!r}.") from None
+
+
 #: ``mesh="local"``: plan on this rank alone, even inside a process group.
-LOCAL_MESH: Literal["local"] = "local"
+LOCAL_MESH = MeshKeyword.LOCAL
 
 #: ``coordinates(device_mesh, plan_mesh) -> coordinate of every plan rank in device_mesh``.
 CoordinatesFn = Callable[[Any, Any], Sequence[tuple[int, ...]]]
@@ -45,7 +66,7 @@ class ResolvedMesh:
     param_specs: list[ParamSpec]
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """A DTensor (duck-typed, so no import of torch.distributed.tensor is needed to ask)."""
     return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
 
@@ -91,14 +112,14 @@ def _group_for(device_mesh: Any) -> Optional[dist.ProcessGroup]:
         return None
     if device_mesh.ndim == 1:
         return device_mesh.get_group()
-    return device_mesh._flatten().get_group()
+    return flatten_mesh(device_mesh).get_group()
 
 
 def _plan_mesh(meshes: list[Any], names_by_mesh: dict[int, str], mesh_arg: Any) -> Any:
     """The explicit mesh, or the parameter mesh with the most ranks; check the others fit inside it."""
     plan = mesh_arg if mesh_arg is not None else max(meshes, key=lambda m: m.mesh.numel())
     if not hasattr(plan, "mesh") or not hasattr(plan, "get_coordinate"):
-        raise ValueError(f"mesh must be None, {LOCAL_MESH!r} or a DeviceMesh; got {plan!r}.")
+        raise ValueError(f"mesh must be None, {LOCAL_MESH.value!r} or a DeviceMesh; got {plan!r}.")
     if plan.get_coordinate() is None:
         raise ValueError("this rank is not part of the given mesh; build the optimizer on the ranks of the mesh.")
     ranks = set(_mesh_ranks(plan))
@@ -121,7 +142,7 @@ def gather_coordinates(meshes: list[Any], plan_mesh: Any, group: Optional[dist.P
         mine[i, :m.ndim] = torch.tensor(m.get_coordinate())
     device = _collective_device(group)
     out = torch.empty(world * len(meshes) * width, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, mine.flatten().to(device), group=group)
+    all_gather_into(out, mine.flatten().to(device), group=group)
     table = out.view(world, len(meshes), width).cpu().tolist()
     return [[tuple(table[r][i][:m.ndim]) for r in range(world)] for i, m in enumerate(meshes)]
 
@@ -151,11 +172,9 @@ def resolve_mesh(params: Sequence[torch.Tensor], names: Sequence[str], mesh: Any
                  coordinates: Optional[CoordinatesFn] = None) -> ResolvedMesh:
     """Pick the plan mesh (explicit, from DTensors, or the DDP world) and describe every parameter on it."""
     meshes = _distinct_meshes(params)
-    if isinstance(mesh, str):
-        if mesh != LOCAL_MESH:
-            raise ValueError(f"mesh must be None, {LOCAL_MESH!r} or a DeviceMesh; got {mesh!r}.")
+    if MeshKeyword.parse(mesh) is MeshKeyword.LOCAL:
         if meshes:
-            raise ValueError(f"mesh={LOCAL_MESH!r} runs the optimizer on this rank alone, but some parameters are "
+            raise ValueError(f"mesh={LOCAL_MESH.value!r} runs the optimizer on this rank alone, but some parameters are "
                              "DTensors; pass their DeviceMesh (or None) instead.")
         return ResolvedMesh(MeshSpec((1,)), None, 0, _specs_for(params, names, {}, []))
     if mesh is None and not meshes:
@@ -203,5 +222,5 @@ def param_specs_from_tensors(named_params: Iterable[tuple[str, torch.Tensor]], m
     return resolved.param_specs, resolved.spec
 
 
-__all__ = ["CoordinatesFn", "LOCAL_MESH", "ResolvedMesh", "check_placements", "gather_coordinates", "is_dtensor",
+__all__ = ["CoordinatesFn", "LOCAL_MESH", "MeshKeyword", "ResolvedMesh", "check_placements", "gather_coordinates", "is_dtensor",
            "local_tensor", "param_specs_from_tensors", "resolve_mesh"]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -122,8 +122,8 @@ class RankRuntime:
         ``set_state_dict(strict=True)`` finds state for every trainable parameter.
         """
         out: dict[torch.Tensor, dict[str, Any]] = {rec.param: {} for rec in self.trainable}
-        for rec in self.blocks.values():
-            out[rec.param.param][rec.state_key] = self.buckets[rec.bucket].state_views(rec.slot)
+        for block in self.blocks.values():
+            out[block.param.param][block.state_key] = self.buckets[block.bucket].state_views(block.slot)
         for rec in self.trainable:
             if rec.momentum is not None:
                 out[rec.param]["momentum"] = rec.momentum
@@ -161,7 +161,7 @@ def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: li
     ``waves``: the overlap wave of every plan block (``routing.block_waves``); blocks of different
     waves never share a bucket, so a wave's math needs only its own gradients.
     """
-    trainable = sorted((r for r in records if r.trainable), key=lambda r: r.plan_index)
+    trainable = sorted((r for r in records if r.trainable), key=lambda r: cast(int, r.plan_index))
     keyed: dict[tuple, list[int]] = {}
     for b in plan.owned_indices(comm.rank):
         rec = trainable[plan.block_param[b]]

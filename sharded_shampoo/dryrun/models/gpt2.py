@@ -57,6 +57,7 @@ class GPT2(nn.Module):
                 nn.init.zeros_(module.bias)
         for block in self.h:
             for proj in (block.attn_proj, block.mlp_proj):
+                assert isinstance(proj, nn.Linear)
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
     def fsdp_units(self) -> list[nn.Module]:

@@ -11,7 +11,7 @@ head (the experts and the router are not tensor-parallel: they are expert-parall
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ class MoETransformer(nn.Module):
         return list(self.layers)
 
     def expert_modules(self) -> list[nn.Module]:
-        return [layer.moe.experts for layer in self.layers]
+        return [cast(Any, layer).moe.experts for layer in self.layers]
 
     def tp_plan(self) -> dict[str, Any]:
         return transformer_tp_plan(len(self.layers))

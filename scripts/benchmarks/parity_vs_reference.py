@@ -1,0 +1,268 @@
+"""ShardedShampoo vs the reference Distributed Shampoo, variant by variant, on one small seeded problem.
+
+The reference is facebookresearch/optimizers (``DistributedShampoo``), read from a local checkout
+given with ``--reference`` and put on ``sys.path`` at run time only (never vendored, never a
+dependency). Both optimizers run 60 steps of the same problem, single process, float32:
+
+* parameters ``w2d (64, 32)``, ``bias (16,)``, ``w3d (32, 16, 8)``, ``wblk (80, 24)``, drawn in that
+  order from ``torch.Generator().manual_seed(0)`` as ``randn * 0.1``;
+* the gradient of step ``t`` is ``randn(shape, generator=manual_seed(1000 + t)) + W`` at the current
+  parameters (the training sequence of GPA / Schedule-Free): ``0.5 ||W||^2`` plus seeded noise;
+* ``lr_t = lr * min(1, t / warmup)`` for variants with a warmup, written into every group's ``lr``;
+* common settings (``BASE``): lr 0.01, betas (0.9, 0.999), epsilon 1e-6, max_preconditioner_dim 64,
+  precondition_frequency 10, start_preconditioning_step 20 (every factor is full rank at the first
+  root: the well-conditioned regime), bias correction, AdaGrad grafting (epsilon 1e-8).
+
+The metric per parameter is the error of the displacement, ``||(W - W0) - (W_ref - W0)|| /
+||W_ref - W0||`` (``W0`` is large next to some runs' motion), maxed over parameters and over steps
+1, 10, 30 and 60; for GPA / Schedule-Free also over the parameters after ``opt.eval()``. A row
+passes at <= ``--tolerance`` (1e-4).
+
+Adding a row: put ``VARIANTS["name"] = Variant(reference=..., ours=...)`` below. Both builders return
+a :class:`Setup` -- constructor keyword arguments on top of the common ones and a warmup; the
+reference builder receives the imported ``distributed_shampoo`` package.
+
+    OMP_NUM_THREADS=1 python -m scripts.benchmarks.parity_vs_reference --reference /work/ref
+    ... --variants gpa schedule-free          # some rows only;  --list: the registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+SHAPES: list[tuple[str, tuple[int, ...]]] = [("w2d", (64, 32)), ("bias", (16,)), ("w3d", (32, 16, 8)),
+                                             ("wblk", (80, 24))]
+STEPS = 60
+SAVE_STEPS = (1, 10, 30, 60)
+#: Settings both optimizers share (the reference's spelling is derived in reference_base()).
+LR, BETAS, EPSILON, MAX_DIM, FREQUENCY, START = 0.01, (0.9, 0.999), 1e-6, 64, 10, 20
+
+
+@dataclass
+class Setup:
+    """One side of a row: constructor keyword arguments (on top of the common ones) and a warmup."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    warmup: int = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the table: how each optimizer is configured for it."""
+
+    reference: Callable[[Any], Setup]     # receives the distributed_shampoo package
+    ours: Callable[[], Setup]
+    description: str = ""
+
+
+# ----------------------------------------------------------------------------- the problem
+
+
+def make_params() -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float32) * 0.1) for _, shape in SHAPES]
+
+
+def set_grads(step: int, params: list[torch.nn.Parameter]) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float32) + p.detach()
+
+
+def lr_at(step: int, warmup: int) -> float:
+    return LR * min(1.0, step / warmup) if warmup > 0 else LR
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def reference_base(ds: Any) -> dict[str, Any]:
+    return dict(lr=LR, betas=BETAS, epsilon=EPSILON, weight_decay=0.0, max_preconditioner_dim=MAX_DIM,
+                precondition_frequency=FREQUENCY, start_preconditioning_step=START, use_bias_correction=True,
+                grafting_config=ds.AdaGradPreconditionerConfig(epsilon=1e-8),
+                preconditioner_config=ds.RootInvShampooPreconditionerConfig())
+
+
+def our_base() -> dict[str, Any]:
+    from sharded_shampoo import AdaGradGrafting, RootInverseShampoo
+
+    return dict(lr=LR, betas=BETAS, epsilon=EPSILON, weight_decay=0.0, max_preconditioner_dim=MAX_DIM,
+                precondition_frequency=FREQUENCY, start_preconditioning_step=START, use_bias_correction=True,
+                grafting=AdaGradGrafting(epsilon=1e-8), preconditioner=RootInverseShampoo())
+
+
+def _ref_averaging(name: str, **kw: Any) -> Callable[[Any], Setup]:
+    def build(ds: Any) -> Setup:
+        import distributed_shampoo.shampoo_types as st      # ClassicMomentumConfig is not exported (S8)
+
+        return Setup({"iterate_averaging_config": getattr(st, name)(**kw)})
+    return build
+
+
+def _ours_averaging(name: str, **kw: Any) -> Callable[[], Setup]:
+    def build() -> Setup:
+        import sharded_shampoo
+
+        return Setup({"iterate_averaging": getattr(sharded_shampoo, name)(**kw)})
+    return build
+
+
+def _weight_decay(kind: str, wd: float, warmup: int = 0, **extra: Any) -> Variant:
+    def ref(ds: Any) -> Setup:
+        return Setup(dict(weight_decay=wd, weight_decay_type=getattr(ds.WeightDecayType, kind)), warmup)
+
+    def ours() -> Setup:
+        return Setup(dict(weight_decay=wd, weight_decay_type=kind), warmup)
+    return Variant(ref, ours, f"weight_decay={wd} {kind}" + (f", lr warmup {warmup}" if warmup else ""))
+
+
+GPA = dict(eval_interp_coeff=0.9, train_interp_coeff=0.8)
+SF = dict(train_interp_coeff=0.8, eval_coeff_lr_power=2)
+
+
+def _gpa_wd_ref(ds: Any) -> Setup:
+    return Setup({**_ref_averaging("GeneralizedPrimalAveragingConfig", **GPA)(ds).kwargs, "weight_decay": 0.1})
+
+
+def _gpa_wd_ours() -> Setup:
+    return Setup({**_ours_averaging("GeneralizedPrimalAveraging", **GPA)().kwargs, "weight_decay": 0.1})
+
+
+#: name -> Variant. Other preconditioner / update variants add their rows here.
+VARIANTS: dict[str, Variant] = {
+    "shampoo": Variant(lambda ds: Setup(), lambda: Setup(), "root-inverse Shampoo, AdaGrad grafting (the base)"),
+    "momentum": Variant(_ref_averaging("ClassicMomentumConfig", momentum=0.9, dampening=0.1),
+                        _ours_averaging("ClassicMomentum", momentum=0.9, dampening=0.1),
+                        "ClassicMomentum(momentum=0.9, dampening=0.1)"),
+    "nesterov": Variant(_ref_averaging("ClassicMomentumConfig", momentum=0.9, use_nesterov=True),
+                        _ours_averaging("ClassicMomentum", momentum=0.9, use_nesterov=True),
+                        "ClassicMomentum(momentum=0.9, use_nesterov=True)"),
+    "gpa": Variant(_ref_averaging("GeneralizedPrimalAveragingConfig", **GPA),
+                   _ours_averaging("GeneralizedPrimalAveraging", **GPA), "GeneralizedPrimalAveraging(0.9, 0.8)"),
+    "gpa-wd": Variant(_gpa_wd_ref, _gpa_wd_ours, "as gpa, weight_decay=0.1 DECOUPLED (shrinks z)"),
+    "schedule-free": Variant(lambda ds: Setup(_ref_averaging("ScheduleFreeConfig", **SF)(ds).kwargs, 10),
+                             lambda: Setup(_ours_averaging("ScheduleFree", **SF)().kwargs, 10),
+                             "ScheduleFree(0.8, eval_coeff_lr_power=2), lr warmup 10"),
+    "wd-l2": _weight_decay("L2", 0.1),
+    "wd-decoupled": _weight_decay("DECOUPLED", 0.1),
+    "wd-corrected": _weight_decay("CORRECTED", 0.1, warmup=10),
+    "wd-independent": _weight_decay("INDEPENDENT", 5e-4),
+}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Trajectory:
+    init: list[torch.Tensor]
+    steps: dict[int, list[torch.Tensor]]
+    eval_params: Optional[list[torch.Tensor]]     # after opt.eval() (GPA / Schedule-Free), else None
+
+
+def run(make_optimizer: Callable[[list[torch.nn.Parameter]], Any], warmup: int, has_eval: bool) -> Trajectory:
+    params = make_params()
+    init = [p.detach().clone() for p in params]
+    opt = make_optimizer(params)
+    saved: dict[int, list[torch.Tensor]] = {}
+    for t in range(1, STEPS + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(t, warmup)
+        set_grads(t, params)
+        opt.step()
+        if t in SAVE_STEPS:
+            saved[t] = [p.detach().clone() for p in params]
+    eval_params = None
+    if has_eval:
+        opt.eval()
+        eval_params = [p.detach().clone() for p in params]
+        opt.train()
+    return Trajectory(init, saved, eval_params)
+
+
+def reference_run(variant: Variant, ds: Any) -> Trajectory:
+    setup = variant.reference(ds)
+    kwargs = {**reference_base(ds), **setup.kwargs}
+    has_eval = type(kwargs.get("iterate_averaging_config")).__name__ in ("GeneralizedPrimalAveragingConfig",
+                                                                         "ScheduleFreeConfig")
+    # a fresh distributed config per run: spectral descent edits the one it is given (variants.md S7)
+    return run(lambda ps: ds.DistributedShampoo(ps, distributed_config=ds.SingleDeviceDistributedConfig(), **kwargs),
+               setup.warmup, has_eval)
+
+
+def our_run(variant: Variant) -> Trajectory:
+    from sharded_shampoo import ShardedShampoo
+    from sharded_shampoo.config import PRIMAL_AVERAGING_TYPES
+
+    setup = variant.ours()
+    kwargs = {**our_base(), **setup.kwargs}
+    has_eval = isinstance(kwargs.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES)
+    return run(lambda ps: ShardedShampoo([(n, p) for (n, _), p in zip(SHAPES, ps)], **kwargs), setup.warmup,
+               has_eval)
+
+
+def displacement_error(ours: list[torch.Tensor], ref: list[torch.Tensor], init: list[torch.Tensor]) -> float:
+    return max(float(((a - w0) - (b - w0)).norm() / (b - w0).norm()) for a, b, w0 in zip(ours, ref, init))
+
+
+def compare(ours: Trajectory, ref: Trajectory) -> tuple[float, float, Optional[float]]:
+    """(max error over the saved steps, error at the last step, error of the eval-mode parameters)."""
+    per_step = [displacement_error(ours.steps[t], ref.steps[t], ref.init) for t in SAVE_STEPS]
+    eval_err = None
+    if ref.eval_params is not None:
+        assert ours.eval_params is not None, "the reference has an eval sequence but ours does not"
+        eval_err = displacement_error(ours.eval_params, ref.eval_params, ref.init)
+    return max(per_step), per_step[-1], eval_err
+
+
+def import_reference(path: str) -> Any:
+    sys.path.insert(0, os.path.abspath(path))
+    logging.disable(logging.WARNING)      # the reference logs a warning per group at construction
+    import distributed_shampoo as ds
+
+    return ds
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reference", help="path of a facebookresearch/optimizers checkout")
+    p.add_argument("--variants", nargs="*", default=None, help="rows to run (default: all)")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--list", action="store_true", help="print the registry and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, v in VARIANTS.items():
+            print(f"{name:16s} {v.description}")
+        return 0
+    if not args.reference:
+        p.error("--reference PATH is required (a facebookresearch/optimizers checkout)")
+    unknown = sorted(set(args.variants or []) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    ds = import_reference(args.reference)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print(f"{STEPS} steps, float32, CPU; displacement error max over steps {SAVE_STEPS} (and eval-mode params)")
+    print(f"| variant | ours vs reference (max over steps) | at step {STEPS} | eval-mode params | "
+          f"<= {args.tolerance:g} |")
+    print("|---|---|---|---|---|")
+    failed = []
+    for name in args.variants or list(VARIANTS):
+        worst, last, eval_err = compare(our_run(VARIANTS[name]), reference_run(VARIANTS[name], ds))
+        ok = max(worst, eval_err or 0.0) <= args.tolerance
+        failed += [] if ok else [name]
+        eval_text = "-" if eval_err is None else f"{eval_err:.2e}"
+        print(f"| {name} | {worst:.2e} | {last:.2e} | {eval_text} | {'yes' if ok else 'NO'} |")
+    if failed:
+        print(f"rows over the tolerance: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

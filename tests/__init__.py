@@ -1,0 +1,1 @@
+"""The test suite (see conftest.py for its layout)."""

@@ -1,0 +1,57 @@
+"""The performance scripts run end to end on tiny sizes (their real runs are recorded in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+
+def test_compare_optimizers_writes_curves(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from scripts import compare_optimizers
+
+    png = tmp_path / "curves.png"
+    monkeypatch.setattr(sys, "argv", ["compare_optimizers.py", "--steps", "3", "--plot", str(png),
+                                      "--extra", "--dim 32 --seq 16 --batch 4 --corpus-bytes 20000"])
+    compare_optimizers.main()
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+    for name in compare_optimizers.OPTIMIZERS:
+        assert f"| {name} |" in out
+    assert compare_optimizers.time_to_reach([3.0, 2.0, 1.0], [1.0, 2.0, 3.0], 2.5) == 2.0
+    assert compare_optimizers.time_to_reach([3.0, 3.0], [1.0, 2.0], 1.0) is None
+
+
+def test_bench_roots_measures_both_methods():
+    from scripts.benchmarks import bench_roots
+
+    r = bench_roots.measure([(*bench_roots.random_factors(2, 24), 0.25)], 1e-8, repeats=1)
+    for key in ("t_eigh", "t_warm", "t_basis_eigh", "t_basis_qr", "eigh", "warm", "res_warm", "basis_qr", "fallback"):
+        assert key in r
+    assert r["eigh"] < 1e-4 and 0.0 <= r["fallback"] <= 1.0
+    assert len(bench_roots.report("x", r)) == 4
+
+
+def test_train_builds_each_preconditioner():
+    from scripts import train
+
+    from sharded_shampoo import EigenvalueCorrectedShampoo, RootInverseShampoo
+    from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
+
+    cfg = train.preconditioner_config(train.parse_args(["--root", "warm", "--root-storage", "bfloat16"]))
+    assert isinstance(cfg, RootInverseShampoo) and isinstance(cfg.root, WarmStartRootConfig)
+    cfg = train.preconditioner_config(train.parse_args(["--preconditioner", "eigen", "--eigenbasis", "qr"]))
+    assert isinstance(cfg, EigenvalueCorrectedShampoo) and isinstance(cfg.eigenbasis, QREigenbasisConfig)
+
+
+def test_training_example_draws_no_progress_bar_into_a_pipe(capsys):
+    """A piped log gets the loss lines, not thousands of carriage-return bar updates (stderr is no tty here)."""
+    from scripts import train
+
+    train.train(train.parse_args(["--steps", "2", "--batch", "4", "--corpus-bytes", "200000", "--dim", "32",
+                                  "--layers", "1", "--heads", "2", "--seq", "16", "--log-every", "1"]))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "step/s" not in err and "s/step" not in err, err
+    assert "loss" in out
