@@ -78,14 +78,15 @@ def train_factors(steps: int = 30) -> list[tuple[torch.Tensor, torch.Tensor, flo
         opt.step()
         opt.zero_grad()
         if step + 1 in (steps - args.precondition_frequency, steps):
-            snaps[step + 1] = [(b, [f.clone() for f in b.factors], int(b.step[0])) for b in opt.runtime.buckets]
+            snaps[step + 1] = [(b, [b.matrices(f"factor_{i}") for i in b.kind.dims], int(b.step[0]))
+                              for b in opt.runtime.buckets]
     beta2 = 0.95
     out = []
     (_, prev), (_, last) = sorted(snaps.items())
     for (b, F0, t0), (_, F1, t1) in zip(prev, last):
         if len(b.shape) != 2:
             continue
-        for n, i in enumerate(b.factor_dims):
+        for n, i in enumerate(b.kind.dims):
             out.append((F0[n] / (1 - beta2 ** t0), F1[n] / (1 - beta2 ** t1), b.exponents[i]))
     return out
 

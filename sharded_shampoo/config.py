@@ -42,6 +42,40 @@ def check_int(owner: str, name: str, value: int, low: int = 1) -> None:
         raise ValueError(f"{owner}.{name} must be an integer >= {low}; got {value!r}.")
 
 
+# ----------------------------------------------------------------------------- preconditioner registry
+
+#: Every preconditioner config class (filled by :func:`preconditioner_config`).
+_PRECONDITIONER_CLASSES: list[type] = []
+#: Config classes ``config_from_dict`` can restore, by name (preconditioner classes register themselves).
+_CONFIG_CLASSES: dict[str, type] = {}
+
+
+def preconditioner_config(cls: type) -> type:
+    """Class decorator: make ``cls`` a preconditioner config (accepted as ``preconditioner=`` by the
+    optimizer, the planner and the dry-run; restored by :func:`config_from_dict`).
+
+    The class is a frozen dataclass with a ``factor_dtype`` (the math dtype of its blocks) and an
+    ``inverse_exponent(order, dim)`` method (0: that block dim has no Kronecker factor); its kind, the
+    math, is registered in ``sharded_shampoo/compute/kinds`` (see docs/design.md).
+    """
+    missing = [a for a in ("factor_dtype", "inverse_exponent") if not hasattr(cls, a)
+               and a not in getattr(cls, "__dataclass_fields__", {})]
+    if missing:
+        raise TypeError(f"preconditioner config {cls.__name__} lacks {missing}.")
+    _PRECONDITIONER_CLASSES.append(cls)
+    _CONFIG_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def is_preconditioner_config(value: Any) -> bool:
+    return isinstance(value, tuple(_PRECONDITIONER_CLASSES))
+
+
+def preconditioner_config_names() -> str:
+    """``"RootInverseShampoo(), EigenvalueCorrectedShampoo(), ..."`` for error messages."""
+    return ", ".join(f"{c.__name__}()" for c in _PRECONDITIONER_CLASSES)
+
+
 # ----------------------------------------------------------------------------- grafting
 
 
@@ -200,6 +234,7 @@ class QREigenbasisConfig:
 EigenbasisConfig = Union[EighRootConfig, QREigenbasisConfig]
 
 
+@preconditioner_config
 @dataclass(frozen=True)
 class RootInverseShampoo:
     """Classic Shampoo: direction = M x_1 R_1 ... x_k R_k with R_i = (F_i_hat + eps I)^(-e_i).
@@ -240,6 +275,10 @@ class RootInverseShampoo:
         """Storage dtypes of the (factors, roots) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
+    def inverse_exponent(self, order: int, dim: int) -> float:
+        """``e`` of ``R = (F + eps I)^(-e)`` for ``dim`` of an order-``order`` block: ``1 / (2 order)`` unless overridden."""
+        return _override_or(self.inverse_exponent_override, order, dim, 1.0 / (2 * order))
+
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
@@ -252,6 +291,7 @@ class RootInverseShampoo:
         return isinstance(other, RootInverseShampoo) and self.key() == other.key()
 
 
+@preconditioner_config
 @dataclass(frozen=True)
 class EigenvalueCorrectedShampoo:
     """SOAP-like: Adam in the eigenbasis of the Kronecker factors.
@@ -289,6 +329,10 @@ class EigenvalueCorrectedShampoo:
         """Storage dtypes of the (factors, eigenbases) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
+    def inverse_exponent(self, order: int, dim: int) -> float:
+        """The root of the corrected eigenvalues, ``(D^e + eps)``: 1/2 unless overridden (0: no rotation of ``dim``)."""
+        return _override_or(self.inverse_exponent_override, order, dim, 0.5)
+
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
@@ -301,8 +345,8 @@ class EigenvalueCorrectedShampoo:
         return isinstance(other, EigenvalueCorrectedShampoo) and self.key() == other.key()
 
 
+#: For type hints; any class registered with :func:`preconditioner_config` is accepted.
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
-PRECONDITIONER_TYPES = (RootInverseShampoo, EigenvalueCorrectedShampoo)
 
 
 def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int) -> None:
@@ -323,17 +367,20 @@ def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> Non
                              f"torch.bfloat16; got {value!r}.")
 
 
+def _override_or(override: ExponentOverride, order: int, dim: int, default: float) -> float:
+    """The exponent ``inverse_exponent_override`` gives ``dim`` of an order-``order`` block, else ``default``."""
+    value = override.get(order)
+    if isinstance(value, Mapping):
+        if dim in value:
+            return float(value[dim])
+    elif value is not None:
+        return float(value)
+    return default
+
+
 def default_exponent(config: PreconditionerConfig, order: int, dim: int) -> float:
     """The inverse exponent of ``dim`` in an order-``order`` block (0 means: not preconditioned)."""
-    override = config.inverse_exponent_override.get(order)
-    if isinstance(override, Mapping):
-        if dim in override:
-            return float(override[dim])
-    elif override is not None:
-        return float(override)
-    if isinstance(config, EigenvalueCorrectedShampoo):
-        return 0.5
-    return 1.0 / (2 * order)
+    return config.inverse_exponent(order, dim)
 
 
 # ----------------------------------------------------------------------------- blocking & robustness
@@ -418,9 +465,9 @@ class PlanSettings:
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
             check_int("PlanSettings", name, getattr(self, name))
-        if not isinstance(self.preconditioner, PRECONDITIONER_TYPES):
-            raise ValueError("PlanSettings.preconditioner must be RootInverseShampoo() or "
-                             f"EigenvalueCorrectedShampoo(); got {self.preconditioner!r}.")
+        if not is_preconditioner_config(self.preconditioner):
+            raise ValueError(f"PlanSettings.preconditioner must be one of {preconditioner_config_names()}; "
+                             f"got {self.preconditioner!r}.")
         if not isinstance(self.blocking, BlockingConfig):
             raise ValueError(f"PlanSettings.blocking must be a BlockingConfig; got {self.blocking!r}.")
         if self.grafting is not None and not isinstance(self.grafting, GRAFTING_TYPES):
@@ -468,9 +515,9 @@ def _default_of(f: "dataclasses.Field[Any]") -> Any:
     return f.default
 
 
-_CONFIG_CLASSES = {cls.__name__: cls for cls in (
+_CONFIG_CLASSES.update({cls.__name__: cls for cls in (
     SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
-    WarmStartRootConfig, QREigenbasisConfig, RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig)}
+    WarmStartRootConfig, QREigenbasisConfig, BlockingConfig)})
 
 
 def config_from_dict(data: Any) -> Any:

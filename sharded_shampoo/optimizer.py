@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch.optim import Optimizer
 
-from .compute.preconditioner import BucketHyperparams, RootFailureError
+from .compute.preconditioner import BucketConfig, BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, GraftingConfig, NonFinitePolicy, PlanSettings,
                      PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
@@ -128,7 +128,7 @@ class ShardedShampoo(Optimizer):
         records = param_records(params, names, group_of, resolved.param_specs, self.plan, resolved.rank,
                                 momentum_groups)
         chunks = self.overlap_chunks if comm.world_size > 1 else 1
-        self.runtime: RankRuntime = build_runtime(records, self.plan, [_hyperparams(g) for g in self.param_groups],
+        self.runtime: RankRuntime = build_runtime(records, self.plan, [_bucket_config(g) for g in self.param_groups],
                                                   comm, block_waves(self.plan, chunks))
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
@@ -242,8 +242,7 @@ class ShardedShampoo(Optimizer):
     def _raise_on_exhausted_roots(self) -> None:
         """After a completed amortized step: raise on every rank if any owner hit the failure limit."""
         exhausted = [b for bucket in self.runtime.buckets for b in bucket.exhausted]
-        limits = sorted({bk.hp.preconditioner.max_consecutive_root_failures for bk in self.runtime.buckets
-                         if bk.exhausted})
+        limits = sorted({bk.kind.failure_limit for bk in self.runtime.buckets if bk.exhausted})
         for bucket in self.runtime.buckets:
             bucket.exhausted = []
         count = self.agreement.total(float(len(exhausted)))
@@ -277,8 +276,13 @@ class ShardedShampoo(Optimizer):
 
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
-                             use_bias_correction=group["use_bias_correction"], grafting=group["grafting"],
-                             preconditioner=group["preconditioner"], elementwise=group["elementwise"])
+                             use_bias_correction=group["use_bias_correction"], elementwise=group["elementwise"])
+
+
+def _bucket_config(group: dict[str, Any]) -> BucketConfig:
+    """What of a group decides its buckets' state (structural: fixed after construction)."""
+    return BucketConfig(preconditioner=group["preconditioner"], grafting=group["grafting"],
+                        has_filtered_grad=group["betas"][0] > 0)
 
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:

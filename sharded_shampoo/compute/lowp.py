@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -72,10 +72,12 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seeds: list[int],
     dst.copy_(src)
 
 
-def ema_round_(F: torch.Tensor, GG: torch.Tensor, beta: float, weight: float, seeds: list[int],
-               scratch: Optional[torch.Tensor] = None) -> None:
+def ema_round_(F: torch.Tensor, GG: torch.Tensor, beta: Union[float, torch.Tensor], weight: float,
+               seeds: list[int], scratch: Optional[torch.Tensor] = None) -> None:
     """``F <- round(beta F + weight GG)`` for a low-precision stack ``F`` (math in fp32, stochastic rounding).
 
+    ``beta``: a float or a per-block tensor broadcasting over ``F`` (1 where a block must not change:
+    with ``GG = 0`` there, ``F`` is exactly representable and the rounding leaves it bit-identical).
     ``scratch``: optional flat fp32 tensor of at least ``2 * F.numel()`` elements (the fp32 value and
     the rounding noise), reused instead of allocating.
     """
@@ -86,7 +88,10 @@ def ema_round_(F: torch.Tensor, GG: torch.Tensor, beta: float, weight: float, se
     else:
         wide, noise = torch.empty(F.shape, dtype=torch.float32, device=F.device), None
     torch.mul(GG, weight, out=wide)
-    wide.add_(F, alpha=beta)
+    if isinstance(beta, torch.Tensor):
+        wide.addcmul_(F, beta)
+    else:
+        wide.add_(F, alpha=beta)
     stochastic_round_(F, wide, seeds, noise)
 
 
