@@ -8,11 +8,13 @@ from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
+from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "CoupledNewtonConfig", "EigenvalueCorrectedShampoo",
     "EighRootConfig", "QREigenbasisConfig", "WarmStartRootConfig", "Layout", "MeshSpec", "NonFiniteGradientError", "ParamSpec", "RMSpropGrafting", "RankFailureError", "RootFailureError",
-    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
+    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
+    "unpack_symmetric", "__version__",
 ]

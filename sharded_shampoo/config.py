@@ -242,6 +242,11 @@ class RootInverseShampoo:
     ``e_i`` defaults to ``1 / (2 k)`` for an order-``k`` block; ``inverse_exponent_override``
     maps an order to one exponent for all its dims or to ``{dim: exponent}``; an exponent of 0
     leaves that dim unpreconditioned (no factor is stored for it).
+
+    ``symmetric_packing`` (default True): store every factor and inverse root as its upper triangle
+    (``d (d + 1) / 2`` numbers, the reference implementation's layout), lossless; False stores full
+    ``d x d`` matrices (the layout before packing; a step then unpacks nothing). A storage choice,
+    not math: checkpoints load across it.
     """
 
     root: RootConfig = field(default_factory=EighRootConfig)
@@ -250,10 +255,11 @@ class RootInverseShampoo:
     max_consecutive_root_failures: int = 10
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures)
+                         self.max_consecutive_root_failures, self.symmetric_packing)
         _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype)
         if not isinstance(self.root, ROOT_TYPES):
             raise ValueError("RootInverseShampoo.root must be EighRootConfig(), CoupledNewtonConfig() or "
@@ -276,13 +282,15 @@ class RootInverseShampoo:
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
     def inverse_exponent(self, order: int, dim: int) -> float:
-        """``e`` of ``R = (F + eps I)^(-e)`` for ``dim`` of an order-``order`` block: ``1 / (2 order)`` unless overridden."""
+        """``e`` of ``R = (F + eps I)^(-e)`` for ``dim`` of an order-``order`` block: ``1 / (2 order)``
+        unless overridden."""
         return _override_or(self.inverse_exponent_override, order, dim, 1.0 / (2 * order))
 
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
-                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype)
+                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype,
+                self.symmetric_packing)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -300,6 +308,8 @@ class EigenvalueCorrectedShampoo:
     corrected eigenvalues D (EMA of the squared rotated gradient with ``betas[1]``) are updated
     every step; direction = Q ( (Q^T M Q) / (D_hat^e + eps) ) with e = 1/2 by default
     (``inverse_exponent_override`` may change it per order; 0 on a dim skips its rotation).
+    ``symmetric_packing`` (default True): factors stored as their upper triangle; eigenbases are not
+    symmetric and always stored full.
     """
 
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
@@ -308,10 +318,11 @@ class EigenvalueCorrectedShampoo:
     eigenbasis: EigenbasisConfig = field(default_factory=EighRootConfig, metadata=ADDED_LATER)
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures)
+                         self.max_consecutive_root_failures, self.symmetric_packing)
         _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype)
         if not isinstance(self.eigenbasis, (EighRootConfig, QREigenbasisConfig)):
             raise ValueError("EigenvalueCorrectedShampoo.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); "
@@ -336,7 +347,7 @@ class EigenvalueCorrectedShampoo:
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
-                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype)
+                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype, self.symmetric_packing)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -349,11 +360,15 @@ class EigenvalueCorrectedShampoo:
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
 
 
-def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int) -> None:
+def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int,
+                     symmetric_packing: Any) -> None:
     _validate_exponent_override(owner, override)
     if factor_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
     check_int(owner, "max_consecutive_root_failures", max_failures)
+    if not isinstance(symmetric_packing, bool):
+        raise ValueError(f"{owner}.symmetric_packing must be True (store symmetric factors and roots as their "
+                         f"upper triangle) or False (full matrices); got {symmetric_packing!r}.")
 
 
 #: Storage dtypes factors and roots may use besides ``factor_dtype`` (math stays in ``factor_dtype``).

@@ -39,9 +39,10 @@ def rounding_seed(salt: int, step: int, factor: int) -> int:
     return z ^ (z >> 31)
 
 
-def chunk_slices(n: int, bytes_per_item: int, budget: int = CHUNK_BYTES) -> list[slice]:
-    """Consecutive slices of ``range(n)`` whose items take at most ``budget`` bytes (>= 1 item each)."""
-    per = max(1, budget // max(1, bytes_per_item))
+def chunk_slices(n: int, bytes_per_item: int, budget: Optional[int] = None) -> list[slice]:
+    """Consecutive slices of ``range(n)`` whose items take at most ``budget`` bytes (>= 1 item each;
+    default :data:`CHUNK_BYTES`, read at each call)."""
+    per = max(1, (CHUNK_BYTES if budget is None else budget) // max(1, bytes_per_item))
     return [slice(a, min(a + per, n)) for a in range(0, n, per)]
 
 

@@ -53,7 +53,8 @@ class EigenvalueCorrectedKind(ShampooFamily):
         ``warm_fallback_rate`` eighs."""
         basis = self.config.eigenbasis
         if isinstance(basis, QREigenbasisConfig):
-            per_d3 = basis.iterations * (2.0 + model.qr_flops_per_d3) + model.warm_fallback_rate * model.eigh_flops_per_d3
+            per_d3 = (basis.iterations * (2.0 + model.qr_flops_per_d3)
+                      + model.warm_fallback_rate * model.eigh_flops_per_d3)
         else:
             per_d3 = model.eigh_flops_per_d3
         return sum(per_d3 * self.shape[i] ** 3 for i in self.dims)
@@ -86,7 +87,7 @@ class EigenvalueCorrectedKind(ShampooFamily):
                 perm = torch.where(keep[:, None], res.permutation, identity)
                 # in place: optimizer.state holds views of this stack
                 D[rows] = permute_along(D[rows], dim, perm)
-            store_matrices(state[name], self.field(name), rows, res.matrices, keep)
+            store_matrices(state[name], self.field(name), rows, res.matrices, keep, ctx.workspace)
             ok[rows] = res.ok
         return ok
 

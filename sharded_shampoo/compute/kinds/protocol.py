@@ -72,9 +72,11 @@ class StateField:
     def __post_init__(self) -> None:
         square = len(self.shape) == 2 and self.shape[0] == self.shape[1]
         if self.packed and not (self.symmetric and square):
-            raise ValueError(f"state field {self.name!r}: only symmetric (d, d) fields can be packed; shape {self.shape}.")
+            raise ValueError(f"state field {self.name!r}: only symmetric (d, d) fields can be packed; "
+                             f"shape {self.shape}.")
         if self.init == Init.IDENTITY and not square:
-            raise ValueError(f"state field {self.name!r}: an identity initial value needs a (d, d) shape; got {self.shape}.")
+            raise ValueError(f"state field {self.name!r}: an identity initial value needs a (d, d) shape; "
+                             f"got {self.shape}.")
 
     @property
     def stored_shape(self) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ import torch
 
 from ...config import CoupledNewtonConfig, EighRootConfig, RootInverseShampoo, WarmStartRootConfig
 from ..kron import apply_kronecker
+from ..lowp import chunk_slices
 from ..refresh import WarmBackoff, refresh_roots
 from .matrices import read_matrices, store_matrices
 from .protocol import Init, StateField, StepContext
@@ -72,7 +73,8 @@ class RootInverseKind(ShampooFamily):
         if isinstance(root, CoupledNewtonConfig):
             return 4 * d * d * s
         if isinstance(root, WarmStartRootConfig):
-            return max(5 * d * d * s, eigh)
+            # packed roots: the previous root is unpacked beside the series' work (d^2 more)
+            return max((5 + self.packing) * d * d * s, eigh)
         return eigh
 
     # ------------------------------------------------------------------ math
@@ -94,19 +96,31 @@ class RootInverseKind(ShampooFamily):
                                 torch.tensor(attempted, device=ctx.step.device))
             if res.fell_back is not None:
                 self.backoff[n].record(indices, attempted, res.fell_back.tolist())
-            store_matrices(state[name], self.field(name), rows, res.matrices, ctx.keep(res.ok, rows))
+            store_matrices(state[name], self.field(name), rows, res.matrices, ctx.keep(res.ok, rows), ctx.workspace)
             ok[rows] = res.ok
         return ok
 
     def direction(self, state: dict[str, torch.Tensor], M: torch.Tensor, ctx: StepContext,
                   out: torch.Tensor) -> torch.Tensor:
+        """``M x_1 R_1 ... x_k R_k``; packed roots are unpacked a chunk of blocks at a time (all dims of a
+        chunk together, at most ``CHUNK_BYTES`` of matrices or one block), full ones are used in place."""
         names = [self.root_name(i) for i in self.dims]
         dtype = state[names[0]].dtype
-        rows = slice(0, ctx.num_blocks)
-        mats = [read_matrices(state[n], self.field(n), rows, ctx.workspace, f"matrices_{k}")
-                for k, n in enumerate(names)]
-        scratch = ctx.workspace.buffer("product", M.numel(), dtype)
-        return apply_kronecker(M, self.kron_list(mats), out=out, scratch=scratch)
+        B = ctx.num_blocks
+        chunks = [slice(0, B)]
+        if self.packing:
+            chunks = chunk_slices(B, sum(self.shape[i] ** 2 for i in self.dims) * state[names[0]].element_size())
+        for rows in chunks:
+            mats = [read_matrices(state[n], self.field(n), rows, ctx.workspace, f"matrices_{k}")
+                    for k, n in enumerate(names)]
+            part = M[rows]
+            scratch = ctx.workspace.buffer("product", part.numel(), dtype)
+            P = apply_kronecker(part, self.kron_list(mats), out=out[rows], scratch=scratch)
+            if len(chunks) == 1:
+                return P
+            if P.data_ptr() != out[rows].data_ptr() or P.dtype != out.dtype:
+                out[rows].copy_(P)
+        return out
 
 
 __all__ = ["RootInverseKind"]

@@ -105,9 +105,12 @@ class ShampooFamily(PreconditionerKind):
 
     def factor_hat(self, state: dict[str, torch.Tensor], dim: int, rows: slice, bc2: torch.Tensor,
                    ctx: StepContext) -> torch.Tensor:
-        """``F_dim / bc2`` of blocks ``rows`` as ``[b, d, d]`` matrices in the math dtype (a new or workspace tensor)."""
+        """``F_dim / bc2`` of blocks ``rows`` as ``[b, d, d]`` matrices in the math dtype (new, or the workspace's)."""
         name = self.factor_name(dim)
-        F = read_matrices(state[name], self.field(name), rows, ctx.workspace, buffer="factor")
+        field = self.field(name)
+        F = read_matrices(state[name], field, rows, ctx.workspace, buffer="factor")
+        if field.packed and F.dtype == ctx.dtype:
+            return F.div_(bc2[rows].view(-1, 1, 1))     # F is the workspace's unpacked copy
         return F.to(ctx.dtype) / bc2[rows].view(-1, 1, 1)
 
     def chunks(self, ctx: StepContext, name: str) -> list[slice]:
