@@ -63,7 +63,8 @@ class BlockBucket:
                                                                               config.has_filtered_grad)}
         self.state = allocate(list(self.fields.values()), len(blocks), device)
         self.workspace = workspace if workspace is not None else Workspace(device)
-        self.salts = [block_salt(b.block_id) for b in blocks]   # stochastic rounding of low-precision factors
+        # stochastic rounding of low-precision factors: a stable number per block, on the device
+        self.salts = torch.tensor([block_salt(b.block_id) for b in blocks], dtype=torch.int64, device=device)
         self.refresh_counts = RefreshCounts()
         self.exhausted: list[str] = []  # blocks that reached the kind's failure limit this step
 

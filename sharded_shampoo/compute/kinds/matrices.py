@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..kron import gram_scratch_numel, gram_update_
-from ..lowp import chunk_slices, ema_round_, rounding_seed
+from ..lowp import chunk_slices, ema_round_, rounding_seeds
 from ..packing import pack, packed_numel, unpack
 from ..workspace import Workspace
 from .protocol import Coefficient, StateField, StepContext, per_block
@@ -90,8 +90,9 @@ def factor_ema_(stored: torch.Tensor, field: StateField, X: torch.Tensor, beta: 
         _low_precision_ema(stored, X, b, weight, ctx, index)
 
 
-def _seeds(ctx: StepContext, index: int) -> list[int]:
-    return [rounding_seed(salt, t, index) for salt, t in zip(ctx.salts, ctx.step.tolist())]
+def _seeds(ctx: StepContext, index: int) -> torch.Tensor:
+    """Per-block rounding seeds of factor ``index`` at this step, computed on the device."""
+    return rounding_seeds(ctx.salts, ctx.step, index)
 
 
 def _low_precision_ema(F: torch.Tensor, X: torch.Tensor, b: Coefficient, weight: float, ctx: StepContext,
@@ -124,7 +125,7 @@ def _packed_ema(F: torch.Tensor, field: StateField, X: torch.Tensor, scalars: tu
     ws = ctx.workspace
     index_tensor = ws.pack_index(d)
     low = F.dtype != ctx.dtype
-    seeds = _seeds(ctx, index) if low else []
+    seeds = _seeds(ctx, index) if low else None
     for s in chunk_slices(F.shape[0], d * d * max(4, F.element_size())):
         rows = s.stop - s.start
         W = ws.buffer("gram_full", rows * d * d, F.dtype).view(rows, d, d)
@@ -133,6 +134,7 @@ def _packed_ema(F: torch.Tensor, field: StateField, X: torch.Tensor, scalars: tu
         P = pack(W, index_tensor, out=ws.buffer("gram_packed", rows * n, F.dtype).view(rows, n))
         b_s = b[s].view(-1, 1) if isinstance(b, torch.Tensor) else b
         if low:
+            assert seeds is not None
             ema_round_(F[s], P, b_s, weight, seeds[s], ws.buffer("lowp", 2 * rows * n, torch.float32))
         elif beta == 1.0:
             F[s].add_(P, alpha=weight)          # inactive rows of P are zero

@@ -30,7 +30,7 @@ are zeroed by the bucket.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
@@ -120,7 +120,7 @@ class StepContext:
     dtype: torch.dtype                # the bucket's math dtype
     workspace: Workspace
     counts: RefreshCounts             # telemetry of refreshes (Python ints)
-    salts: list[int] = field(default_factory=list)   # per-block stable numbers (stochastic rounding)
+    salts: Optional[torch.Tensor] = None   # int64 [B] per-block stable numbers (stochastic rounding)
 
     @property
     def num_blocks(self) -> int:
@@ -147,8 +147,8 @@ class StepContext:
         """
         if not (self.hp.use_bias_correction or always) or beta >= 1.0:
             return torch.ones(self.step.shape, dtype=self.dtype, device=self.step.device)
-        return (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=self.step.device),
-                                self.step.to(torch.float64))).to(self.dtype)
+        # a Python base: no host-to-device copy of beta (fp64 as before, so the values are the same)
+        return (1.0 - torch.pow(beta, self.step.to(torch.float64))).to(self.dtype)
 
 
 def per_block(t: Coefficient, ndim: int) -> Coefficient:
