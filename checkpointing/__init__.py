@@ -8,13 +8,15 @@ top-level ``checkpointing`` package, so it cannot collide with other projects' m
   loads; ``async_=True`` for ``dcp.async_save``);
 - :class:`TrainState`: the model + optimizer as a DCP ``Stateful`` for ``dcp.save``/``dcp.load``;
 - :func:`describe` / :func:`check_compatible`: the plan fingerprint and its readable diff;
+- :class:`LayoutAdaptingLoadPlanner`: for a plain ``dcp.load`` of a checkpoint written with the other
+  ``symmetric_packing`` setting (or before packing); :func:`load_checkpoint` needs none;
 - :func:`verify_checkpoint`: check every byte of a checkpoint against its checksums, offline;
 - the error classes of :mod:`.errors` (all ``Exception`` subclasses of :class:`CheckpointError`).
 
 See docs/checkpointing.md.
 """
 
-from .compat import check_compatible, describe, differences, fingerprint
+from .compat import LayoutAdaptingLoadPlanner, check_compatible, describe, differences, fingerprint
 from .directory import latest_checkpoint, list_checkpoints
 from .errors import (CheckpointArgumentError, CheckpointCorruptError, CheckpointError, CheckpointLoadError,
                      CheckpointNotFoundError, CheckpointPointerError, CheckpointSaveError, IncompatibleCheckpointError,
@@ -27,7 +29,7 @@ from .storage import (SaveHandle, load_checkpoint, read_checkpoint_meta, resolve
 __all__ = [
     "CheckpointArgumentError", "CheckpointCorruptError", "CheckpointError", "CheckpointLoadError",
     "CheckpointNotFoundError", "CheckpointPointerError", "CheckpointSaveError", "IncompatibleCheckpointError",
-    "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
+    "LayoutAdaptingLoadPlanner", "MissingExtraError", "SaveHandle", "TrainState", "UnverifiedCheckpointWarning", "check_compatible", "describe",
     "differences", "fingerprint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint_meta",
     "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "wait_pending",
 ]

@@ -17,12 +17,17 @@ from __future__ import annotations
 import io
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
+from .compat import LayoutAdaptingLoadPlanner
 
-class StagingLoadPlanner(DefaultLoadPlanner):
-    """``DefaultLoadPlanner`` whose reads land in staging buffers until :meth:`apply`."""
+
+class StagingLoadPlanner(LayoutAdaptingLoadPlanner):
+    """``DefaultLoadPlanner`` whose reads land in staging buffers until :meth:`apply`.
+
+    Symmetric matrices saved in the other storage layout (packed vs full) are requested in the saved
+    layout (:class:`.compat.LayoutAdaptingLoadPlanner`); ``load_state_dict`` converts them.
+    """
 
     def __init__(self) -> None:
         super().__init__()

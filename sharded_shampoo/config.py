@@ -448,6 +448,20 @@ class NonFinitePolicy(str, Enum):
 #: filtered-gradient / momentum state exists) complete them: see :func:`structural_signature`.
 STRUCTURAL_SETTINGS = ("max_preconditioner_dim", "grafting", "preconditioner", "blocking")
 STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum")
+#: Fields of preconditioner configs that choose how state is *stored*, not what it holds: state loads
+#: across them (``symmetric_packing``: packed and full matrices are converted by shape), so the checks
+#: that a checkpoint fits an optimizer compare configs with these fields at their defaults.
+STORAGE_ONLY_FIELDS = ("symmetric_packing",)
+
+
+def storage_neutral(config: Any) -> Any:
+    """``config`` with its :data:`STORAGE_ONLY_FIELDS` at their defaults (what a checkpoint must agree on)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in STORAGE_ONLY_FIELDS}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 #: Group settings holding config objects (stored with :func:`config_to_dict`).
 CONFIG_OBJECT_SETTINGS = ("grafting", "preconditioner", "blocking")
 

@@ -93,5 +93,24 @@ def packed_identity(d: int, dtype: torch.dtype, device: torch.device) -> torch.T
     return out
 
 
-__all__ = ["diagonal_offsets", "matrix_dim", "pack", "pack_index", "packed_identity", "packed_numel", "unpack",
-           "unpack_index"]
+def convertible(saved: tuple[int, ...], live: tuple[int, ...]) -> bool:
+    """Whether ``saved`` and ``live`` are the two layouts of one symmetric matrix (``(d, d)`` and ``(d(d+1)/2,)``)."""
+    for full, packed in ((saved, live), (live, saved)):
+        if len(full) == 2 and full[0] == full[1] and len(packed) == 1 and packed[0] == packed_numel(full[0]):
+            return True
+    return False
+
+
+def to_layout(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A symmetric matrix stored full or packed, in the layout ``shape`` asks for (packs or unpacks;
+    ``tensor`` itself when it already has that shape). ValueError when the shapes do not correspond."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    if not convertible(tuple(tensor.shape), tuple(shape)):
+        raise ValueError(f"a tensor of shape {tuple(tensor.shape)} is not a symmetric matrix in the layout of "
+                         f"shape {tuple(shape)} (full (d, d) or packed (d(d+1)/2,)).")
+    return pack(tensor) if len(shape) == 1 else unpack(tensor)
+
+
+__all__ = ["convertible", "diagonal_offsets", "matrix_dim", "pack", "pack_index", "packed_identity", "packed_numel", "to_layout",
+           "unpack", "unpack_index"]
