@@ -37,17 +37,17 @@ def row_chunks(num_blocks: int, field: StateField, dtype: torch.dtype) -> list[s
 
 
 def read_matrices(stored: torch.Tensor, field: StateField, rows: slice, workspace: Workspace,
-                  buffer: str = "matrices") -> torch.Tensor:
+                  buffer: str = "matrices", offset: int = 0) -> torch.Tensor:
     """The matrices of blocks ``rows`` as ``[b, d, d]`` in the storage dtype.
 
     Full storage: a view of the state (do not edit it). Packed storage: unpacked into the workspace
-    buffer ``buffer`` (valid until that buffer's next use; the caller may edit it).
+    buffer ``buffer`` at element ``offset`` (valid until that buffer's next use; the caller may edit it).
     """
     if not field.packed:
         return stored[rows]
     d = field.shape[0]
     src = stored[rows]
-    out = workspace.buffer(buffer, src.shape[0] * d * d, stored.dtype).view(src.shape[0], d, d)
+    out = workspace.buffer(buffer, src.shape[0] * d * d, stored.dtype, offset).view(src.shape[0], d, d)
     return unpack(src, workspace.unpack_index(d), out=out)
 
 
@@ -104,7 +104,7 @@ def _low_precision_ema(F: torch.Tensor, X: torch.Tensor, b: Coefficient, weight:
     ws = ctx.workspace
     for s in chunk_slices(F.shape[0], d * d * 4):
         n = s.stop - s.start
-        GG = ws.buffer("gram_full", n * d * d, F.dtype).view(n, d, d)
+        GG = ws.buffer("matrices", n * d * d, F.dtype).view(n, d, d)
         gram_update_(GG, X[s], beta=0.0, alpha=1.0, scratch=ws.buffer("gram", gram_scratch_numel(n, d), F.dtype))
         beta = b[s].view(-1, 1, 1) if isinstance(b, torch.Tensor) else b
         ema_round_(F[s], GG, beta, weight, seeds[s], ws.buffer("lowp", 2 * n * d * d, torch.float32))
@@ -128,10 +128,10 @@ def _packed_ema(F: torch.Tensor, field: StateField, X: torch.Tensor, scalars: tu
     seeds = _seeds(ctx, index) if low else None
     for s in chunk_slices(F.shape[0], d * d * max(4, F.element_size())):
         rows = s.stop - s.start
-        W = ws.buffer("gram_full", rows * d * d, F.dtype).view(rows, d, d)
+        W = ws.buffer("matrices", rows * d * d, F.dtype).view(rows, d, d)
         gram_update_(W, X[s], beta=0.0, alpha=1.0, scratch=ws.buffer("gram", gram_scratch_numel(rows, d), F.dtype),
                      mirror=False)
-        P = pack(W, index_tensor, out=ws.buffer("gram_packed", rows * n, F.dtype).view(rows, n))
+        P = pack(W, index_tensor, out=ws.buffer("second", rows * n, F.dtype).view(rows, n))
         b_s = b[s].view(-1, 1) if isinstance(b, torch.Tensor) else b
         if low:
             assert seeds is not None

@@ -90,7 +90,7 @@ class RootInverseKind(ShampooFamily):
         for rows in self.chunks(ctx, name):
             indices = list(range(B))[rows]
             A = self.factor_hat(state, dim, rows, bc2, ctx)
-            previous = read_matrices(state[name], self.field(name), rows, ctx.workspace, "previous") if warm else None
+            previous = read_matrices(state[name], self.field(name), rows, ctx.workspace, "second") if warm else None
             attempted = self.backoff[n].attempt(indices)
             res = refresh_roots(A, previous, self.exponents[dim], ctx.hp.epsilon, self.config.root, ctx.counts,
                                 torch.tensor(attempted, device=ctx.step.device))
@@ -111,8 +111,10 @@ class RootInverseKind(ShampooFamily):
         if self.packing:
             chunks = chunk_slices(B, sum(self.shape[i] ** 2 for i in self.dims) * state[names[0]].element_size())
         for rows in chunks:
-            mats = [read_matrices(state[n], self.field(n), rows, ctx.workspace, f"matrices_{k}")
-                    for k, n in enumerate(names)]
+            mats, offset = [], 0
+            for n in names:          # every dim's roots of the chunk, one after the other in one buffer
+                mats.append(read_matrices(state[n], self.field(n), rows, ctx.workspace, "matrices", offset))
+                offset += mats[-1].numel() if self.packing else 0
             part = M[rows]
             scratch = ctx.workspace.buffer("product", part.numel(), dtype)
             P = apply_kronecker(part, self.kron_list(mats), out=out[rows], scratch=scratch)

@@ -108,7 +108,7 @@ class ShampooFamily(PreconditionerKind):
         """``F_dim / bc2`` of blocks ``rows`` as ``[b, d, d]`` matrices in the math dtype (new, or the workspace's)."""
         name = self.factor_name(dim)
         field = self.field(name)
-        F = read_matrices(state[name], field, rows, ctx.workspace, buffer="factor")
+        F = read_matrices(state[name], field, rows, ctx.workspace, buffer="matrices")
         if field.packed and F.dtype == ctx.dtype:
             return F.div_(bc2[rows].view(-1, 1, 1))     # F is the workspace's unpacked copy
         return F.to(ctx.dtype) / bc2[rows].view(-1, 1, 1)
