@@ -77,12 +77,15 @@ def measure(tree: str, kwargs: dict, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="source tree to compare with (its sharded_shampoo/ is imported)")
+    p.add_argument("--tree", default=HERE, help="the tree under test (default: this checkout; pass a snapshot, e.g. "
+                   "from git archive, to keep editing while it runs)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed plain steps per measurement")
     p.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (see the module doc)")
     args = p.parse_args()
-    runs = [("base", os.path.abspath(args.base), {}), ("this", HERE, {})]
-    runs += [(name, HERE, kw) for name, kw in map(parse_variant, args.variant)]
+    tree = os.path.abspath(args.tree)
+    runs = [("base", os.path.abspath(args.base), {}), ("this", tree, {})]
+    runs += [(name, tree, kw) for name, kw in map(parse_variant, args.variant)]
     results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
     for r in range(args.rounds):
         for name, tree, kw in (runs if r % 2 == 0 else runs[::-1]):
