@@ -11,6 +11,7 @@ with :meth:`dim_fields` and their per-block fields with :meth:`extra_fields`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -78,14 +79,13 @@ class ShampooFamily(PreconditionerKind):
 
     def step_flops(self, model: "CostModel") -> float:
         """Per dim ``d``: the factor update ``2 numel d`` plus the preconditioning products."""
-        numel = 1
-        for s in self.shape:
-            numel *= s
+        numel = math.prod(self.shape)
         return float(sum((2 + self.product_flops_per_dim) * numel * self.shape[i] for i in self.dims))
 
     # ------------------------------------------------------------------ math
 
     def update(self, state: dict[str, torch.Tensor], G: torch.Tensor, ctx: StepContext) -> None:
+        """``F_i <- beta2 F_i + w G_(i) G_(i)^T`` for every preconditioned dim (KL variants override this)."""
         beta2 = ctx.hp.beta2
         weight = 1.0 - beta2 if beta2 < 1.0 else 1.0
         for n, i in enumerate(self.dims):
