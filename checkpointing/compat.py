@@ -12,7 +12,11 @@ change when a run resumes on another number of ranks, and the loader re-plans th
 Settings outside the description (``lr``, ``betas`` values, ``epsilon``, ``weight_decay``,
 ``momentum``/``dampening`` values, ``use_nesterov``, ``precondition_frequency``,
 ``start_preconditioning_step``, ``use_bias_correction``, ``comm_dtype``, ``nonfinite_grads``,
-parameter dtypes and placements) may change across a resume.
+parameter dtypes and placements) may change across a resume, and so may the storage-only fields of
+the preconditioner config (``symmetric_packing``, ``config.STORAGE_ONLY_FIELDS``): the description
+leaves them out, and :func:`adapt_to_saved_layout` lets DCP read a symmetric matrix saved in the other
+layout (full ``(d, d)`` -- every checkpoint written before packing -- or packed ``(d(d+1)/2,)``), which
+``load_state_dict`` then converts.
 
 :func:`check_compatible` compares a saved description with the live one and raises
 :class:`IncompatibleCheckpointError` naming the first things that differ. It is pure (no
@@ -23,10 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
-from sharded_shampoo.config import (ADDED_LATER_STRUCTURAL_KEYS, CONFIG_OBJECT_SETTINGS, STRUCTURAL_KEYS,
-                                    config_from_dict, config_to_dict, structural_signature)
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from sharded_shampoo.compute.packing import convertible
+from sharded_shampoo.config import (ADDED_LATER_STRUCTURAL_KEYS, CONFIG_OBJECT_SETTINGS, STORAGE_ONLY_FIELDS,
+                                    STRUCTURAL_KEYS, config_from_dict, config_to_dict, storage_neutral,
+                                    structural_signature)
 
 from .errors import IncompatibleCheckpointError
 
@@ -53,7 +63,8 @@ def describe(opt: "ShardedShampoo") -> dict[str, Any]:
     groups = []
     for g in opt.param_groups:
         sig = structural_signature(g)
-        groups.append({k: (_canonical(config_to_dict(v)) if k in CONFIG_OBJECT_SETTINGS else v)
+        # storage-only choices (symmetric_packing) are left out: state loads across them
+        groups.append({k: (_canonical(config_to_dict(storage_neutral(v))) if k in CONFIG_OBJECT_SETTINGS else v)
                        for k, v in sig.items() if not (k in ADDED_LATER_STRUCTURAL_KEYS and v is None)})
     params = [{"name": rec.name, "shape": list(rec.spec.shape), "group": rec.group}
               for rec in opt.runtime.trainable]
@@ -138,3 +149,53 @@ def check_compatible(saved: dict[str, Any] | None, live: dict[str, Any], where: 
         f"{where} does not match this optimizer: " + "; ".join(diffs) + ". These settings decide the block plan "
         "and the state layout and must be the same when resuming (lr, betas values, epsilon, weight_decay, "
         "precondition_frequency, start_preconditioning_step, the number of ranks and the mesh may change).")
+
+
+def adapt_to_saved_layout(state_dict: dict[str, Any], metadata: Any) -> list[str]:
+    """Make ``state_dict`` (what DCP will load into) ask for the storage layout the checkpoint has;
+    returns the keys changed.
+
+    DCP plans a load by the live shapes and refuses a saved tensor of another size. Where a key's saved
+    size is the other layout of the live symmetric matrix (``(d, d)`` vs ``(d(d+1)/2,)``), the live tensor
+    is replaced, in ``state_dict`` only, by an empty tensor of the saved size; DCP reads into it and the
+    optimizer's ``load_state_dict`` converts it by shape. Storage-only config entries of the param groups
+    (``...preconditioner.symmetric_packing``) that the checkpoint does not have are not asked for (a
+    checkpoint of the default layout omits them). Keys are DCP's: the nested keys joined by ".".
+    """
+    saved = metadata.state_dict_metadata
+    changed: list[str] = []
+
+    def visit(container: dict[str, Any], prefix: str) -> None:
+        for key, value in list(container.items()):
+            fqn = f"{prefix}{key}"
+            if isinstance(value, dict):
+                visit(value, fqn + ".")
+                continue
+            md = saved.get(fqn)
+            if md is None and fqn.rsplit(".", 1)[-1] in STORAGE_ONLY_FIELDS:
+                del container[key]
+                changed.append(fqn)
+            elif (isinstance(value, torch.Tensor) and not hasattr(value, "device_mesh")
+                    and isinstance(md, TensorStorageMetadata)
+                    and convertible(tuple(md.size), tuple(value.shape))):
+                container[key] = torch.empty(tuple(md.size), dtype=value.dtype, device=value.device)
+                changed.append(fqn)
+
+    visit(state_dict, "")
+    return changed
+
+
+class LayoutAdaptingLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, reading symmetric matrices in the layout the checkpoint has them in.
+
+    :func:`.storage.load_checkpoint` does this by itself. Pass it to a plain ``dcp.load`` (with a
+    :class:`.state.TrainState`, or torch's ``get_state_dict``/``set_state_dict``) to load a checkpoint
+    written with the other ``symmetric_packing`` setting or before packing existed; without it DCP
+    reports a "Size mismatch" for the factors and roots.
+    """
+
+    def set_up_planner(self, state_dict: Any, metadata: Optional[Metadata] = None,
+                       is_coordinator: bool = False) -> None:
+        if metadata is not None:
+            adapt_to_saved_layout(state_dict, metadata)
+        super().set_up_planner(state_dict, metadata, is_coordinator)

@@ -22,16 +22,20 @@ import io
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 
 from sharded_shampoo._torch_compat import dcp_set_element
 
+from .compat import LayoutAdaptingLoadPlanner
 from .safe_pickle import load_object
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """``DefaultLoadPlanner`` that unpickles small objects with ``weights_only=True`` (:mod:`.safe_pickle`)."""
+class SafeLoadPlanner(LayoutAdaptingLoadPlanner):
+    """``DefaultLoadPlanner`` that unpickles small objects with ``weights_only=True`` (:mod:`.safe_pickle`).
+
+    Symmetric matrices saved in the other storage layout (packed vs full) are requested in the saved
+    layout (:class:`.compat.LayoutAdaptingLoadPlanner`); ``load_state_dict`` converts them.
+    """
 
     def __init__(self, ckpt: str = "") -> None:
         super().__init__()

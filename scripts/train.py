@@ -89,6 +89,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eigenbasis", choices=("eigh", "qr"), default="eigh", help="eigenbasis refresh (eigen)")
     p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--root-storage", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--full-matrices", action="store_true",
+                   help="symmetric_packing=False: store factors and roots as full d x d matrices (default: packed)")
     p.add_argument("--elementwise", choices=("eager", "compile"), default="eager")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
@@ -126,7 +128,8 @@ def preconditioner_config(args: argparse.Namespace):
     from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
 
     storage = dict(factor_storage_dtype=getattr(torch, getattr(args, "factor_storage", "float32")),
-                   root_storage_dtype=getattr(torch, getattr(args, "root_storage", "float32")))
+                   root_storage_dtype=getattr(torch, getattr(args, "root_storage", "float32")),
+                   symmetric_packing=not getattr(args, "full_matrices", False))
     if getattr(args, "preconditioner", "shampoo") == "eigen":
         basis = QREigenbasisConfig() if getattr(args, "eigenbasis", "eigh") == "qr" else None
         return EigenvalueCorrectedShampoo(**storage, **({"eigenbasis": basis} if basis else {}))

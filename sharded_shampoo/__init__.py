@@ -9,6 +9,7 @@ from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
+from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,6 @@ __all__ = [
     "EigenvalueCorrectedShampoo", "EighRootConfig", "ElementwiseMode", "GeneralizedPrimalAveraging", "Layout",
     "MeshSpec", "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "QREigenbasisConfig", "RMSpropGrafting",
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
-    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "plan_blocks", "__version__",
+    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
+    "unpack_symmetric", "__version__",
 ]

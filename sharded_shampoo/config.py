@@ -27,6 +27,40 @@ from .checks import check_int, check_range
 ADDED_LATER = {"omit_if_default": True}
 
 
+# ----------------------------------------------------------------------------- preconditioner registry
+
+#: Every preconditioner config class (filled by :func:`preconditioner_config`).
+_PRECONDITIONER_CLASSES: list[type] = []
+#: Config classes ``config_from_dict`` can restore, by name (preconditioner classes register themselves).
+_CONFIG_CLASSES: dict[str, type] = {}
+
+
+def preconditioner_config(cls: type) -> type:
+    """Class decorator: make ``cls`` a preconditioner config (accepted as ``preconditioner=`` by the
+    optimizer, the planner and the dry-run; restored by :func:`config_from_dict`).
+
+    The class is a frozen dataclass with a ``factor_dtype`` (the math dtype of its blocks) and an
+    ``inverse_exponent(order, dim)`` method (0: that block dim has no Kronecker factor); its kind, the
+    math, is registered in ``sharded_shampoo/compute/kinds`` (see docs/design.md).
+    """
+    missing = [a for a in ("factor_dtype", "inverse_exponent") if not hasattr(cls, a)
+               and a not in getattr(cls, "__dataclass_fields__", {})]
+    if missing:
+        raise TypeError(f"preconditioner config {cls.__name__} lacks {missing}.")
+    _PRECONDITIONER_CLASSES.append(cls)
+    _CONFIG_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def is_preconditioner_config(value: Any) -> bool:
+    return isinstance(value, tuple(_PRECONDITIONER_CLASSES))
+
+
+def preconditioner_config_names() -> str:
+    """``"RootInverseShampoo(), EigenvalueCorrectedShampoo(), ..."`` for error messages."""
+    return ", ".join(f"{c.__name__}()" for c in _PRECONDITIONER_CLASSES)
+
+
 # ----------------------------------------------------------------------------- grafting
 
 
@@ -185,6 +219,7 @@ class QREigenbasisConfig:
 EigenbasisConfig = Union[EighRootConfig, QREigenbasisConfig]
 
 
+@preconditioner_config
 @dataclass(frozen=True)
 class RootInverseShampoo:
     """Classic Shampoo: direction = M x_1 R_1 ... x_k R_k with R_i = (F_i_hat + eps I)^(-e_i).
@@ -192,6 +227,11 @@ class RootInverseShampoo:
     ``e_i`` defaults to ``1 / (2 k)`` for an order-``k`` block; ``inverse_exponent_override``
     maps an order to one exponent for all its dims or to ``{dim: exponent}``; an exponent of 0
     leaves that dim unpreconditioned (no factor is stored for it).
+
+    ``symmetric_packing`` (default True): store every factor and inverse root as its upper triangle
+    (``d (d + 1) / 2`` numbers, the reference implementation's layout), lossless; False stores full
+    ``d x d`` matrices (the layout before packing; a step then unpacks nothing). A storage choice,
+    not math: checkpoints load across it.
     """
 
     root: RootConfig = field(default_factory=EighRootConfig)
@@ -200,10 +240,11 @@ class RootInverseShampoo:
     max_consecutive_root_failures: int = 10
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures)
+                         self.max_consecutive_root_failures, self.symmetric_packing)
         _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype)
         if not isinstance(self.root, ROOT_TYPES):
             raise ValueError("RootInverseShampoo.root must be EighRootConfig(), CoupledNewtonConfig() or "
@@ -225,10 +266,16 @@ class RootInverseShampoo:
         """Storage dtypes of the (factors, roots) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
+    def inverse_exponent(self, order: int, dim: int) -> float:
+        """``e`` of ``R = (F + eps I)^(-e)`` for ``dim`` of an order-``order`` block: ``1 / (2 order)``
+        unless overridden."""
+        return _override_or(self.inverse_exponent_override, order, dim, 1.0 / (2 * order))
+
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
-                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype)
+                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype,
+                self.symmetric_packing)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -237,6 +284,7 @@ class RootInverseShampoo:
         return isinstance(other, RootInverseShampoo) and self.key() == other.key()
 
 
+@preconditioner_config
 @dataclass(frozen=True)
 class EigenvalueCorrectedShampoo:
     """SOAP-like: Adam in the eigenbasis of the Kronecker factors.
@@ -245,6 +293,8 @@ class EigenvalueCorrectedShampoo:
     corrected eigenvalues D (EMA of the squared rotated gradient with ``betas[1]``) are updated
     every step; direction = Q ( (Q^T M Q) / (D_hat^e + eps) ) with e = 1/2 by default
     (``inverse_exponent_override`` may change it per order; 0 on a dim skips its rotation).
+    ``symmetric_packing`` (default True): factors stored as their upper triangle; eigenbases are not
+    symmetric and always stored full.
     """
 
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
@@ -253,10 +303,11 @@ class EigenvalueCorrectedShampoo:
     eigenbasis: EigenbasisConfig = field(default_factory=EighRootConfig, metadata=ADDED_LATER)
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
+    symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures)
+                         self.max_consecutive_root_failures, self.symmetric_packing)
         _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype)
         if not isinstance(self.eigenbasis, (EighRootConfig, QREigenbasisConfig)):
             raise ValueError("EigenvalueCorrectedShampoo.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); "
@@ -274,10 +325,14 @@ class EigenvalueCorrectedShampoo:
         """Storage dtypes of the (factors, eigenbases) stacks (``factor_dtype`` where not set)."""
         return (self.factor_storage_dtype or self.factor_dtype, self.root_storage_dtype or self.factor_dtype)
 
+    def inverse_exponent(self, order: int, dim: int) -> float:
+        """The root of the corrected eigenvalues, ``(D^e + eps)``: 1/2 unless overridden (0: no rotation of ``dim``)."""
+        return _override_or(self.inverse_exponent_override, order, dim, 0.5)
+
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
-                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype)
+                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype, self.symmetric_packing)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -286,15 +341,19 @@ class EigenvalueCorrectedShampoo:
         return isinstance(other, EigenvalueCorrectedShampoo) and self.key() == other.key()
 
 
+#: For type hints; any class registered with :func:`preconditioner_config` is accepted.
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
-PRECONDITIONER_TYPES = (RootInverseShampoo, EigenvalueCorrectedShampoo)
 
 
-def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int) -> None:
+def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int,
+                     symmetric_packing: Any) -> None:
     _validate_exponent_override(owner, override)
     if factor_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
     check_int(owner, "max_consecutive_root_failures", max_failures)
+    if not isinstance(symmetric_packing, bool):
+        raise ValueError(f"{owner}.symmetric_packing must be True (store symmetric factors and roots as their "
+                         f"upper triangle) or False (full matrices); got {symmetric_packing!r}.")
 
 
 #: Storage dtypes factors and roots may use besides ``factor_dtype`` (math stays in ``factor_dtype``).
@@ -308,17 +367,20 @@ def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> Non
                              f"torch.bfloat16; got {value!r}.")
 
 
+def _override_or(override: ExponentOverride, order: int, dim: int, default: float) -> float:
+    """The exponent ``inverse_exponent_override`` gives ``dim`` of an order-``order`` block, else ``default``."""
+    value = override.get(order)
+    if isinstance(value, Mapping):
+        if dim in value:
+            return float(value[dim])
+    elif value is not None:
+        return float(value)
+    return default
+
+
 def default_exponent(config: PreconditionerConfig, order: int, dim: int) -> float:
     """The inverse exponent of ``dim`` in an order-``order`` block (0 means: not preconditioned)."""
-    override = config.inverse_exponent_override.get(order)
-    if isinstance(override, Mapping):
-        if dim in override:
-            return float(override[dim])
-    elif override is not None:
-        return float(override)
-    if isinstance(config, EigenvalueCorrectedShampoo):
-        return 0.5
-    return 1.0 / (2 * order)
+    return config.inverse_exponent(order, dim)
 
 
 # ----------------------------------------------------------------------------- blocking & robustness
@@ -392,6 +454,20 @@ STRUCTURAL_SETTINGS = ("max_preconditioner_dim", "grafting", "preconditioner", "
 #: description leaves it out while it is None (the fingerprints of earlier checkpoints stay valid).
 ADDED_LATER_STRUCTURAL_KEYS = ("iterate_averaging",)
 STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum") + ADDED_LATER_STRUCTURAL_KEYS
+#: Fields of preconditioner configs that choose how state is *stored*, not what it holds: state loads
+#: across them (``symmetric_packing``: packed and full matrices are converted by shape), so the checks
+#: that a checkpoint fits an optimizer compare configs with these fields at their defaults.
+STORAGE_ONLY_FIELDS = ("symmetric_packing",)
+
+
+def storage_neutral(config: Any) -> Any:
+    """``config`` with its :data:`STORAGE_ONLY_FIELDS` at their defaults (what a checkpoint must agree on)."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in STORAGE_ONLY_FIELDS}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 #: Group settings holding config objects or enums (stored with :func:`config_to_dict`).
 CONFIG_OBJECT_SETTINGS = ("grafting", "preconditioner", "blocking", "iterate_averaging", "weight_decay_type")
 
@@ -426,9 +502,9 @@ class PlanSettings:
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
             check_int("PlanSettings", name, getattr(self, name))
-        if not isinstance(self.preconditioner, PRECONDITIONER_TYPES):
-            raise ValueError("PlanSettings.preconditioner must be RootInverseShampoo() or "
-                             f"EigenvalueCorrectedShampoo(); got {self.preconditioner!r}.")
+        if not is_preconditioner_config(self.preconditioner):
+            raise ValueError(f"PlanSettings.preconditioner must be one of {preconditioner_config_names()}; "
+                             f"got {self.preconditioner!r}.")
         if not isinstance(self.blocking, BlockingConfig):
             raise ValueError(f"PlanSettings.blocking must be a BlockingConfig; got {self.blocking!r}.")
         if self.grafting is not None and not isinstance(self.grafting, GRAFTING_TYPES):
@@ -484,10 +560,10 @@ def _default_of(f: "dataclasses.Field[Any]") -> Any:
     return f.default
 
 
-_CONFIG_CLASSES = {cls.__name__: cls for cls in (
+_CONFIG_CLASSES.update({cls.__name__: cls for cls in (
     SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
-    WarmStartRootConfig, QREigenbasisConfig, RootInverseShampoo, EigenvalueCorrectedShampoo, BlockingConfig,
-    ClassicMomentum, GeneralizedPrimalAveraging, ScheduleFree)}
+    WarmStartRootConfig, QREigenbasisConfig, BlockingConfig, ClassicMomentum, GeneralizedPrimalAveraging,
+    ScheduleFree)})
 
 
 def config_from_dict(data: Any) -> Any:

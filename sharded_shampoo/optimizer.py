@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from .averaging_config import IterateAveragingConfig, WeightDecayType
 from .compute.averaging import UpdateRule
-from .compute.preconditioner import BucketHyperparams, RootFailureError
+from .compute.preconditioner import BucketConfig, BucketHyperparams, RootFailureError
 from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy,
                      PlanSettings, PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .membership import GroupMembership
@@ -144,7 +144,7 @@ class ShardedShampoo(Optimizer):
         records = param_records(params, names, group_of, resolved.param_specs, self.plan, resolved.rank,
                                 momentum_groups, averaging_groups)
         chunks = self.overlap_chunks if comm.world_size > 1 else 1
-        self.runtime: RankRuntime = build_runtime(records, self.plan, [_hyperparams(g) for g in self.param_groups],
+        self.runtime: RankRuntime = build_runtime(records, self.plan, [_bucket_config(g) for g in self.param_groups],
                                                   comm, block_waves(self.plan, chunks))
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
@@ -289,8 +289,8 @@ class ShardedShampoo(Optimizer):
     def _raise_on_exhausted_roots(self) -> None:
         """After a completed amortized step: raise on every rank if any owner hit the failure limit."""
         exhausted = [b for bucket in self.runtime.buckets for b in bucket.exhausted]
-        limits = sorted({bk.hp.preconditioner.max_consecutive_root_failures for bk in self.runtime.buckets
-                         if bk.exhausted})
+        limits = sorted({limit for bk in self.runtime.buckets
+                         if bk.exhausted and (limit := bk.kind.failure_limit) is not None})
         for bucket in self.runtime.buckets:
             bucket.exhausted = []
         count = self.agreement.total(float(len(exhausted)))
@@ -360,9 +360,14 @@ class ShardedShampoo(Optimizer):
 
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
-                             use_bias_correction=group["use_bias_correction"], grafting=group["grafting"],
-                             preconditioner=group["preconditioner"],
+                             use_bias_correction=group["use_bias_correction"],
                              elementwise=ElementwiseMode.parse(group["elementwise"]))
+
+
+def _bucket_config(group: dict[str, Any]) -> BucketConfig:
+    """What of a group decides its buckets' state (structural: fixed after construction)."""
+    return BucketConfig(preconditioner=group["preconditioner"], grafting=group["grafting"],
+                        has_filtered_grad=group["betas"][0] > 0)
 
 
 def _settings_of(group: dict[str, Any], dynamic: bool = False) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from .config import COMM_DTYPES, GRAFTING_TYPES, PRECONDITIONER_TYPES, BlockingConfig, ElementwiseMode, check_range
+from .config import (COMM_DTYPES, GRAFTING_TYPES, BlockingConfig, ElementwiseMode, check_range,
+                     is_preconditioner_config, preconditioner_config_names)
 from .update_options import validate_update_options
 
 OWNER = "ShardedShampoo"
@@ -77,8 +78,8 @@ def validate_group(g: Mapping[str, Any]) -> None:
     if g["grafting"] is not None and not isinstance(g["grafting"], GRAFTING_TYPES):
         raise ValueError(f"{OWNER}.grafting must be None, SGDGrafting(), AdaGradGrafting(), RMSpropGrafting() or "
                          f"AdamGrafting(); got {g['grafting']!r}.")
-    if not isinstance(g["preconditioner"], PRECONDITIONER_TYPES):
-        raise ValueError(f"{OWNER}.preconditioner must be RootInverseShampoo() or EigenvalueCorrectedShampoo(); "
+    if not is_preconditioner_config(g["preconditioner"]):
+        raise ValueError(f"{OWNER}.preconditioner must be one of {preconditioner_config_names()}; "
                          f"got {g['preconditioner']!r}.")
     if not isinstance(g["blocking"], BlockingConfig):
         raise ValueError(f"{OWNER}.blocking must be a BlockingConfig; got {g['blocking']!r}.")

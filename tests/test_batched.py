@@ -19,7 +19,7 @@ from sharded_shampoo.planning.blocking import Block
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     RMSpropGrafting, RootInverseShampoo, SGDGrafting)
 from sharded_shampoo.compute.kron import apply_kronecker
-from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams
+from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
 
 B = 9
 # float64 factors: stacking must be exact up to round-off (1e-6 is loose there); float32 factors:
@@ -40,12 +40,12 @@ def _grads(shape, steps, n, seed=0, dtype=torch.float32):
     return [(torch.randn(n, *shape, generator=gen, dtype=torch.float64) * scale).to(dtype) for _ in range(steps)]
 
 
-def _hp(case: str, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[float, ...], BucketHyperparams]:
+def _hp(case: str, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[float, ...], BucketConfig, BucketHyperparams]:
     shape, exps, precond, grafting, beta1, beta2 = CASES[case]
     precond = dataclasses.replace(precond, factor_dtype=dtype)
-    hp = BucketHyperparams(beta1=beta1, beta2=beta2, epsilon=1e-6, use_bias_correction=True, grafting=grafting,
-                           preconditioner=precond)
-    return shape, exps, hp
+    config = BucketConfig(preconditioner=precond, grafting=grafting, has_filtered_grad=beta1 > 0)
+    hp = BucketHyperparams(beta1=beta1, beta2=beta2, epsilon=1e-6, use_bias_correction=True)
+    return shape, exps, config, hp
 
 
 def _state(bucket: BlockBucket, j: int) -> dict[str, torch.Tensor]:
@@ -77,17 +77,17 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bucket_equals_single_block_buckets(case, dtype):
-    shape, exps, hp = _hp(case, dtype)
+    shape, exps, config, hp = _hp(case, dtype)
     tol = TOLS[dtype]
     blocks = _blocks(shape, exps, B)
-    big = BlockBucket(blocks, hp, torch.device("cpu"))
-    singles = [BlockBucket([b], hp, torch.device("cpu")) for b in blocks]
+    big = BlockBucket(blocks, config, torch.device("cpu"))
+    singles = [BlockBucket([b], config, torch.device("cpu")) for b in blocks]
     steps = 7
     for t, G in enumerate(_grads(shape, steps, B, dtype=dtype), start=1):
         amortized = t >= 2 and (t % 2 == 0 or t == 2)
-        P = big.step_blocks(G.clone(), None, amortized, precondition=t >= 2)
+        P = big.step_blocks(G.clone(), BucketStep(hp, amortized, precondition=t >= 2))
         for j, s in enumerate(singles):
-            Pj = s.step_blocks(G[j:j + 1].clone(), None, amortized, precondition=t >= 2)
+            Pj = s.step_blocks(G[j:j + 1].clone(), BucketStep(hp, amortized, precondition=t >= 2))
             d = max_rel_diff(P[j], Pj[0])
             assert d <= tol, f"{case} step {t} block {j}: direction differs by {d:.3e}"
     for j, s in enumerate(singles):
@@ -97,10 +97,10 @@ def test_bucket_equals_single_block_buckets(case, dtype):
 
 @pytest.mark.parametrize("case", ["eigh-adagrad-2d", "eigen-corrected-2d", "newton-sgd-2d"])
 def test_inactive_mask_leaves_state_untouched(case):
-    shape, exps, hp = _hp(case, torch.float64)
+    shape, exps, config, hp = _hp(case, torch.float64)
     blocks = _blocks(shape, exps, B)
-    big = BlockBucket(blocks, hp, torch.device("cpu"))
-    singles = [BlockBucket([b], hp, torch.device("cpu")) for b in blocks]
+    big = BlockBucket(blocks, config, torch.device("cpu"))
+    singles = [BlockBucket([b], config, torch.device("cpu")) for b in blocks]
     gen = torch.Generator().manual_seed(7)
     for t, G in enumerate(_grads(shape, 6, B, seed=1, dtype=torch.float64), start=1):
         active = torch.rand(B, generator=gen) < 0.6
@@ -108,13 +108,13 @@ def test_inactive_mask_leaves_state_untouched(case):
         active[(t + 1) % B] = False  # at least one inactive
         before = [_state(big, j) for j in range(B)]
         amortized = t % 2 == 0
-        P = big.step_blocks(G.clone(), active, amortized, precondition=t >= 2)
+        P = big.step_blocks(G.clone(), BucketStep(hp, amortized, precondition=t >= 2, active=active))
         for j in range(B):
             if not bool(active[j]):
                 assert torch.equal(P[j], torch.zeros_like(P[j])), "inactive block got a direction"
                 _assert_state_close(_state(big, j), before[j], 0.0, f"inactive block {j} at step {t}")
             else:
-                Pj = singles[j].step_blocks(G[j:j + 1].clone(), None, amortized, precondition=t >= 2)
+                Pj = singles[j].step_blocks(G[j:j + 1].clone(), BucketStep(hp, amortized, precondition=t >= 2))
                 d = max_rel_diff(P[j], Pj[0])
                 assert d <= TOL, f"step {t} block {j}: {d:.3e}"
     for j in range(B):

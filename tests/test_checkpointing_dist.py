@@ -22,7 +22,9 @@ BOUND = 1e-6
 
 @pytest.fixture(scope="module")
 def refs() -> dict[str, dict]:
-    return {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected")}
+    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected")}
+    out["packing"] = cs.reference("root_inverse", cs.END, **cs.well_conditioned(True))[0]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,10 @@ def two(root: str, refs: dict, four: list[dict]) -> list[dict]:
     model, opt = cs.build("single", "eigen_corrected")
     cs.feed(model, opt, 0, cs.SAVE_AT)
     save_checkpoint(os.path.join(root, "D"), cs.SAVE_AT, model, opt, extra={"step": cs.SAVE_AT})
+    # E: full (unpacked) matrices, the layout of every checkpoint written before packing (1 -> 2, packed)
+    model, opt = cs.build("single", "root_inverse", **cs.well_conditioned(False))
+    cs.feed(model, opt, 0, cs.SAVE_AT)
+    save_checkpoint(os.path.join(root, "E"), cs.SAVE_AT, model, opt, extra={"step": cs.SAVE_AT})
     return run_ranks(2, cs.scenario_two, root, refs)
 
 
@@ -87,6 +93,13 @@ def test_fsdp_4_to_2(two: list[dict], how: str) -> None:
 
 def test_single_process_to_fsdp_2(two: list[dict]) -> None:
     diffs = [r["single->fsdp2"] for r in two]
+    assert max(diffs) <= BOUND, diffs
+
+
+def test_full_matrices_single_process_to_packed_fsdp_2(two: list[dict]) -> None:
+    """A checkpoint with full (d, d) factors and roots (symmetric_packing=False: the layout before packing)
+    resumes on 2 ranks with packed storage, equal to the uninterrupted packed single-process run."""
+    diffs = [r["single full->fsdp2 packed"] for r in two]
     assert max(diffs) <= BOUND, diffs
 
 

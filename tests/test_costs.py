@@ -36,33 +36,44 @@ def one_block(shape, pre=SHAMPOO, max_dim=1024, blocking=BlockingConfig()):
     return blocks[0]
 
 
-def test_state_bytes_root_inverse_fp32():
-    b = one_block((512, 256))
-    got = block_state_bytes(b, SHAMPOO, AdaGradGrafting(), beta1=0.9)
-    square = (512 * 512 + 256 * 256) * 4
+def stored(d: int, packed: bool) -> int:
+    """Numbers stored for a symmetric d x d matrix: its upper triangle when packed."""
+    return d * (d + 1) // 2 if packed else d * d
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_state_bytes_root_inverse_fp32(packed):
+    pre = RootInverseShampoo(symmetric_packing=packed)
+    b = one_block((512, 256), pre)
+    got = block_state_bytes(b, pre, AdaGradGrafting(), beta1=0.9)
+    square = (stored(512, packed) + stored(256, packed)) * 4
     assert got == {"factors": square, "roots": square, "eigenvalues": 0, "grafting": 512 * 256 * 4,
                    "filtered_grad": 512 * 256 * 4, "counters": 16}
     assert tuple(got) == BLOCK_STATE_KINDS
 
 
-def test_state_bytes_fp64_factors_and_no_optional_state():
-    pre = RootInverseShampoo(factor_dtype=torch.float64)
+@pytest.mark.parametrize("packed", [True, False])
+def test_state_bytes_fp64_factors_and_no_optional_state(packed):
+    pre = RootInverseShampoo(factor_dtype=torch.float64, symmetric_packing=packed)
     b = one_block((100, 30), pre)
     got = block_state_bytes(b, pre, None, beta1=0.0)
-    assert got == {"factors": (100 ** 2 + 30 ** 2) * 8, "roots": (100 ** 2 + 30 ** 2) * 8, "eigenvalues": 0,
-                   "grafting": 0, "filtered_grad": 0, "counters": 16}
+    square = (stored(100, packed) + stored(30, packed)) * 8
+    assert got == {"factors": square, "roots": square, "eigenvalues": 0, "grafting": 0, "filtered_grad": 0,
+                   "counters": 16}
     assert block_state_bytes(b, pre, SGDGrafting(), beta1=0.0)["grafting"] == 0
     for g in (AdaGradGrafting(), RMSpropGrafting(), AdamGrafting()):
         assert block_state_bytes(b, pre, g, beta1=0.0)["grafting"] == 3000 * 8
 
 
-def test_state_bytes_eigenvalue_corrected():
-    pre = EigenvalueCorrectedShampoo()
+@pytest.mark.parametrize("packed", [True, False])
+def test_state_bytes_eigenvalue_corrected(packed):
+    pre = EigenvalueCorrectedShampoo(symmetric_packing=packed)
     b = one_block((64, 48), pre)
     got = block_state_bytes(b, pre, AdamGrafting(), beta1=0.5)
-    assert got["factors"] == got["roots"] == (64 * 64 + 48 * 48) * 4
+    assert got["factors"] == (stored(64, packed) + stored(48, packed)) * 4
+    assert got["roots"] == (64 * 64 + 48 * 48) * 4        # eigenbases are not symmetric: never packed
     assert got["eigenvalues"] == 64 * 48 * 4
-    assert sum(got.values()) == 2 * (64 * 64 + 48 * 48) * 4 + 3 * 64 * 48 * 4 + 16
+    assert sum(got.values()) == got["factors"] + got["roots"] + 3 * 64 * 48 * 4 + 16
 
 
 def test_unpreconditioned_1d_block_has_only_diagonal_state():
@@ -81,7 +92,7 @@ def test_exponent_zero_dim_has_no_factor():
     pre = RootInverseShampoo(inverse_exponent_override={2: {0: 0.0}})
     b = one_block((40, 20), pre, max_dim=64)
     assert b.factor_dims == (20,)
-    assert block_state_bytes(b, pre, None, 0.0)["factors"] == 20 * 20 * 4
+    assert block_state_bytes(b, pre, None, 0.0)["factors"] == 20 * 21 // 2 * 4
     assert block_amortized_flops(b, pre) == 11 * 20 ** 3
 
 
@@ -151,7 +162,8 @@ def test_param_state_bytes_matches_summing_blocks():
     rng = random.Random(0)
     checked = 0
     configs = [RootInverseShampoo(), EigenvalueCorrectedShampoo(factor_dtype=torch.float64),
-               RootInverseShampoo(inverse_exponent_override={2: {0: 0.0}})]
+               RootInverseShampoo(inverse_exponent_override={2: {0: 0.0}}),
+               RootInverseShampoo(symmetric_packing=False, root_storage_dtype=torch.bfloat16)]
     for _ in range(300):
         shape = tuple(rng.choice([1, 2, 3, 7, 16, 33, 100, 257, 1000]) for _ in range(rng.randint(0, 4)))
         max_dim = rng.choice([1, 2, 5, 16, 64, 100, 1024])

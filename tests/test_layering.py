@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (``config`` is the config modules: config, averaging_config and their checks)
 CONFIG = ("config", "averaging_config", "checks")
 ALLOWED = {
-    "planning": (*CONFIG, "_torch_compat"),
+    # compute.kinds: each preconditioner kind describes its state fields and costs once, for the bucket and the planner
+    "planning": (*CONFIG, "_torch_compat", "compute.kinds"),
     "compute": (*CONFIG, "planning.blocking", "_torch_compat"),
     "runtime": ("planning", "compute", *CONFIG, "param_groups", "update_options", "_torch_compat"),
     "dryrun": ("planning", "runtime.placements", *CONFIG, "_torch_compat"),
-    "checkpointing": ("", *CONFIG, "_torch_compat"),        # "": the public API, ``from sharded_shampoo import``
+    "checkpointing": ("", *CONFIG, "_torch_compat",         # "": the public API, ``from sharded_shampoo import``
+                      "compute.packing"),                   # a checkpoint's symmetric state in the other layout
     "config": ("averaging_config", "checks"), "averaging_config": ("checks",), "checks": (), "_torch_compat": (),
     "update_options": CONFIG, "param_groups": (*CONFIG, "update_options"),
     # the optimizer's own policy helpers (group membership, root schedule): plain Python, no library imports

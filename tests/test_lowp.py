@@ -8,7 +8,7 @@ import torch
 from tests.support.dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, ShardedShampoo
 from sharded_shampoo.compute.lowp import ema_round_, rounding_seed, stochastic_round_
-from sharded_shampoo.compute.preconditioner import BlockBucket, BucketHyperparams
+from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
 from sharded_shampoo.planning.blocking import plan_blocks
 
 BF16 = torch.bfloat16
@@ -66,9 +66,12 @@ def test_bf16_ema_tracks_fp32_with_beta2_0999():
 
 def _buckets_with(block_lists: list[list], storage: torch.dtype):
     pre = RootInverseShampoo(factor_storage_dtype=storage)
-    hp = BucketHyperparams(beta1=0.0, beta2=0.999, epsilon=1e-6, use_bias_correction=True, grafting=None,
-                           preconditioner=pre)
-    return [BlockBucket(blocks, hp, torch.device("cpu")) for blocks in block_lists]
+    config = BucketConfig(preconditioner=pre, grafting=None, has_filtered_grad=False)
+    return [BlockBucket(blocks, config, torch.device("cpu")) for blocks in block_lists]
+
+
+PLAIN = BucketStep(BucketHyperparams(beta1=0.0, beta2=0.999, epsilon=1e-6, use_bias_correction=True),
+                   amortized=False, precondition=False)
 
 
 def test_rounding_of_a_block_does_not_depend_on_its_bucket():
@@ -80,10 +83,10 @@ def test_rounding_of_a_block_does_not_depend_on_its_bucket():
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         G = torch.randn(3, 5, 5, generator=g)
-        alone.step_blocks(G[1:2].clone(), None, amortized=False, precondition=False)
-        together.step_blocks(G.clone(), None, amortized=False, precondition=False)
+        alone.step_blocks(G[1:2].clone(), PLAIN)
+        together.step_blocks(G.clone(), PLAIN)
     for n in range(2):
-        assert torch.equal(alone.factors[n][0], together.factors[n][1])
+        assert torch.equal(alone.state[f"factor_{n}"][0], together.state[f"factor_{n}"][1])
 
 
 def _model() -> torch.nn.Module:
@@ -124,10 +127,11 @@ def test_bf16_state_bytes_and_loss(fp32_run, factors, roots, loss_bound):
     pre = RootInverseShampoo(factor_storage_dtype=factors, root_storage_dtype=roots)
     loss, opt, _ = _train(pre)
     bucket = opt.runtime.buckets[0]
-    assert bucket.factors[0].dtype == (factors or torch.float32) and bucket.roots[0].dtype == (roots or torch.float32)
+    assert bucket.state["factor_0"].dtype == (factors or torch.float32)
+    assert bucket.state["root_0"].dtype == (roots or torch.float32)
     planned = opt.plan.ranks[0].optimizer_state_bytes
     assert planned == owned_state_bytes(opt)
-    square = sum(d * d for b in opt.plan.blocks for d in b.factor_dims)
+    square = sum(d * (d + 1) // 2 for b in opt.plan.blocks for d in b.factor_dims)     # packed (the default)
     saved = 2 * square * ((factors is not None) + (roots is not None))
     assert opt32.plan.ranks[0].optimizer_state_bytes - planned == saved
     assert abs(loss - loss32) / loss32 < loss_bound
@@ -161,6 +165,6 @@ def test_storage_dtype_is_structural():
 def test_eigenvalue_corrected_bf16_bases():
     loss32 = _train(EigenvalueCorrectedShampoo(), steps=30)[0]
     loss, opt, _ = _train(EigenvalueCorrectedShampoo(root_storage_dtype=BF16), steps=30)
-    assert opt.runtime.buckets[0].roots[0].dtype == BF16
+    assert opt.runtime.buckets[0].state["eigenbasis_0"].dtype == BF16
     assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
     assert abs(loss - loss32) / loss32 < 0.05

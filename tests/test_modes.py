@@ -8,7 +8,6 @@ import torch
 from sharded_shampoo import ElementwiseMode, NonFinitePolicy, ShardedShampoo
 from sharded_shampoo.checkpointing import CheckpointArgumentError, HyperparameterSource, TrainState
 from sharded_shampoo.compute.preconditioner import BucketHyperparams
-from sharded_shampoo.config import RootInverseShampoo
 from sharded_shampoo.runtime.placements import LOCAL_MESH, MeshKeyword
 
 
@@ -50,7 +49,7 @@ def test_train_state_stores_the_source_and_rejects_others() -> None:
 
 
 def test_bucket_math_reads_the_enum_and_the_string_and_enum_steps_agree() -> None:
-    hp = BucketHyperparams(0.9, 0.999, 1e-12, True, None, RootInverseShampoo())
+    hp = BucketHyperparams(0.9, 0.999, 1e-12, True)
     assert hp.elementwise is ElementwiseMode.EAGER
     results = []
     for mode in ("eager", ElementwiseMode.EAGER):

@@ -48,11 +48,13 @@ def test_round_trip_and_equality(config):
     assert config != type(config)()          # every new field takes part in equality (the fingerprint)
 
 
-def test_state_bytes_follow_storage_dtypes():
-    pre = RootInverseShampoo(factor_storage_dtype=torch.bfloat16)
+@pytest.mark.parametrize("packed", [True, False])
+def test_state_bytes_follow_storage_dtypes(packed):
+    pre = RootInverseShampoo(factor_storage_dtype=torch.bfloat16, symmetric_packing=packed)
     b = plan_blocks([("w", (64, 32))], 1024, pre)[0]
     got = block_state_bytes(b, pre, None, 0.9)
-    assert got["factors"] == (64 * 64 + 32 * 32) * 2 and got["roots"] == (64 * 64 + 32 * 32) * 4
+    square = 64 * 65 // 2 + 32 * 33 // 2 if packed else 64 * 64 + 32 * 32
+    assert got["factors"] == square * 2 and got["roots"] == square * 4
     assert got["filtered_grad"] == 64 * 32 * 4
     for shape, d in (((300, 70), 64), ((5, 1000), 128), ((17,), 8)):
         blocks = plan_blocks([("w", shape)], d, pre)

@@ -208,7 +208,7 @@ def test_qr_eigenbases_in_the_optimizer():
     bucket = opt.runtime.buckets[0]
     assert bucket.refresh_counts.warm > 0
     state = opt.state[next(iter(model.parameters()))]["block_0"]
-    assert state["eigenvalues"].data_ptr() == bucket.eigenvalues[0].data_ptr()
+    assert state["eigenvalues"].data_ptr() == bucket.state["eigenvalues"][0].data_ptr()
     assert abs(loss_q - loss_e) / loss_e < 0.05
 
 

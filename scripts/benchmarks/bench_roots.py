@@ -18,6 +18,7 @@ Part 2 (``--train-steps N``) runs scripts/train.py on 1 process with each method
 loss (mean of the last 20 steps) relative to eigh's.
 
     OMP_NUM_THREADS=1 python -m scripts.benchmarks.bench_roots [--dim 1024 --blocks 4] [--train-steps 300]
+    OMP_NUM_THREADS=1 python -m scripts.benchmarks.bench_roots --train-only --train-steps 300 --train-runs storage
 """
 
 from __future__ import annotations
@@ -75,14 +76,15 @@ def train_factors(steps: int = 30) -> list[tuple[torch.Tensor, torch.Tensor, flo
         opt.step()
         opt.zero_grad()
         if step + 1 in (steps - args.precondition_frequency, steps):
-            snaps[step + 1] = [(b, [f.clone() for f in b.factors], int(b.step[0])) for b in opt.runtime.buckets]
+            snaps[step + 1] = [(b, [b.matrices(f"factor_{i}") for i in b.kind.dims], int(b.step[0]))
+                              for b in opt.runtime.buckets]
     beta2 = 0.95
     out = []
     (_, prev), (_, last) = sorted(snaps.items())
     for (b, F0, t0), (_, F1, t1) in zip(prev, last):
         if len(b.shape) != 2:
             continue
-        for n, i in enumerate(b.factor_dims):
+        for n, i in enumerate(b.kind.dims):
             out.append((F0[n] / (1 - beta2 ** t0), F1[n] / (1 - beta2 ** t1), b.exponents[i]))
     return out
 
@@ -134,15 +136,27 @@ def report(name: str, r: dict[str, float]) -> list[str]:
     ]
 
 
-def train_losses(steps: int) -> list[str]:
+#: --train-runs: which trainings Part 2 compares (the first of each kind is the baseline of its rows)
+TRAIN_RUNS = {
+    "methods": [("root-inverse, eigh", []), ("root-inverse, warm series", ["--root", "warm"]),
+                ("root-inverse, eigh, compiled element-wise", ["--elementwise", "compile"]),
+                ("root-inverse, eigh, bf16 roots", ["--root-storage", "bfloat16"]),
+                ("root-inverse, eigh, bf16 factors + roots", ["--root-storage", "bfloat16", "--factor-storage",
+                                                              "bfloat16"]),
+                ("eigenvalue-corrected, eigh", ["--preconditioner", "eigen"]),
+                ("eigenvalue-corrected, QR", ["--preconditioner", "eigen", "--eigenbasis", "qr"])],
+    "storage": [("root-inverse, packed fp32 (default)", []),
+                ("root-inverse, full fp32 matrices", ["--full-matrices"]),
+                ("root-inverse, packed, bf16 roots", ["--root-storage", "bfloat16"]),
+                ("root-inverse, packed, bf16 factors + roots (lean)", ["--root-storage", "bfloat16",
+                                                                        "--factor-storage", "bfloat16"])],
+}
+
+
+def train_losses(steps: int, which: str = "methods") -> list[str]:
     from scripts import train
 
-    runs = [("root-inverse, eigh", []), ("root-inverse, warm series", ["--root", "warm"]),
-            ("root-inverse, eigh, compiled element-wise", ["--elementwise", "compile"]),
-            ("root-inverse, eigh, bf16 roots", ["--root-storage", "bfloat16"]),
-            ("root-inverse, eigh, bf16 factors + roots", ["--root-storage", "bfloat16", "--factor-storage", "bfloat16"]),
-            ("eigenvalue-corrected, eigh", ["--preconditioner", "eigen"]),
-            ("eigenvalue-corrected, QR", ["--preconditioner", "eigen", "--eigenbasis", "qr"])]
+    runs = TRAIN_RUNS[which]
     lines = ["| run | final loss (mean of last 20 steps) | vs its eigh run | wall time |", "|---|---|---|---|"]
     base: dict[str, float] = {}
     for name, extra in runs:
@@ -163,7 +177,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--late", type=int, default=200, help="the later refresh step of the random factors")
     p.add_argument("--train-steps", type=int, default=0, help="also train with each method (0: skip)")
+    p.add_argument("--train-runs", choices=sorted(TRAIN_RUNS), default="methods",
+                   help="methods: each refresh method and storage dtype; storage: packed / full / bf16 storage")
+    p.add_argument("--train-only", action="store_true", help="skip Part 1 (the refresh timings)")
     args = p.parse_args()
+    if args.train_only:
+        print("\n" + "\n".join(train_losses(args.train_steps or 300, args.train_runs)))
+        return
     lines = [f"torch threads {torch.get_num_threads()}", "",
              "| factors | method | time per refresh | vs eigh | error (median) | whitening residual | fallback |",
              "|---|---|---|---|---|---|---|"]
@@ -176,7 +196,7 @@ def main() -> None:
     lines += report(f"train.py, {len(pairs)} stacks", r)
     print("\n".join(lines[-4:]), flush=True)
     if args.train_steps:
-        lines += [""] + train_losses(args.train_steps)
+        lines += [""] + train_losses(args.train_steps, args.train_runs)
     print("\n" + "\n".join(lines))
 
 

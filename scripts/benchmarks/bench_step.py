@@ -93,7 +93,7 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     # amortized roots of one bucket: batched vs one call per block
     d = args.max_preconditioner_dim
     bucket = max(opt.runtime.buckets, key=lambda b: len(b.blocks) if b.shape == (d, d) else 0)
-    F = bucket.factors[0].clone()
+    F = bucket.matrices("factor_0")
     B = F.shape[0]
 
     def batched() -> None:

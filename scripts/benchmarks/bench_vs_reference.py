@@ -39,7 +39,8 @@ PARAMS: list[tuple[str, tuple[int, ...]]] = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference", required=True, help="path of a facebookresearch/optimizers checkout")
+    p.add_argument("--reference", default=None, help="path of a facebookresearch/optimizers checkout (required "
+                   "except with --memory-only, which then uses stored reference numbers)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per optimizer and round")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (include the first refresh)")
     p.add_argument("--rounds", type=int, default=1, help="ABBA rounds (each round runs both optimizers twice)")
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32",
                    help="our factor storage (bfloat16: bf16 factor GEMMs, fp32 EMA, stochastic rounding)")
     p.add_argument("--memory-only", action="store_true",
-                   help="only print our state bytes (planned and allocated) for fp32 and bf16 storage")
+                   help="only compare optimizer state bytes with the reference's: both parameter sets (the issue's 7 "
+                        "and these 9), packed / full / bf16 storage (ours: planned == allocated, asserted)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1 or not 0 < args.scale <= 1:
         p.error("--steps and --rounds must be >= 1, --warmup >= 0, --scale in (0, 1]")
@@ -158,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.reference:
+        import_reference(args.reference)
     if args.memory_only:
         print("\n".join(memory_table(args)))
         return 0
-    import_reference(args.reference)
+    if not args.reference:
+        raise SystemExit("--reference is needed for the timing comparison (only --memory-only runs without it)")
     runs = [Run("ours", ours, args), Run("reference", reference, args)]
     for r in runs:
         r.advance(args.warmup, timed=False)
@@ -195,26 +200,91 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: The issue's 7 parameters ("from 1024^2 to 4096x1024"): PARAMS without the two projections.
+PARAMETER_SETS = {7: [n for n, _ in PARAMS if not n.startswith("proj.")], 9: [n for n, _ in PARAMS]}
+#: The reference's optimizer state (bytes, every tensor of ``opt.state`` once, after one step) on these sets,
+#: measured at commit f60660661194 with packing on / off; used when ``--reference`` is not given.
+REFERENCE_STATE_BYTES = {(7, True): 205_631_496, (7, False): 310_386_696,
+                         (9, True): 272_773_128, (9, False): 411_049_992}
+#: (label, symmetric_packing, factor storage, root storage, compared with the reference's packing on/off)
+MEMORY_SETTINGS = [("fp32, packed (default)", True, "float32", "float32", True),
+                   ("fp32, full matrices", False, "float32", "float32", False),
+                   ("packed, bf16 roots", True, "float32", "bfloat16", True),
+                   ("lean: packed, bf16 factors + roots", True, "bfloat16", "bfloat16", True)]
+
+
+def tensor_bytes(obj: Any, seen: dict[int, int]) -> None:
+    """Add every tensor reachable from ``obj`` (dicts, lists, attributes of state objects) to ``seen``, by storage."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            tensor_bytes(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            tensor_bytes(v, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        tensor_bytes(vars(obj), seen)
+
+
+def stepped_state_bytes(opt: Any, params: list[Any]) -> int:
+    """Bytes of every tensor in ``opt.state`` after one step (each storage once)."""
+    set_grads(params, 0)
+    opt.step()
+    seen: dict[int, int] = {}
+    tensor_bytes(dict(opt.state), seen)
+    return sum(seen.values())
+
+
+def reference_state_bytes(args: argparse.Namespace, names: list[str], packed: bool) -> int:
+    """The reference's state on the parameters ``names`` with packing on/off, measured now."""
+    from distributed_shampoo import (AdaGradPreconditionerConfig, DistributedShampoo,
+                                     RootInvShampooPreconditionerConfig, SingleDeviceDistributedConfig)
+
+    params = [p for (n, _), p in zip(shapes(args.scale), make_params(args)) if n in names]
+    opt = DistributedShampoo(params, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, max_preconditioner_dim=1024,
+                             precondition_frequency=10, start_preconditioning_step=10,
+                             grafting_config=AdaGradPreconditionerConfig(epsilon=1e-10),
+                             preconditioner_config=RootInvShampooPreconditionerConfig(use_symmetric_packing=packed),
+                             distributed_config=SingleDeviceDistributedConfig())
+    return stepped_state_bytes(opt, params)
+
+
+def our_state_bytes(args: argparse.Namespace, names: list[str], packing: bool) -> tuple[int, int]:
+    """(state bytes, parameter bytes) of ours on the parameters ``names``; planned bytes must equal allocated."""
+    import torch
+    from sharded_shampoo import AdaGradGrafting, RootInverseShampoo, ShardedShampoo
+
+    named = [(n, p) for (n, _), p in zip(shapes(args.scale), make_params(args)) if n in names]
+    pre = RootInverseShampoo(symmetric_packing=packing, factor_storage_dtype=getattr(torch, args.factor_storage),
+                             root_storage_dtype=getattr(torch, args.root_storage))
+    opt = ShardedShampoo(named, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, max_preconditioner_dim=1024,
+                         precondition_frequency=10, start_preconditioning_step=10, grafting=AdaGradGrafting(1e-10),
+                         preconditioner=pre)
+    allocated = stepped_state_bytes(opt, [p for _, p in named])
+    planned = opt.plan.ranks[0].optimizer_state_bytes
+    if allocated != planned:
+        raise AssertionError(f"allocated {allocated} != planned {planned} bytes")
+    return allocated, sum(p.numel() * p.element_size() for _, p in named)
+
+
 def memory_table(args: argparse.Namespace) -> list[str]:
-    """Our optimizer state on these parameters with fp32 and bf16 storage: planned bytes == allocated bytes."""
-    lines = ["| state storage | optimizer state (planned = allocated) | factors + roots | vs fp32 |", "|---|---|---|---|"]
-    base = None
-    for label, factors, roots in (("fp32", "float32", "float32"), ("bf16 roots", "float32", "bfloat16"),
-                                  ("bf16 factors + roots", "bfloat16", "bfloat16")):
-        args.factor_storage, args.root_storage = factors, roots
-        opt = ours(args, make_params(args))
-        seen: dict[int, int] = {}
-        for state in opt.state.values():
-            for block in state.values():
-                for v in (block.values() if isinstance(block, dict) else [block]):
-                    seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-        r = opt.plan.ranks[0]
-        if sum(seen.values()) != r.optimizer_state_bytes:
-            raise AssertionError(f"{label}: allocated {sum(seen.values())} != planned {r.optimizer_state_bytes}")
-        square = r.state_bytes_by_kind["factors"] + r.state_bytes_by_kind["roots"]
-        base = base or r.optimizer_state_bytes
-        lines.append(f"| {label} | {r.optimizer_state_bytes / 2 ** 20:.1f} MiB | {square / 2 ** 20:.1f} MiB | "
-                     f"{r.optimizer_state_bytes / base:.2f} |")
+    """Our optimizer state vs the reference's, per parameter set and storage setting (ours: planned == allocated)."""
+    lines = ["| parameters | our setting | ours | x param bytes | reference (packing) | ours / reference | "
+             "ours - reference |", "|---|---|---|---|---|---|---|"]
+    for key, names in PARAMETER_SETS.items():
+        for label, packing, factors, roots, ref_packed in MEMORY_SETTINGS:
+            args.factor_storage, args.root_storage = factors, roots
+            ours_bytes, param_bytes = our_state_bytes(args, names, packing)
+            ref = (reference_state_bytes(args, names, ref_packed) if args.reference
+                   else REFERENCE_STATE_BYTES[(key, ref_packed)])
+            lines.append(f"| set of {key} | {label} | {ours_bytes:,} B ({ours_bytes / 2 ** 20:.2f} MiB) | "
+                         f"{ours_bytes / param_bytes:.3f} | {ref:,} B ({'on' if ref_packed else 'off'}) | "
+                         f"**{ours_bytes / ref:.4f}** | {ours_bytes - ref:+,} B |")
+    source = f"measured now from {args.reference}" if args.reference else "stored (REFERENCE_STATE_BYTES)"
+    lines.append(f"\nreference numbers: {source}")
     return lines
 
 

@@ -69,8 +69,10 @@ def run_block(block: Block, check: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="doc_outputs_") as work:
         os.symlink(ROOT / "scripts", os.path.join(work, "scripts"))
         os.makedirs(os.path.join(work, "docs", "img"))
+        # one thread per process whatever the caller's environment: the training transcript's losses depend
+        # on the BLAS thread count (its rounding), and CI exports OMP_NUM_THREADS=2
         env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-                   PYTHONWARNINGS="ignore")
+                   PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
         for command in commands:
             proc = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
                                   timeout=600)

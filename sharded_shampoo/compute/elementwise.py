@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
+
+#: A per-step coefficient: one float for the bucket, or a per-block tensor (masked steps).
+Coefficient = Union[float, torch.Tensor]
 
 #: Distinct (shape, dtype, flags) signatures one kernel runs compiled; calls with new ones beyond it run
 #: eagerly. Shapes do not each cost a compile: after the first shape change torch.compile makes the
@@ -49,12 +52,16 @@ def _bshape(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def update_moments_(G: torch.Tensor, M: Optional[torch.Tensor], V: Optional[torch.Tensor], beta1: float,
-                    v_beta: float, v_weight: float) -> None:
-    """``M <- lerp(M, G, 1 - beta1)``; ``V <- v_beta V + v_weight G^2`` (in place; either may be None)."""
+                    v_beta: Coefficient, v_weight: float, m_weight: Optional[torch.Tensor] = None) -> None:
+    """``M <- lerp(M, G, 1 - beta1)``; ``V <- v_beta V + v_weight G^2`` (in place; either may be None).
+
+    Masked steps pass per-block tensors: ``m_weight`` (replaces ``1 - beta1``) and ``v_beta``, 0 and 1
+    where a block is inactive (its rows of ``G`` are zero), which leaves its ``M`` and ``V`` bit-identical.
+    """
     if M is not None:
-        M.lerp_(G, 1.0 - beta1)
+        M.lerp_(G, 1.0 - beta1 if m_weight is None else m_weight)
     if V is not None:
-        if v_beta != 1.0:
+        if isinstance(v_beta, torch.Tensor) or v_beta != 1.0:
             V.mul_(v_beta)
         V.addcmul_(G, G, value=v_weight)
 
@@ -163,16 +170,19 @@ def _cached_scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(x, dtype=dtype, device=device)
 
 
-def moments_and_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tensor, beta1: float, v_beta: float,
+def moments_and_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tensor, beta1: float, v_beta: Coefficient,
                       v_weight: float, a: torch.Tensor, c: torch.Tensor, direction: bool,
-                      compiled: bool, norm: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      compiled: bool, norm: bool = True, m_weight: Optional[torch.Tensor] = None
+                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Update ``M`` and ``V``; return ``(D or None, ||D||)`` (see :func:`graft_eager`; the fused kernel
-    computes the norm in the same pass, so ``norm=False`` only saves the eager path's extra pass)."""
+    computes the norm in the same pass, so ``norm=False`` only saves the eager path's extra pass).
+    ``m_weight`` / tensor ``v_beta``: a masked step's per-block coefficients (see :func:`update_moments_`)."""
     if not compiled:
-        update_moments_(G, M, V, beta1, v_beta, v_weight)
+        update_moments_(G, M, V, beta1, v_beta, v_weight, m_weight)
         return graft_eager(G, G if M is None else M, V, a, c, direction, norm)
-    d_norm = FUSED_MOMENTS_GRAFT(G, M, V, _scalar(1.0 - beta1, G), _scalar(v_beta, G), _scalar(v_weight, G),
-                                 a.to(G.dtype), c.to(G.dtype), direction)
+    w1 = _scalar(1.0 - beta1, G) if m_weight is None else m_weight.to(G.dtype)
+    vb = v_beta.to(G.dtype) if isinstance(v_beta, torch.Tensor) else _scalar(v_beta, G)
+    d_norm = FUSED_MOMENTS_GRAFT(G, M, V, w1, vb, _scalar(v_weight, G), a.to(G.dtype), c.to(G.dtype), direction)
     return (G if direction else None), d_norm
 
 

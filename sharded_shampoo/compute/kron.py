@@ -43,7 +43,7 @@ def gram_scratch_numel(batch: int, d: int, tile: int = GRAM_TILE) -> int:
 
 
 def gram_update_(F: torch.Tensor, X: torch.Tensor, beta: float, alpha: float, tile: int = GRAM_TILE,
-                 scratch: Optional[torch.Tensor] = None) -> None:
+                 scratch: Optional[torch.Tensor] = None, mirror: bool = True) -> None:
     """``F <- beta F + alpha X X^T`` in place for stacks ``F: [B, d, d]``, ``X: [B, d, r]``.
 
     ``F`` is symmetric, so only the upper row blocks are multiplied: the first row block as one
@@ -52,7 +52,8 @@ def gram_update_(F: torch.Tensor, X: torch.Tensor, beta: float, alpha: float, ti
     mirror (the result is symmetric up to round-off, as a full GEMM is). ``beta = 0`` ignores ``F``'s old values (NaN-safe).
     The GEMMs use ``X`` in ``F``'s dtype (a ``bfloat16`` ``F`` means ``bfloat16`` operands).
     ``scratch``: a flat tensor of at least :func:`gram_scratch_numel` elements of ``F``'s dtype, reused
-    instead of allocating.
+    instead of allocating. ``mirror=False``: leave the tiles below the diagonal as they were (for a
+    caller that reads only the upper triangle, e.g. to pack it).
     """
     if X.dtype != F.dtype:
         X = X.to(F.dtype)
@@ -74,6 +75,8 @@ def gram_update_(F: torch.Tensor, X: torch.Tensor, beta: float, alpha: float, ti
             if beta != 1.0:
                 block.mul_(beta)
             block.add_(T, alpha=alpha)
+    if not mirror:
+        return
     for a, b in spans[1:]:
         F[:, a:b, :a].copy_(F[:, :a, a:b].mT)
 

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..config import (CoupledNewtonConfig, EigenvalueCorrectedShampoo, PreconditionerConfig, QREigenbasisConfig,
-                      WarmStartRootConfig)
+from ..config import (CoupledNewtonConfig, EigenbasisConfig, EigenvalueCorrectedShampoo, PreconditionerConfig,
+                      QREigenbasisConfig, RootConfig, WarmStartRootConfig)
 from .matrix_functions import eigenbasis, inverse_root_eigh, inverse_root_newton
 from .warm_refresh import eigenbasis_qr, inverse_root_warm
 
@@ -84,17 +84,20 @@ def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float,
     ``previous``: the current roots / eigenbases (the warm start; the identity before the first refresh).
     ``attempt``: bool ``[B]``, which matrices may try a warm-started root (default: all).
     """
-    B = F_hat.shape[0]
     if isinstance(preconditioner, EigenvalueCorrectedShampoo):
-        if isinstance(preconditioner.eigenbasis, QREigenbasisConfig):
-            Q, ok, perm, report = eigenbasis_qr(F_hat, previous, epsilon, preconditioner.eigenbasis)
-            _count_warm(counts, report.fell_back, None)
-            return RefreshResult(Q, ok, perm)
-        counts.full += B
-        Q, ok = eigenbasis(F_hat, epsilon, preconditioner.eigenbasis)
-        return RefreshResult(Q, ok)
-    root = preconditioner.root
+        return refresh_eigenbases(F_hat, previous, epsilon, preconditioner.eigenbasis, counts)
+    return refresh_roots(F_hat, previous, exponent, epsilon, preconditioner.root, counts, attempt)
+
+
+def refresh_roots(F_hat: torch.Tensor, previous: Optional[torch.Tensor], exponent: float, epsilon: float,
+                  root: RootConfig, counts: RefreshCounts, attempt: Optional[torch.Tensor] = None) -> RefreshResult:
+    """Inverse roots ``(F_hat + epsilon I)^(-exponent)`` of a stack by the method ``root`` names.
+
+    ``previous`` (the current roots) is read by warm-started roots only (None is fine otherwise).
+    """
+    B = F_hat.shape[0]
     if isinstance(root, WarmStartRootConfig):
+        assert previous is not None, "warm-started roots need the previous roots"
         X, ok, report = inverse_root_warm(F_hat, previous, exponent, epsilon, root, attempt)
         _count_warm(counts, report.fell_back, report.residual)
         assert report.tried is not None                      # warm roots always report it
@@ -103,6 +106,18 @@ def refresh_factor(F_hat: torch.Tensor, previous: torch.Tensor, exponent: float,
     if isinstance(root, CoupledNewtonConfig):
         return RefreshResult(*inverse_root_newton(F_hat, exponent, epsilon, root))
     return RefreshResult(*inverse_root_eigh(F_hat, exponent, epsilon, root))
+
+
+def refresh_eigenbases(F_hat: torch.Tensor, previous: torch.Tensor, epsilon: float, basis: EigenbasisConfig,
+                       counts: RefreshCounts) -> RefreshResult:
+    """Eigenbases of ``F_hat + epsilon I`` by ``eigh`` or warm-started QR iterations from ``previous``."""
+    if isinstance(basis, QREigenbasisConfig):
+        Q, ok, perm, report = eigenbasis_qr(F_hat, previous, epsilon, basis)
+        _count_warm(counts, report.fell_back, None)
+        return RefreshResult(Q, ok, perm)
+    counts.full += F_hat.shape[0]
+    Q, ok = eigenbasis(F_hat, epsilon, basis)
+    return RefreshResult(Q, ok)
 
 
 def _count_warm(counts: RefreshCounts, fell_back: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
@@ -121,4 +136,5 @@ def permute_along(X: torch.Tensor, dim: int, perm: torch.Tensor) -> torch.Tensor
     return X.gather(dim + 1, index)
 
 
-__all__ = ["RefreshCounts", "RefreshResult", "WarmBackoff", "permute_along", "refresh_factor"]
+__all__ = ["RefreshCounts", "RefreshResult", "WarmBackoff", "permute_along", "refresh_eigenbases", "refresh_factor",
+           "refresh_roots"]

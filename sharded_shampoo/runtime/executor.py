@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .._torch_compat import foreach_add, foreach_copy_
 from ..compute.averaging import UpdateRule, apply_update_
-from ..compute.preconditioner import BucketHyperparams
+from ..compute.preconditioner import BucketHyperparams, BucketStep
 from .gradients import widened
 from .records import RankRuntime
 from .routing import Piece, RankSchedule, split_waves
@@ -132,11 +132,9 @@ class StepExecutor:
                      groups: list[GroupStep]) -> torch.Tensor:
         rt = self.rt
         g = groups[rt.bucket_group[bi]]
-        bucket = rt.buckets[bi]
-        bucket.hp = g.hyperparams
         mask = None if everything else torch.tensor(
             [rec.param.plan_index in active for rec in rt.bucket_members[bi]], device=G.device)
-        return bucket.step_blocks(G, mask, g.amortized, g.precondition)
+        return rt.buckets[bi].step_blocks(G, BucketStep(g.hyperparams, g.amortized, g.precondition, mask))
 
     def _fold_l2(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
         """L2 (coupled) weight decay folds into the gradient before it travels."""

@@ -16,7 +16,8 @@ from typing import Any, Optional, cast
 import torch
 import torch.distributed as dist
 
-from ..compute.preconditioner import BlockBucket, BucketHyperparams, bucket_key
+from ..compute.preconditioner import BlockBucket, BucketConfig, bucket_key
+from ..compute.workspace import Workspace
 from ..planning.blocking import Block
 from ..planning.layout import ParamSpec, Region
 from ..planning.plan import ShampooPlan
@@ -154,12 +155,14 @@ def param_records(params: list[torch.Tensor], names: list[str], group_of: list[i
     return records
 
 
-def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: list[BucketHyperparams],
+def build_runtime(records: list[ParamRecord], plan: ShampooPlan, bucket_configs: list[BucketConfig],
                   comm: CommContext, waves: list[int]) -> RankRuntime:
     """Buckets of the blocks this rank owns (per wave, first appearance in plan order) and the schedule.
 
-    ``waves``: the overlap wave of every plan block (``routing.block_waves``); blocks of different
-    waves never share a bucket, so a wave's math needs only its own gradients.
+    ``bucket_configs``: per param group, what decides its buckets' state layout. ``waves``: the overlap
+    wave of every plan block (``routing.block_waves``); blocks of different waves never share a bucket,
+    so a wave's math needs only its own gradients. All buckets share one scratch :class:`Workspace`
+    (they run one after the other).
     """
     trainable = sorted((r for r in records if r.trainable), key=lambda r: cast(int, r.plan_index))
     keyed: dict[tuple, list[int]] = {}
@@ -170,9 +173,10 @@ def build_runtime(records: list[ParamRecord], plan: ShampooPlan, hyperparams: li
     bucket_group: list[int] = []
     members: list[list[BlockRecord]] = []
     blocks: dict[int, BlockRecord] = {}
+    workspace = Workspace(comm.device)
     for key, indices in keyed.items():
         gi = key[1]
-        bucket = BlockBucket([plan.blocks[b] for b in indices], hyperparams[gi], comm.device)
+        bucket = BlockBucket([plan.blocks[b] for b in indices], bucket_configs[gi], comm.device, workspace)
         recs = [BlockRecord(b, plan.blocks[b], trainable[plan.block_param[b]], len(buckets), j)
                 for j, b in enumerate(indices)]
         blocks.update((r.index, r) for r in recs)

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from ..compute.packing import convertible, to_layout
 from ..config import (CONFIG_OBJECT_SETTINGS, STRUCTURAL_SETTINGS, config_from_dict, config_to_dict,
-                      structural_signature)
+                      storage_neutral, structural_signature)
 from ..param_groups import BOOKKEEPING_KEYS, validate_group
 from ..update_options import legacy_group_values
 from .placements import is_dtensor
@@ -71,6 +72,12 @@ class StateIO:
     def __init__(self, runtime: RankRuntime) -> None:
         self.rt = runtime
         self.index = {id(rec.param): rec.index for rec in runtime.params}
+        #: per parameter index: the flat state keys of symmetric matrices (loadable packed or full)
+        self.symmetric: dict[int, set[str]] = {}
+        for rec in runtime.blocks.values():
+            fields = runtime.buckets[rec.bucket].fields
+            self.symmetric.setdefault(rec.param.index, set()).update(
+                f"{rec.state_key}.{name}" for name, f in fields.items() if f.symmetric)
 
     # ------------------------------------------------------------------ save
 
@@ -131,7 +138,7 @@ class StateIO:
                     raise ValueError(f"param group {gi} of the state dict has no {key!r}; it decides the block plan, "
                                      "so the state dict must carry it (was it written by ShardedShampoo.state_dict?).")
                 value = config_from_dict(saved[key]) if key in CONFIG_OBJECT_SETTINGS else saved[key]
-                if value != live[key]:
+                if storage_neutral(value) != storage_neutral(live[key]):
                     raise ValueError(f"param group {gi}: {key} differs (checkpoint {value!r}, optimizer "
                                      f"{live[key]!r}); it decides the block plan and state layout, so it must match.")
             values = {k: (tuple(v) if k == "betas" else config_from_dict(v) if k in CONFIG_OBJECT_SETTINGS else v)
@@ -177,7 +184,7 @@ class StateIO:
             for key in SHARD_STATE_KEYS:
                 if key in saved_flat:
                     saved_flat[key] = _shard_state_in(rec.param, saved_flat[key])
-            copies.extend(_pairs(rec, saved_flat, live_keys.get(i, {})))
+            copies.extend(_pairs(rec, saved_flat, live_keys.get(i, {}), self.symmetric.get(i, set())))
         return copies
 
 
@@ -196,7 +203,10 @@ class StagedLoad:
             live.update(values)
 
 
-def _pairs(rec: ParamRecord, saved: dict[str, Any], live: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(rec: ParamRecord, saved: dict[str, Any], live: dict[str, Any],
+           symmetric: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(live, saved) tensor pairs; symmetric matrices saved in the other layout (full ``(d, d)`` vs packed
+    ``(d(d+1)/2,)``: ``symmetric_packing`` changed, or a checkpoint from before packing) are converted."""
     if set(saved) != set(live):
         missing = sorted(set(live) - set(saved))
         extra = sorted(set(saved) - set(live))
@@ -205,6 +215,8 @@ def _pairs(rec: ParamRecord, saved: dict[str, Any], live: dict[str, Any]) -> lis
     out = []
     for k, dst in live.items():
         src = saved[k]
+        if k in symmetric and isinstance(src, torch.Tensor) and convertible(tuple(src.shape), tuple(dst.shape)):
+            src = to_layout(src, tuple(dst.shape))
         if not isinstance(src, torch.Tensor) or tuple(src.shape) != tuple(dst.shape):
             got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
             raise ValueError(f"state {rec.name!r}.{k} has shape {got} in the state dict but {tuple(dst.shape)} in "

@@ -20,6 +20,7 @@ group is root-inverse with epsilon 1-10 times the squared gradient scale (``"lar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -156,7 +157,8 @@ def _settings_line(kw: dict) -> str:
     wd_type = kw.get("weight_decay_type") or ("d" if kw["use_decoupled_weight_decay"] else "L2")
     averaging = f" avg={kw['iterate_averaging'][0]}" if kw.get("iterate_averaging") else ""
     return (f"{kw['preconditioner'][0]}{'64' if kw['preconditioner'][1]['factor_dtype'] == 'float64' else ''}"
-            f"{'/newton' if kw['preconditioner'][1].get('root') == 'newton' else ''}/{kw['grafting'][0]}"
+            f"{'/newton' if kw['preconditioner'][1].get('root') == 'newton' else ''}"
+            f"{'/full' if not kw['preconditioner'][1].get('symmetric_packing', True) else ''}/{kw['grafting'][0]}"
             f" b={kw['betas']} mom={kw['momentum']}{'N' if kw['use_nesterov'] else ''}{averaging}"
             f" wd={kw['weight_decay']}{wd_type}"
             f" f={kw['precondition_frequency']} s={kw['start_preconditioning_step']} eps={kw['epsilon']:.0e}"
@@ -387,5 +389,22 @@ def draw(seed: int, chaotic: bool = False) -> Case:
         targets = [t for t in CKPT_LAYOUTS if (t not in EP_LAYOUTS or any(m.kind == "experts" for m in modules))]
         checkpoint = CheckpointDraw(rng.randint(1, steps - 1), rng.choice(targets), flatten=rng.random() < 0.7,
                                     async_save=rng.random() < 0.2)
-    return Case(seed, layout, modules, config, steps, no_grad, scale, zero_grad=zero_grad,
+    return Case(seed, layout, modules, _with_storage(config, seed), steps, no_grad, scale, zero_grad=zero_grad,
                 nonfinite=nonfinite, checkpoint=checkpoint)
+
+
+def _with_storage(config: ConfigDraw, seed: int) -> ConfigDraw:
+    """A quarter of the groups store full matrices (``symmetric_packing=False``), the rest packed (the default).
+
+    Drawn from a generator of its own, so every other draw of a seed stays what it was before this one.
+    """
+    rng = random.Random(seed * 7919 + 17)
+
+    def storage(group: tuple) -> tuple:
+        out = dict(group)
+        if "preconditioner" in out and rng.random() < 0.25:
+            kind, kw = out["preconditioner"]
+            out["preconditioner"] = (kind, dict(kw, symmetric_packing=False))
+        return tuple(out.items())
+
+    return dataclasses.replace(config, kwargs=storage(config.kwargs), second_group=storage(config.second_group))

@@ -116,10 +116,11 @@ def _grafting(spec: tuple[str, dict]) -> Any:
 def _preconditioner(spec: tuple[str, dict]) -> Any:
     kind, kw = spec
     factor = DTYPE[kw["factor_dtype"]]
+    packing = kw.get("symmetric_packing", True)
     if kind == "eigen_corrected":
-        return EigenvalueCorrectedShampoo(factor_dtype=factor)
+        return EigenvalueCorrectedShampoo(factor_dtype=factor, symmetric_packing=packing)
     root = CoupledNewtonConfig() if kw["root"] == "newton" else EighRootConfig()
-    return RootInverseShampoo(root=root, factor_dtype=factor)
+    return RootInverseShampoo(root=root, factor_dtype=factor, symmetric_packing=packing)
 
 
 def _settings(spec: dict[str, Any]) -> dict[str, Any]:

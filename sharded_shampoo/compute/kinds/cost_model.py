@@ -1,0 +1,62 @@
+"""The FLOP constants of the cost model (:class:`CostModel`), in which every preconditioner kind prices its work.
+
+The kinds (:meth:`~.protocol.PreconditionerKind.step_flops` and friends) and the planner
+(``planning/costs.py``, which re-exports these names) read the same constants; every one of them
+lives here so a calibrated model can be passed to ``make_plan(..., cost_model=...)`` without touching
+module globals (``scripts/benchmarks/calibrate_cost_model.py`` fits the eigendecomposition constant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...checks import check_int
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """FLOP constants of the cost model. Defaults are textbook operation counts.
+
+    ``eigh_flops_per_d3``: symmetric eigendecomposition with eigenvectors (Householder
+    tridiagonalisation + implicit QR, Golub & Van Loan) ~ 9 d^3. Its *effective* value on a
+    machine (eigh is less GEMM-efficient than a matmul) is what the calibration script fits.
+    ``root_form_flops_per_d3``: forming ``Q diag(lambda^-e) Q^T`` from the eigenpairs, one
+    d x d x d GEMM = 2 d^3.
+    ``newton_iterations``: iterations charged to the coupled Newton root (capped by the
+    config's ``max_iterations``); each iteration of a p-th root costs ``p + 1`` GEMMs of 2 d^3.
+    ``*_elementwise_flops``: FLOPs per block element for the diagonal work done every step.
+    ``warm_series_order``: series order charged to a warm-started root (``WarmStartRootConfig``,
+    capped by its ``max_order``); ``warm_fallback_rate``: the fraction of warm refreshes charged a
+    full eigh on top (first refreshes, screens and residual checks that fail).
+    ``qr_flops_per_d3``: Householder QR with Q formed (``geqrf`` + ``orgqr``), 8/3 d^3.
+    """
+
+    eigh_flops_per_d3: float = 9.0
+    root_form_flops_per_d3: float = 2.0
+    newton_iterations: int = 20
+    warm_series_order: int = 3
+    warm_fallback_rate: float = 0.1
+    qr_flops_per_d3: float = 8.0 / 3.0
+    filtered_grad_elementwise_flops: float = 3.0       # M = b1*M + (1-b1)*G: mul, mul, add
+    adagrad_elementwise_flops: float = 5.0             # square, accumulate, sqrt, +eps, divide
+    rmsprop_elementwise_flops: float = 6.0             # square, EMA (2 mul + add), sqrt, +eps, divide
+    adam_elementwise_flops: float = 7.0                # as RMSprop + bias-correction scale
+    graft_rescale_elementwise_flops: float = 5.0       # two squared norms (2 each) + scale (1)
+    eigenvalue_correction_elementwise_flops: float = 6.0  # EMA of squared rotated grad, sqrt, +eps, div
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warm_fallback_rate <= 1.0:
+            raise ValueError(f"CostModel.warm_fallback_rate must be in [0, 1]; got {self.warm_fallback_rate!r}.")
+        for name in ("newton_iterations", "warm_series_order"):
+            check_int("CostModel", name, getattr(self, name))
+        for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "qr_flops_per_d3", "filtered_grad_elementwise_flops",
+                     "adagrad_elementwise_flops", "rmsprop_elementwise_flops", "adam_elementwise_flops",
+                     "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"CostModel.{name} must be a number >= 0; got {value!r}.")
+
+
+DEFAULT_COST_MODEL = CostModel()
+
+__all__ = ["CostModel", "DEFAULT_COST_MODEL"]
