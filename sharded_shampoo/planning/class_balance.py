@@ -47,15 +47,34 @@ class ClassBalanceError(ValueError):
 
 
 def slots_upto(loads: np.ndarray, c: float, t: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Per rank, how many ``i`` in ``[lo, hi)`` have ``loads + i * c <= t`` (IEEE, elementwise)."""
+    """Per rank, how many ``i`` in ``[lo, hi)`` have ``loads + i * c <= t`` (IEEE, elementwise).
+
+    ``loads + i * c`` is non-decreasing in ``i``, so the answer is where it passes ``t``: estimated by
+    division, corrected by one step each way, and bisected where rounding flattens the sequence
+    (a cost below the resolution of a large load).
+    """
     if c == 0:
         return np.where(loads <= t, hi - lo, 0)
     with np.errstate(over="ignore", invalid="ignore"):
         guess = np.floor((t - loads) / c)
-    i = np.clip(np.nan_to_num(guess, nan=-1.0, posinf=float(hi.max(initial=0))), -1, hi).astype(np.int64)
+    i = np.clip(np.nan_to_num(guess, nan=-1.0, posinf=float(hi.max(initial=0))), lo - 1, hi - 1).astype(np.int64)
     i += (i + 1 < hi) & (loads + (i + 1) * c <= t)          # one correction step each way absorbs rounding
-    i -= (i >= 0) & (loads + i * c > t)
+    i -= (i >= lo) & (loads + i * c > t)
+    bad = ((i >= lo) & (loads + i * c > t)) | ((i + 1 < hi) & (loads + (i + 1) * c <= t))
+    if bad.any():
+        i[bad] = _last_within(loads[bad], c, t, lo[bad], hi[bad])
     return np.clip(i + 1 - lo, 0, hi - lo)
+
+
+def _last_within(loads: np.ndarray, c: float, t: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The largest ``i`` in ``[lo - 1, hi)`` with ``loads + i * c <= t`` (``lo - 1``: none), by bisection."""
+    a, b = lo - 1, hi - 1                                   # invariant: answer in [a, b]
+    while (a < b).any():
+        mid = (a + b + 1) // 2
+        ok = loads + mid * c <= t
+        a = np.where((a < b) & ok, mid, a)
+        b = np.where((a < b) & ~ok, mid - 1, b)
+    return a
 
 
 def float_bisect(lo: float, hi: float, enough: Callable[[float], bool]) -> float:
