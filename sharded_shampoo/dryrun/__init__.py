@@ -3,7 +3,7 @@
 ``sharded-shampoo plan`` (:mod:`.cli`) and :func:`plan_model` build the model on the meta device,
 apply the job's parallelism (pipeline stages, FSDP/HSDP, tensor parallel, expert parallel) over a
 fake process group, and run the same planner the optimizer runs. Modules: ``meshes`` (named axes
--> device meshes), ``stages`` (pipeline stages of a model), ``parallelize`` (TP/EP/FSDP on a
+-> device meshes), ``stages`` (pipeline stages of a model, each a ``views.ModelView``), ``parallelize`` (TP/EP/FSDP on a
 model), ``build`` (the pipeline), ``report`` (text and PNG of a plan: ``plan_report`` for one plan,
 ``stage_report`` per pipeline stage), ``presets`` (model zoo).
 """
@@ -13,9 +13,10 @@ from .build import ShardedModel, parse_dtype, plan_model, resolve_model, shard_m
 from .meshes import MAX_RANKS, MeshAxes, parse_axes, parse_mesh
 from .parallelize import apply_parallelism, fsdp_units
 from .report import DryRunError, format_report, human_bytes, human_flops, write_png
-from .stages import PipelineStage, StageSplit, llm_stage_modules, split_stages
+from .stages import StageSplit, llm_stage_modules, split_stages
+from .views import ModelView
 
-__all__ = ["DryRunError", "MAX_RANKS", "MeshAxes", "PipelinePlan", "PipelineStage", "ShardedModel", "StageSplit",
+__all__ = ["DryRunError", "MAX_RANKS", "MeshAxes", "ModelView", "PipelinePlan", "ShardedModel", "StageSplit",
            "apply_parallelism", "format_report", "fsdp_units", "human_bytes", "human_flops", "llm_stage_modules",
            "parse_axes", "parse_dtype", "parse_mesh", "plan_model", "resolve_model", "shard_model", "shard_stages",
            "sharded_param_specs", "split_stages", "write_png"]

@@ -33,7 +33,9 @@ from .meshes import FakeMeshes, MeshAxes, parse_axes
 from .parallelize import apply_parallelism, expert_param_names
 from .presets import PRESETS, preset_names
 from .errors import DryRunError
-from .stages import PipelineStage, StageSplit, split_stages
+from .stages import StageSplit, split_stages
+from .twins import find_twins
+from .views import ModelView
 
 ModelSource = str | Callable[[], nn.Module]
 
@@ -142,11 +144,13 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
 
 
 def shard_stages(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: torch.dtype | None = None,
-                 name: str = "model", stage_split: StageSplit | None = None) -> list[ShardedModel]:
+                 name: str = "model", stage_split: StageSplit | None = None,
+                 parallelize_all: bool = False) -> list[ShardedModel]:
     """One :class:`ShardedModel` per pipeline stage (one in all for ``pp = 1``).
 
     The model is built whole, cut into stages (``stages.py``), and every stage is parallelized over
-    the same fake process group of one stage's ``dp x fsdp x tp`` ranks.
+    the same fake process group of one stage's ``dp x fsdp x tp`` ranks; identical layers are
+    parallelized once (``twins.py``) unless ``parallelize_all``.
     """
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -162,21 +166,26 @@ def shard_stages(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: 
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"--model {name!r} has no trainable parameters to plan.")
     parts: list[nn.Module] = [model] if axes.pp == 1 else list(split_stages(model, axes.pp, stage_split, name))
+    names = [[n for n, p in part.named_parameters() if p.requires_grad] for part in parts]
+    twins = [None if parallelize_all else find_twins(part, axes.tp > 1) for part in parts]
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=axes.stage_world_size)
     try:
         meshes = FakeMeshes(axes)
-        for part in parts:
-            _parallelize(part, meshes, name)
-        trainable = [[(n, p) for n, p in part.named_parameters() if p.requires_grad] for part in parts]
-        specs, mesh = param_specs_from_tensors([x for t in trainable for x in t], meshes.dense,
-                                               coordinates=meshes.coordinates)
+        targets = [twin.view if twin is not None else part for part, twin in zip(parts, twins)]
+        for target in targets:
+            _parallelize(target, meshes, name)
+        built = [(n, p) for target in targets for n, p in target.named_parameters() if p.requires_grad]
+        specs, mesh = param_specs_from_tensors(built, meshes.dense, coordinates=meshes.coordinates)
     finally:
         dist.destroy_process_group()
-    out, start = [], 0
-    for part, named in zip(parts, trainable):
-        modules = list(part.names) if isinstance(part, PipelineStage) else []
-        out.append(ShardedModel(specs[start:start + len(named)], mesh, expert_param_names(part), modules))
-        start += len(named)
+    by_name = {s.name: s for s in specs}
+    out = []
+    for part, part_names, twin in zip(parts, names, twins):
+        copies = twin.copies if twin is not None else {}
+        stage_specs = [by_name[n] if n in by_name else dataclasses.replace(by_name[copies[n]], name=n)
+                       for n in part_names]
+        modules = list(part.names) if isinstance(part, ModelView) else []
+        out.append(ShardedModel(stage_specs, mesh, expert_param_names(part), modules))
     return out
 
 
@@ -197,7 +206,7 @@ def settings_per_param(sharded: ShardedModel, settings: PlanSettings) -> list[Pl
 def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, settings: PlanSettings = PlanSettings(),
                *, param_dtype: torch.dtype | str | None = None, memory_cap_bytes: int | None = None,
                cost_model: CostModel = DEFAULT_COST_MODEL, tp: int | None = None, ep: int | None = None,
-               stage_split: StageSplit | None = None) -> ShampooPlan | PipelinePlan:
+               stage_split: StageSplit | None = None, parallelize_all: bool = False) -> ShampooPlan | PipelinePlan:
     """The dry-run as a function (for notebooks and the CLI): the plan a training job on ``mesh`` would use.
 
     ``model``: preset name, ``"package.module:factory"`` or a zero-argument callable returning an
@@ -205,12 +214,13 @@ def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, setti
     ``"dp=8,fsdp=32,tp=8"``, ``"pp=16,dp=32,fsdp=16,tp=8"``, a shape tuple or :class:`MeshAxes`;
     ``tp``/``ep`` add those axes. With ``pp > 1`` the result is a :class:`PipelinePlan` (one plan per
     stage, over that stage's ranks); the stages are the model's ``pipeline_stages(pp)`` unless
-    ``stage_split`` gives them (see ``dryrun/stages.py``).
+    ``stage_split`` gives them (see ``dryrun/stages.py``). Identical layers are parallelized once and
+    share the placements (``dryrun/twins.py``); ``parallelize_all`` parallelizes every layer.
     """
     name, factory = resolve_model(model)
     axes = parse_axes(mesh, tp=tp, ep=ep)
     dtype = parse_dtype(param_dtype) if isinstance(param_dtype, str) else param_dtype
-    sharded = shard_stages(factory, axes, dtype, name, stage_split)
+    sharded = shard_stages(factory, axes, dtype, name, stage_split, parallelize_all)
     if axes.pp == 1:
         return make_plan(sharded[0].specs, sharded[0].mesh, settings_per_param(sharded[0], settings),
                          memory_cap_bytes, cost_model=cost_model)

@@ -21,12 +21,10 @@ dealt out evenly, the first stages taking one more when they do not divide.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from fnmatch import fnmatch
-from typing import Any
 
 from torch import nn
 
-from .parallelize import expert_modules, fsdp_units
+from .views import ModelView
 
 #: ``(model, num_stages) -> module names of each stage`` (dotted paths, as ``named_modules`` gives them).
 StageSplit = Callable[[nn.Module, int], Sequence[Sequence[str]]]
@@ -119,51 +117,11 @@ def _check_parameters_covered(model: nn.Module, stages: list[list[str]], modules
                          f"{' ...' if len(missing) > 5 else ''}; add their modules to a stage.")
 
 
-class PipelineStage(nn.Module):
-    """One stage's modules at their original paths, so parameter names stay the whole model's.
-
-    Answers ``tp_plan``, ``fsdp_units`` and ``expert_modules`` from the whole model, restricted to
-    the stage, so ``apply_parallelism`` treats it as the training job treats its model part.
-    """
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        super().__init__()
-        self.whole = (model,)                 # a tuple: not registered as a submodule
-        self.names = list(names)
-        for n in names:
-            *path, leaf = n.split(".")
-            parent: nn.Module = self
-            for part in path:
-                child = parent.get_submodule(part) if hasattr(parent, part) else None
-                if child is None:
-                    child = nn.Module()
-                    parent.add_module(part, child)
-                parent = child
-            parent.add_module(leaf, model.get_submodule(n))
-        self.own = {id(m) for m in self.modules()}
-
-    def tp_plan(self) -> dict[str, Any]:
-        whole = self.whole[0]
-        plan = whole.tp_plan() if callable(getattr(whole, "tp_plan", None)) else {}
-        names = [n for n, _ in self.named_modules()]
-        present = set(names)
-        return {k: v for k, v in plan.items()
-                if k in present or (any(c in k for c in "*?[") and any(fnmatch(n, k) for n in names))}
-
-    def fsdp_units(self) -> list[nn.Module]:
-        return [u for u in fsdp_units(self.whole[0]) if id(u) in self.own]
-
-    def expert_modules(self) -> list[nn.Module]:
-        return [m for m in expert_modules(self.whole[0]) if id(m) in self.own]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("a dry-run pipeline stage holds modules for planning only.")
-
-
 def split_stages(model: nn.Module, num_stages: int, split: StageSplit | None = None,
-                 name: str = "model") -> list[PipelineStage]:
-    """The model cut into ``num_stages`` :class:`PipelineStage` parts (see :func:`stage_module_names`)."""
-    return [PipelineStage(model, names) for names in stage_module_names(model, num_stages, split, name)]
+                 name: str = "model") -> list[ModelView]:
+    """The model cut into ``num_stages`` parts, each a :class:`~.views.ModelView` of its modules (see
+    :func:`stage_module_names`)."""
+    return [ModelView(model, names) for names in stage_module_names(model, num_stages, split, name)]
 
 
-__all__ = ["PipelineStage", "StageSplit", "llm_stage_modules", "split_stages", "stage_module_names"]
+__all__ = ["StageSplit", "llm_stage_modules", "split_stages", "stage_module_names"]

@@ -187,6 +187,9 @@ class ParamGeometry:
     rank_region: tuple[tuple[int, ...] | None, ...]
     holders: dict[tuple[int, ...], tuple[int, ...]] = field(hash=False, compare=False)
     _ends: tuple[tuple[int, ...], ...] = field(init=False, repr=False, hash=False, compare=False)
+    #: Results derived from this geometry alone (``covers.py``), kept with it: every plan and every
+    #: pipeline stage that places a parameter this way reuses them.
+    memo: dict = field(default_factory=dict, init=False, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ends", tuple(tuple(e for _, e in iv) for iv in self.intervals))

@@ -23,6 +23,7 @@ class RegionTable:
         self.world_size = world_size
         self.index: dict[int, int] = {}             # id(geometry) -> geometry number
         self.codes: list[dict[tuple[int, ...], int]] = []
+        self.base: list[int] = []                    # per geometry: its first code (codes follow ``holders``)
         rank_region: list[np.ndarray] = []
         numel: list[int] = []
         holders: list[tuple[int, ...]] = []
@@ -30,6 +31,7 @@ class RegionTable:
             if id(g) in self.index:
                 continue
             self.index[id(g)] = len(self.codes)
+            self.base.append(len(numel))
             codes = {rid: len(numel) + i for i, rid in enumerate(g.holders)}
             self.codes.append(codes)
             numel.extend(box_numel(g.region(rid)) for rid in g.holders)

@@ -5,9 +5,9 @@ exactly these stages under candidate settings without building reports.
 
 Everything is per parameter grid and per distinct value, with arrays per block: a block's
 price depends only on its shape (a grid has at most ``2 ** order`` of them), and what its
-owner-to-be finds where (its *cover*: the regions holding parts of it) only on its box and the
-parameter's geometry, which the layers of a transformer share. So a 405B model's 391,120
-blocks cost 3 prices and ~4,000 covers of Python work, and the rest is numpy.
+owner-to-be finds where (its *cover*: the regions holding parts of it, ``covers.py``) only on its
+box and the parameter's geometry, which the layers of a transformer share. So a 405B model's
+391,120 blocks cost 3 prices and ~4,000 covers of Python work, and the rest is numpy.
 """
 
 from __future__ import annotations
@@ -22,21 +22,9 @@ from .blocking import BlockGrid, block_grid, check_blocking_inputs
 from .balance import BlockDoesNotFitError, check_cap_and_tolerance
 from .class_balance import ClassBalanceError, Preferences, balance_classes
 from .costs import BlockCost, CostModel, block_cost
-from .layout import MeshSpec, ParamGeometry, ParamSpec, box_numel, dtype_itemsize, param_geometry
+from .covers import CoverTable, cover_table, grid_kind
+from .layout import MeshSpec, ParamGeometry, ParamSpec, dtype_itemsize, param_geometry
 from .regions import RegionTable
-
-#: What a block's owner-to-be finds where: ``[(region id, elements of the block in that region)]``.
-Coverage = tuple[tuple[tuple[int, ...], int], ...]
-
-
-@dataclass(frozen=True)
-class Cover:
-    """The regions holding parts of a block (``pieces``) and, per holder group, the elements held."""
-
-    geometry: ParamGeometry
-    pieces: Coverage
-    preference: int                  # index into the holder preferences (-1: everyone holds it)
-
 
 @dataclass
 class Balanced:
@@ -51,7 +39,7 @@ class Balanced:
     cost_work_bytes: np.ndarray      # per cost: block elements x factor itemsize (a working copy)
     geometries: list[ParamGeometry]  # per parameter
     cover_id: np.ndarray             # per block: index into ``covers``
-    covers: list[Cover]
+    covers: CoverTable
     regions: RegionTable
     owners: np.ndarray               # per block: owner rank
     param_bytes: np.ndarray          # per rank: parameter bytes held (= gradient bytes)
@@ -74,11 +62,6 @@ def plan_grids(params: list[ParamSpec], per_param: list[PlanSettings]) -> tuple[
     return grids, offsets
 
 
-def _grid_kind(grid: BlockGrid) -> tuple:
-    """What fixes a grid's blocks except its name (layers of a model share kinds)."""
-    return (grid.param_shape, grid.batch_shape, grid.groups, grid.max_dim, grid.exponents)
-
-
 def per_grid(grids: list[BlockGrid], tags: list[object], compute: Callable[[BlockGrid, object], np.ndarray]
              ) -> np.ndarray:
     """``compute(grid, tag)`` (one value per block) concatenated over the grids, computed once per
@@ -86,7 +69,7 @@ def per_grid(grids: list[BlockGrid], tags: list[object], compute: Callable[[Bloc
     done: dict[tuple, np.ndarray] = {}
     parts = []
     for grid, tag in zip(grids, tags):
-        kind = (_grid_kind(grid), id(tag))
+        kind = (grid_kind(grid), id(tag))
         if kind not in done:
             done[kind] = compute(grid, tag)
         parts.append(done[kind])
@@ -145,55 +128,6 @@ def resident_bytes(param_bytes: np.ndarray, momentum: np.ndarray) -> np.ndarray:
     return 2 * param_bytes + momentum
 
 
-class _Covers:
-    """Distinct covers and holder preferences, computed once per (geometry, box)."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.covers: list[Cover] = []
-        self.by_box: dict[tuple[int, tuple], int] = {}
-        self.groups: dict[tuple[int, ...], int] = {}
-        self.prefs: list[dict[int, int]] = []
-        self.pref_index: dict[tuple, int] = {}
-
-    def cover(self, g: ParamGeometry, box: tuple) -> int:
-        key = (id(g), box)
-        hit = self.by_box.get(key)
-        if hit is None:
-            pieces = tuple((rid, box_numel(piece)) for rid, piece in g.pieces(box))
-            hit = self.by_box[key] = len(self.covers)
-            self.covers.append(Cover(g, pieces, self.preference(g, pieces)))
-        return hit
-
-    def preference(self, g: ParamGeometry, pieces: Coverage) -> int:
-        """Elements per holder group; a region every rank holds expresses no preference."""
-        pref: dict[int, int] = {}
-        for rid, elems in pieces:
-            holders = g.holders[rid]
-            if len(holders) == self.world_size:
-                continue
-            gid = self.groups.setdefault(holders, len(self.groups))
-            pref[gid] = pref.get(gid, 0) + elems
-        if not pref:
-            return -1
-        key = tuple(sorted(pref.items()))
-        if key not in self.pref_index:
-            self.pref_index[key] = len(self.prefs)
-            self.prefs.append(pref)
-        return self.pref_index[key]
-
-
-def cover_grids(grids: list[BlockGrid], geoms: list[ParamGeometry], world_size: int) -> tuple[np.ndarray, _Covers]:
-    """Per block the index of its :class:`Cover` (shared by blocks of equal box and geometry)."""
-    covers = _Covers(world_size)
-
-    def cover(grid: BlockGrid, g: object) -> np.ndarray:
-        assert isinstance(g, ParamGeometry)
-        return np.array([covers.cover(g, grid.box(i)) for i in range(grid.num_blocks)], dtype=np.int64)
-
-    return per_grid(grids, list(geoms), cover), covers
-
-
 def canonical_order(params: list[ParamSpec], offsets: np.ndarray) -> np.ndarray:
     """Block indices ordered by (parameter name, block index): independent of the input order."""
     by_name = sorted(range(len(params)), key=lambda k: params[k].name)
@@ -210,13 +144,12 @@ def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[Plan
     geoms = [param_geometry(p, mesh) for p in params]
     table = RegionTable(geoms, mesh.world_size)
     param_bytes, momentum = base_memory(params, per_param, geoms, table)
-    cover_id, covers = cover_grids(grids, geoms, mesh.world_size)
-    cover_pref = np.array([c.preference for c in covers.covers], dtype=np.int64)
+    cover_id, covers = cover_table(grids, geoms, table)
     memory = np.array([c.total_state_bytes for c in costs], dtype=np.int64)
     groups = [list(h) for h in covers.groups]
     try:
         owners = balance_classes(cost_loads[cost_id], memory[cost_id], canonical_order(params, offsets),
-                                 cover_pref[cover_id], Preferences(covers.prefs, groups), mesh.world_size,
+                                 covers.preference[cover_id], Preferences(covers.prefs, groups), mesh.world_size,
                                  resident_bytes(param_bytes, momentum), cap, tolerance)
     except ClassBalanceError as err:
         assert cap is not None
@@ -224,5 +157,5 @@ def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[Plan
         block_id = grids[k].block(err.block_index - int(offsets[k])).block_id
         raise BlockDoesNotFitError(err.block_index, block_id, err.block_bytes, err.largest_free_bytes, cap) from None
     block_param = np.repeat(np.arange(len(params), dtype=np.int64), np.diff(offsets))
-    return Balanced(grids, offsets, block_param, cost_id, costs, cost_loads, cost_work, geoms, cover_id, covers.covers,
+    return Balanced(grids, offsets, block_param, cost_id, costs, cost_loads, cost_work, geoms, cover_id, covers,
                     table, owners, param_bytes, momentum)

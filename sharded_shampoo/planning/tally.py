@@ -84,25 +84,6 @@ class CommSums:
     recv_update: np.ndarray
 
 
-def _cover_tables(b: "Balanced") -> tuple[np.ndarray, ...]:
-    """Per cover: geometry number, piece offset/count, total elements, fan-out; per piece: code, elements."""
-    table = b.regions
-    geo, offset, count, totals, fan_out, codes, elems = [], [0], [], [], [], [], []
-    for cover in b.covers:
-        gi = table.geometry(cover.geometry)
-        geo.append(gi)
-        for rid, e in cover.pieces:
-            code = table.codes[gi][rid]
-            codes.append(code)
-            elems.append(e)
-        count.append(len(cover.pieces))
-        offset.append(offset[-1] + len(cover.pieces))
-        totals.append(sum(e for _, e in cover.pieces))
-        fan_out.append(sum(len(cover.geometry.holders[rid]) * e for rid, e in cover.pieces))
-    as_int = [np.array(x, dtype=np.int64) for x in (geo, offset[:-1], count, totals, fan_out, codes, elems)]
-    return tuple(as_int)
-
-
 def communication(b: "Balanced", per_param: Sequence[PlanSettings], num_ranks: int) -> CommSums:
     """Per-rank bytes of one step's exchanges (see the module doc), per (cover, owner, comm bytes) pair."""
     n = num_ranks
@@ -111,7 +92,11 @@ def communication(b: "Balanced", per_param: Sequence[PlanSettings], num_ranks: i
     pairs, counts = np.unique(key, return_counts=True)
     weight = (counts * (pairs % 16)).astype(np.float64)            # blocks x bytes per element
     owner, cover = (pairs // 16) % n, pairs // 16 // n
-    geo, offset, count, totals, fan_out, codes, elems = _cover_tables(b)
+    covers = b.covers
+    geo, offset, count, codes, elems = (covers.geometry, covers.piece_offset[:-1], covers.piece_count,
+                                        covers.piece_code, covers.piece_elems)
+    totals = np.add.reduceat(elems, offset) if len(offset) else offset
+    fan_out = np.add.reduceat(b.regions.holder_count[codes] * elems, offset) if len(offset) else offset
     npieces = count[cover]
     row_pair = np.repeat(np.arange(len(pairs)), npieces)
     starts = np.cumsum(npieces) - npieces
