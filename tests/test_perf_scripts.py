@@ -46,3 +46,16 @@ def test_train_builds_each_preconditioner():
     assert isinstance(cfg, RootInverseShampoo) and isinstance(cfg.root, WarmStartRootConfig)
     cfg = train.preconditioner_config(train.parse_args(["--preconditioner", "eigen", "--eigenbasis", "qr"]))
     assert isinstance(cfg, EigenvalueCorrectedShampoo) and isinstance(cfg.eigenbasis, QREigenbasisConfig)
+
+
+def test_bench_plan_times_the_cli_against_a_base_tree(capsys):
+    import bench_plan
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert bench_plan.main(["--model", "llama-tiny", "--mesh", "pp=2,fsdp=2", "--repeats", "1", "--base", repo,
+                            "--skip-presets"]) == 0
+    out = capsys.readouterr().out
+    assert "| current | 1 |" in out and "| base | 1 |" in out and "fails" not in out
+    assert "worst stage by memory" in out and "imbalance max/mean" in out
+    lines = bench_plan.preset_section(2, ["llama-tiny"])
+    assert sum(line.startswith("| llama-tiny |") for line in lines) == 1
