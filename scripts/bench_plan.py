@@ -12,11 +12,16 @@
 
     PYTHONPATH=. python scripts/bench_plan.py                                   # print markdown
     PYTHONPATH=. python scripts/bench_plan.py --base /tmp/base --repeats 3 --skip-presets
+    PYTHONPATH=. python scripts/bench_plan.py --base /tmp/base --skip-cli --skip-presets --compare-plans
+
+3. With ``--compare-plans``: the load balance, peak memory, communication and transient peak of the
+   plans of several presets and meshes, made by each tree (``PLAN_CASES``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -34,6 +39,18 @@ from sharded_shampoo.dryrun.presets import preset_names  # noqa: E402
 from sharded_shampoo.planning.plan import PlanSettings  # noqa: E402
 
 TARGETS = ("dp=8,fsdp=32,tp=8", "pp=16,dp=32,fsdp=16,tp=8")
+
+#: (model, mesh) pairs whose plans ``--compare-plans`` puts side by side for the two trees.
+PLAN_CASES = (("llama3-8b", "64"), ("llama3-8b", "4x16"), ("llama3-70b", "64"), ("llama3-70b", "dp=8,fsdp=32,tp=4"),
+              ("llama3-405b", "32x64"), ("llama3-405b", "dp=8,fsdp=32,tp=8"), ("mixtral-8x7b", "fsdp=64,ep=8"),
+              ("gpt2-small", "64"), ("resnet50", "64"), ("moe-tiny", "4"), ("llama-tiny", "2x2"))
+
+_PLAN_FIGURES = """
+import json, sys
+from sharded_shampoo.dryrun import plan_model
+s = plan_model(sys.argv[1], sys.argv[2]).summary
+print(json.dumps([s.imbalance, s.max_persistent_bytes, s.total_comm_bytes_per_step, s.max_peak_transient_bytes]))
+"""
 
 
 @dataclass
@@ -85,6 +102,28 @@ def cli_section(model: str, mesh: str, runs: list[Run]) -> list[str]:
     return lines + [""]
 
 
+def plan_figures(repo: str, model: str, mesh: str) -> list[float] | None:
+    """(max/mean load, max params+grads+state, comm/step total, max transient) of a plan made by ``repo``'s code."""
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _PLAN_FIGURES, model, mesh], capture_output=True, text=True, env=env,
+                          cwd=repo)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+
+
+def compare_section(base: str) -> list[str]:
+    lines = ["Plans of the current tree against the base tree (default settings; a ratio < 1 is better now):", "",
+             "| model | mesh | max/mean load base -> now | max params+grads+state now/base | comm/step now/base | "
+             "max transient now/base |", "|---|---|---|---:|---:|---:|"]
+    for model, mesh in PLAN_CASES:
+        old, new = plan_figures(base, model, mesh), plan_figures(REPO, model, mesh)
+        if old is None or new is None:
+            lines.append(f"| {model} | `{mesh}` | {'base fails' if old is None else 'fails'} | | | |")
+            continue
+        ratio = [f"{n / o:.4f}" if o else "-" for o, n in zip(old[1:], new[1:])]
+        lines.append(f"| {model} | `{mesh}` | {old[0]:.4f} -> {new[0]:.4f} | {ratio[0]} | {ratio[1]} | {ratio[2]} |")
+    return lines + [""]
+
+
 def preset_section(ranks: int, names: list[str] | None = None) -> list[str]:
     lines = [f"Modeled plans of every preset on {ranks} FSDP ranks, max_preconditioner_dim 1024 (default settings):",
              "", "| preset | blocks | max/mean load | max / lower bound | max / pigeonhole bound | round-robin max/mean | "
@@ -109,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="CLI runs per tree and mesh")
     parser.add_argument("--ranks", type=int, default=64, help="FSDP ranks for the per-preset table")
     parser.add_argument("--skip-presets", action="store_true", help="time the CLI only")
+    parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI")
+    parser.add_argument("--compare-plans", action="store_true",
+                        help="with --base: load balance, memory, communication of plans in both trees")
     parser.add_argument("--append", metavar="FILE", help="append the markdown to FILE")
     args = parser.parse_args(argv)
 
@@ -116,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = f"PYTHONPATH=. python scripts/bench_plan.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     lines = [f"Command: `{cmd.strip()}` (torch {torch.__version__}, {os.cpu_count()} CPU cores, 1-minute load "
              f"average {os.getloadavg()[0]:.2f} at the start).", ""]
-    for mesh in args.mesh or TARGETS:
+    for mesh in [] if args.skip_cli else (args.mesh or TARGETS):
         cli_args = ["plan", "--model", args.model, "--mesh", mesh, "--json-no-blocks"]
         runs = [run_cli(repo, tree, cli_args) for _ in range(args.repeats) for tree, repo in trees]
         lines += cli_section(args.model, mesh, runs)
+    if args.compare_plans:
+        if not args.base:
+            parser.error("--compare-plans needs --base")
+        lines += compare_section(os.path.abspath(args.base))
     if not args.skip_presets:
         lines += preset_section(args.ranks)
     lines.append(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}.")
