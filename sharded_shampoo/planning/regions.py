@@ -64,8 +64,9 @@ def pick_sources(table: RegionTable, region: np.ndarray, owner: np.ndarray) -> n
     src = np.where(h * k // n == zone, h, -1)
     odd = np.nonzero(src < 0)[0]
     if len(odd):
-        pairs, inverse = np.unique(np.stack([region[odd], owner[odd]]), axis=1, return_inverse=True)
-        picked = np.array([pick_source(table.holder_tuples[r], o, n) for r, o in pairs.T.tolist()], dtype=np.int64)
+        pairs, inverse = np.unique(region[odd] * n + owner[odd], return_inverse=True)
+        picked = np.array([pick_source(table.holder_tuples[key // n], key % n, n) for key in pairs.tolist()],
+                          dtype=np.int64)
         src[odd] = picked[inverse.ravel()]
     return src
 

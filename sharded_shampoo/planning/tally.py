@@ -85,33 +85,36 @@ class CommSums:
 
 
 def communication(b: "Balanced", per_param: Sequence[PlanSettings], num_ranks: int) -> CommSums:
-    """Per-rank bytes of one step's exchanges (see the module doc), per (cover, owner, comm bytes) pair."""
+    """Per-rank bytes of one step's exchanges (see the module doc), per (cover, owner, comm bytes) pair.
+
+    What the holders of a region receive as updates does not depend on the owner, so it is summed per
+    piece of every cover; only the gather's sender (``pick_source``) and what the owner itself holds
+    need the pieces of every (cover, owner) pair.
+    """
     n = num_ranks
     comm_size = np.array([dtype_itemsize(s.comm_dtype) for s in per_param], dtype=np.int64)
-    key = (b.cover_id * n + b.owners) * 16 + comm_size[b.block_param]
-    pairs, counts = np.unique(key, return_counts=True)
+    pairs, counts = np.unique((b.cover_id * n + b.owners) * 16 + comm_size[b.block_param], return_counts=True)
     weight = (counts * (pairs % 16)).astype(np.float64)            # blocks x bytes per element
     owner, cover = (pairs // 16) % n, pairs // 16 // n
-    covers = b.covers
-    geo, offset, count, codes, elems = (covers.geometry, covers.piece_offset[:-1], covers.piece_count,
-                                        covers.piece_code, covers.piece_elems)
+    covers, regions = b.covers, b.regions
+    offset, count, codes, elems = covers.piece_offset[:-1], covers.piece_count, covers.piece_code, covers.piece_elems
     totals = np.add.reduceat(elems, offset) if len(offset) else offset
-    fan_out = np.add.reduceat(b.regions.holder_count[codes] * elems, offset) if len(offset) else offset
+    fan_out = np.add.reduceat(regions.holder_count[codes] * elems, offset) if len(offset) else offset
     npieces = count[cover]
-    row_pair = np.repeat(np.arange(len(pairs)), npieces)
     starts = np.cumsum(npieces) - npieces
-    row_piece = offset[cover][row_pair] + np.arange(len(row_pair)) - starts[row_pair]
-    code, row_elems, row_owner = codes[row_piece], elems[row_piece], owner[row_pair]
-    row_bytes = weight[row_pair] * row_elems
-    mine = b.regions.rank_region[geo[cover][row_pair], row_owner] == code
+    row_piece = np.repeat(offset[cover] - starts, npieces) + np.arange(int(npieces.sum()))
+    code, row_elems = codes[row_piece], elems[row_piece]
+    row_owner = np.repeat(owner, npieces)
+    mine = np.repeat(regions.rank_region.ravel()[covers.geometry[cover] * n + owner], npieces) == code
     away = ~mine
-    send_gather = np.bincount(pick_sources(b.regions, code[away], row_owner[away]), weights=row_bytes[away],
-                              minlength=n)
-    own = np.bincount(row_pair, weights=row_elems * mine, minlength=len(pairs))
+    send_gather = np.bincount(pick_sources(regions, code[away], row_owner[away]),
+                              weights=np.repeat(weight, npieces)[away] * row_elems[away], minlength=n)
+    own = np.add.reduceat(row_elems * mine, starts) if len(starts) else starts
     recv_gather = np.bincount(owner, weights=weight * (totals[cover] - own), minlength=n)
     send_update = np.bincount(owner, weights=weight * (fan_out[cover] - own), minlength=n)
-    per_region = np.bincount(code, weights=row_bytes, minlength=len(b.regions.numel))
-    recv_update = np.bincount(b.regions.holders_flat, weights=np.repeat(per_region, b.regions.holder_count),
+    per_cover = np.bincount(cover, weights=weight, minlength=len(offset))
+    per_region = np.bincount(codes, weights=np.repeat(per_cover, count) * elems, minlength=len(regions.numel))
+    recv_update = np.bincount(regions.holders_flat, weights=np.repeat(per_region, regions.holder_count),
                               minlength=n) - np.bincount(owner, weights=weight * own, minlength=n)
     return CommSums(*(_exact(x) for x in (send_gather, recv_gather, send_update, recv_update)))
 
