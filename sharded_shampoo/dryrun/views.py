@@ -2,7 +2,8 @@
 
 Pipeline stages (``stages.py``) and the representatives of identical layers (``twins.py``) are
 parts of a model that the dry-run parallelizes on their own. A :class:`ModelView` holds the
-chosen modules under their original dotted paths, so parameter names stay the whole model's, and
+chosen modules under their original dotted paths (layer lists become ``ModuleDict``s keyed by the
+original indices, as torchtitan keeps its layers), so parameter names stay the whole model's, and
 answers ``tp_plan``, ``fsdp_units`` and ``expert_modules`` from the model, restricted to the
 view, so ``apply_parallelism`` treats it as a training job treats that part of its model.
 """
@@ -28,10 +29,11 @@ class ModelView(nn.Module):
         for n in self.names:
             *path, leaf = n.split(".")
             parent: nn.Module = self
-            for part in path:
+            for depth, part in enumerate(path):
                 child = parent.get_submodule(part) if hasattr(parent, part) else None
-                if child is None:
-                    child = nn.Module()
+                if child is None:      # a container like the model's: a ModuleDict (keeps layer keys) or a plain Module
+                    original = model.get_submodule(".".join(path[:depth + 1]))
+                    child = nn.ModuleDict() if isinstance(original, (nn.ModuleDict, nn.ModuleList)) else nn.Module()
                     parent.add_module(part, child)
                 parent = child
             parent.add_module(leaf, model.get_submodule(n))
