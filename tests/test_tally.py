@@ -89,6 +89,9 @@ def test_tallies_equal_block_by_block_reference(seed):
         assert r.num_blocks == blocks[r.rank]
         assert r.load == pytest.approx(load[r.rank], rel=1e-12)
     assert sum(send) == sum(recv) == sum(r.comm_bytes_per_step for r in plan.ranks) // 2
+    m = plan.mesh
+    assert [(r.coordinate, r.replica, r.shard) for r in plan.ranks] == \
+        [(m.coordinate(i), m.replica_index(i), m.shard_index(i)) for i in range(m.world_size)]
 
 
 @pytest.mark.parametrize("seed", range(6))

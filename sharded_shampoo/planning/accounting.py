@@ -84,12 +84,15 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     momentum = b.momentum_bytes.tolist()
     columns = (owned.num_blocks, b.param_bytes, comm.send_gather + comm.send_update, comm.recv_gather + comm.recv_update,
                buffers, transient, owned.step_flops, owned.amortized_flops, owned.load)
+    coordinates = zip(*(c.tolist() for c in np.unravel_index(np.arange(n), mesh.shape)))
+    shards = mesh.num_shards
     reports = []
-    for r, (blocks, params, send, recv, buf, peak, step, amort, load) in enumerate(zip(*(c.tolist() for c in columns))):
+    for r, (blocks, params, send, recv, buf, peak, step, amort, load), coordinate in zip(
+            range(n), zip(*(c.tolist() for c in columns)), coordinates):
         kinds = {kind: state[kind][r] for kind in BLOCK_STATE_KINDS}
         kinds["momentum"] = momentum[r]
         reports.append(RankReport(
-            rank=r, replica=mesh.replica_index(r), shard=mesh.shard_index(r), coordinate=mesh.coordinate(r),
+            rank=r, replica=r // shards, shard=r % shards, coordinate=coordinate,
             num_blocks=blocks, param_bytes=params, grad_bytes=params, state_bytes_by_kind=kinds,
             comm_send_bytes=send, comm_recv_bytes=recv, comm_buffer_bytes=buf, peak_transient_bytes=peak,
             step_flops=step, amortized_flops=amort, load=load))

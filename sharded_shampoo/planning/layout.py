@@ -283,6 +283,14 @@ def _dim_interval(size: int, steps: list[tuple[object, int, int]]) -> tuple[int,
     return runs[0]
 
 
+def _row_keys(rows: np.ndarray, radix: list[int]) -> np.ndarray:
+    """One integer per row of non-negative ints below ``radix`` (mixed radix), for 1-D grouping."""
+    key = np.zeros(len(rows), dtype=np.int64)
+    for d, r in enumerate(radix):
+        key = key * r + rows[:, d]
+    return key
+
+
 def _rank_intervals(shape: tuple[int, ...], layout: Layout) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
     """Per tensor dim the distinct intervals ranks hold, and per rank and dim the index of its interval.
 
@@ -297,8 +305,10 @@ def _rank_intervals(shape: tuple[int, ...], layout: Layout) -> tuple[list[list[t
         if not cols:
             per_dim.append([(0, size)])
             continue
-        keys, inverse = np.unique(coords[:, cols], axis=0, return_inverse=True)
-        per_dim.append([_dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c) for i, c in zip(cols, key)])
+        radix = [layout.mesh.shape[i] for i in cols]
+        keys, inverse = np.unique(_row_keys(coords[:, cols], radix), return_inverse=True)
+        per_dim.append([_dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c)
+                                             for i, c in zip(cols, map(int, np.unravel_index(key, radix)))])
                         for key in keys.tolist()])
         which[:, d] = inverse.ravel()
     return per_dim, which
@@ -313,7 +323,8 @@ def _holders(rid: np.ndarray, held: np.ndarray) -> tuple[list[tuple[int, ...] | 
         return rank_region, {}
     if rid.shape[1] == 0:
         return rank_region, {(): tuple(ranks.tolist())}
-    _, first, inverse = np.unique(rid[ranks], axis=0, return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(_row_keys(rid[ranks], [int(rid[:, d].max()) + 1 for d in range(rid.shape[1])]),
+                                  return_index=True, return_inverse=True)
     inverse = inverse.ravel()
     order = np.argsort(first, kind="stable")
     grouped = np.argsort(inverse, kind="stable")
