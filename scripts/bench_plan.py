@@ -15,7 +15,10 @@
     PYTHONPATH=. python scripts/bench_plan.py --base /tmp/base --skip-cli --skip-presets --compare-plans
 
 3. With ``--compare-plans``: the load balance, peak memory, communication and transient peak of the
-   plans of several presets and meshes, made by each tree (``PLAN_CASES``).
+   plans of several presets and meshes, made by each tree (``PLAN_CASES``); ``--tolerance`` sets the
+   current tree's balancer tolerance.
+4. With ``--stages``: seconds per planner stage of one CLI run in each tree (wrappers around the
+   stage functions of either version).
 """
 
 from __future__ import annotations
@@ -48,9 +51,47 @@ PLAN_CASES = (("llama3-8b", "64"), ("llama3-8b", "4x16"), ("llama3-70b", "64"), 
 _PLAN_FIGURES = """
 import json, sys
 from sharded_shampoo.dryrun import plan_model
-s = plan_model(sys.argv[1], sys.argv[2]).summary
+kwargs = {"tolerance": float(sys.argv[3])} if len(sys.argv) > 3 else {}
+s = plan_model(sys.argv[1], sys.argv[2], **kwargs).summary
 print(json.dumps([s.imbalance, s.max_persistent_bytes, s.total_comm_bytes_per_step, s.max_peak_transient_bytes]))
 """
+
+#: Times the stages of one CLI run by wrapping the functions each tree has (both trees' names).
+_STAGE_TIMES = """
+import contextlib, functools, io, json, sys, time
+t0 = time.perf_counter()
+import torch._dynamo  # DTensor construction imports it on first use: count it with the imports
+from sharded_shampoo.dryrun import build, cli
+from sharded_shampoo.planning import accounting, plan, stages
+times = {"imports": time.perf_counter() - t0}
+def wrap(module, names, label):
+    for name in names:
+        if hasattr(module, name):
+            f = getattr(module, name)
+            def timed(*a, _f=f, **k):
+                t = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    times[label] = times.get(label, 0.0) + time.perf_counter() - t
+            setattr(module, name, functools.wraps(f)(timed))
+wrap(build, ["shard_model", "shard_stages"], "build + parallelize")
+wrap(stages, ["plan_all_blocks", "plan_grids"], "blocks")
+wrap(stages, ["price_blocks", "price_grids"], "prices")
+wrap(stages, ["block_coverage", "holder_locality", "cover_table"], "covers / locality")
+wrap(stages, ["assign_owners", "balance_classes"], "owners")
+wrap(accounting, ["_communication", "communication"], "communication tally")
+wrap(plan, ["rank_reports"], "per-rank report")
+wrap(plan, ["plan_summary"], "summary")
+t0 = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()):
+    cli.main(sys.argv[1:])
+times["CLI main"] = time.perf_counter() - t0
+print(json.dumps(times))
+"""
+
+STAGES = ("imports", "build + parallelize", "blocks", "prices", "covers / locality", "owners", "per-rank report",
+          "communication tally", "summary", "CLI main")
 
 
 @dataclass
@@ -102,20 +143,39 @@ def cli_section(model: str, mesh: str, runs: list[Run]) -> list[str]:
     return lines + [""]
 
 
-def plan_figures(repo: str, model: str, mesh: str) -> list[float] | None:
-    """(max/mean load, max params+grads+state, comm/step total, max transient) of a plan made by ``repo``'s code."""
+def _snippet(repo: str, code: str, args: list[str]) -> object | None:
+    """Run ``code`` with ``repo``'s package in a fresh process; its last output line as JSON (None on failure)."""
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _PLAN_FIGURES, model, mesh], capture_output=True, text=True, env=env,
-                          cwd=repo)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=repo)
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
 
 
-def compare_section(base: str) -> list[str]:
-    lines = ["Plans of the current tree against the base tree (default settings; a ratio < 1 is better now):", "",
+def plan_figures(repo: str, model: str, mesh: str, tolerance: float | None = None) -> list[float] | None:
+    """(max/mean load, max params+grads+state, comm/step total, max transient) of a plan made by ``repo``'s code."""
+    out = _snippet(repo, _PLAN_FIGURES, [model, mesh] + ([str(tolerance)] if tolerance is not None else []))
+    return out if isinstance(out, list) else None
+
+
+def stages_section(trees: list[tuple[str, str]], model: str, mesh: str) -> list[str]:
+    """Seconds per planner stage of one CLI run in each tree, back to back."""
+    runs = [(tree, _snippet(repo, _STAGE_TIMES, ["plan", "--model", model, "--mesh", mesh, "--json-no-blocks"]))
+            for tree, repo in trees]
+    lines = [f"Seconds per stage of one `sharded-shampoo plan --model {model} --mesh {mesh} --json-no-blocks` per tree "
+             "(imports include torch._dynamo):", "", "| stage | " + " | ".join(t for t, _ in runs) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for stage in STAGES:
+        cells = [f"{r[stage]:.2f}" if isinstance(r, dict) and stage in r else "" for _, r in runs]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def compare_section(base: str, tolerance: float | None = None) -> list[str]:
+    now = "default settings" if tolerance is None else f"now with tolerance={tolerance}"
+    lines = [f"Plans of the current tree against the base tree ({now}; a ratio < 1 is better now):", "",
              "| model | mesh | max/mean load base -> now | max params+grads+state now/base | comm/step now/base | "
              "max transient now/base |", "|---|---|---|---:|---:|---:|"]
     for model, mesh in PLAN_CASES:
-        old, new = plan_figures(base, model, mesh), plan_figures(REPO, model, mesh)
+        old, new = plan_figures(base, model, mesh), plan_figures(REPO, model, mesh, tolerance)
         if old is None or new is None:
             lines.append(f"| {model} | `{mesh}` | {'base fails' if old is None else 'fails'} | | | |")
             continue
@@ -151,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cli", action="store_true", help="do not time the CLI")
     parser.add_argument("--compare-plans", action="store_true",
                         help="with --base: load balance, memory, communication of plans in both trees")
+    parser.add_argument("--tolerance", type=float, default=None, help="the current tree's balancer tolerance in "
+                        "--compare-plans (default: its default)")
+    parser.add_argument("--stages", action="store_true", help="seconds per planner stage of one run per tree "
+                        "(first --mesh)")
     parser.add_argument("--append", metavar="FILE", help="append the markdown to FILE")
     args = parser.parse_args(argv)
 
@@ -162,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         cli_args = ["plan", "--model", args.model, "--mesh", mesh, "--json-no-blocks"]
         runs = [run_cli(repo, tree, cli_args) for _ in range(args.repeats) for tree, repo in trees]
         lines += cli_section(args.model, mesh, runs)
+    if args.stages:
+        lines += stages_section(trees, args.model, (args.mesh or TARGETS)[0])
     if args.compare_plans:
         if not args.base:
             parser.error("--compare-plans needs --base")
-        lines += compare_section(os.path.abspath(args.base))
+        lines += compare_section(os.path.abspath(args.base), args.tolerance)
     if not args.skip_presets:
         lines += preset_section(args.ranks)
     lines.append(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}.")

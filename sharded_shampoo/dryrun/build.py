@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import PlanSettings
+from ..planning.balance import DEFAULT_LOCALITY_TOLERANCE
 from ..planning.costs import DEFAULT_COST_MODEL, CostModel
 from ..planning.layout import MeshSpec, ParamSpec
 from ..planning.pipeline import PipelinePlan, make_pipeline_plan
@@ -206,7 +207,8 @@ def settings_per_param(sharded: ShardedModel, settings: PlanSettings) -> list[Pl
 def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, settings: PlanSettings = PlanSettings(),
                *, param_dtype: torch.dtype | str | None = None, memory_cap_bytes: int | None = None,
                cost_model: CostModel = DEFAULT_COST_MODEL, tp: int | None = None, ep: int | None = None,
-               stage_split: StageSplit | None = None, parallelize_all: bool = False) -> ShampooPlan | PipelinePlan:
+               stage_split: StageSplit | None = None, parallelize_all: bool = False,
+               tolerance: float = DEFAULT_LOCALITY_TOLERANCE) -> ShampooPlan | PipelinePlan:
     """The dry-run as a function (for notebooks and the CLI): the plan a training job on ``mesh`` would use.
 
     ``model``: preset name, ``"package.module:factory"`` or a zero-argument callable returning an
@@ -216,6 +218,7 @@ def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, setti
     stage, over that stage's ranks); the stages are the model's ``pipeline_stages(pp)`` unless
     ``stage_split`` gives them (see ``dryrun/stages.py``). Identical layers are parallelized once and
     share the placements (``dryrun/twins.py``); ``parallelize_all`` parallelizes every layer.
+    ``tolerance``: the balancer's extra load room (``planning/balance.py``).
     """
     name, factory = resolve_model(model)
     axes = parse_axes(mesh, tp=tp, ep=ep)
@@ -223,10 +226,10 @@ def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, setti
     sharded = shard_stages(factory, axes, dtype, name, stage_split, parallelize_all)
     if axes.pp == 1:
         return make_plan(sharded[0].specs, sharded[0].mesh, settings_per_param(sharded[0], settings),
-                         memory_cap_bytes, cost_model=cost_model)
+                         memory_cap_bytes, cost_model=cost_model, tolerance=tolerance)
     return make_pipeline_plan([s.specs for s in sharded], sharded[0].mesh,
                               [settings_per_param(s, settings) for s in sharded], memory_cap_bytes,
-                              stage_modules=[s.modules for s in sharded], cost_model=cost_model)
+                              stage_modules=[s.modules for s in sharded], cost_model=cost_model, tolerance=tolerance)
 
 
 __all__ = ["ModelSource", "ShardedModel", "parse_dtype", "plan_model", "resolve_model", "settings_per_param",
