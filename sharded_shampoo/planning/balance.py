@@ -94,11 +94,6 @@ def _validate(costs: Sequence[float], block_ids: Sequence[str], num_ranks: int,
         raise ValueError(f"base_memory_bytes must have one entry per rank ({num_ranks}); got {len(base_memory_bytes)}.")
 
 
-def lpt_order(costs: Sequence[float], block_ids: Sequence[str]) -> list[int]:
-    """Block indices by decreasing cost, ties by block id: the order LPT visits them."""
-    return sorted(range(len(costs)), key=lambda i: (-costs[i], block_ids[i]))
-
-
 def assign_owners(
     costs: Sequence[float],
     block_ids: Sequence[str],
@@ -215,6 +210,6 @@ def round_robin_param_owners(param_of_block: Sequence[int], num_ranks: int) -> l
 
 
 __all__ = [
-    "DEFAULT_LOCALITY_TOLERANCE", "LocalityFn", "BlockDoesNotFitError", "assign_owners", "lpt_order",
+    "DEFAULT_LOCALITY_TOLERANCE", "LocalityFn", "BlockDoesNotFitError", "assign_owners",
     "rank_loads", "lower_bound", "pigeonhole_lower_bound", "imbalance", "round_robin_param_owners",
 ]

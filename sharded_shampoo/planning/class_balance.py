@@ -8,15 +8,17 @@ block (llama3-405b has 391,120 blocks in 3 classes):
 1. **Room.** The class makespan ``M`` is what LPT reaches placing the class on top of the
    current loads: the ``k``-th smallest slot end ``L_r + j c`` (``j >= 1``), but never less than
    the makespan so far or the lower bound ``LB = max(total / N, largest block)`` that no
-   assignment can beat. A rank may take blocks while its load stays within ``M`` (and its memory
-   under the cap), so no class raises the maximum load above what LPT would give it; below that
-   line every choice is free, which is what the preferences use.
-2. **Locality.** Blocks whose data some ranks hold (a sub-class: blocks with the same holders)
-   go to the holders holding the most of them, spread evenly over those holders' room (most room
-   first, then less memory, then lower rank). Holders may use ``tolerance x mean load`` of extra
-   room. Sub-classes with the fewest candidate ranks go first.
-3. **Memory.** The remaining blocks fill the room of the ranks with the least memory (then least
-   load, then lowest rank): light blocks with heavy state spread instead of piling up.
+   assignment can beat. A rank may take blocks while its load stays within ``M`` (plus
+   ``tolerance x mean load``; default 0) and its memory under the cap, so no class raises the
+   maximum load above what LPT would give it; below that line every choice is free, which is what
+   the preferences use.
+2. **Counts.** How many blocks each rank takes: the ranks with the least memory fill their room
+   first (then least load, then lowest rank), so light blocks with heavy state spread instead of
+   piling up; slots equally good by memory and load are left open (:class:`Targets`).
+3. **Locality.** Which blocks fill the counts: blocks whose data some ranks hold (a sub-class:
+   blocks with the same holders, fewest candidate ranks first) go to the holders of most of their
+   elements, spread over the holders' counts, and take their pick of the open slots; the other
+   blocks fill what is left.
 
 Determinism: classes go by decreasing weight (then memory); inside a class blocks keep the
 caller's canonical order (a total order that does not depend on input order); arithmetic is
@@ -31,9 +33,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-#: ``block_id(i)`` -> the id named in a :class:`~.balance.BlockDoesNotFitError`.
-BlockIdFn = Callable[[int], str]
 
 
 class ClassBalanceError(ValueError):
@@ -140,11 +139,10 @@ class Targets:
     tied: np.ndarray
     need: int
     tie_order: np.ndarray
-    taken: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    taken: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        if len(self.taken) != len(self.firm):
-            self.taken = np.zeros(len(self.firm), dtype=np.int64)
+        self.taken = np.zeros(len(self.firm), dtype=np.int64)
 
 
 class ClassBalancer:
@@ -342,5 +340,5 @@ def balance_classes(weights: np.ndarray, memory: np.ndarray, order: np.ndarray, 
     return owners
 
 
-__all__ = ["BlockIdFn", "ClassBalanceError", "ClassBalancer", "Preferences", "balance_classes", "class_order",
+__all__ = ["ClassBalanceError", "ClassBalancer", "Preferences", "balance_classes", "class_order",
            "float_bisect", "slots_upto", "spread", "subclasses"]
