@@ -35,13 +35,13 @@ _AXES = ("pp", "dp", "fsdp", "tp", "ep")
 
 @dataclass(frozen=True)
 class MeshAxes:
-    """Sizes of the parallel axes of a dry-run."""
+    """Sizes of the parallel axes of a dry-run (``pp`` last, so positional use of the others keeps its meaning)."""
 
-    pp: int = 1
     dp: int = 1
     fsdp: int = 1
     tp: int = 1
     ep: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
         for name in _AXES:
