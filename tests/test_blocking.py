@@ -71,3 +71,31 @@ def test_batch_dims_give_each_expert_its_own_blocks():
         plan_blocks([("b", (7,))], 8, RootInverseShampoo(), BlockingConfig(batch_dims=1))
     with pytest.raises(ValueError, match="batch_dims"):
         BlockingConfig(batch_dims=-1)
+
+
+@pytest.mark.parametrize("shape, limit, batch", [((10, 6), 4, 0), ((33, 12), 8, 0), ((5, 4, 6), 4, 0), ((7, 1, 3, 3), 2, 0),
+                                                  ((3, 40, 5), 16, 1), ((4, 6, 10), 8, 1), ((2, 3, 9, 9), 4, 2), ((), 8, 0),
+                                                  ((0, 3), 4, 0)])
+def test_grid_is_the_block_list(shape, limit, batch):
+    """A BlockGrid builds exactly plan_blocks' blocks, and its shape classes group equal block shapes."""
+    from sharded_shampoo import BlockingConfig
+    from sharded_shampoo.planning.blocking import block_grid
+    from sharded_shampoo.planning.sequences import IndexedList, LazyBlocks
+
+    cfg = BlockingConfig(batch_dims=batch)
+    blocks = plan_blocks([("p", shape)], limit, RootInverseShampoo(), cfg)
+    grid = block_grid("p", shape, limit, RootInverseShampoo(), cfg)
+    assert grid.num_blocks == len(blocks)
+    assert [grid.block(i) for i in range(grid.num_blocks)] == blocks
+    firsts, classes = grid.shape_classes()
+    assert [int(classes[f]) for f in firsts] == list(range(len(firsts)))
+    assert len({b.shape for b in blocks}) == len(firsts)
+    assert all(blocks[i].shape == blocks[firsts[c]].shape for i, c in enumerate(classes.tolist()))
+    lazy = LazyBlocks([grid, grid], [0, len(blocks), 2 * len(blocks)])
+    assert len(lazy) == 2 * len(blocks) and list(lazy)[:len(blocks)] == blocks and lazy[-1:] == blocks[-1:]
+    if blocks:
+        assert lazy[len(blocks)] is lazy[len(blocks)]             # built once, then kept
+    with pytest.raises(IndexError):
+        lazy[2 * len(blocks)]
+    indexed = IndexedList(["a", "b"], classes % 2)
+    assert list(indexed) == [["a", "b"][c % 2] for c in classes.tolist()] and indexed == list(indexed)

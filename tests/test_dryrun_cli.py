@@ -321,3 +321,59 @@ def test_gpt2_preset_starts_at_uniform_loss():
     logits = model(tokens[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
     assert abs(float(loss.detach()) - math.log(256)) < 0.1 * math.log(256)
+
+
+def test_tp_plan_per_parent_equals_one_parallelize_module_call():
+    """apply_tp_plan calls parallelize_module per parent module: the same DTensors as one whole-model call."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    from sharded_shampoo._torch_compat import fake_store
+    from sharded_shampoo.dryrun.parallelize import apply_tp_plan
+
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        layouts = []
+        for apply in (lambda m: parallelize_module(m, mesh, m.tp_plan()), lambda m: apply_tp_plan(m, mesh, m.tp_plan())):
+            with torch.device("meta"):
+                model = Llama(LLAMA_TINY)
+            apply(model)
+            layouts.append({n: (type(p.data).__name__, tuple(p.shape), repr(getattr(p, "placements", None)))
+                            for n, p in model.named_parameters()})
+        assert layouts[0] == layouts[1]
+        assert "Shard(dim=0)" in layouts[1]["layers.0.attention.wq.weight"][2]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model,mesh", [("llama-tiny", "dp=2,fsdp=2,tp=2"), ("moe-tiny", "fsdp=4,ep=2"),
+                                        ("gpt2-small", "4"), ("llama-tiny", "pp=2,fsdp=2,tp=2")])
+def test_twin_layers_get_the_placements_of_a_full_parallelization(model, mesh):
+    """Identical layers parallelized once (twins.py) give every parameter the spec that parallelizing every
+    layer gives: same names, shapes, dtypes, placements and per-rank coordinates."""
+    from sharded_shampoo.dryrun import parse_axes
+    from sharded_shampoo.dryrun.build import shard_stages
+
+    name, factory = resolve_model(model)
+    axes = parse_axes(mesh)
+
+    def described(parts):
+        return [[(s.name, s.shape, s.dtype, s.sharded, repr(s.layout.placements) if s.layout else None,
+                  s.layout.mesh.coords if s.layout else None) for s in part.specs] + [sorted(part.experts)]
+                for part in parts]
+
+    assert described(shard_stages(factory, axes, None, name, None, True)) == \
+        described(shard_stages(factory, axes, None, name, None, False))
+
+
+def test_twins_are_found_only_where_layers_are_alike():
+    from sharded_shampoo.dryrun.twins import find_twins
+
+    with torch.device("meta"):
+        model = Llama(LLAMA_TINY)
+    twins = find_twins(model, tensor_parallel=True)
+    assert twins is not None and twins.view.names == ["tok_embeddings", "layers.0", "norm", "output"]
+    assert twins.copies["layers.1.attention.wq.weight"] == "layers.0.attention.wq.weight"
+    model.layers[1].attention.wq = torch.nn.Linear(LLAMA_TINY.dim, LLAMA_TINY.dim, bias=True, device="meta")
+    assert find_twins(model, tensor_parallel=True) is None          # layer 1 differs: no twins left

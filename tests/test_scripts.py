@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -55,3 +56,20 @@ def test_training_example_draws_no_progress_bar_into_a_pipe(capsys):
     out, err = capsys.readouterr()
     assert "\r" not in err and "step/s" not in err and "s/step" not in err, err
     assert "loss" in out
+
+
+def test_bench_plan_times_the_cli_against_a_base_tree(capsys):
+    from scripts.benchmarks import bench_plan
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert bench_plan.main(["--model", "llama-tiny", "--mesh", "pp=2,fsdp=2", "--repeats", "1", "--base", repo,
+                            "--skip-presets"]) == 0
+    out = capsys.readouterr().out
+    assert "| current | 1 |" in out and "| base | 1 |" in out and "fails" not in out
+    assert "worst stage by memory" in out and "imbalance max/mean" in out
+    lines = bench_plan.preset_section(2, ["llama-tiny"])
+    assert sum(line.startswith("| llama-tiny |") for line in lines) == 1
+    figures = bench_plan.plan_figures(repo, "llama-tiny", "2x2", tolerance=0.01)
+    assert len(figures) == 4 and figures[0] >= 1.0 and figures[1] > 0
+    stages = bench_plan.stages_section([("current", repo)], "llama-tiny", "2x2")
+    assert any(line.startswith("| owners | ") and line.split("|")[2].strip() for line in stages)

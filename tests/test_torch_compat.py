@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def test_every_private_name_exists() -> None:
     assert callable(getattr(FileSystemReader, compat.DCP_ITEM_READ_HOOK)) and callable(compat.dcp_set_element)
     assert compat.DCP_ITEM_READ_HOOK in vars(VerifyingReader), "the verifying reader no longer overrides DCP's hook"
     assert "linewidth" in vars(compat.print_options())
+    assert importlib.import_module(compat.DYNAMO_MODULE).__name__ == compat.DYNAMO_MODULE
 
 
 def test_foreach_ops_compute_what_their_names_say() -> None:

@@ -17,21 +17,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import PlanSettings
+from ..planning.balance import DEFAULT_LOCALITY_TOLERANCE
 from ..planning.costs import DEFAULT_COST_MODEL, CostModel
 from ..planning.layout import MeshSpec, ParamSpec
+from ..planning.pipeline import PipelinePlan, make_pipeline_plan
 from ..planning.plan import ShampooPlan, make_plan
 from ..runtime.placements import param_specs_from_tensors
 from .meshes import FakeMeshes, MeshAxes, parse_axes
 from .parallelize import apply_parallelism, expert_param_names
 from .presets import PRESETS, preset_names
-from .report import DryRunError
+from .errors import DryRunError
+from .stages import StageSplit, split_stages
+from .twins import find_twins
+from .views import ModelView
 
 ModelSource = str | Callable[[], nn.Module]
 
@@ -103,11 +108,16 @@ def _build_on_meta(factory: Callable[[], nn.Module], name: str) -> nn.Module:
 
 @dataclass
 class ShardedModel:
-    """What the dry-run learned from the fake-process-group run: specs, the plan mesh, expert params."""
+    """What the dry-run learned from the fake-process-group run: specs, the plan mesh, expert params.
+
+    With pipeline parallelism there is one per stage: ``mesh`` is then a stage's ``dp x fsdp x tp``
+    mesh and ``modules`` the stage's module names.
+    """
 
     specs: list[ParamSpec]
     mesh: MeshSpec
     experts: set[str]
+    modules: list[str] = field(default_factory=list)
 
 
 def _parallelize(model: nn.Module, meshes: FakeMeshes, name: str) -> None:
@@ -127,7 +137,21 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
     """ParamSpecs of ``factory()`` after the parallelization of a job on ``axes``, over a fake process group.
 
     Only trainable parameters are reported. The fake process group is destroyed afterwards, so
-    this can be called repeatedly in one process.
+    this can be called repeatedly in one process. For ``pp > 1`` use :func:`shard_stages`.
+    """
+    if axes.pp > 1:
+        raise ValueError(f"shard_model plans one model part; with pp={axes.pp} use shard_stages (one per stage).")
+    return shard_stages(factory, axes, param_dtype, name)[0]
+
+
+def shard_stages(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: torch.dtype | None = None,
+                 name: str = "model", stage_split: StageSplit | None = None,
+                 parallelize_all: bool = False) -> list[ShardedModel]:
+    """One :class:`ShardedModel` per pipeline stage (one in all for ``pp = 1``).
+
+    The model is built whole, cut into stages (``stages.py``), and every stage is parallelized over
+    the same fake process group of one stage's ``dp x fsdp x tp`` ranks; identical layers are
+    parallelized once (``twins.py``) unless ``parallelize_all``.
     """
     import torch.distributed as dist
     from .._torch_compat import fake_store
@@ -140,17 +164,30 @@ def shard_model(factory: Callable[[], nn.Module], axes: MeshAxes, param_dtype: t
     model = _build_on_meta(factory, name)
     if param_dtype is not None:
         model = model.to(dtype=param_dtype)
-    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=axes.world_size)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"--model {name!r} has no trainable parameters to plan.")
+    parts: list[nn.Module] = [model] if axes.pp == 1 else list(split_stages(model, axes.pp, stage_split, name))
+    names = [[n for n, p in part.named_parameters() if p.requires_grad] for part in parts]
+    twins = [None if parallelize_all else find_twins(part, axes.tp > 1) for part in parts]
+    dist.init_process_group("fake", store=fake_store(), rank=0, world_size=axes.stage_world_size)
     try:
         meshes = FakeMeshes(axes)
-        _parallelize(model, meshes, name)
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(f"--model {name!r} has no trainable parameters to plan.")
-        specs, mesh = param_specs_from_tensors(trainable, meshes.dense, coordinates=meshes.coordinates)
-        return ShardedModel(specs, mesh, expert_param_names(model))
+        targets = [twin.view if twin is not None else part for part, twin in zip(parts, twins)]
+        for target in targets:
+            _parallelize(target, meshes, name)
+        built = [(n, p) for target in targets for n, p in target.named_parameters() if p.requires_grad]
+        specs, mesh = param_specs_from_tensors(built, meshes.dense, coordinates=meshes.coordinates)
     finally:
         dist.destroy_process_group()
+    by_name = {s.name: s for s in specs}
+    out = []
+    for part, part_names, twin in zip(parts, names, twins):
+        copies = twin.copies if twin is not None else {}
+        stage_specs = [by_name[n] if n in by_name else dataclasses.replace(by_name[copies[n]], name=n)
+                       for n in part_names]
+        modules = list(part.names) if isinstance(part, ModelView) else []
+        out.append(ShardedModel(stage_specs, mesh, expert_param_names(part), modules))
+    return out
 
 
 def sharded_param_specs(factory: Callable[[], nn.Module], mesh: str | tuple[int, ...] | MeshAxes,
@@ -169,21 +206,31 @@ def settings_per_param(sharded: ShardedModel, settings: PlanSettings) -> list[Pl
 
 def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, settings: PlanSettings = PlanSettings(),
                *, param_dtype: torch.dtype | str | None = None, memory_cap_bytes: int | None = None,
-               cost_model: CostModel = DEFAULT_COST_MODEL, tp: int | None = None,
-               ep: int | None = None) -> ShampooPlan:
+               cost_model: CostModel = DEFAULT_COST_MODEL, tp: int | None = None, ep: int | None = None,
+               stage_split: StageSplit | None = None, parallelize_all: bool = False,
+               tolerance: float = DEFAULT_LOCALITY_TOLERANCE) -> ShampooPlan | PipelinePlan:
     """The dry-run as a function (for notebooks and the CLI): the plan a training job on ``mesh`` would use.
 
     ``model``: preset name, ``"package.module:factory"`` or a zero-argument callable returning an
     ``nn.Module`` (called under ``torch.device("meta")``). ``mesh``: ``"64"``, ``"16x64"``,
-    ``"dp=8,fsdp=32,tp=8"``, a shape tuple or :class:`MeshAxes`; ``tp``/``ep`` add those axes.
+    ``"dp=8,fsdp=32,tp=8"``, ``"pp=16,dp=32,fsdp=16,tp=8"``, a shape tuple or :class:`MeshAxes`;
+    ``tp``/``ep`` add those axes. With ``pp > 1`` the result is a :class:`PipelinePlan` (one plan per
+    stage, over that stage's ranks); the stages are the model's ``pipeline_stages(pp)`` unless
+    ``stage_split`` gives them (see ``dryrun/stages.py``). Identical layers are parallelized once and
+    share the placements (``dryrun/twins.py``); ``parallelize_all`` parallelizes every layer.
+    ``tolerance``: the balancer's extra load room (``planning/balance.py``).
     """
     name, factory = resolve_model(model)
     axes = parse_axes(mesh, tp=tp, ep=ep)
     dtype = parse_dtype(param_dtype) if isinstance(param_dtype, str) else param_dtype
-    sharded = shard_model(factory, axes, dtype, name)
-    return make_plan(sharded.specs, sharded.mesh, settings_per_param(sharded, settings), memory_cap_bytes,
-                     cost_model=cost_model)
+    sharded = shard_stages(factory, axes, dtype, name, stage_split, parallelize_all)
+    if axes.pp == 1:
+        return make_plan(sharded[0].specs, sharded[0].mesh, settings_per_param(sharded[0], settings),
+                         memory_cap_bytes, cost_model=cost_model, tolerance=tolerance)
+    return make_pipeline_plan([s.specs for s in sharded], sharded[0].mesh,
+                              [settings_per_param(s, settings) for s in sharded], memory_cap_bytes,
+                              stage_modules=[s.modules for s in sharded], cost_model=cost_model, tolerance=tolerance)
 
 
 __all__ = ["ModelSource", "ShardedModel", "parse_dtype", "plan_model", "resolve_model", "settings_per_param",
-           "shard_model", "sharded_param_specs"]
+           "shard_model", "shard_stages", "sharded_param_specs"]

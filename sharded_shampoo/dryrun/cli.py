@@ -3,6 +3,7 @@
     sharded-shampoo plan --model llama3-8b --mesh 64
     sharded-shampoo plan --model llama3-405b --mesh 32x64 --json plan.json --png plan.png
     sharded-shampoo plan --model llama3-405b --mesh dp=8,fsdp=32,tp=8
+    sharded-shampoo plan --model llama3-405b --mesh pp=16,dp=32,fsdp=16,tp=8
     sharded-shampoo plan --model mixtral-8x7b --mesh 64 --ep 8
     sharded-shampoo plan --model mypkg.models:build --mesh 8
 
@@ -67,7 +68,8 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"preset ({', '.join(preset_names())}) or package.module:factory (a function "
                                    "returning the nn.Module); required, no default")
     p.add_argument("--mesh", help="S for FSDP over S ranks, RxS for HSDP (R replicas x S shards, e.g. 16x64), or "
-                                   "named axes dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8); required, no default")
+                                   "named axes pp=P,dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8 or "
+                                   "pp=16,dp=32,fsdp=16,tp=8); required, no default")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor-parallel degree (adds a tp axis to --mesh); default: none (no tensor parallelism)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (experts sharded over ep within "

@@ -1,8 +1,12 @@
 """The dry-run's meshes: named parallel axes -> fake-process-group device meshes and their coordinates.
 
-Axes (sizes; 1 = unused): ``dp`` (HSDP replicas), ``fsdp`` (FSDP shards), ``tp`` (tensor parallel),
-``ep`` (expert parallel). World size = dp x fsdp x tp. As torchtitan does, both meshes are views
-of one 1-D world mesh, unflattened row-major:
+Axes (sizes; 1 = unused): ``pp`` (pipeline stages), ``dp`` (HSDP replicas), ``fsdp`` (FSDP shards),
+``tp`` (tensor parallel), ``ep`` (expert parallel). World size = pp x dp x fsdp x tp; ``pp`` is the
+outermost axis (torchtitan's order), so stage ``s`` holds ranks ``[s * W, (s + 1) * W)`` with
+``W = dp x fsdp x tp``. Every stage parallelizes its own part of the model over the same
+``dp x fsdp x tp`` layout, so the fake process group has ``W`` ranks and the plan of a stage is
+made over its ``W`` stage-local ranks (stage-local optimizers). As torchtitan does, both meshes of
+a stage are views of one 1-D mesh, unflattened row-major:
 
 * dense ``(dp, fsdp, tp)`` -- FSDP/HSDP over ``(dp, fsdp)``, tensor parallel over ``tp``;
 * sparse ``(dp, efsdp, ep)`` with ``efsdp = fsdp * tp / ep`` -- experts sharded over ``ep``, then
@@ -23,21 +27,22 @@ from typing import Any
 from .._torch_compat import unflatten_mesh
 from ..planning.layout import MeshSpec
 
-#: Largest world the dry-run plans (the planner is ~linear in ranks; 16384 ranks of a 405B model
-#: take about a minute and a few GB).
-MAX_RANKS = 16384
+#: Largest world the dry-run plans, all pipeline stages together (llama3-405b on
+#: ``pp=16,dp=32,fsdp=16,tp=8`` plans in well under 30 s and 4 GiB; see docs/benchmarks.md).
+MAX_RANKS = 65536
 
-_AXES = ("dp", "fsdp", "tp", "ep")
+_AXES = ("pp", "dp", "fsdp", "tp", "ep")
 
 
 @dataclass(frozen=True)
 class MeshAxes:
-    """Sizes of the parallel axes of a dry-run."""
+    """Sizes of the parallel axes of a dry-run (``pp`` last, so positional use of the others keeps its meaning)."""
 
     dp: int = 1
     fsdp: int = 1
     tp: int = 1
     ep: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
         for name in _AXES:
@@ -47,13 +52,18 @@ class MeshAxes:
         if self.world_size > MAX_RANKS:
             raise ValueError(f"--mesh: {self.world_size} ranks is more than the dry-run plans ({MAX_RANKS}); plan a "
                              "smaller mesh (the per-rank numbers of a larger data-parallel mesh follow the same "
-                             "pattern) or split the model.")
+                             "pattern: fewer dp replicas give the same per-rank bytes).")
         if (self.fsdp * self.tp) % self.ep:
             raise ValueError(f"--mesh: ep={self.ep} must divide fsdp x tp = {self.fsdp * self.tp} (experts are "
                              "sharded over ep inside the fsdp x tp ranks of a replica, as torchtitan does).")
 
     @property
     def world_size(self) -> int:
+        return self.pp * self.stage_world_size
+
+    @property
+    def stage_world_size(self) -> int:
+        """Ranks of one pipeline stage: dp x fsdp x tp (the whole world without pp)."""
         return self.dp * self.fsdp * self.tp
 
     @property
@@ -73,7 +83,7 @@ def parse_mesh(text: str) -> tuple[int, ...]:
     """``"64"`` -> ``(64,)`` (FSDP); ``"16x64"`` -> ``(16, 64)`` (HSDP: replicate x shard)."""
     if not isinstance(text, str) or not re.fullmatch(r"\s*[0-9]+\s*([xX]\s*[0-9]+\s*)?", text):
         raise ValueError(f"--mesh {text!r} is not valid: use S (e.g. 64) for FSDP, RxS (e.g. 16x64) for HSDP "
-                         "with R replicas of S shards, or named axes such as dp=8,fsdp=32,tp=8 (and ep=N).")
+                         "with R replicas of S shards, or named axes such as dp=8,fsdp=32,tp=8 (and pp=N, ep=N).")
     shape = tuple(int(part) for part in re.split(r"[xX]", text.strip()))
     if any(d < 1 for d in shape):
         raise ValueError(f"--mesh {text!r} has a zero dimension: every mesh dimension must be >= 1.")
@@ -131,7 +141,7 @@ class FakeMeshes:
         from torch.distributed.device_mesh import init_device_mesh
 
         self.axes = axes
-        world = init_device_mesh("cpu", (axes.world_size,), mesh_dim_names=("world",))
+        world = init_device_mesh("cpu", (axes.stage_world_size,), mesh_dim_names=("world",))
         self.views: dict[tuple[str, ...], tuple[int, ...]] = {}
         self.dense = self._view(world, *axes.dense())
         self.sparse = self._view(world, *axes.sparse()) if axes.ep > 1 else None
@@ -147,7 +157,7 @@ class FakeMeshes:
             if set(names) <= set(view):
                 picks = [view.index(n) for n in names]
                 root = MeshSpec(shape)
-                return [tuple(c[i] for i in picks) for c in map(root.coordinate, range(self.axes.world_size))]
+                return [tuple(c[i] for i in picks) for c in map(root.coordinate, range(self.axes.stage_world_size))]
         raise ValueError(f"the dry-run cannot place mesh {names}: parameters must live on sub-meshes of "
                          f"{list(self.views)}.")
 

@@ -54,6 +54,30 @@ def expert_param_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+def apply_tp_plan(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) -> None:
+    """``parallelize_module(model, tp_mesh, plan)``, one call per parent module of the plan's keys.
+
+    torch matches every key against the children on its path, so a whole-model plan (a few
+    entries per layer) costs layers x layers matches; calling it on each key's parent is what its
+    own recursion does, without the quadratic search. Plans with wildcards go in one call.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if any(c in key for key in plan for c in "*?["):
+        parallelize_module(model, tp_mesh, plan)
+        return
+    by_parent: dict[str, dict[str, Any]] = {}
+    for key, style in plan.items():
+        parent, _, leaf = key.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = style
+    for parent, styles in by_parent.items():
+        try:
+            module = model.get_submodule(parent) if parent else model
+        except AttributeError:      # no such module: let torch say so, as it does for the whole plan
+            module, styles = model, {f"{parent}.{leaf}": style for leaf, style in styles.items()}
+        parallelize_module(module, tp_mesh, styles)
+
+
 def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] = None,
                       ep_mesh: Optional[Any] = None, expert_dp_mesh: Optional[Any] = None,
                       name: str = "model") -> nn.Module:
@@ -61,14 +85,13 @@ def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] 
     (``expert_dp_mesh`` for expert modules), innermost units first."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import parallelize_module
 
     if tp_mesh is not None and tp_mesh.size() > 1:
         plan = getattr(model, "tp_plan", None)
         if not callable(plan):
             raise ValueError(f"--model {name!r} defines no tp_plan() (a parallelize_module plan), so it cannot be "
                              "planned with tensor parallelism; add one or drop tp from --mesh.")
-        parallelize_module(model, tp_mesh, plan())
+        apply_tp_plan(model, tp_mesh, plan())
     experts = expert_modules(model)
     if ep_mesh is not None and ep_mesh.size() > 1:
         if not experts:
@@ -86,4 +109,4 @@ def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] 
     return model
 
 
-__all__ = ["apply_parallelism", "expert_modules", "expert_param_names", "fsdp_units"]
+__all__ = ["apply_parallelism", "apply_tp_plan", "expert_modules", "expert_param_names", "fsdp_units"]

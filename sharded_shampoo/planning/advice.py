@@ -21,6 +21,7 @@ from ..config import PlanSettings
 from .balance import BlockDoesNotFitError
 from .costs import CostModel, param_state_bytes
 from .layout import MeshSpec, ParamSpec, param_geometry
+from .regions import RegionTable
 from .stages import balance_blocks, base_memory, resident_bytes
 
 #: Bounds of the verification: full balances, and blocks per balance (relative to the failing
@@ -103,7 +104,8 @@ def cap_advice(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSett
     """The balancer's error plus the largest ``max_preconditioner_dim`` that fits (see the module doc)."""
     assert cap is not None
     current = max(s.max_preconditioner_dim for s in per_param)
-    base = resident_bytes(*base_memory(params, per_param, [param_geometry(p, mesh) for p in params], mesh))
+    geoms = [param_geometry(p, mesh) for p in params]
+    base = resident_bytes(*base_memory(params, per_param, geoms, RegionTable(geoms, mesh.world_size))).tolist()
     free = cap - min(base)
     total_free = sum(max(cap - b, 0) for b in base)
     screen = _Screen(params, per_param)

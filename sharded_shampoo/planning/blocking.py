@@ -20,10 +20,11 @@ hold (``layout.py``), whatever the placements.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..config import BlockingConfig, PreconditionerConfig, default_exponent
 from .layout import Region
@@ -113,16 +114,113 @@ def _chunks(size: int, limit: int) -> list[tuple[int, int]]:
     return [(start, min(start + limit, size)) for start in range(0, size, limit)]
 
 
-def _box(shape: Sequence[int], batch: Sequence[int], groups: list[list[int]],
-         ranges: Sequence[tuple[int, int]]) -> Region:
-    """The original-dims box of one block: batch index, chunk on single-dim groups, full elsewhere."""
-    box = [(0, int(d)) for d in shape]
-    for i, index in enumerate(batch):
-        box[i] = (index, index + 1)
-    for group, rng in zip(groups, ranges):
-        if len(group) == 1:
-            box[group[0]] = rng
-    return tuple(box)
+@dataclass(frozen=True)
+class BlockGrid:
+    """All blocks of one parameter as a row-major grid over (batch index, chunk of each merged dim).
+
+    The planner works per grid, not per block: a grid's cells have at most ``2 ** order`` distinct
+    shapes (full chunks and one remainder per merged dim), so prices, balance classes and tallies
+    are computed per shape with arrays, and a :class:`Block` object is built only on request
+    (:meth:`block`). ``groups[i]`` lists the original dims merged into merged dim ``i``.
+    """
+
+    name: str
+    param_shape: tuple[int, ...]
+    batch_shape: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    merged_shape: tuple[int, ...]
+    max_dim: int
+    exponents: tuple[float, ...]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Chunks per merged dim."""
+        return tuple(-(-m // self.max_dim) for m in self.merged_shape)
+
+    @property
+    def cells(self) -> int:
+        """Blocks per batch index."""
+        return math.prod(self.counts)
+
+    @property
+    def num_blocks(self) -> int:
+        if any(d == 0 for d in self.param_shape):
+            return 0
+        return math.prod(self.batch_shape) * self.cells
+
+    def ranges(self, index: int) -> tuple[tuple[int, int], ...]:
+        """The merged-dim ranges of block ``index``."""
+        cell = index % self.cells
+        out = []
+        for m, n in zip(reversed(self.merged_shape), reversed(self.counts)):
+            j = cell % n
+            cell //= n
+            out.append((j * self.max_dim, min((j + 1) * self.max_dim, m)))
+        return tuple(reversed(out))
+
+    def box(self, index: int) -> Region:
+        """Block ``index`` as ranges of the parameter's original dims."""
+        box = [(0, d) for d in self.param_shape]
+        rest = index // self.cells
+        for i in reversed(range(len(self.batch_shape))):
+            b = rest % self.batch_shape[i]
+            rest //= self.batch_shape[i]
+            box[i] = (b, b + 1)
+        for group, rng in zip(self.groups, self.ranges(index)):
+            if len(group) == 1:
+                box[group[0]] = rng
+        return tuple(box)
+
+    def block(self, index: int) -> Block:
+        """The :class:`Block` at ``index`` (``0 <= index < num_blocks``)."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(f"block index {index} out of range for {self.num_blocks} blocks of {self.name!r}.")
+        return Block(block_id=f"{self.name}.block_{index}", param_name=self.name, param_shape=self.param_shape,
+                     merged_shape=self.merged_shape, ranges=self.ranges(index), exponents=self.exponents,
+                     box=self.box(index))
+
+    def shape_classes(self) -> tuple[list[int], "np.ndarray"]:
+        """``(first block index of each distinct block shape, shape class of every block)``.
+
+        A merged dim has full chunks and at most one shorter last chunk, so the class of a cell is
+        the set of dims where it is that last chunk; classes are numbered by first appearance.
+        """
+        n = self.num_blocks
+        if n == 0:
+            return [], np.zeros(0, dtype=np.int64)
+        code = np.zeros(self.counts, dtype=np.int64)
+        for d, (m, count) in enumerate(zip(self.merged_shape, self.counts)):
+            last = np.zeros(count, dtype=np.int64)
+            if m % self.max_dim and count > 1:
+                last[-1] = 1 << d
+            code += last.reshape((-1,) + (1,) * (len(self.counts) - d - 1))
+        codes, first, inverse = np.unique(code.ravel(), return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")              # number classes by first appearance
+        rank_of = np.empty(len(codes), dtype=np.int64)
+        rank_of[order] = np.arange(len(codes))
+        per_cell = rank_of[inverse.ravel()]
+        return [int(first[i]) for i in order], np.tile(per_cell, n // self.cells)
+
+
+def block_grid(
+    name: str,
+    shape: Sequence[int],
+    max_preconditioner_dim: int,
+    preconditioner: PreconditionerConfig,
+    blocking: BlockingConfig = BlockingConfig(),
+) -> BlockGrid:
+    """The :class:`BlockGrid` of one parameter (see the module doc for the rules)."""
+    shape = tuple(int(d) for d in shape)
+    nb = blocking.batch_dims
+    if nb and len(shape) <= nb and all(shape):
+        raise ValueError(f"parameter {name!r} of shape {shape} has no dims left after BlockingConfig.batch_dims="
+                         f"{nb}; put it in a param group with fewer batch dims (e.g. batch_dims=0).")
+    inner = shape[nb:]
+    groups = tuple(tuple(nb + i for i in g)
+                   for g in _merge_groups(inner, max_preconditioner_dim, blocking.merge_dims))
+    merged = tuple(math.prod(shape[i] for i in g) for g in groups)
+    return BlockGrid(name=name, param_shape=shape, batch_shape=shape[:nb], groups=groups, merged_shape=merged,
+                     max_dim=max_preconditioner_dim, exponents=block_exponents(len(merged), preconditioner, blocking))
 
 
 def plan_parameter_blocks(
@@ -133,26 +231,18 @@ def plan_parameter_blocks(
     blocking: BlockingConfig = BlockingConfig(),
 ) -> list[Block]:
     """All blocks of one parameter, in a deterministic order. Empty for a 0-element parameter."""
-    shape = tuple(int(d) for d in shape)
-    if any(d == 0 for d in shape):
-        return []
-    nb = blocking.batch_dims
-    if nb and len(shape) <= nb:
-        raise ValueError(f"parameter {name!r} of shape {shape} has no dims left after BlockingConfig.batch_dims="
-                         f"{nb}; put it in a param group with fewer batch dims (e.g. batch_dims=0).")
-    offset = [nb + i for i in range(len(shape) - nb)]
-    inner = shape[nb:]
-    groups = [[offset[i] for i in g] for g in _merge_groups(inner, max_preconditioner_dim, blocking.merge_dims)]
-    merged = tuple(math.prod(shape[i] for i in g) for g in groups)
-    grid = [_chunks(d, max_preconditioner_dim) for d in merged]
-    exponents = block_exponents(len(merged), preconditioner, blocking)
-    blocks: list[Block] = []
-    for batch in itertools.product(*(range(d) for d in shape[:nb])):
-        for ranges in itertools.product(*grid):
-            blocks.append(Block(block_id=f"{name}.block_{len(blocks)}", param_name=name, param_shape=shape,
-                                merged_shape=merged, ranges=tuple(ranges), exponents=exponents,
-                                box=_box(shape, batch, groups, ranges)))
-    return blocks
+    grid = block_grid(name, shape, max_preconditioner_dim, preconditioner, blocking)
+    return [grid.block(i) for i in range(grid.num_blocks)]
+
+
+def check_blocking_inputs(names: Sequence[str], max_preconditioner_dim: int) -> None:
+    """The checks every blocking entry point makes: a valid dimension limit and unique names."""
+    if not isinstance(max_preconditioner_dim, int) or isinstance(max_preconditioner_dim, bool) \
+            or max_preconditioner_dim < 1:
+        raise ValueError(f"max_preconditioner_dim must be an integer >= 1; got {max_preconditioner_dim!r}.")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"parameter names must be unique to give blocks stable ids; duplicated: {dup}.")
 
 
 def plan_blocks(
@@ -162,13 +252,7 @@ def plan_blocks(
     blocking: BlockingConfig = BlockingConfig(),
 ) -> list[Block]:
     """Blocks of many parameters, in parameter order then block order."""
-    if not isinstance(max_preconditioner_dim, int) or isinstance(max_preconditioner_dim, bool) \
-            or max_preconditioner_dim < 1:
-        raise ValueError(f"max_preconditioner_dim must be an integer >= 1; got {max_preconditioner_dim!r}.")
-    names = [n for n, _ in named_shapes]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"parameter names must be unique to give blocks stable ids; duplicated: {dup}.")
+    check_blocking_inputs([n for n, _ in named_shapes], max_preconditioner_dim)
     blocks: list[Block] = []
     for name, shape in named_shapes:
         blocks.extend(plan_parameter_blocks(name, shape, max_preconditioner_dim, preconditioner, blocking))

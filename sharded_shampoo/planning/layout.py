@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 from torch.distributed.tensor import Replicate, Shard
 from .._torch_compat import StridedShard
@@ -187,6 +188,9 @@ class ParamGeometry:
     rank_region: tuple[tuple[int, ...] | None, ...]
     holders: dict[tuple[int, ...], tuple[int, ...]] = field(hash=False, compare=False)
     _ends: tuple[tuple[int, ...], ...] = field(init=False, repr=False, hash=False, compare=False)
+    #: Results derived from this geometry alone (``covers.py``), kept with it: every plan and every
+    #: pipeline stage that places a parameter this way reuses them.
+    memo: dict = field(default_factory=dict, init=False, repr=False, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ends", tuple(tuple(e for _, e in iv) for iv in self.intervals))
@@ -301,26 +305,60 @@ def _indivisible_strided_shard(d: int, size: int, layout: Layout, mesh_dims: lis
     return None
 
 
-def _rank_regions(shape: tuple[int, ...], layout: Layout) -> list[Region]:
-    """The region of every plan rank, per dim from the coordinates of the mesh dims sharding that dim."""
-    sharding = [[i for i, p in enumerate(layout.placements) if isinstance(p, SHARD_TYPES) and p.dim == d]
-                for d in range(len(shape))]
-    caches: list[dict[tuple[int, ...], tuple[int, int]]] = [{} for _ in shape]
-    regions = []
-    for c in layout.mesh.coords:
-        region = []
-        for d, size in enumerate(shape):
-            key = tuple(c[i] for i in sharding[d])
-            iv = caches[d].get(key)
-            if iv is None:
-                try:
-                    iv = _dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c[i]) for i in sharding[d]])
-                except ValueError as err:
-                    raise ValueError(_indivisible_strided_shard(d, size, layout, sharding[d]) or str(err)) from None
-                caches[d][key] = iv
-            region.append(iv)
-        regions.append(tuple(region))
-    return regions
+def _row_keys(rows: np.ndarray, radix: list[int]) -> np.ndarray:
+    """One integer per row of non-negative ints below ``radix`` (mixed radix), for 1-D grouping."""
+    key = np.zeros(len(rows), dtype=np.int64)
+    for d, r in enumerate(radix):
+        key = key * r + rows[:, d]
+    return key
+
+
+def _rank_intervals(shape: tuple[int, ...], layout: Layout) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
+    """Per tensor dim the distinct intervals ranks hold, and per rank and dim the index of its interval.
+
+    A dim's interval depends only on the rank's coordinates in the mesh dims that shard it, so it is
+    computed once per distinct coordinate combination (a handful), and ranks are mapped with arrays.
+    """
+    coords = np.asarray(layout.mesh.coords, dtype=np.int64).reshape(len(layout.mesh.coords), len(layout.mesh.shape))
+    which = np.zeros((len(coords), len(shape)), dtype=np.int64)
+    per_dim: list[list[tuple[int, int]]] = []
+    for d, size in enumerate(shape):
+        cols = [i for i, p in enumerate(layout.placements) if isinstance(p, SHARD_TYPES) and p.dim == d]
+        if not cols:
+            per_dim.append([(0, size)])
+            continue
+        radix = [layout.mesh.shape[i] for i in cols]
+        keys, inverse = np.unique(_row_keys(coords[:, cols], radix), return_inverse=True)
+        try:
+            per_dim.append([_dim_interval(size, [(layout.placements[i], layout.mesh.shape[i], c)
+                                                 for i, c in zip(cols, map(int, np.unravel_index(key, radix)))])
+                            for key in keys.tolist()])
+        except ValueError as err:
+            raise ValueError(_indivisible_strided_shard(d, size, layout, cols) or str(err)) from None
+        which[:, d] = inverse.ravel()
+    return per_dim, which
+
+
+def _holders(rid: np.ndarray, held: np.ndarray) -> tuple[list[tuple[int, ...] | None], dict]:
+    """``rank_region`` (None where nothing is held) and ``{region id: ranks}`` in order of first holder."""
+    rows = [tuple(r) for r in rid.tolist()]
+    rank_region: list[tuple[int, ...] | None] = [row if h else None for row, h in zip(rows, held.tolist())]
+    ranks = np.nonzero(held)[0]
+    if not len(ranks):
+        return rank_region, {}
+    if rid.shape[1] == 0:
+        return rank_region, {(): tuple(ranks.tolist())}
+    _, first, inverse = np.unique(_row_keys(rid[ranks], [int(rid[:, d].max()) + 1 for d in range(rid.shape[1])]),
+                                  return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(first, kind="stable")
+    grouped = np.argsort(inverse, kind="stable")
+    cuts = np.cumsum(np.bincount(inverse, minlength=len(first)))
+    holders = {}
+    for u in order.tolist():
+        members = ranks[grouped[(cuts[u - 1] if u else 0):cuts[u]]]
+        holders[rows[int(members[0])]] = tuple(members.tolist())
+    return rank_region, holders
 
 
 @lru_cache(maxsize=4096)
@@ -332,22 +370,19 @@ def _geometry(shape: tuple[int, ...], layout: Layout | None, world: int) -> Para
                              {(0,) * len(dims): every})
     if len(layout.mesh.coords) != world:
         raise ValueError(f"its mesh describes {len(layout.mesh.coords)} ranks but the plan has {world}.")
-    regions = _rank_regions(dims, layout)
-    intervals = tuple(_partition(d, size, {reg[d] for reg in regions}) for d, size in enumerate(dims))
-    index = [{iv: i for i, iv in enumerate(ivs)} for ivs in intervals]
-    rank_region: list[tuple[int, ...] | None] = []
-    holders: dict[tuple[int, ...], list[int]] = {}
-    for r, reg in enumerate(regions):
-        if any(e <= s for s, e in reg):
-            rank_region.append(None)
-            continue
-        rid = tuple(index[d][iv] for d, iv in enumerate(reg))
-        rank_region.append(rid)
-        holders.setdefault(rid, []).append(r)
+    per_dim, which = _rank_intervals(dims, layout)
+    intervals = tuple(_partition(d, size, set(per_dim[d])) for d, size in enumerate(dims))
+    held = np.ones(world, dtype=bool)
+    rid = np.zeros((world, len(dims)), dtype=np.int64)
+    for d, ivs in enumerate(per_dim):
+        index = {iv: i for i, iv in enumerate(intervals[d])}
+        held &= np.array([e > s for s, e in ivs], dtype=bool)[which[:, d]]
+        rid[:, d] = np.array([index.get(iv, -1) for iv in ivs], dtype=np.int64)[which[:, d]]
+    rank_region, holders = _holders(rid, held)
     if math.prod(len(iv) for iv in intervals) != len(holders) and math.prod(dims) > 0:
         raise ValueError(f"its placements {layout.placements} leave parts of the tensor on no rank; this layout is "
                          "not supported.")
-    return ParamGeometry(shape, intervals, tuple(rank_region), {k: tuple(v) for k, v in holders.items()})
+    return ParamGeometry(shape, intervals, tuple(rank_region), holders)
 
 
 def param_geometry(spec: ParamSpec, mesh: MeshSpec) -> ParamGeometry:

@@ -2,19 +2,18 @@
 
 The single source of truth shared by the optimizer and the dry-run planner. :func:`make_plan`
 runs the pipeline, each stage a pure function of shapes, placements, mesh and settings, so
-every rank computes the same plan without communicating:
+every rank computes the same plan without communicating (``stages.py``):
 
-1. blocks (``blocking.plan_blocks``) of every parameter, on global shapes;
-2. prices (``costs.block_cost``): state bytes, step and amortized FLOPs of each block;
+1. blocks (``blocking.block_grid``) of every parameter, on global shapes, as one grid each;
+2. prices (``costs.block_cost``): state bytes, step and amortized FLOPs of each distinct block shape;
 3. geometry (``layout.param_geometry``): the region of each parameter every rank holds;
-4. locality: which holder groups hold how much of each block;
-5. owners (``balance.assign_owners``): LPT with the locality preference and the memory cap;
-6. the per-rank report (``accounting``): bytes by kind, communication, transient peak, FLOPs.
+4. locality: which holder groups hold how much of each block (per distinct box and geometry);
+5. owners (``class_balance``): class-wise LPT with the locality preference and the memory cap;
+6. the per-rank report (``accounting``, ``tally``): bytes by kind, communication (the model is in
+   ``tally.py``), transient peak, FLOPs.
 
-Communication model of one step (bytes in each parameter's ``comm_dtype``): gather -- the owner
-receives every piece of its block held in a region it does not hold, each from one holder
-(``layout.pick_source``); update -- the owner sends every other holder of every piece the update
-of that piece.
+Blocks are built lazily (``plan.blocks[i]``), so a plan with hundreds of thousands of blocks costs
+arrays, not objects, until someone reads its blocks.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..config import PlanSettings, config_to_dict
 from .accounting import PlanSummary, RankReport, plan_summary, rank_reports
 from .advice import cap_advice
@@ -30,6 +31,7 @@ from .balance import DEFAULT_LOCALITY_TOLERANCE, BlockDoesNotFitError
 from .blocking import Block
 from .costs import DEFAULT_COST_MODEL, BlockCost, CostModel
 from .layout import MeshSpec, ParamGeometry, ParamSpec
+from .sequences import IndexedList, LazyBlocks
 from .stages import Balanced, balance_blocks
 
 JSON_SCHEMA = "sharded-shampoo.plan/1"
@@ -42,10 +44,10 @@ class ShampooPlan:
     params: list[ParamSpec]
     mesh: MeshSpec
     settings: list[PlanSettings]            # one per parameter
-    blocks: list[Block]
+    blocks: Sequence[Block]                 # built on first access (``LazyBlocks``)
     owners: list[int]
     block_param: list[int]                  # index into params, per block
-    block_costs: list[BlockCost]
+    block_costs: Sequence[BlockCost]
     block_loads: list[float]                # balance weight per block
     geometries: list[ParamGeometry]         # per parameter: the region each rank holds
     ranks: list[RankReport]
@@ -61,10 +63,10 @@ class ShampooPlan:
         if not 0 <= rank < self.mesh.world_size:
             raise ValueError(f"rank must be in [0, {self.mesh.world_size}); got {rank!r}.")
         if self._owned is None:
-            owned: list[list[int]] = [[] for _ in range(self.mesh.world_size)]
-            for i, r in enumerate(self.owners):
-                owned[r].append(i)
-            self._owned = owned
+            owners = np.asarray(self.owners, dtype=np.int64)
+            by_owner = np.argsort(owners, kind="stable")
+            cuts = np.cumsum(np.bincount(owners, minlength=self.mesh.world_size)).tolist()
+            self._owned = [by_owner[a:b].tolist() for a, b in zip([0] + cuts[:-1], cuts)]
         return self._owned[rank]
 
     def owner_of(self) -> dict[str, int]:
@@ -165,9 +167,11 @@ def make_plan(params: Sequence[ParamSpec], mesh: MeshSpec, settings: PlanSetting
 def _report(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSettings], b: Balanced,
             memory_cap_bytes: int | None) -> ShampooPlan:
     ranks = rank_reports(mesh, per_param, b)
-    summary = plan_summary(params, mesh, b.blocks, b.block_param, b.loads, ranks, memory_cap_bytes)
-    return ShampooPlan(params=params, mesh=mesh, settings=per_param, blocks=b.blocks, owners=b.owners,
-                       block_param=b.block_param, block_costs=b.costs, block_loads=b.loads,
+    loads = b.loads
+    summary = plan_summary(params, mesh, len(b.owners), b.block_param, loads, ranks, memory_cap_bytes)
+    return ShampooPlan(params=params, mesh=mesh, settings=per_param, blocks=LazyBlocks(b.grids, b.offsets.tolist()),
+                       owners=b.owners.tolist(), block_param=b.block_param.tolist(),
+                       block_costs=IndexedList(b.costs, b.cost_id), block_loads=loads.tolist(),
                        geometries=b.geometries, ranks=ranks, summary=summary)
 
 

@@ -2,160 +2,165 @@
 
 Split from ``plan.py`` (which adds the per-rank report) so the memory-cap advice can re-run
 exactly these stages under candidate settings without building reports.
+
+Everything is per parameter grid and per distinct value, with arrays per block: a block's
+price depends only on its shape (a grid has at most ``2 ** order`` of them), and what its
+owner-to-be finds where (its *cover*: the regions holding parts of it, ``covers.py``) only on its
+box and the parameter's geometry, which the layers of a transformer share. So a 405B model's
+391,120 blocks cost 3 prices and ~4,000 covers of Python work, and the rest is numpy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..config import PlanSettings
-from .balance import assign_owners
-from .blocking import Block, plan_blocks
+from .blocking import BlockGrid, block_grid, check_blocking_inputs
+from .balance import BlockDoesNotFitError, check_cap_and_tolerance
+from .class_balance import ClassBalanceError, Preferences, balance_classes
 from .costs import BlockCost, CostModel, block_cost
-from .layout import MeshSpec, ParamGeometry, ParamSpec, box_numel, param_geometry
-
-#: What a block's owner-to-be finds where: ``[(region id, elements of the block in that region)]``.
-Coverage = tuple[tuple[tuple[int, ...], int], ...]
-
+from .covers import CoverTable, cover_table, grid_kind
+from .layout import MeshSpec, ParamGeometry, ParamSpec, dtype_itemsize, param_geometry
+from .regions import RegionTable
 
 @dataclass
 class Balanced:
-    """Everything decided about a plan before reporting: blocks, prices, geometry, owners."""
+    """Everything decided about a plan before reporting: blocks, prices, geometry, owners (arrays per block)."""
 
-    blocks: list[Block]
-    block_param: list[int]
+    grids: list[BlockGrid]           # per parameter
+    offsets: np.ndarray              # per parameter: index of its first block (+ the total)
+    block_param: np.ndarray          # per block: parameter index
+    cost_id: np.ndarray              # per block: index into ``costs``
     costs: list[BlockCost]
-    loads: list[float]
-    geometries: list[ParamGeometry]
-    coverage: list[Coverage]
-    owners: list[int]
-    param_bytes: list[int]           # per rank: parameter bytes held (= gradient bytes)
-    momentum_bytes: list[int]        # per rank: momentum bytes (local shards)
-    averaging_bytes: list[int]       # per rank: GPA / Schedule-Free z bytes (local shards)
+    cost_loads: np.ndarray           # per cost: balance weight
+    cost_work_bytes: np.ndarray      # per cost: block elements x factor itemsize (a working copy)
+    geometries: list[ParamGeometry]  # per parameter
+    cover_id: np.ndarray             # per block: index into ``covers``
+    covers: CoverTable
+    regions: RegionTable
+    owners: np.ndarray               # per block: owner rank
+    param_bytes: np.ndarray          # per rank: parameter bytes held (= gradient bytes)
+    momentum_bytes: np.ndarray       # per rank: momentum bytes (local shards)
+    averaging_bytes: np.ndarray      # per rank: GPA / Schedule-Free z bytes (local shards)
+
+    @property
+    def loads(self) -> np.ndarray:
+        """Balance weight of every block."""
+        return self.cost_loads[self.cost_id]
 
 
-def plan_all_blocks(params: list[ParamSpec], per_param: list[PlanSettings]) -> tuple[list[Block], list[int]]:
-    """Blocks of every parameter via ``plan_blocks``, one call per run of equal settings."""
-    blocks: list[Block] = []
-    block_param: list[int] = []
-    start = 0
-    while start < len(params):
-        end = start
-        while end < len(params) and per_param[end] is per_param[start]:
-            end += 1
-        s = per_param[start]
-        run = plan_blocks([(p.name, p.shape) for p in params[start:end]], s.max_preconditioner_dim,
-                          s.preconditioner, s.blocking)
-        name_to_index = {params[k].name: k for k in range(start, end)}
-        blocks.extend(run)
-        block_param.extend(name_to_index[b.param_name] for b in run)
-        start = end
-    return blocks, block_param
+def plan_grids(params: list[ParamSpec], per_param: list[PlanSettings]) -> tuple[list[BlockGrid], np.ndarray]:
+    """The block grid of every parameter and the running block offsets (``len(params) + 1``)."""
+    for s in {id(s): s for s in per_param}.values():
+        check_blocking_inputs([], s.max_preconditioner_dim)
+    grids = [block_grid(p.name, p.shape, s.max_preconditioner_dim, s.preconditioner, s.blocking)
+             for p, s in zip(params, per_param)]
+    offsets = np.zeros(len(grids) + 1, dtype=np.int64)
+    np.cumsum([g.num_blocks for g in grids], out=offsets[1:])
+    return grids, offsets
 
 
-def price_blocks(blocks: list[Block], block_param: list[int], per_param: list[PlanSettings],
-                 cost_model: CostModel) -> tuple[list[BlockCost], list[float]]:
-    """Cost and balance weight of every block (cached: most blocks share a handful of shapes)."""
-    cache: dict[tuple, tuple[BlockCost, float]] = {}
+def per_grid(grids: list[BlockGrid], tags: list[object], compute: Callable[[BlockGrid, object], np.ndarray]
+             ) -> np.ndarray:
+    """``compute(grid, tag)`` (one value per block) concatenated over the grids, computed once per
+    (grid kind, tag): the layers of a model repeat a few kinds."""
+    done: dict[tuple, np.ndarray] = {}
+    parts = []
+    for grid, tag in zip(grids, tags):
+        kind = (grid_kind(grid), id(tag))
+        if kind not in done:
+            done[kind] = compute(grid, tag)
+        parts.append(done[kind])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def price_grids(grids: list[BlockGrid], per_param: list[PlanSettings],
+                cost_model: CostModel) -> tuple[np.ndarray, list[BlockCost], np.ndarray, np.ndarray]:
+    """Per block the index of its :class:`BlockCost`; the distinct costs, their balance weights and
+    working-copy bytes."""
+    index: dict[tuple, int] = {}
     costs: list[BlockCost] = []
     loads: list[float] = []
-    for b, k in zip(blocks, block_param):
-        s = per_param[k]
-        key = (b.shape, b.exponents, id(s))
-        hit = cache.get(key)
-        if hit is None:
-            c = block_cost(b, s.preconditioner, s.grafting, s.beta1, cost_model)
-            hit = cache[key] = (c, c.balance_cost(s.precondition_frequency))
-        costs.append(hit[0])
-        loads.append(hit[1])
-    return costs, loads
+    work: list[int] = []
+
+    def price(grid: BlockGrid, s: object) -> np.ndarray:
+        assert isinstance(s, PlanSettings)
+        firsts, classes = grid.shape_classes()
+        per_class = []
+        for first in firsts:
+            b = grid.block(first)
+            key = (b.shape, b.exponents, id(s))
+            if key not in index:
+                index[key] = len(costs)
+                costs.append(block_cost(b, s.preconditioner, s.grafting, s.beta1, cost_model))
+                loads.append(costs[-1].balance_cost(s.precondition_frequency))
+                work.append(b.numel * dtype_itemsize(s.preconditioner.factor_dtype))
+            per_class.append(index[key])
+        return np.array(per_class, dtype=np.int64)[classes] if len(classes) else classes
+
+    cost_id = per_grid(grids, list(per_param), price)
+    return cost_id, costs, np.array(loads, dtype=np.float64), np.array(work, dtype=np.int64)
 
 
 def base_memory(params: list[ParamSpec], per_param: list[PlanSettings], geoms: list[ParamGeometry],
-                mesh: MeshSpec) -> tuple[list[int], list[int], list[int]]:
+                table: RegionTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per rank: bytes of parameters held (= gradients), of momentum and of z (local shards, param dtype)."""
-    n = mesh.world_size
-    weights: dict[int, list] = {}           # id(geometry) -> [geometry, bytes/elem of params, momentum, z]
+    per_geometry = np.zeros((len(table.codes), 3), dtype=np.int64)   # bytes/elem of params, momentum, z
     for p, s, g in zip(params, per_param, geoms):
-        w = weights.setdefault(id(g), [g, 0, 0, 0])
-        w[1] += p.itemsize
+        gi = table.geometry(g)
+        per_geometry[gi, 0] += p.itemsize
         if s.momentum > 0:
-            w[2] += p.itemsize
+            per_geometry[gi, 1] += p.itemsize
         if s.primal_averaging:
-            w[3] += p.itemsize
-    param_bytes = [0] * n
-    momentum = [0] * n
-    averaging = [0] * n
-    for g, pb, mb, zb in weights.values():
-        sizes = {rid: box_numel(g.region(rid)) for rid in g.holders}
-        for r, rid in enumerate(g.rank_region):
-            if rid is not None:
-                param_bytes[r] += sizes[rid] * pb
-                momentum[r] += sizes[rid] * mb
-                averaging[r] += sizes[rid] * zb
+            per_geometry[gi, 2] += p.itemsize
+    param_bytes = np.zeros(table.world_size, dtype=np.int64)
+    momentum = np.zeros(table.world_size, dtype=np.int64)
+    averaging = np.zeros(table.world_size, dtype=np.int64)
+    numel = np.append(table.numel, 0)                   # code -1 (holds nothing) -> 0 elements
+    for gi, (pb, mb, zb) in enumerate(per_geometry.tolist()):
+        held = numel[table.rank_region[gi]]
+        param_bytes += held * pb
+        momentum += held * mb
+        averaging += held * zb
     return param_bytes, momentum, averaging
 
 
-def resident_bytes(param_bytes: list[int], momentum: list[int], averaging: list[int]) -> list[int]:
+def resident_bytes(param_bytes: np.ndarray, momentum: np.ndarray, averaging: np.ndarray) -> np.ndarray:
     """Per rank, what it holds before any Shampoo state: parameters, their gradients, momentum, z."""
-    return [2 * pb + mb + zb for pb, mb, zb in zip(param_bytes, momentum, averaging)]
+    return 2 * param_bytes + momentum + averaging
 
 
-def block_coverage(blocks: list[Block], block_param: list[int], geoms: list[ParamGeometry]) -> list[Coverage]:
-    """For every block, the regions holding parts of it and how many elements each holds."""
-    cache: dict[tuple[int, tuple], Coverage] = {}
-    out: list[Coverage] = []
-    for b, k in zip(blocks, block_param):
-        g = geoms[k]
-        key = (id(g), b.box)
-        cov = cache.get(key)
-        if cov is None:
-            cov = cache[key] = tuple((rid, box_numel(piece)) for rid, piece in g.pieces(b.box))
-        out.append(cov)
-    return out
-
-
-def holder_locality(coverage: list[Coverage], block_param: list[int], geoms: list[ParamGeometry],
-                    world_size: int) -> tuple[list[tuple[int, ...]], list[dict[int, int]]]:
-    """Holder groups (distinct sets of ranks holding one region) and, per block, elements per group.
-
-    A region every rank holds (a replicated parameter) expresses no preference.
-    """
-    group_ids: dict[tuple[int, ...], int] = {}
-    groups: list[tuple[int, ...]] = []
-    cache: dict[tuple[int, int], dict[int, int]] = {}
-    out: list[dict[int, int]] = []
-    for cov, k in zip(coverage, block_param):
-        g = geoms[k]
-        key = (id(g), id(cov))
-        pref = cache.get(key)
-        if pref is None:
-            pref = {}
-            for rid, elems in cov:
-                holders = g.holders[rid]
-                if len(holders) == world_size:
-                    continue
-                gid = group_ids.get(holders)
-                if gid is None:
-                    gid = group_ids[holders] = len(groups)
-                    groups.append(holders)
-                pref[gid] = pref.get(gid, 0) + elems
-            cache[key] = pref
-        out.append(pref)
-    return groups, out
+def canonical_order(params: list[ParamSpec], offsets: np.ndarray) -> np.ndarray:
+    """Block indices ordered by (parameter name, block index): independent of the input order."""
+    by_name = sorted(range(len(params)), key=lambda k: params[k].name)
+    parts = [np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in by_name]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[PlanSettings], cap: int | None,
                    cost_model: CostModel, tolerance: float) -> Balanced:
     """Run the deciding stages; raises ``BlockDoesNotFitError`` when a block fits no rank under ``cap``."""
-    blocks, block_param = plan_all_blocks(params, per_param)
-    costs, loads = price_blocks(blocks, block_param, per_param, cost_model)
+    check_cap_and_tolerance(cap, tolerance)
+    grids, offsets = plan_grids(params, per_param)
+    cost_id, costs, cost_loads, cost_work = price_grids(grids, per_param, cost_model)
     geoms = [param_geometry(p, mesh) for p in params]
-    param_bytes, momentum, averaging = base_memory(params, per_param, geoms, mesh)
-    coverage = block_coverage(blocks, block_param, geoms)
-    groups, prefs = holder_locality(coverage, block_param, geoms, mesh.world_size)
-    base = resident_bytes(param_bytes, momentum, averaging)
-    owners = assign_owners(loads, [b.block_id for b in blocks], mesh.world_size, locality=prefs.__getitem__,
-                           memory_bytes=[c.total_state_bytes for c in costs], memory_cap_bytes=cap,
-                           base_memory_bytes=base, tolerance=tolerance, holder_groups=groups)
-    return Balanced(blocks, block_param, costs, loads, geoms, coverage, owners, param_bytes, momentum, averaging)
+    table = RegionTable(geoms, mesh.world_size)
+    param_bytes, momentum, averaging = base_memory(params, per_param, geoms, table)
+    cover_id, covers = cover_table(grids, geoms, table)
+    memory = np.array([c.total_state_bytes for c in costs], dtype=np.int64)
+    groups = [list(h) for h in covers.groups]
+    try:
+        owners = balance_classes(cost_loads[cost_id], memory[cost_id], canonical_order(params, offsets),
+                                 covers.preference[cover_id], Preferences(covers.prefs, groups), mesh.world_size,
+                                 resident_bytes(param_bytes, momentum, averaging), cap, tolerance)
+    except ClassBalanceError as err:
+        assert cap is not None
+        k = int(np.searchsorted(offsets, err.block_index, side="right")) - 1
+        block_id = grids[k].block(err.block_index - int(offsets[k])).block_id
+        raise BlockDoesNotFitError(err.block_index, block_id, err.block_bytes, err.largest_free_bytes, cap) from None
+    block_param = np.repeat(np.arange(len(params), dtype=np.int64), np.diff(offsets))
+    return Balanced(grids, offsets, block_param, cost_id, costs, cost_loads, cost_work, geoms, cover_id, covers,
+                    table, owners, param_bytes, momentum, averaging)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stages import llm_stage_modules
+
 # ----------------------------------------------------------------------------- Llama 3
 
 
@@ -107,6 +109,10 @@ class Llama(nn.Module):
 
     def tp_plan(self) -> dict[str, Any]:
         return transformer_tp_plan(len(self.layers), ffn=("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
+
+    def pipeline_stages(self, num_stages: int) -> list[list[str]]:
+        """Module names per pipeline stage, as torchtitan splits a decoder (``dryrun/stages.py``)."""
+        return llm_stage_modules(num_stages, len(self.layers))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)

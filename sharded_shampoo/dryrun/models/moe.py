@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stages import llm_stage_modules
 from .llama import LlamaAttention, LlamaConfig, transformer_tp_plan
 
 
@@ -103,6 +104,10 @@ class MoETransformer(nn.Module):
 
     def tp_plan(self) -> dict[str, Any]:
         return transformer_tp_plan(len(self.layers))
+
+    def pipeline_stages(self, num_stages: int) -> list[list[str]]:
+        """Module names per pipeline stage, as torchtitan splits a decoder (``dryrun/stages.py``)."""
+        return llm_stage_modules(num_stages, len(self.layers))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
