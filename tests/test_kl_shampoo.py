@@ -9,6 +9,8 @@ reference agree to round-off.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -152,3 +154,113 @@ def test_bf16_storage_trains_like_fp32(factors, roots):
     assert opt.runtime.buckets[0].state["root_0"].dtype == BF16
     assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
     assert abs(loss - loss32) / loss32 < (0.01 if factors is None else 0.15), (loss, loss32)
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+def test_costs_add_the_extra_mode_products():
+    """Same state and refresh as Shampoo; each step adds, per factor, one mode product per other dim."""
+    from sharded_shampoo.planning.costs import (block_amortized_flops, block_amortized_workspace_bytes,
+                                                block_state_bytes, block_step_flops)
+    from sharded_shampoo.planning.blocking import plan_blocks
+
+    shampoo, ours = RootInverseShampoo(), KLShampoo()
+    for shape, extra in (((512, 256), 2 * 512 * 256 * (512 + 256)),
+                         ((32, 16, 8), 2 * 32 * 16 * 8 * 2 * (32 + 16 + 8)),
+                         ((300,), 0)):
+        (b,) = plan_blocks([("w", shape)], max(shape), ours)      # (32, 16, 8) stays 3-D at 32
+        assert b.shape == shape
+        assert block_state_bytes(b, ours, AdaGradGrafting(), 0.9) == block_state_bytes(b, shampoo, AdaGradGrafting(),
+                                                                                         0.9)
+        assert block_amortized_flops(b, ours) == block_amortized_flops(b, shampoo)
+        for grafting in (None, AdamGrafting()):
+            assert block_step_flops(b, ours, grafting, 0.9) - block_step_flops(b, shampoo, grafting, 0.9) == extra
+    (b,) = plan_blocks([("w", (512, 256))], 1024, ours)      # the refresh's eigh (fp64 retry) dominates
+    assert block_amortized_workspace_bytes(b, ours) == block_amortized_workspace_bytes(b, shampoo)
+    (b,) = plan_blocks([("w", (64, 64, 64))], 64, ours)    # the update's products dominate: roots + 4 products
+    assert block_amortized_workspace_bytes(b, ours) == 3 * 64 * 64 * 4 + 4 * 64 ** 3 * 4
+    assert block_amortized_workspace_bytes(b, KLShampoo(symmetric_packing=False)) == 4 * 64 ** 3 * 4
+
+
+def test_plan_command(tmp_path, capsys):
+    """``sharded-shampoo plan --preconditioner kl-shampoo``: Shampoo's bytes, more step FLOPs."""
+    import json
+
+    from sharded_shampoo.dryrun.cli import main
+
+    out = {}
+    for name in ("shampoo", "kl-shampoo"):
+        path = tmp_path / f"{name}.json"
+        assert main(["plan", "--model", "llama-tiny", "--mesh", "2", "--preconditioner", name, "--json",
+                     str(path)]) == 0
+        out[name] = json.loads(path.read_text())
+    assert "| KLShampoo" in capsys.readouterr().out
+    kl_ranks, ranks = out["kl-shampoo"]["ranks"], out["shampoo"]["ranks"]
+    assert [r["optimizer_state_bytes"] for r in kl_ranks] == [r["optimizer_state_bytes"] for r in ranks]
+    extra = sum(2 * math.prod(b["shape"]) * sum(b["shape"]) for b in out["kl-shampoo"]["blocks"]
+                if len(b["factor_dims"]) == 2)
+    assert extra > 0
+    for b, c in zip(out["kl-shampoo"]["blocks"], out["shampoo"]["blocks"]):
+        assert b["state_bytes"] == c["state_bytes"] and b["amortized_flops"] == c["amortized_flops"]
+    assert sum(r["step_flops"] for r in kl_ranks) - sum(r["step_flops"] for r in ranks) == pytest.approx(extra)
+
+
+# ----------------------------------------------------------------------------- configs, errors, state
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(root="eigh"), r"KLShampoo\.root must be"),
+    (dict(root=CoupledNewtonConfig(), inverse_exponent_override={2: 0.3}),
+     r"KLShampoo\.inverse_exponent_override\[2\] = 0.3 needs 1/0.3 to be an integer"),
+    (dict(factor_dtype=torch.float16), r"KLShampoo\.factor_dtype must be"),
+    (dict(symmetric_packing=1), r"KLShampoo\.symmetric_packing must be True"),
+    (dict(root_storage_dtype=torch.int8), r"KLShampoo\.root_storage_dtype must be"),
+    (dict(max_consecutive_root_failures=0), r"KLShampoo\.max_consecutive_root_failures"),
+])
+def test_bad_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KLShampoo(**kwargs)
+
+
+def test_config_identity_and_round_trip():
+    """Never equal to the root-inverse config of the same fields (a checkpoint of one does not load into
+    the other); restored by name from a state dict; storage-only fields compare neutral."""
+    from sharded_shampoo.config import config_from_dict, config_to_dict, storage_neutral
+
+    pre = KLShampoo(root=CoupledNewtonConfig(), root_storage_dtype=BF16, inverse_exponent_override={2: 0.5})
+    assert pre != RootInverseShampoo() and RootInverseShampoo() != KLShampoo() and KLShampoo() == KLShampoo()
+    assert hash(KLShampoo()) != hash(RootInverseShampoo())
+    assert config_from_dict(config_to_dict(pre)) == pre
+    assert type(config_from_dict(config_to_dict(pre))) is KLShampoo
+    assert storage_neutral(KLShampoo(symmetric_packing=False)) == KLShampoo()
+    assert len({KLShampoo(), KLShampoo(), RootInverseShampoo()}) == 2
+
+
+def test_shampoo_state_does_not_load_into_kl_shampoo_and_changes_nothing():
+    _, shampoo = _train(RootInverseShampoo(factor_dtype=F64), SHAPES[:2], steps=4)
+    _, opt = _train(kl(), SHAPES[:2], steps=4)
+    before = [t.clone() for s in opt.state.values() for t in s["block_0"].values()]
+    with pytest.raises(ValueError, match="preconditioner differs"):
+        opt.load_state_dict(shampoo.state_dict())
+    after = [t for s in opt.state.values() for t in s["block_0"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_state_dict_resumes_exactly_across_packing():
+    """A packed KLShampoo state dict loads into a full-matrix one and both continue the same run."""
+    straight, _ = _train(kl(), SHAPES, steps=8)
+    params, opt = _train(kl(), SHAPES, steps=5)
+    sd = opt.state_dict()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ShardedShampoo([(f"p{i}", p) for i, p in enumerate(resumed)], lr=0.01, betas=(0.9, 0.95), epsilon=1e-6,
+                          max_preconditioner_dim=8, precondition_frequency=2, start_preconditioning_step=3,
+                          grafting=AdaGradGrafting(epsilon=1e-8), preconditioner=kl(symmetric_packing=False))
+    opt2.load_state_dict(sd)
+    assert opt2.state[resumed[0]]["block_0"]["root_0"].shape == (6, 6)
+    for t in range(5, 8):
+        for i, p in enumerate(resumed):
+            p.grad = grad_for(p, i, t)
+        opt2.step()
+    for a, b in zip(straight, resumed):
+        assert max_rel_diff(a, b) < 1e-12
