@@ -9,13 +9,15 @@ from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
+from .compute.kinds.kl_shampoo import KLShampoo
 from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "ClassicMomentum", "CoupledNewtonConfig",
-    "EigenvalueCorrectedShampoo", "EighRootConfig", "ElementwiseMode", "GeneralizedPrimalAveraging", "Layout",
+    "EigenvalueCorrectedShampoo", "EighRootConfig", "ElementwiseMode", "GeneralizedPrimalAveraging", "KLShampoo",
+    "Layout",
     "MeshSpec", "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "QREigenbasisConfig", "RMSpropGrafting",
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",

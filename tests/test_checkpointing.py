@@ -13,7 +13,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from sharded_shampoo._torch_compat import init_optim_state
 
 from tests.support import ckpt_scenarios as cs
-from sharded_shampoo import AdamGrafting, BlockingConfig, EigenvalueCorrectedShampoo, RootInverseShampoo
+from sharded_shampoo import AdamGrafting, BlockingConfig, EigenvalueCorrectedShampoo, KLShampoo, RootInverseShampoo
 from sharded_shampoo.checkpointing import (IncompatibleCheckpointError, TrainState, describe, latest_checkpoint,
                                            list_checkpoints, load_checkpoint, read_checkpoint_meta,
                                            save_checkpoint)
@@ -109,6 +109,8 @@ INCOMPATIBLE = {
     "blocking": (dict(blocking=BlockingConfig(precondition_1d=False)), "blocking differs"),
     "momentum": (dict(momentum=0.0), "momentum > 0 differs"),
     "beta1": (dict(betas=(0.0, 0.99)), "betas[0] > 0 differs"),
+    # the same state keys and shapes as RootInverseShampoo, but another statistic: never resumed across
+    "kl_shampoo": (dict(preconditioner=KLShampoo()), "preconditioner differs"),
 }
 
 

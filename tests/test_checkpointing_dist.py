@@ -22,7 +22,7 @@ BOUND = 1e-6
 
 @pytest.fixture(scope="module")
 def refs() -> dict[str, dict]:
-    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected")}
+    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl")}
     out["packing"] = cs.reference("root_inverse", cs.END, **cs.well_conditioned(True))[0]
     return out
 
@@ -130,6 +130,12 @@ def test_fsdp_4_to_single_process(root: str, refs: dict, four: list[dict]) -> No
     assert cs.resume_diff("single", "root_inverse", (1,), os.path.join(root, "A"), refs["root_inverse"]) <= BOUND
     assert cs.resume_diff("single", "root_inverse", (1,), os.path.join(root, "A_raw_nested"), refs["root_inverse"],
                           how="raw_nested") <= BOUND
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_kl_shampoo_fsdp_2_to_single_process(root: str, refs: dict, two: list[dict]) -> None:
+    """KL-Shampoo saved by 2 FSDP ranks resumes on one process and continues like the uninterrupted run."""
+    assert cs.resume_diff("single", "kl", (1,), os.path.join(root, "K"), refs["kl"]) <= BOUND
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -87,6 +87,11 @@ class DenseShampoo:
         V = b.graft / self._bc(g.beta2, b.step) if isinstance(g, AdamGrafting) else b.graft
         return M_hat / (V.sqrt() + g.epsilon)
 
+    def statistic(self, b: RefBlock, G: torch.Tensor, i: int) -> torch.Tensor:
+        """What factor ``i`` accumulates: ``G_(i) G_(i)^T`` (variants override this)."""
+        Gi = G.movedim(i, 0).reshape(b.shape[i], -1)
+        return Gi @ Gi.T
+
     def step(self, grad: torch.Tensor) -> None:
         self.t += 1
         t = self.t
@@ -103,8 +108,7 @@ class DenseShampoo:
             w = 1.0 - self.beta2 if self.beta2 < 1.0 else 1.0
             for i in range(k):
                 if b.factors[i] is not None:
-                    Gi = G.movedim(i, 0).reshape(b.shape[i], -1)
-                    b.factors[i] = self.beta2 * b.factors[i] + w * Gi @ Gi.T
+                    b.factors[i] = self.beta2 * b.factors[i] + w * self.statistic(b, G, i)
             bc2 = self._bc(self.beta2, b.step)
             if self.beta1 > 0:
                 b.M = self.beta1 * b.M + (1 - self.beta1) * G
@@ -148,7 +152,7 @@ class DenseShampoo:
 
 def _run(shape, merged, max_dim, exponents, *, steps=7, precond=None, lr=0.05, beta1=0.0, beta2=1.0,
          eps=1e-10, grafting=None, freq=1, start=None, wd=0.0, decoupled=True, eigen=False, tol=TOL,
-         bias_correction=True, **extra):
+         bias_correction=True, dense=DenseShampoo, **extra):
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=F64))
     if precond is None:
@@ -160,9 +164,9 @@ def _run(shape, merged, max_dim, exponents, *, steps=7, precond=None, lr=0.05, b
                          use_bias_correction=bias_correction, **extra)
     assert [b.merged_shape for b in opt.plan.blocks][0] == merged
     assert [b.exponents for b in opt.plan.blocks][0] == tuple(exponents)
-    ref = DenseShampoo(p, merged, max_dim, exponents, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       grafting=grafting, freq=freq, start=start, wd=wd, decoupled=decoupled, eigen=eigen,
-                       bias_correction=bias_correction)
+    ref = dense(p, merged, max_dim, exponents, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                grafting=grafting, freq=freq, start=start, wd=wd, decoupled=decoupled, eigen=eigen,
+                bias_correction=bias_correction)
     assert len(opt.plan.blocks) == len(ref.blocks)
     p0 = p.detach().clone()
     for t in range(steps):

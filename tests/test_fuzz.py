@@ -2,7 +2,7 @@
 the harness's own invariants. ``scripts/tools/fuzz.py --seeds N`` runs many more.
 
 The seeds below were picked (greedy set cover over seeds 0..2999 that fit one 4-rank launch) so
-that together they draw every layout, both preconditioners, every grafting, every non-finite kind
+that together they draw every layout, every preconditioner kind, every grafting, every non-finite kind
 and policy, checkpoint transfers between layouts, every parameter order and memory format, the
 three dtypes, frozen / gradient-less / zero-gradient parameters, a second param group and expert
 groups; ``test_fixed_seeds_cover_the_space`` fails if a change of the generator loses any of it.
@@ -39,7 +39,7 @@ def test_fixed_seeds_cover_the_space():
     assert {c.layout for c in cases} == set(fc.LAYOUT_WORLD)
     settings = [dict(c.config.kwargs) for c in cases] + [dict(c.config.second_group) for c in cases
                                                           if c.config.second_group]
-    assert {g["preconditioner"][0] for g in settings} == {"root_inverse", "eigen_corrected"}
+    assert {g["preconditioner"][0] for g in settings} == {"root_inverse", "eigen_corrected", "kl_shampoo"}
     assert {g["grafting"][0] for g in settings} == set(fc.GRAFTINGS)
     assert {g["regime"] for g in settings} == {"full_rank", "large_eps"}
     assert any(g["use_nesterov"] for g in settings) and any(not g["use_decoupled_weight_decay"] and g["weight_decay"]

@@ -17,7 +17,8 @@ ALLOWED = {
     "planning": (*CONFIG, "_torch_compat", "compute.kinds"),
     "compute": (*CONFIG, "planning.blocking", "_torch_compat"),
     "runtime": ("planning", "compute", *CONFIG, "param_groups", "update_options", "_torch_compat"),
-    "dryrun": ("planning", "runtime.placements", *CONFIG, "_torch_compat"),
+    # compute.kinds: the config classes of the kinds the CLI can name (--preconditioner) live beside their kind
+    "dryrun": ("planning", "runtime.placements", *CONFIG, "_torch_compat", "compute.kinds"),
     "checkpointing": ("", *CONFIG, "_torch_compat",         # "": the public API, ``from sharded_shampoo import``
                       "compute.packing"),                   # a checkpoint's symmetric state in the other layout
     "config": ("averaging_config", "checks"), "averaging_config": ("checks",), "checks": (), "_torch_compat": (),

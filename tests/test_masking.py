@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from tests.support.numerics import max_rel_diff
+from sharded_shampoo import KLShampoo
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
-from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo, QREigenbasisConfig,
-                                    RMSpropGrafting, RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
+from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
+                                    QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
+                                    WarmStartRootConfig)
 from sharded_shampoo.planning.blocking import Block
 
 BF16 = torch.bfloat16
@@ -35,6 +37,9 @@ CONFIGS = {
     "eigen-qr-full-adagrad": (EigenvalueCorrectedShampoo(eigenbasis=QREigenbasisConfig(), symmetric_packing=False),
                               AdaGradGrafting(), 0.0, 0.95, True),
     "root-drop-weighting-like": (RootInverseShampoo(), AdamGrafting(), 0.5, 0.9, False),
+    "kl-packed-adagrad": (KLShampoo(), AdaGradGrafting(), 0.9, 0.999, True),
+    "kl-full-bf16-newton": (KLShampoo(root=CoupledNewtonConfig(), symmetric_packing=False, factor_storage_dtype=BF16,
+                                      root_storage_dtype=BF16), None, 0.9, 0.95, True),
 }
 
 

@@ -29,7 +29,8 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(4, ps.scenario_invariance, list(ps.LAYOUTS), ps.reference())
+    refs = {variant: ps.reference(variant=variant) for variant in ps.VARIANTS}
+    return run_ranks(4, ps.scenario_invariance, list(ps.LAYOUTS), refs)
 
 
 @pytest.mark.parametrize("layout", ps.LAYOUTS)

@@ -29,3 +29,14 @@ def test_displacement_error_and_the_command_line(capsys):
         pv.main([])                           # --reference is required to compare
     with pytest.raises(SystemExit):
         pv.main(["--reference", "/nonexistent", "--variants", "no-such-row"])
+
+
+def test_kl_rows_configure_kl_shampoo_and_the_unpacked_row_only_changes_storage():
+    """The kl-shampoo rows run KLShampoo (1.4e-2 from Shampoo above); the unpacked one is the same math stored
+    as full matrices, so its trajectory stays at float32 round-off from the packed row's."""
+    from sharded_shampoo import KLShampoo
+
+    assert isinstance(pv.VARIANTS["kl-shampoo"].ours().kwargs["preconditioner"], KLShampoo)
+    assert pv.VARIANTS["kl-shampoo-nograft"].ours().kwargs["grafting"] is None
+    packed, unpacked = pv.our_run(pv.VARIANTS["kl-shampoo"]), pv.our_run(pv.VARIANTS["kl-shampoo-unpacked"])
+    assert pv.displacement_error(unpacked.steps[60], packed.steps[60], packed.init) < 1e-5

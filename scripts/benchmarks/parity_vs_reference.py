@@ -157,6 +157,30 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def _kl(nograft: bool = False, **fields: Any) -> Variant:
+    """A KL-Shampoo row: the reference's ``RootInvKLShampooPreconditionerConfig`` vs our :class:`KLShampoo`."""
+    ref_fields = {"use_symmetric_packing": fields["symmetric_packing"]} if "symmetric_packing" in fields else {}
+
+    def ref(ds: Any) -> Setup:
+        kw: dict[str, Any] = {"preconditioner_config": ds.RootInvKLShampooPreconditionerConfig(**ref_fields)}
+        return Setup({**kw, "grafting_config": None} if nograft else kw)
+
+    def ours() -> Setup:
+        from sharded_shampoo import KLShampoo
+
+        kw: dict[str, Any] = {"preconditioner": KLShampoo(**fields)}
+        return Setup({**kw, "grafting": None} if nograft else kw)
+    return Variant(ref, ours, "KLShampoo(" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+                   + (", no grafting" if nograft else ""))
+
+
+VARIANTS.update({
+    "kl-shampoo": _kl(),
+    "kl-shampoo-unpacked": _kl(symmetric_packing=False),
+    "kl-shampoo-nograft": _kl(nograft=True),
+})
+
+
 # ----------------------------------------------------------------------------- running
 
 

@@ -11,8 +11,9 @@ pipeline stage), ``outputs`` (output paths checked before planning), ``errors``,
 Contract: inputs are a model factory (preset, ``pkg.mod:factory`` or callable), mesh axes and
 ``PlanSettings``; outputs a ``ShampooPlan`` (a ``PipelinePlan`` of one per stage with ``pp > 1``)
 and its report. Runs in one process on the meta device (no real communication). May import
-``planning``, ``runtime.placements`` (the same placement parsing as training), ``config`` and
-``_torch_compat``; never ``optimizer``, ``compute`` or ``checkpointing``, and nothing imports it
+``planning``, ``runtime.placements`` (the same placement parsing as training), ``config``,
+``compute.kinds`` (the config classes of the kinds ``--preconditioner`` names live beside their
+kind) and ``_torch_compat``; never ``optimizer``, the rest of ``compute`` or ``checkpointing``, and nothing imports it
 except its CLI.
 """
 

@@ -30,6 +30,7 @@ from ..config import (
     RootInverseShampoo,
     SGDGrafting,
 )
+from ..compute.kinds.kl_shampoo import KLShampoo
 from ..config import PlanSettings
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
@@ -86,8 +87,9 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--precondition-frequency", type=int, default=100,
                    help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
-    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected"), default="shampoo",
-                   help="shampoo (inverse roots) or eigenvalue-corrected (SOAP-like); default: %(default)s")
+    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected", "kl-shampoo"), default="shampoo",
+                   help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like) or kl-shampoo (KLShampoo: inverse "
+                        "roots, KL factor update); default: %(default)s")
     p.add_argument("--factor-dtype", default="fp32",
                    help="dtype of factors and roots: fp32 or fp64; default: %(default)s")
     p.add_argument("--grafting", choices=sorted(_GRAFTING), default="adagrad",
@@ -124,6 +126,8 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
     pre: PreconditionerConfig
     if args.preconditioner == "shampoo":
         pre = RootInverseShampoo(factor_dtype=factor_dtype)
+    elif args.preconditioner == "kl-shampoo":
+        pre = KLShampoo(factor_dtype=factor_dtype)
     else:
         pre = EigenvalueCorrectedShampoo(factor_dtype=factor_dtype)
     graft_cls = _GRAFTING[args.grafting]

@@ -267,7 +267,7 @@ def scenario_four(rank: int, world: int, root: str, refs: dict[str, dict]) -> di
 
 def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dict[str, Any]:
     """2 ranks: 4->2 (pair, raw nested, raw flat), 1->2 (also from full to packed matrices); async save of C;
-    incompatibility errors."""
+    saves of the averaging cases and of K (KL-Shampoo) for 2->1; incompatibility errors."""
     out: dict[str, Any] = {}
     for how, name in (("pair", "A"), ("raw_nested", "A_raw_nested"), ("raw_flat", "A_raw_flat")):
         out[f"fsdp4->fsdp2 {how}"] = resume_diff("fsdp", "root_inverse", (2,), os.path.join(root, name),
@@ -275,6 +275,9 @@ def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dic
     out["single->fsdp2"] = resume_diff("fsdp", "eigen_corrected", (2,), os.path.join(root, "D"),
                                        refs["eigen_corrected"])
     save_averaging(root, "fsdp", (2,))      # read back on one process by test_checkpointing_dist.py
+    model, opt = build("fsdp", "kl", (2,))   # KL-Shampoo, read back on one process too
+    feed(model, opt, 0, SAVE_AT)
+    save_checkpoint(os.path.join(root, "K"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
     # E: full matrices (the layout before packing, symmetric_packing=False) -> packed, on 2 ranks
     out["single full->fsdp2 packed"] = resume_diff("fsdp", "root_inverse", (2,), os.path.join(root, "E"),
                                                    refs["packing"], **well_conditioned(True))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigenvalueCorrectedShampoo, GeneralizedPrimalAveraging,
-                             RootInverseShampoo, ScheduleFree, ShardedShampoo)
+                             KLShampoo, RootInverseShampoo, ScheduleFree, ShardedShampoo)
 
 STEPS = 20
 
@@ -66,6 +66,8 @@ CONFIGS["gpa"] = dict({k: v for k, v in CONFIGS["root_inverse"].items() if k != 
                       iterate_averaging=GeneralizedPrimalAveraging(eval_interp_coeff=0.9, train_interp_coeff=0.8))
 CONFIGS["schedule_free"] = dict(CONFIGS["gpa"], weight_decay=1e-3, weight_decay_type="INDEPENDENT",
                                 iterate_averaging=ScheduleFree(train_interp_coeff=0.7, eval_coeff_lr_power=2))
+# KL-Shampoo: the factor update reads the other dims' roots (packed, unpacked a chunk at a time)
+CONFIGS["kl"] = dict(CONFIGS["root_inverse"], preconditioner=KLShampoo())
 
 
 def with_eval_sequence(opt: ShardedShampoo, params: dict[str, torch.Tensor],

@@ -3,7 +3,7 @@
 A case is a model (modules holding 0-D..4-D parameters of mixed dtypes, some frozen, some without a
 gradient on some steps, channels_last and transposed leaves, stacked expert weights), a layout (one
 process, DDP, FSDP2, mixed FSDP + replicated modules, HSDP, FSDP x TP, HSDP x TP, expert parallel),
-an optimizer config (both preconditioners, every grafting, momentum / Nesterov, both weight decays,
+an optimizer config (every preconditioner kind, every grafting, momentum / Nesterov, both weight decays,
 frequencies, block sizes), and optionally a NaN/Inf injection and a save -> load (another layout)
 point. ``draw(seed)`` depends on nothing but the seed, so a failure is reproduced by its seed alone.
 
@@ -389,7 +389,8 @@ def draw(seed: int, chaotic: bool = False) -> Case:
         targets = [t for t in CKPT_LAYOUTS if (t not in EP_LAYOUTS or any(m.kind == "experts" for m in modules))]
         checkpoint = CheckpointDraw(rng.randint(1, steps - 1), rng.choice(targets), flatten=rng.random() < 0.7,
                                     async_save=rng.random() < 0.2)
-    return Case(seed, layout, modules, _with_storage(config, seed), steps, no_grad, scale, zero_grad=zero_grad,
+    return Case(seed, layout, modules, _with_kl(_with_storage(config, seed), seed), steps, no_grad, scale,
+                zero_grad=zero_grad,
                 nonfinite=nonfinite, checkpoint=checkpoint)
 
 
@@ -408,3 +409,17 @@ def _with_storage(config: ConfigDraw, seed: int) -> ConfigDraw:
         return tuple(out.items())
 
     return dataclasses.replace(config, kwargs=storage(config.kwargs), second_group=storage(config.second_group))
+
+
+def _with_kl(config: ConfigDraw, seed: int) -> ConfigDraw:
+    """A third of the root-inverse groups become KL-Shampoo (``kl_shampoo``, the same root method, dtype and
+    storage). Drawn from a generator of its own, so every other draw of a seed stays what it was."""
+    rng = random.Random(f"kl-shampoo-{seed}")
+
+    def kl(group: tuple) -> tuple:
+        out = dict(group)
+        if out.get("preconditioner", ("",))[0] == "root_inverse" and rng.random() < 1 / 3:
+            out["preconditioner"] = ("kl_shampoo", out["preconditioner"][1])
+        return tuple(out.items())
+
+    return dataclasses.replace(config, kwargs=kl(config.kwargs), second_group=kl(config.second_group))

@@ -27,8 +27,8 @@ from torch import nn
 from tests.support.fuzz_cases import Case, ModuleDraw
 from sharded_shampoo._torch_compat import unflatten_mesh
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
-                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, RMSpropGrafting,
-                             RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo)
+                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
+                             RMSpropGrafting, RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -120,7 +120,8 @@ def _preconditioner(spec: tuple[str, dict]) -> Any:
     if kind == "eigen_corrected":
         return EigenvalueCorrectedShampoo(factor_dtype=factor, symmetric_packing=packing)
     root = CoupledNewtonConfig() if kw["root"] == "newton" else EighRootConfig()
-    return RootInverseShampoo(root=root, factor_dtype=factor, symmetric_packing=packing)
+    cls = KLShampoo if kind == "kl_shampoo" else RootInverseShampoo
+    return cls(root=root, factor_dtype=factor, symmetric_packing=packing)
 
 
 def _settings(spec: dict[str, Any]) -> dict[str, Any]:

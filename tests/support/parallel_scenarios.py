@@ -17,11 +17,12 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
-from sharded_shampoo import AdaGradGrafting, BlockingConfig, ScheduleFree, ShardedShampoo
+from sharded_shampoo import AdaGradGrafting, BlockingConfig, KLShampoo, ScheduleFree, ShardedShampoo
 from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
-LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
+#: ``layout`` or ``layout:variant`` (the base CONFIG with a variant's settings, :data:`VARIANTS`)
+LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp", "fsdp_tp:kl", "hsdp_tp:kl", "ep2:kl")
 
 
 class Experts(nn.Module):
@@ -75,6 +76,16 @@ CONFIG: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.99), epsilon=1e-8, weight_d
                               grafting=AdaGradGrafting(epsilon=1e-8))
 
 
+#: optimizer settings a variant changes (every param group: the experts' too)
+VARIANTS: dict[str, dict[str, Any]] = {"": {}, "kl": dict(preconditioner=KLShampoo())}
+
+
+def split_layout(layout: str) -> tuple[str, str]:
+    """``"ep2:kl"`` -> ``("ep2", "kl")``; ``"ep2"`` -> ``("ep2", "")``."""
+    base, _, variant = layout.partition(":")
+    return base, variant
+
+
 def grad_for(name: str, shape: torch.Size, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + sum(map(ord, name)))
     return torch.randn(shape, generator=g)
@@ -87,10 +98,10 @@ def run(model: nn.Module, opt: ShardedShampoo, set_grad: Any, start: int = 0, st
         opt.step()
 
 
-def reference(stop: int = STEPS) -> dict[str, torch.Tensor]:
+def reference(stop: int = STEPS, variant: str = "") -> dict[str, torch.Tensor]:
     """The single-process trajectory."""
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    opt = ShardedShampoo(param_groups(model), **(CONFIG | VARIANTS[variant]))
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g
@@ -117,6 +128,8 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
+    layout, variant = split_layout(layout)
+    kwargs = VARIANTS[variant] | kwargs
     model = make_model()
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
@@ -177,8 +190,10 @@ def max_rel_diff(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return max(float((params[n] - r).abs().max() / r.abs().max().clamp_min(1e-12)) for n, r in ref.items())
 
 
-def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Each layout: placements seen, max relative difference to the reference, real vs planned bytes."""
+def scenario_invariance(rank: int, world: int, layouts: list[str],
+                        refs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Each layout: placements seen, max relative difference to its variant's reference (``refs``), real vs
+    planned bytes."""
     out: dict[str, Any] = {}
     for layout in layouts:
         model, opt = build(layout, world)
@@ -187,7 +202,8 @@ def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str
             if hasattr(p, "device_mesh"):
                 assert torch.equal(p.to_local(), local_part(p, q.detach())), (layout, n)
         run(model, opt, set_dtensor_grad)
-        out[layout] = {"diff": max_rel_diff(full_params(model), ref), "placements": placements(model),
+        out[layout] = {"diff": max_rel_diff(full_params(model), refs[split_layout(layout)[1]]),
+                       "placements": placements(model),
                        "bytes": (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
                        "owners": sorted(set(opt.plan.owners)), "num_blocks": len(opt.plan.blocks),
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
@@ -205,10 +221,12 @@ def dryrun_state_bytes(layout: str) -> list[int]:
     from sharded_shampoo.config import PlanSettings
     from sharded_shampoo.dryrun import MeshAxes, plan_model
 
-    c = CONFIG
+    layout, variant = split_layout(layout)
+    c = CONFIG | VARIANTS[variant]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], grafting=c["grafting"],
                             beta1=c["betas"][0], momentum=c["momentum"],
-                            precondition_frequency=c["precondition_frequency"])
+                            precondition_frequency=c["precondition_frequency"],
+                            **({"preconditioner": c["preconditioner"]} if "preconditioner" in c else {}))
     plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
     return [r.optimizer_state_bytes for r in plan.ranks]
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from .eigenvalue_corrected import EigenvalueCorrectedKind
+from .kl_shampoo import KLShampooKind
 from .protocol import PreconditionerKind
 from .root_inverse import RootInverseKind
 
 #: Every kind, one per config class.
-KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind)
+KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, KLShampooKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 
