@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 import textwrap
 from pathlib import Path
 
@@ -154,3 +157,90 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
         crm.mapped_names("## Switching from the reference Distributed Shampoo\n\nno table here\n")
     with pytest.raises(ValueError, match="defines no class DistributedShampoo"):
         crm.init_arguments(crm.ast.parse("class Other:\n    def __init__(self, a): ...\n"))
+
+
+# ----------------------------------------------------------------------------- our column of the real guide
+
+TOKEN = re.compile(r"[A-Za-z_][\w.]*|==|[(){}\[\],=]")
+
+
+def calls_and_keywords(span: str) -> list[tuple[str | None, str]]:
+    """``(callee, argument name)`` for every argument name in a backtick span of our column.
+
+    ``Name(a, b=1)`` gives ``(Name, a)`` and ``(Name, b)``; ``kw=`` outside any call gives ``(None, kw)``;
+    a callee with no arguments gives ``(Name, "")``. Values (after ``=``) and dict/list contents are skipped.
+    """
+    tokens = TOKEN.findall(span)
+    found: list[tuple[str | None, str]] = []
+    stack: list[str | None] = []
+    for i, tok in enumerate(tokens):
+        prev, nxt = (tokens[i - 1] if i else None), (tokens[i + 1] if i + 1 < len(tokens) else None)
+        if tok in "([{":
+            callee = prev if tok == "(" and prev and prev[0].isalpha() else None
+            stack.append(callee if tok == "(" else "{")
+            if callee:
+                found.append((callee, ""))
+        elif tok in ")]}":
+            if stack:
+                stack.pop()
+        elif tok[0].isalpha() or tok[0] == "_":
+            context = stack[-1] if stack else None
+            if context == "{" or prev == "=" or nxt == "(":
+                continue
+            if context is None and nxt == "=":
+                found.append((None, tok))
+            elif context and prev in ("(", ",") and nxt in ("=", ",", ")"):
+                found.append((context, tok))
+    return found
+
+
+def parameter_names(obj: object) -> set[str]:
+    if dataclasses.is_dataclass(obj):
+        return {f.name for f in dataclasses.fields(obj)}
+    return set(inspect.signature(obj).parameters)  # type: ignore[arg-type]
+
+
+def test_our_column_names_only_existing_classes_fields_and_arguments() -> None:
+    """Every class our column calls exists in ``sharded_shampoo`` (``opt.m()``: a ShardedShampoo method), and every argument it names is a field of
+    that class; a ``kw=`` outside a call is an optimizer argument or a field of a config class. A stale row
+    (a renamed field, a class that moved) fails here."""
+    import sharded_shampoo
+
+    optimizer_args = parameter_names(sharded_shampoo.ShardedShampoo)
+    config_fields = {f for name in dir(sharded_shampoo) if dataclasses.is_dataclass(getattr(sharded_shampoo, name))
+                     for f in parameter_names(getattr(sharded_shampoo, name))}
+    rows = crm.table_cells(crm.GUIDE.read_text())[1:]
+    checked, problems = 0, []
+    for cells in rows:
+        for span in crm.backticked(cells[1]):
+            for callee, arg in calls_and_keywords(span):
+                if callee is None:
+                    ok = arg in optimizer_args | config_fields
+                elif not callee[0].isupper() and "." not in callee:
+                    continue      # eigh(...), float(...): math or torch, not ours
+                else:
+                    obj = sharded_shampoo.ShardedShampoo if callee.startswith("opt.") else sharded_shampoo
+                    for part in callee.removeprefix("opt.").removeprefix("sharded_shampoo.").split("."):
+                        obj = getattr(obj, part, None)
+                    ok = obj is not None and (not arg or arg in parameter_names(obj))
+                checked += 1
+                if not ok:
+                    problems.append(f"{callee or 'ShardedShampoo'}: {arg or 'does not exist'} (in `{span}`)")
+    assert checked >= 40, checked
+    assert not problems, problems
+
+
+def test_calls_and_keywords_parses_nested_calls() -> None:
+    assert calls_and_keywords("preconditioner=RootInverseShampoo(root=EighRootConfig() or CoupledNewtonConfig(), "
+                              "inverse_exponent_override={order: {dim: 0}}, factor_dtype=...)") == [
+        (None, "preconditioner"), ("RootInverseShampoo", ""), ("RootInverseShampoo", "root"),
+        ("EighRootConfig", ""), ("CoupledNewtonConfig", ""), ("RootInverseShampoo", "inverse_exponent_override"),
+        ("RootInverseShampoo", "factor_dtype")]
+    assert calls_and_keywords("AdamGrafting(beta2, epsilon)") == [
+        ("AdamGrafting", ""), ("AdamGrafting", "beta2"), ("AdamGrafting", "epsilon")]
+    assert calls_and_keywords("(0.9, 0.999)") == []
+
+
+def test_table_cells_keep_escaped_pipes_and_accept_rows_without_a_closing_pipe() -> None:
+    guide = f"{crm.SECTION}\n\n| a | b |\n|---|---|\n| `x` \\| `y` | z |\n| `w` | v\n\n## Next\n| q | r |\n"
+    assert crm.table_cells(guide) == [["a", "b"], ["`x` \\| `y`", "z"], ["`w`", "v"]]

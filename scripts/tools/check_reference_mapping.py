@@ -123,27 +123,34 @@ def reference_names(reference: Path) -> ReferenceNames:
     return ReferenceNames(init_arguments(_parse(package / OPTIMIZER_MODULE)), tuple(classes))
 
 
-def mapped_names(guide_text: str, section: str = SECTION) -> set[str]:
-    """Identifiers inside backticks in the first column of the table under ``section``."""
+def table_cells(guide_text: str, section: str = SECTION) -> list[list[str]]:
+    """The cells of every row of the table under ``section``, header first (an escaped ``\\|`` stays in its cell)."""
     lines = guide_text.splitlines()
     try:
         start = lines.index(section)
     except ValueError:
         raise ValueError(f"the user guide has no heading {section!r}; the mapping table lives under it.") from None
-    names: set[str] = set()
-    rows = 0
+    rows = []
     for line in lines[start + 1:]:
         if line.startswith("## "):
             break
-        if not line.startswith("|") or set(line.replace("|", "").strip()) <= set("-: "):
-            continue          # prose, or the header's --- separator
-        rows += 1
-        first_cell = CELL_SPLIT.split(line)[1]
-        for span in re.findall(r"`([^`]*)`", first_cell):
-            names.update(IDENTIFIER.findall(span))
-    if rows == 0:
+        if line.startswith("|") and not set(line.replace("|", "").strip()) <= set("-: "):   # not the --- line
+            cells = [cell.strip() for cell in CELL_SPLIT.split(line)[1:]]
+            rows.append(cells[:-1] if len(cells) > 1 and not cells[-1] else cells)   # the closing | is optional
+    if not rows:
         raise ValueError(f"the section {section!r} of the user guide has no table.")
-    return names
+    return rows
+
+
+def backticked(cell: str) -> list[str]:
+    """The backtick spans of a table cell."""
+    return re.findall(r"`([^`]*)`", cell)
+
+
+def mapped_names(guide_text: str, section: str = SECTION) -> set[str]:
+    """Identifiers inside backticks in the first column of the table under ``section``."""
+    return {name for cells in table_cells(guide_text, section) for span in backticked(cells[0])
+            for name in IDENTIFIER.findall(span)}
 
 
 def missing_names(names: ReferenceNames, mapped: set[str]) -> ReferenceNames:
