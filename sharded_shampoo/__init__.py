@@ -10,6 +10,9 @@ from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
 from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
+from .compute.kinds.scale_functions import register_scale_by_dims_fn, register_sign_scale_fn
+from .compute.kinds.sign import SignDescent
+from .compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,5 @@ __all__ = [
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
+    "NewtonSchulz", "SVD", "SignDescent", "SpectralDescent", "register_scale_by_dims_fn", "register_sign_scale_fn",
 ]

@@ -13,9 +13,12 @@ from typing import Any
 from .eigenvalue_corrected import EigenvalueCorrectedKind
 from .protocol import PreconditionerKind
 from .root_inverse import RootInverseKind
+from .sign import SignDescentKind
+from .spectral import SpectralDescentKind
 
 #: Every kind, one per config class.
-KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind)
+KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, SpectralDescentKind,
+                                               SignDescentKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 
