@@ -91,7 +91,15 @@ def register_scale_by_dims_fn(name: str, fn: DimsScale) -> None:
 
 def register_sign_scale_fn(name: str, fn: SignScale) -> None:
     """Make ``fn(G) -> Tensor [B] | float`` (``G``: a ``[B, *block_shape]`` stack) usable as
-    ``SignDescent(scale_fn=name)``."""
+    ``SignDescent(scale_fn=name)``. ``fn`` is tried on a ``[2, 3, 4]`` stack first: it must return one
+    number per block (or a float), so a wrong signature fails here, not in the middle of a step."""
+    if callable(fn):
+        probe = fn(torch.ones(2, 3, 4))
+        if not (isinstance(probe, (int, float)) or (isinstance(probe, torch.Tensor) and probe.shape == (2,))):
+            shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise ValueError(f"sign-descent scale function {name!r} returned {shape} for a stack of 2 blocks of "
+                             "shape (3, 4); it must return one number per block (a tensor of shape [B]) or a "
+                             "float. Reduce over every dim but the first, e.g. G.abs().flatten(1).sum(1).")
     SIGN_SCALES.register(name, fn)
 
 

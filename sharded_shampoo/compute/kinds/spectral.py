@@ -96,8 +96,8 @@ class NewtonSchulz:
         """The ``(a, b, c)`` of each iteration."""
         c = self.coefficients
         if isinstance(c[0], tuple):
-            return list(c)                   # type: ignore[arg-type]
-        return [c] * self.num_iterations      # type: ignore[list-item]
+            return list(c)
+        return [c] * self.num_iterations
 
 
 @config_class
