@@ -15,6 +15,7 @@ from tests.support.numerics import max_rel_diff
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, EigenvalueCorrectedShampoo, QREigenbasisConfig,
                                     RMSpropGrafting, RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
+from sharded_shampoo import SVD, NewtonSchulz, SignDescent, SpectralDescent
 from sharded_shampoo.planning.blocking import Block
 
 BF16 = torch.bfloat16
@@ -35,6 +36,11 @@ CONFIGS = {
     "eigen-qr-full-adagrad": (EigenvalueCorrectedShampoo(eigenbasis=QREigenbasisConfig(), symmetric_packing=False),
                               AdaGradGrafting(), 0.0, 0.95, True),
     "root-drop-weighting-like": (RootInverseShampoo(), AdamGrafting(), 0.5, 0.9, False),
+    "spectral-ns-adagrad": (SpectralDescent(), AdaGradGrafting(), 0.9, 0.999, True),
+    "spectral-ns-bf16-muon": (SpectralDescent(NewtonSchulz(matmul_dtype=BF16, scale_by_dims_fn="muon")), None,
+                              0.95, 0.999, False),
+    "spectral-svd-nuclear": (SpectralDescent(SVD(scale_by_nuclear_norm=True)), None, 0.0, 0.999, True),
+    "sign-l1-rmsprop": (SignDescent(scale_fn="l1_norm"), RMSpropGrafting(), 0.9, 0.99, True),
 }
 
 
