@@ -17,11 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
-from sharded_shampoo import AdaGradGrafting, BlockingConfig, ScheduleFree, ShardedShampoo
+from sharded_shampoo import (AdaGradGrafting, BlockingConfig, NewtonSchulz, ScheduleFree, ShardedShampoo, SignDescent,
+                             SpectralDescent)
 from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
 LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
+#: other preconditioners on some layouts, ``"<layout>/<variant>"`` (the same launch as LAYOUTS)
+VARIANT_LAYOUTS = ("fsdp_tp/spectral", "hsdp_tp/spectral", "ep4/spectral", "ep2/sign")
 
 
 class Experts(nn.Module):
@@ -61,18 +64,39 @@ def make_model() -> Tiny:
     return model
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("moe.")]
-    experts = [(n, p) for n, p in model.named_parameters() if n.startswith("moe.")]
-    # the experts average their iterates (Schedule-Free; the group's own setting replaces the
-    # constructor's momentum), so z is sharded over EP / efsdp and checkpointed across layouts too
-    return [{"params": dense}, {"params": experts, "blocking": BlockingConfig(batch_dims=1),
-                                "iterate_averaging": ScheduleFree(train_interp_coeff=0.8)}]
-
-
 CONFIG: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.99), epsilon=1e-8, weight_decay=0.01, momentum=0.5,
                               max_preconditioner_dim=8, precondition_frequency=3, start_preconditioning_step=4,
                               grafting=AdaGradGrafting(epsilon=1e-8))
+#: per variant: constructor overrides and the blocking of the dense group (the experts add batch_dims=1).
+#: Spectral descent: every 2-D block and each expert orthogonalised by its owner, the norm on AdaGrad grafting.
+VARIANTS: dict[str, tuple[dict[str, Any], BlockingConfig]] = {
+    "shampoo": ({}, BlockingConfig()),
+    "spectral": (dict(preconditioner=SpectralDescent(NewtonSchulz(scale_by_dims_fn="muon")),
+                      start_preconditioning_step=None), BlockingConfig(precondition_1d=False)),
+    "sign": (dict(preconditioner=SignDescent(scale_fn="l1_norm"), lr=1e-3, start_preconditioning_step=None),
+             BlockingConfig()),
+}
+
+
+def split_layout(layout: str) -> tuple[str, str]:
+    """``"ep4/spectral"`` -> ``("ep4", "spectral")``; a bare layout runs Shampoo."""
+    base, _, variant = layout.partition("/")
+    return base, variant or "shampoo"
+
+
+def param_groups(model: nn.Module, variant: str = "shampoo") -> list[dict[str, Any]]:
+    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("moe.")]
+    experts = [(n, p) for n, p in model.named_parameters() if n.startswith("moe.")]
+    blocking = VARIANTS[variant][1]
+    # the experts average their iterates (Schedule-Free; the group's own setting replaces the
+    # constructor's momentum), so z is sharded over EP / efsdp and checkpointed across layouts too
+    return [{"params": dense, "blocking": blocking},
+            {"params": experts, "blocking": BlockingConfig(batch_dims=1, precondition_1d=blocking.precondition_1d),
+             "iterate_averaging": ScheduleFree(train_interp_coeff=0.8)}]
+
+
+def make_optimizer(model: nn.Module, variant: str = "shampoo", **kwargs: Any) -> ShardedShampoo:
+    return ShardedShampoo(param_groups(model, variant), **(CONFIG | VARIANTS[variant][0] | kwargs))
 
 
 def grad_for(name: str, shape: torch.Size, step: int) -> torch.Tensor:
@@ -87,10 +111,10 @@ def run(model: nn.Module, opt: ShardedShampoo, set_grad: Any, start: int = 0, st
         opt.step()
 
 
-def reference(stop: int = STEPS) -> dict[str, torch.Tensor]:
+def reference(stop: int = STEPS, variant: str = "shampoo") -> dict[str, torch.Tensor]:
     """The single-process trajectory."""
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    opt = make_optimizer(model, variant)
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g
@@ -117,6 +141,7 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
+    layout, variant = split_layout(layout)
     model = make_model()
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
@@ -139,7 +164,7 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
         sparse = unflatten_mesh(world_mesh, 0, (world // ep, ep), ("efsdp", "ep"))
         apply_parallelism(model, dense["fsdp"], tp_mesh=dense["tp"], ep_mesh=sparse["ep"],
                           expert_dp_mesh=sparse["efsdp"])
-    return model, ShardedShampoo(param_groups(model), **(CONFIG | kwargs))
+    return model, make_optimizer(model, variant, **kwargs)
 
 
 def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -177,8 +202,10 @@ def max_rel_diff(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return max(float((params[n] - r).abs().max() / r.abs().max().clamp_min(1e-12)) for n, r in ref.items())
 
 
-def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Each layout: placements seen, max relative difference to the reference, real vs planned bytes."""
+def scenario_invariance(rank: int, world: int, layouts: list[str],
+                        refs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Each layout: placements seen, max relative difference to the reference of its variant, real vs planned
+    bytes."""
     out: dict[str, Any] = {}
     for layout in layouts:
         model, opt = build(layout, world)
@@ -187,7 +214,7 @@ def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str
             if hasattr(p, "device_mesh"):
                 assert torch.equal(p.to_local(), local_part(p, q.detach())), (layout, n)
         run(model, opt, set_dtensor_grad)
-        out[layout] = {"diff": max_rel_diff(full_params(model), ref), "placements": placements(model),
+        out[layout] = {"diff": max_rel_diff(full_params(model), refs[split_layout(layout)[1]]), "placements": placements(model),
                        "bytes": (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
                        "owners": sorted(set(opt.plan.owners)), "num_blocks": len(opt.plan.blocks),
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
@@ -205,10 +232,13 @@ def dryrun_state_bytes(layout: str) -> list[int]:
     from sharded_shampoo.config import PlanSettings
     from sharded_shampoo.dryrun import MeshAxes, plan_model
 
-    c = CONFIG
+    layout, variant = split_layout(layout)
+    c = CONFIG | VARIANTS[variant][0]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], grafting=c["grafting"],
                             beta1=c["betas"][0], momentum=c["momentum"],
-                            precondition_frequency=c["precondition_frequency"])
+                            precondition_frequency=c["precondition_frequency"],
+                            preconditioner=c.get("preconditioner", PlanSettings().preconditioner),
+                            blocking=VARIANTS[variant][1])
     plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
     return [r.optimizer_state_bytes for r in plan.ranks]
 
@@ -252,7 +282,7 @@ def resume_one_process(root: str) -> dict[str, torch.Tensor]:
     from sharded_shampoo.checkpointing import load_checkpoint
 
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    opt = make_optimizer(model)
     step = load_checkpoint(root, model, opt, extra={"step": 0})["step"]
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
