@@ -63,6 +63,14 @@ def is_preconditioner_config(value: Any) -> bool:
     return isinstance(value, tuple(_PRECONDITIONER_CLASSES))
 
 
+def config_class_named(name: str) -> type:
+    """The config class registered under ``name`` (by :func:`preconditioner_config` / :func:`config_class`):
+    how an outer stage (the dry-run CLI) builds a kind defined in ``compute/kinds`` without importing it."""
+    if name not in _CONFIG_CLASSES:
+        raise ValueError(f"unknown config class {name!r}; known: {sorted(_CONFIG_CLASSES)}.")
+    return _CONFIG_CLASSES[name]
+
+
 def preconditioner_config_names() -> str:
     """``"RootInverseShampoo(), EigenvalueCorrectedShampoo(), ..."`` for error messages."""
     return ", ".join(f"{c.__name__}()" for c in _PRECONDITIONER_CLASSES)
