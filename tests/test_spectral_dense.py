@@ -196,3 +196,9 @@ def test_sign_descent_l1_scale_and_grafting():
         return torch.sign(M) * M.abs().sum()
     _run((6, 5), (6, 5), 5, SignDescent(scale_fn="l1_norm", factor_dtype=F64), l1, lr=1e-3)
     _run((6, 5), (6, 5), 5, SignDescent(factor_dtype=F64), torch.sign, grafting=AdaGradGrafting(epsilon=1e-8))
+
+
+def test_sign_descent_1d_blocks_use_the_grafting_direction_when_asked():
+    opt = _run((7,), (7,), 8, SignDescent(factor_dtype=F64), torch.sign, blocking=BlockingConfig(precondition_1d=False),
+               grafting=AdaGradGrafting(epsilon=1e-8), use_direction=False, expect_blocks=[(7,)])
+    assert opt.runtime.buckets[0].kind.preconditions is False
