@@ -11,6 +11,9 @@ from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
 from .compute.kinds.kl_shampoo import KLShampoo
 from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
+from .compute.kinds.scale_functions import register_scale_by_dims_fn, register_sign_scale_fn
+from .compute.kinds.sign import SignDescent
+from .compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 
 __version__ = "0.1.0"
 
@@ -22,4 +25,5 @@ __all__ = [
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
+    "NewtonSchulz", "SVD", "SignDescent", "SpectralDescent", "register_scale_by_dims_fn", "register_sign_scale_fn",
 ]

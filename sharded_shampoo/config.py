@@ -52,6 +52,13 @@ def preconditioner_config(cls: type) -> type:
     return cls
 
 
+def config_class(cls: type) -> type:
+    """Class decorator: let :func:`config_from_dict` restore ``cls`` by name (for config classes nested in a
+    preconditioner config that live outside this module, e.g. ``NewtonSchulz`` in ``compute/kinds``)."""
+    _CONFIG_CLASSES[cls.__name__] = cls
+    return cls
+
+
 def is_preconditioner_config(value: Any) -> bool:
     return isinstance(value, tuple(_PRECONDITIONER_CLASSES))
 

@@ -1,8 +1,8 @@
 """When a param group runs its amortized step (inverse roots / eigenbases), and whether it preconditions.
 
 Step ``t`` (1-based) of a group preconditions when ``t >= start`` (``start_preconditioning_step``,
-None meaning ``precondition_frequency``), and refreshes the roots when ``t`` is a multiple of the
-frequency or ``t == start``. Both settings may change at any time, so that rule alone can let
+None meaning ``precondition_frequency``, or 1 for spectral / sign descent), and refreshes the roots
+when ``t`` is a multiple of the frequency or ``t == start``. Both settings may change at any time, so that rule alone can let
 preconditioning start without a root: lowering ``start`` below the current step (between steps,
 or by a resume with ``hyperparameters="current"``) makes step ``t > start`` precondition with the
 initial identity roots until the next multiple of the frequency. Hence a third trigger: the first
@@ -26,8 +26,13 @@ from typing import Any
 
 
 def start_of(group: Mapping[str, Any]) -> int:
-    """The group's first preconditioned step (``start_preconditioning_step``, None: the frequency)."""
-    return group["start_preconditioning_step"] or group["precondition_frequency"]
+    """The group's first preconditioned step (``start_preconditioning_step``; None: the frequency, or
+    step 1 for a preconditioner without a refresh -- spectral / sign descent, ``refreshes = False`` --
+    which has nothing to wait for, as the reference's ``precondition_frequency = 1`` for them)."""
+    start = group["start_preconditioning_step"]
+    if start:
+        return start
+    return group["precondition_frequency"] if getattr(group["preconditioner"], "refreshes", True) else 1
 
 
 @dataclass(frozen=True)

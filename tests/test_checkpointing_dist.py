@@ -22,7 +22,7 @@ BOUND = 1e-6
 
 @pytest.fixture(scope="module")
 def refs() -> dict[str, dict]:
-    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl")}
+    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl", *cs.STATELESS_KINDS)}
     out["packing"] = cs.reference("root_inverse", cs.END, **cs.well_conditioned(True))[0]
     return out
 
@@ -136,6 +136,15 @@ def test_fsdp_4_to_single_process(root: str, refs: dict, four: list[dict]) -> No
 def test_kl_shampoo_fsdp_2_to_single_process(root: str, refs: dict, two: list[dict]) -> None:
     """KL-Shampoo saved by 2 FSDP ranks resumes on one process and continues like the uninterrupted run."""
     assert cs.resume_diff("single", "kl", (1,), os.path.join(root, "K"), refs["kl"]) <= BOUND
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("config", cs.STATELESS_KINDS)
+def test_spectral_and_sign_fsdp_2_to_single_process(root: str, refs: dict, two: list[dict], config: str) -> None:
+    # spectral descent (Newton-Schulz, biases on AdaGrad grafting) and sign descent (with momentum):
+    # filtered gradient, grafting and momentum saved by 2 FSDP ranks, resumed by one process
+    path = os.path.join(root, f"KIND_{config}")
+    assert cs.resume_diff("single", config, (1,), path, refs[config]) <= BOUND
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

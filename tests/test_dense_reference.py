@@ -16,7 +16,7 @@ from typing import Optional
 import pytest
 import torch
 
-from tests.support.numerics import block_boxes, grad_for, kron_all, max_rel_diff
+from tests.support.numerics import block_boxes, grad_for, kron_all, max_rel_diff, step_in_lockstep
 from sharded_shampoo import ShardedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     EighRootConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting)
@@ -168,15 +168,7 @@ def _run(shape, merged, max_dim, exponents, *, steps=7, precond=None, lr=0.05, b
                 grafting=grafting, freq=freq, start=start, wd=wd, decoupled=decoupled, eigen=eigen,
                 bias_correction=bias_correction)
     assert len(opt.plan.blocks) == len(ref.blocks)
-    p0 = p.detach().clone()
-    for t in range(steps):
-        g = grad_for(p, 0, t)
-        p.grad = g
-        opt.step()
-        ref.step(grad_for(ref.p, 0, t))
-        d = max_rel_diff(p, ref.p)
-        assert d <= tol, f"step {t + 1}: max diff to the dense reference {d:.3e} > {tol:.0e}"
-    assert float((p.detach() - p0).abs().max()) > 1e-3
+    step_in_lockstep(opt, p, ref, steps, tol)
     return opt
 
 

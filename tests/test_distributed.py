@@ -57,6 +57,9 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         ("fsdp", "gpa", (2,), F32, 4),
         ("fsdp", "schedule_free", (2,), F32, 0),
         ("fsdp", "kl", (2,), F32, 4),
+        # spectral / sign descent: each block orthogonalised (or signed) by its owner
+        ("fsdp", "spectral", (2,), F32, 4),
+        ("mixed", "sign", (2,), F32, 0),
     ]
     _check(run_ranks(2, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
@@ -74,6 +77,8 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("hsdp", "schedule_free", (2, 2), F32, 0),
         ("hsdp", "kl", (2, 2), F32, 0),
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
+        ("hsdp", "spectral", (2, 2), F32, 0),
+        ("fsdp", "sign", (4,), F32, 0),
     ]
     _check(run_ranks(4, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 

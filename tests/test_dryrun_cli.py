@@ -377,3 +377,30 @@ def test_twins_are_found_only_where_layers_are_alike():
     assert twins.copies["layers.1.attention.wq.weight"] == "layers.0.attention.wq.weight"
     model.layers[1].attention.wq = torch.nn.Linear(LLAMA_TINY.dim, LLAMA_TINY.dim, bias=True, device="meta")
     assert find_twins(model, tensor_parallel=True) is None          # layer 1 differs: no twins left
+
+
+@pytest.mark.parametrize("choice,config", [("spectral", "NewtonSchulz"), ("spectral-svd", "SVD"), ("sign", None)])
+def test_cli_plans_spectral_and_sign_descent_without_factors(tmp_path, capsys, choice, config):
+    """--preconditioner spectral / spectral-svd / sign: no factors or roots, no refresh FLOPs, each block's
+    state is its filtered gradient + AdaGrad grafting + the two counters; 1-D blocks (norms) use grafting."""
+    from sharded_shampoo.compute.orthogonalize import newton_schulz_flops
+
+    out_json = tmp_path / "plan.json"
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "4", "--preconditioner", choice,
+                 "--json", str(out_json)]) == 0
+    assert ("SpectralDescent" if config else "SignDescent") in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    settings = data["settings"][0]
+    assert settings["blocking"]["precondition_1d"] is False
+    if config:
+        assert settings["preconditioner"]["orthogonalization"]["__config__"] == config
+    for r in data["ranks"]:
+        assert {k for k, v in r["optimizer_state_breakdown"].items() if v} == {"filtered_grad", "grafting", "counters"}
+        assert r["amortized_flops"] == 0
+    numels = [torch.Size(b["shape"]).numel() for b in data["blocks"]]
+    assert [b["state_bytes"] for b in data["blocks"]] == [2 * 4 * n + 16 for n in numels]
+    assert {len(b["shape"]) for b in data["blocks"]} == {1, 2}       # the norms' 1-D blocks are planned too
+    if config == "NewtonSchulz":
+        for b in data["blocks"]:
+            if len(b["shape"]) == 2:
+                assert b["step_flops"] > newton_schulz_flops(*b["shape"], 5)

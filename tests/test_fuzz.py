@@ -2,7 +2,8 @@
 the harness's own invariants. ``scripts/tools/fuzz.py --seeds N`` runs many more.
 
 The seeds below were picked (greedy set cover over seeds 0..2999 that fit one 4-rank launch) so
-that together they draw every layout, every preconditioner kind, every grafting, every non-finite kind
+that together they draw every layout, every preconditioner kind (spectral / sign descent since their
+generator joined), every grafting, every non-finite kind
 and policy, checkpoint transfers between layouts, every parameter order and memory format, the
 three dtypes, frozen / gradient-less / zero-gradient parameters, a second param group and expert
 groups; ``test_fixed_seeds_cover_the_space`` fails if a change of the generator loses any of it.
@@ -17,7 +18,8 @@ from tests.support.fuzz_runner import launch_sequence, pack_rounds, probe_hang, 
 
 SEEDS = [43, 129, 208, 254, 284, 302, 303, 305, 330, 360, 394, 428, 616, 659, 693, 755, 886, 1078, 1212, 1294, 1306,
          1380, 1415, 1417, 1419, 1505, 1535, 1602, 1618, 1689, 1719, 1958, 2072, 2317, 2320, 2434, 2759, 2825, 2857,
-         2912]
+         2912,
+         349]     # bf16 L2 fold regression (2434, which caught it, draws sign descent since spectral/sign joined)
 
 
 def test_fixed_seeds_hold_every_claim_in_one_launch():
@@ -39,7 +41,10 @@ def test_fixed_seeds_cover_the_space():
     assert {c.layout for c in cases} == set(fc.LAYOUT_WORLD)
     settings = [dict(c.config.kwargs) for c in cases] + [dict(c.config.second_group) for c in cases
                                                           if c.config.second_group]
-    assert {g["preconditioner"][0] for g in settings} == {"root_inverse", "eigen_corrected", "kl_shampoo"}
+    assert {g["preconditioner"][0] for g in settings} == {"root_inverse", "eigen_corrected", "kl_shampoo",
+                                                          *fc.STATELESS_KINDS}
+    assert {g["preconditioner"][1].get("orthogonalization") for g in settings} >= {"newton_schulz", "svd"}
+    assert {g["preconditioner"][1].get("scale_fn") for g in settings} >= {"one", "l1_norm"}
     assert {g["grafting"][0] for g in settings} == set(fc.GRAFTINGS)
     assert {g["regime"] for g in settings} == {"full_rank", "large_eps"}
     assert any(g["use_nesterov"] for g in settings) and any(not g["use_decoupled_weight_decay"] and g["weight_decay"]

@@ -17,6 +17,7 @@ from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, Bu
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
                                     WarmStartRootConfig)
+from sharded_shampoo import SVD, NewtonSchulz, SignDescent, SpectralDescent
 from sharded_shampoo.planning.blocking import Block
 
 BF16 = torch.bfloat16
@@ -40,6 +41,11 @@ CONFIGS = {
     "kl-packed-adagrad": (KLShampoo(), AdaGradGrafting(), 0.9, 0.999, True),
     "kl-full-bf16-newton": (KLShampoo(root=CoupledNewtonConfig(), symmetric_packing=False, factor_storage_dtype=BF16,
                                       root_storage_dtype=BF16), None, 0.9, 0.95, True),
+    "spectral-ns-adagrad": (SpectralDescent(), AdaGradGrafting(), 0.9, 0.999, True),
+    "spectral-ns-bf16-muon": (SpectralDescent(NewtonSchulz(matmul_dtype=BF16, scale_by_dims_fn="muon")), None,
+                              0.95, 0.999, False),
+    "spectral-svd-nuclear": (SpectralDescent(SVD(scale_by_nuclear_norm=True)), None, 0.0, 0.999, True),
+    "sign-l1-rmsprop": (SignDescent(scale_fn="l1_norm"), RMSpropGrafting(), 0.9, 0.99, True),
 }
 
 

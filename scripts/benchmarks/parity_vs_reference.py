@@ -8,7 +8,8 @@ dependency). Both optimizers run 60 steps of the same problem, single process, f
   order from ``torch.Generator().manual_seed(0)`` as ``randn * 0.1``;
 * the gradient of step ``t`` is ``randn(shape, generator=manual_seed(1000 + t)) + W`` at the current
   parameters (the training sequence of GPA / Schedule-Free): ``0.5 ||W||^2`` plus seeded noise;
-* ``lr_t = lr * min(1, t / warmup)`` for variants with a warmup, written into every group's ``lr``;
+* ``lr_t = lr * min(1, t / warmup)`` for variants with a warmup (``lr``: the group's at construction), written
+  into every group's ``lr``;
 * common settings (``BASE``): lr 0.01, betas (0.9, 0.999), epsilon 1e-6, max_preconditioner_dim 64,
   precondition_frequency 10, start_preconditioning_step 20 (every factor is full rank at the first
   root: the well-conditioned regime), bias correction, AdaGrad grafting (epsilon 1e-8).
@@ -47,10 +48,12 @@ LR, BETAS, EPSILON, MAX_DIM, FREQUENCY, START = 0.01, (0.9, 0.999), 1e-6, 64, 10
 
 @dataclass
 class Setup:
-    """One side of a row: constructor keyword arguments (on top of the common ones) and a warmup."""
+    """One side of a row: constructor keyword arguments (on top of the common ones), a warmup, and
+    optionally param groups: dicts of group settings with ``"names"`` (parameters of ``SHAPES``)."""
 
     kwargs: dict[str, Any] = field(default_factory=dict)
     warmup: int = 0
+    groups: Optional[list[dict[str, Any]]] = None
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,8 @@ def set_grads(step: int, params: list[torch.nn.Parameter]) -> None:
         p.grad = torch.randn(p.shape, generator=g, dtype=torch.float32) + p.detach()
 
 
-def lr_at(step: int, warmup: int) -> float:
-    return LR * min(1.0, step / warmup) if warmup > 0 else LR
+def lr_at(step: int, warmup: int, lr: float = LR) -> float:
+    return lr * min(1.0, step / warmup) if warmup > 0 else lr
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -135,6 +138,91 @@ def _gpa_wd_ours() -> Setup:
     return Setup({**_ours_averaging("GeneralizedPrimalAveraging", **GPA)().kwargs, "weight_decay": 0.1})
 
 
+# spectral / sign descent (variants.md 14.2): the 2-D parameters (w3d merged to (32, 128)) in a group whose blocks
+# are whole matrices, the 1-D bias with AdaGrad -- the reference's AdaGrad preconditioner config, ours the
+# grafting direction of a 1-D block (BlockingConfig(precondition_1d=False)); no grafting on the matrices
+MATRICES = ["w2d", "w3d", "wblk"]
+
+
+def _ref_scale_l1(grad: torch.Tensor) -> torch.Tensor:      # the reference's l-infinity example (a named function)
+    return grad.abs().sum()
+
+
+def _ref_muon_scale(d_in: int, d_out: int) -> float:
+    return max(1.0, d_out / d_in) ** 0.5
+
+
+def _spectral(ortho: Callable[[Any], Any], ours_ortho: Callable[[], Any], description: str, graft: bool = False,
+              **extra: Any) -> Variant:
+    """``graft``: AdaGrad grafting on the matrices too (grafting direction before step 20, then rescaled)."""
+    def ref(ds: Any) -> Setup:
+        import math
+
+        grafting = ds.AdaGradPreconditionerConfig(epsilon=1e-8) if graft else None
+        return Setup(dict(grafting_config=grafting, preconditioner_config=ds.SpectralDescentPreconditionerConfig(
+            orthogonalization_config=ortho(ds)), **extra),
+            groups=[{"names": MATRICES, "max_preconditioner_dim": math.inf},
+                    {"names": ["bias"], "preconditioner_config": ds.AdaGradPreconditionerConfig(epsilon=1e-8)}])
+
+    def ours() -> Setup:
+        from sharded_shampoo import AdaGradGrafting, BlockingConfig, SpectralDescent
+
+        grafting = dict(grafting=AdaGradGrafting(epsilon=1e-8)) if graft else \
+            dict(grafting=None, start_preconditioning_step=None)
+        return Setup(dict(preconditioner=SpectralDescent(ours_ortho()), **grafting, **extra),
+                     groups=[{"names": MATRICES, "max_preconditioner_dim": 1 << 20},
+                             {"names": ["bias"], "grafting": AdaGradGrafting(epsilon=1e-8),
+                              "blocking": BlockingConfig(precondition_1d=False)}])
+    return Variant(ref, ours, description)
+
+
+def _ref_orth(kind: str, **kw: Any) -> Callable[[Any], Any]:
+    def build(ds: Any) -> Any:
+        import distributed_shampoo.preconditioner.matrix_functions_types as mft
+
+        return getattr(mft, kind)(**kw)
+    return build
+
+
+def _ours(kind: str, **kw: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        import sharded_shampoo
+
+        return getattr(sharded_shampoo, kind)(**kw)
+    return build
+
+
+def _sign(ref_scale: Optional[Callable[[torch.Tensor], Any]], ours_scale: str, lr: float) -> Variant:
+    def ref(ds: Any) -> Setup:
+        config = ds.SignDescentPreconditionerConfig(**({"scale_fn": ref_scale} if ref_scale else {}))
+        return Setup(dict(grafting_config=None, preconditioner_config=config, lr=lr))
+
+    def ours() -> Setup:
+        from sharded_shampoo import SignDescent
+
+        return Setup(dict(grafting=None, preconditioner=SignDescent(scale_fn=ours_scale), lr=lr,
+                          start_preconditioning_step=None))
+    return Variant(ref, ours, f"SignDescent(scale_fn={ours_scale!r}), no grafting, lr={lr}")
+
+
+SPECTRAL_VARIANTS: dict[str, Variant] = {
+    "spectral": _spectral(_ref_orth("NewtonSchulzOrthogonalizationConfig"), _ours("NewtonSchulz"),
+                          "SpectralDescent(NewtonSchulz()), matrices whole, bias AdaGrad, no grafting"),
+    "spectral-svd": _spectral(_ref_orth("SVDOrthogonalizationConfig"), _ours("SVD"), "as spectral with SVD()"),
+    "spectral-graft": _spectral(_ref_orth("NewtonSchulzOrthogonalizationConfig"), _ours("NewtonSchulz"),
+                                "as spectral with AdaGrad grafting (grafting direction before step 20)", graft=True),
+    "spectral-svd-nuclear": _spectral(_ref_orth("SVDOrthogonalizationConfig", scale_by_nuclear_norm=True),
+                                      _ours("SVD", scale_by_nuclear_norm=True),
+                                      "SVD(scale_by_nuclear_norm=True), lr=1e-4", lr=1e-4),
+    # the reference's "muon" row with beta3 = beta1 (heavy-ball momentum; beta3 is another branch's option)
+    "muon-heavy-ball": _spectral(_ref_orth("NewtonSchulzOrthogonalizationConfig", scale_by_dims_fn=_ref_muon_scale),
+                                 _ours("NewtonSchulz", scale_by_dims_fn="muon"),
+                                 "NewtonSchulz(scale_by_dims_fn='muon'), betas=(0.95, .), no bias correction, lr=0.02",
+                                 betas=(0.95, 0.999), use_bias_correction=False, lr=0.02),
+    "sign": _sign(None, "one", LR),
+    "sign-l1": _sign(_ref_scale_l1, "l1_norm", 1e-4),
+}
+
 #: name -> Variant. Other preconditioner / update variants add their rows here.
 VARIANTS: dict[str, Variant] = {
     "shampoo": Variant(lambda ds: Setup(), lambda: Setup(), "root-inverse Shampoo, AdaGrad grafting (the base)"),
@@ -154,6 +242,7 @@ VARIANTS: dict[str, Variant] = {
     "wd-decoupled": _weight_decay("DECOUPLED", 0.1),
     "wd-corrected": _weight_decay("CORRECTED", 0.1, warmup=10),
     "wd-independent": _weight_decay("INDEPENDENT", 5e-4),
+    **SPECTRAL_VARIANTS,
 }
 
 
@@ -195,10 +284,11 @@ def run(make_optimizer: Callable[[list[torch.nn.Parameter]], Any], warmup: int, 
     params = make_params()
     init = [p.detach().clone() for p in params]
     opt = make_optimizer(params)
+    peak = [group["lr"] for group in opt.param_groups]      # a row's own lr (LR unless it sets one)
     saved: dict[int, list[torch.Tensor]] = {}
     for t in range(1, STEPS + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(t, warmup)
+        for group, lr in zip(opt.param_groups, peak):
+            group["lr"] = lr_at(t, warmup, lr)
         set_grads(t, params)
         opt.step()
         if t in SAVE_STEPS:
@@ -216,9 +306,24 @@ def reference_run(variant: Variant, ds: Any) -> Trajectory:
     kwargs = {**reference_base(ds), **setup.kwargs}
     has_eval = type(kwargs.get("iterate_averaging_config")).__name__ in ("GeneralizedPrimalAveragingConfig",
                                                                          "ScheduleFreeConfig")
-    # a fresh distributed config per run: spectral descent edits the one it is given (variants.md S7)
-    return run(lambda ps: ds.DistributedShampoo(ps, distributed_config=ds.SingleDeviceDistributedConfig(), **kwargs),
-               setup.warmup, has_eval)
+    # a fresh distributed config per run and group: spectral descent edits the one it is given (variants.md S7)
+    fresh = dict(distributed_config=ds.SingleDeviceDistributedConfig())
+    return run(lambda ps: ds.DistributedShampoo(_grouped(setup, ps, fresh), **fresh, **kwargs), setup.warmup,
+               has_eval)
+
+
+def _grouped(setup: Setup, params: list[torch.nn.Parameter], per_group: dict[str, Any],
+             named: bool = False) -> list[Any]:
+    """``params`` (as ``(name, p)`` pairs if ``named``), or the setup's param groups over them."""
+    by_name = {n: p for (n, _), p in zip(SHAPES, params)}
+    if setup.groups is None:
+        return [(n, p) for n, p in by_name.items()] if named else list(params)
+    out = []
+    for g in setup.groups:
+        chosen = [(n, by_name[n]) for n in g["names"]]
+        out.append({**{k: v for k, v in g.items() if k != "names"}, **per_group,
+                    "params": chosen if named else [p for _, p in chosen]})
+    return out
 
 
 def our_run(variant: Variant) -> Trajectory:
@@ -228,8 +333,7 @@ def our_run(variant: Variant) -> Trajectory:
     setup = variant.ours()
     kwargs = {**our_base(), **setup.kwargs}
     has_eval = isinstance(kwargs.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES)
-    return run(lambda ps: ShardedShampoo([(n, p) for (n, _), p in zip(SHAPES, ps)], **kwargs), setup.warmup,
-               has_eval)
+    return run(lambda ps: ShardedShampoo(_grouped(setup, ps, {}, named=True), **kwargs), setup.warmup, has_eval)
 
 
 def displacement_error(ours: list[torch.Tensor], ref: list[torch.Tensor], init: list[torch.Tensor]) -> float:

@@ -133,6 +133,10 @@ class BlockBucket:
             assert graft is not None
             return graft
         # G is dead from here on (statistics and moments are updated): the direction is written into it
+        if bc1 is not None and not self.kind.linear:
+            M, bc1 = torch.div(M, bc1, out=G), None      # a kind that normalises its input needs M_hat itself
+            if ctx.active is not None:       # a block never stepped has bc1 = 0: no NaN into an SVD
+                M.masked_fill_(~per_block(ctx.active, M.ndim), 0)
         P = self.kind.direction(self.state, M, ctx, out=G)
         if self.config.grafting is not None:
             assert graft_norm is not None            # computed whenever there is a grafting method

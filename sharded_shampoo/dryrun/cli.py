@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,19 +25,35 @@ from ..config import (
     COMM_DTYPES,
     AdaGradGrafting,
     AdamGrafting,
+    BlockingConfig,
     EigenvalueCorrectedShampoo,
-    PreconditionerConfig,
     RMSpropGrafting,
     RootInverseShampoo,
     SGDGrafting,
 )
 from ..compute.kinds.kl_shampoo import KLShampoo
+from ..compute.kinds.sign import SignDescent
+from ..compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 from ..config import PlanSettings
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
 from .outputs import check_output_paths, write_output
 from .presets import preset_names
 from .report import DryRunError, format_report, write_png
+
+
+#: --preconditioner choice -> the config for a --factor-dtype (``Any``: the config union of ``config.py`` cannot
+#: name the kinds defined in ``compute/kinds``; PlanSettings checks the value at run time)
+_PRECONDITIONERS: dict[str, Callable[[torch.dtype], Any]] = {
+    "shampoo": lambda dtype: RootInverseShampoo(factor_dtype=dtype),
+    "eigenvalue-corrected": lambda dtype: EigenvalueCorrectedShampoo(factor_dtype=dtype),
+    "kl-shampoo": lambda dtype: KLShampoo(factor_dtype=dtype),
+    "spectral": lambda dtype: SpectralDescent(NewtonSchulz(), factor_dtype=dtype),
+    "spectral-svd": lambda dtype: SpectralDescent(SVD(), factor_dtype=dtype),
+    "sign": lambda dtype: SignDescent(factor_dtype=dtype),
+}
+#: the choices without factors: their 1-D blocks (norms, biases) take the grafting direction (the Muon recipe)
+_NO_FACTORS = ("spectral", "spectral-svd", "sign")
 
 _GRAFTING = {
     "adagrad": AdaGradGrafting, "rmsprop": RMSpropGrafting, "adam": AdamGrafting, "sgd": SGDGrafting,
@@ -87,11 +104,14 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--precondition-frequency", type=int, default=100,
                    help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
-    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected", "kl-shampoo"), default="shampoo",
-                   help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like) or kl-shampoo (KLShampoo: inverse "
-                        "roots, KL factor update); default: %(default)s")
+    p.add_argument("--preconditioner", choices=tuple(_PRECONDITIONERS), default="shampoo",
+                   help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like), kl-shampoo (KLShampoo: inverse "
+                        "roots, KL factor update), spectral (Muon: Newton-Schulz), spectral-svd or sign (no "
+                        "factors; 1-D blocks use the grafting method: BlockingConfig(precondition_1d=False)); "
+                        "default: %(default)s")
     p.add_argument("--factor-dtype", default="fp32",
-                   help="dtype of factors and roots: fp32 or fp64; default: %(default)s")
+                   help="dtype of factors and roots (spectral / sign: of the block math): fp32 or fp64; "
+                        "default: %(default)s")
     p.add_argument("--grafting", choices=sorted(_GRAFTING), default="adagrad",
                    help="grafting method, whose state is counted per block (none: no grafting state); "
                         "default: %(default)s")
@@ -123,13 +143,8 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
-    pre: PreconditionerConfig
-    if args.preconditioner == "shampoo":
-        pre = RootInverseShampoo(factor_dtype=factor_dtype)
-    elif args.preconditioner == "kl-shampoo":
-        pre = KLShampoo(factor_dtype=factor_dtype)
-    else:
-        pre = EigenvalueCorrectedShampoo(factor_dtype=factor_dtype)
+    pre = _PRECONDITIONERS[args.preconditioner](factor_dtype)
+    blocking = BlockingConfig(precondition_1d=args.preconditioner not in _NO_FACTORS)
     graft_cls = _GRAFTING[args.grafting]
     for flag, value, low in (("--max-preconditioner-dim", args.max_preconditioner_dim, 1),
                              ("--precondition-frequency", args.precondition_frequency, 1)):
@@ -137,7 +152,7 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
             raise ValueError(f"{flag} must be >= {low}; got {value}.")
     try:
         return PlanSettings(
-            max_preconditioner_dim=args.max_preconditioner_dim, preconditioner=pre,
+            max_preconditioner_dim=args.max_preconditioner_dim, preconditioner=pre, blocking=blocking,
             grafting=graft_cls() if graft_cls is not None else None, beta1=args.beta1, momentum=args.momentum,
             primal_averaging=args.iterate_averaging != "none",
             precondition_frequency=args.precondition_frequency,

@@ -74,11 +74,13 @@ class Block:
         return tuple(b - a for a, b in self.box)
 
 
-def _merge_groups(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool) -> list[list[int]]:
+def _merge_groups(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool,
+                  min_order: int = 1) -> list[list[int]]:
     """Groups of original dim indices forming each merged dim (size-1 dims dropped).
 
-    Merges from the last dim backwards while the product fits the limit (the reference
-    implementation's rule, so blocks match it). An all-ones shape gives one empty group (size 1).
+    Merges from the last dim backwards while the product fits the limit and at least ``min_order``
+    dims remain (the reference implementation's rule with its ``target_parameter_dimensionality``, so
+    blocks match it). An all-ones shape gives one empty group (size 1).
     """
     kept = [i for i, d in enumerate(shape) if d != 1]
     if not kept:
@@ -87,8 +89,9 @@ def _merge_groups(shape: Sequence[int], max_preconditioner_dim: int, merge_dims:
         return [[i] for i in kept]
     groups = [[kept[-1]]]
     size = shape[kept[-1]]
-    for i in reversed(kept[:-1]):
-        if size * shape[i] <= max_preconditioner_dim:
+    for left, i in enumerate(reversed(kept[:-1])):
+        unplaced = len(kept) - 1 - left          # dims not in a group yet, i included
+        if size * shape[i] <= max_preconditioner_dim and len(groups) + unplaced > min_order:
             groups[-1].insert(0, i)
             size *= shape[i]
         else:
@@ -97,10 +100,39 @@ def _merge_groups(shape: Sequence[int], max_preconditioner_dim: int, merge_dims:
     return list(reversed(groups))
 
 
-def merged_shape(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool = True) -> tuple[int, ...]:
-    """Squeeze size-1 dims, then merge consecutive dims from the last backwards while the product fits."""
+def merged_shape(shape: Sequence[int], max_preconditioner_dim: int, merge_dims: bool = True,
+                 min_order: int = 1) -> tuple[int, ...]:
+    """Squeeze size-1 dims, then merge consecutive dims from the last backwards while the product fits
+    (and at least ``min_order`` dims remain)."""
     shape = [int(d) for d in shape]
-    return tuple(math.prod(shape[i] for i in g) for g in _merge_groups(shape, max_preconditioner_dim, merge_dims))
+    groups = _merge_groups(shape, max_preconditioner_dim, merge_dims, min_order)
+    return tuple(math.prod(shape[i] for i in g) for g in groups)
+
+
+def min_block_order(preconditioner: PreconditionerConfig) -> int:
+    """The order merging stops at: the kind's required block order (spectral descent: 2), else 1."""
+    return getattr(preconditioner, "block_order", None) or 1
+
+
+def check_block_order(name: str, shape: tuple[int, ...], merged: tuple[int, ...], max_preconditioner_dim: int,
+                      preconditioner: PreconditionerConfig, blocking: BlockingConfig) -> None:
+    """Raise, naming the parameter and the fix, if its blocks have an order ``preconditioner`` cannot handle."""
+    need = getattr(preconditioner, "block_order", None)
+    if need is None or len(merged) == need or (len(merged) == 1 and not blocking.precondition_1d):
+        return
+    kind = type(preconditioner).__name__
+    where = f"parameter {name!r} of shape {shape} gives {len(merged)}-D blocks (merged shape {merged})"
+    if len(merged) < need:
+        raise ValueError(
+            f"{where}; {kind} needs {need}-D blocks. Put such parameters (biases, norms, size-1 dims squeeze away) "
+            f"in a param group of their own with another preconditioner, or set blocking=BlockingConfig("
+            f"precondition_1d=False) on this group so its 1-D blocks use the grafting method (e.g. "
+            f"grafting=AdamGrafting()).")
+    inner = [d for d in shape[blocking.batch_dims:] if d != 1]
+    fix = (f"raise max_preconditioner_dim (now {max_preconditioner_dim}) to at least {math.prod(inner[1:])} so "
+           "the trailing dims merge into one") if blocking.merge_dims else "set BlockingConfig(merge_dims=True)"
+    raise ValueError(f"{where}; {kind} needs {need}-D blocks: {fix}, use BlockingConfig(batch_dims=1) for stacked "
+                     "expert weights [E, d_in, d_out], or put it in a param group with another preconditioner.")
 
 
 def block_exponents(order: int, preconditioner: PreconditionerConfig, blocking: BlockingConfig) -> tuple[float, ...]:
@@ -217,8 +249,11 @@ def block_grid(
                          f"{nb}; put it in a param group with fewer batch dims (e.g. batch_dims=0).")
     inner = shape[nb:]
     groups = tuple(tuple(nb + i for i in g)
-                   for g in _merge_groups(inner, max_preconditioner_dim, blocking.merge_dims))
+                   for g in _merge_groups(inner, max_preconditioner_dim, blocking.merge_dims,
+                                          min_block_order(preconditioner)))
     merged = tuple(math.prod(shape[i] for i in g) for g in groups)
+    if all(shape):
+        check_block_order(name, shape, merged, max_preconditioner_dim, preconditioner, blocking)
     return BlockGrid(name=name, param_shape=shape, batch_shape=shape[:nb], groups=groups, merged_shape=merged,
                      max_dim=max_preconditioner_dim, exponents=block_exponents(len(merged), preconditioner, blocking))
 

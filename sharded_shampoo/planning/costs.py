@@ -38,7 +38,7 @@ from ..config import (
     PreconditionerConfig,
     RMSpropGrafting,
 )
-from .blocking import Block, block_exponents, merged_shape
+from .blocking import Block, block_exponents, merged_shape, min_block_order
 
 #: Kinds of per-block optimizer state, in report order. "momentum" and "averaging" (the z buffer of
 #: GPA / Schedule-Free) are per rank (they live with the local shard), so they are not block kinds;
@@ -196,7 +196,7 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
     if any(m == 0 for m in shape):
         return 0, 0, 0
     batch = math.prod(shape[:blocking.batch_dims])
-    merged = merged_shape(shape[blocking.batch_dims:], d, blocking.merge_dims)
+    merged = merged_shape(shape[blocking.batch_dims:], d, blocking.merge_dims, min_block_order(preconditioner))
     exponents = block_exponents(len(merged), preconditioner, blocking)
     sizes = [[(s, c) for s, c in ((d, m // d), (m % d, 1)) if s and c] for m in merged]
     total, n_blocks = 0, 0

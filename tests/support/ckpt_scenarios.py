@@ -218,6 +218,20 @@ def resume_averaging(layout: str, mesh_shape: tuple[int, ...], root: str, config
     return dist_scenarios.max_rel_diff(full_params(model), ref)
 
 
+# ----------------------------------------------------------------------------- other preconditioners
+
+#: kinds without factors (their state: filtered gradient, grafting, momentum) saved sharded, resumed elsewhere
+STATELESS_KINDS = ("spectral", "sign")
+
+
+def save_kinds(root: str, layout: str, mesh_shape: tuple[int, ...]) -> None:
+    """Each STATELESS_KINDS config trained to SAVE_AT under ``layout`` and saved to ``root/KIND_<config>``."""
+    for config in STATELESS_KINDS:
+        model, opt = build(layout, config, mesh_shape)
+        feed(model, opt, 0, SAVE_AT)
+        save_checkpoint(os.path.join(root, f"KIND_{config}"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
+
+
 # ----------------------------------------------------------------------------- launches
 
 
@@ -278,6 +292,7 @@ def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dic
     model, opt = build("fsdp", "kl", (2,))   # KL-Shampoo, read back on one process too
     feed(model, opt, 0, SAVE_AT)
     save_checkpoint(os.path.join(root, "K"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
+    save_kinds(root, "fsdp", (2,))          # likewise
     # E: full matrices (the layout before packing, symmetric_packing=False) -> packed, on 2 ranks
     out["single full->fsdp2 packed"] = resume_diff("fsdp", "root_inverse", (2,), os.path.join(root, "E"),
                                                    refs["packing"], **well_conditioned(True))

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigenvalueCorrectedShampoo, GeneralizedPrimalAveraging,
-                             KLShampoo, RootInverseShampoo, ScheduleFree, ShardedShampoo)
+from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigenvalueCorrectedShampoo,
+                             GeneralizedPrimalAveraging, KLShampoo, NewtonSchulz, RootInverseShampoo, ScheduleFree,
+                             ShardedShampoo, SignDescent, SpectralDescent)
 
 STEPS = 20
 
@@ -68,6 +69,14 @@ CONFIGS["schedule_free"] = dict(CONFIGS["gpa"], weight_decay=1e-3, weight_decay_
                                 iterate_averaging=ScheduleFree(train_interp_coeff=0.7, eval_coeff_lr_power=2))
 # KL-Shampoo: the factor update reads the other dims' roots (packed, unpacked a chunk at a time)
 CONFIGS["kl"] = dict(CONFIGS["root_inverse"], preconditioner=KLShampoo())
+# spectral / sign descent: 2-D blocks orthogonalised by their owner (the 33-row weight splits into a 1-row
+# block on 32), the cube merged to 2-D (5, 24), biases on AdaGrad grafting (precondition_1d=False)
+CONFIGS["spectral"] = dict(lr=0.02, betas=(0.9, 0.99), weight_decay=0.01, max_preconditioner_dim=32,
+                           blocking=BlockingConfig(precondition_1d=False), grafting=AdaGradGrafting(epsilon=1e-8),
+                           preconditioner=SpectralDescent(NewtonSchulz(scale_by_dims_fn="muon")),
+                           precondition_frequency=3)
+CONFIGS["sign"] = dict(lr=1e-3, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=16, grafting=None,
+                       preconditioner=SignDescent(scale_fn="l1_norm"), precondition_frequency=3)
 
 
 def with_eval_sequence(opt: ShardedShampoo, params: dict[str, torch.Tensor],
@@ -190,7 +199,8 @@ def dryrun_state_bytes(config: str, mesh_shape: tuple[int, ...], kind: str = "to
 
     c = CONFIGS[config]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], preconditioner=c["preconditioner"],
-                            grafting=c["grafting"], beta1=c["betas"][0], momentum=c.get("momentum", 0.0),
+                            blocking=c.get("blocking", BlockingConfig()), grafting=c["grafting"],
+                            beta1=c["betas"][0], momentum=c.get("momentum", 0.0),
                             precondition_frequency=c["precondition_frequency"],
                             primal_averaging=c.get("iterate_averaging") is not None)
     plan = plan_model(lambda: make_model(kind), mesh_shape, settings)

@@ -3,8 +3,8 @@
 A case is a model (modules holding 0-D..4-D parameters of mixed dtypes, some frozen, some without a
 gradient on some steps, channels_last and transposed leaves, stacked expert weights), a layout (one
 process, DDP, FSDP2, mixed FSDP + replicated modules, HSDP, FSDP x TP, HSDP x TP, expert parallel),
-an optimizer config (every preconditioner kind, every grafting, momentum / Nesterov, both weight decays,
-frequencies, block sizes), and optionally a NaN/Inf injection and a save -> load (another layout)
+an optimizer config (root-inverse / eigenvalue-corrected / KL-Shampoo, spectral and sign descent, every
+grafting, momentum / Nesterov, both weight decays, frequencies, block sizes), and optionally a NaN/Inf injection and a save -> load (another layout)
 point. ``draw(seed)`` depends on nothing but the seed, so a failure is reproduced by its seed alone.
 
 **Regime.** Every case is *well conditioned*: the ``N``-rank run must equal the 1-process run to
@@ -389,8 +389,8 @@ def draw(seed: int, chaotic: bool = False) -> Case:
         targets = [t for t in CKPT_LAYOUTS if (t not in EP_LAYOUTS or any(m.kind == "experts" for m in modules))]
         checkpoint = CheckpointDraw(rng.randint(1, steps - 1), rng.choice(targets), flatten=rng.random() < 0.7,
                                     async_save=rng.random() < 0.2)
-    return Case(seed, layout, modules, _with_kl(_with_storage(config, seed), seed), steps, no_grad, scale,
-                zero_grad=zero_grad,
+    config = _with_stateless_kinds(_with_kl(_with_storage(config, seed), seed), modules, seed)
+    return Case(seed, layout, modules, config, steps, no_grad, scale, zero_grad=zero_grad,
                 nonfinite=nonfinite, checkpoint=checkpoint)
 
 
@@ -423,3 +423,52 @@ def _with_kl(config: ConfigDraw, seed: int) -> ConfigDraw:
         return tuple(out.items())
 
     return dataclasses.replace(config, kwargs=kl(config.kwargs), second_group=kl(config.second_group))
+
+
+#: preconditioner kinds without factors a group may be switched to (see :func:`_with_stateless_kinds`)
+STATELESS_KINDS = ("spectral", "sign")
+
+
+def spectral_blocks_ok(modules: tuple[ModuleDraw, ...], group: dict, experts: bool) -> bool:
+    """Whether spectral descent can block every parameter of these modules under ``group``'s settings (2-D
+    blocks, 1-D ones on grafting); ``experts``: the stacked experts too (batch_dims=1, group 0's blocking)."""
+    from sharded_shampoo import BlockingConfig, SpectralDescent, plan_blocks
+
+    blocking = dict(group["blocking"], precondition_1d=False)
+    todo = [(m, p) for m in modules if m.kind != "experts" or experts for p in m.params]
+    try:
+        for m, p in todo:
+            plan_blocks([("p", p.shape)], group["max_preconditioner_dim"], SpectralDescent(),
+                        BlockingConfig(**blocking, batch_dims=int(m.kind == "experts")))
+    except ValueError:
+        return False
+    return True
+
+
+def _with_stateless_kinds(config: ConfigDraw, modules: tuple[ModuleDraw, ...], seed: int) -> ConfigDraw:
+    """Some groups run spectral descent (Newton-Schulz or SVD; their 1-D blocks on grafting, so
+    ``precondition_1d=False``) where every block can be 2-D, others sign descent (one or l1 scale).
+
+    Drawn from a generator of its own, so every other draw of a seed stays what it was before this one.
+    """
+    rng = random.Random(f"stateless-kinds-{seed}")
+
+    def switch(group: tuple, members: tuple[ModuleDraw, ...], experts: bool) -> tuple:
+        out = dict(group)
+        if not out:
+            return group
+        factor = out["preconditioner"][1]["factor_dtype"]
+        u = rng.random()
+        if u < 0.2 and spectral_blocks_ok(members, out, experts):
+            orth = rng.choice(("newton_schulz", "newton_schulz", "svd"))
+            out["preconditioner"] = ("spectral", {"orthogonalization": orth, "factor_dtype": factor,
+                                                  "scale_by_dims_fn": rng.choice(("one", "muon"))})
+            out["blocking"] = dict(out["blocking"], precondition_1d=False)
+        elif u < 0.35:
+            out["preconditioner"] = ("sign", {"scale_fn": rng.choice(("one", "l1_norm")), "factor_dtype": factor})
+        return tuple(out.items())
+
+    first = tuple(m for m in modules if m.group == 0)
+    second = tuple(m for m in modules if m.group == 1)
+    return dataclasses.replace(config, kwargs=switch(config.kwargs, first, True),
+                               second_group=switch(config.second_group, second, False))

@@ -26,9 +26,10 @@ from torch import nn
 
 from tests.support.fuzz_cases import Case, ModuleDraw
 from sharded_shampoo._torch_compat import unflatten_mesh
-from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
+from sharded_shampoo import (SVD, AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
                              EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
-                             RMSpropGrafting, RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo)
+                             NewtonSchulz, RMSpropGrafting, RootInverseShampoo, ScheduleFree, SGDGrafting,
+                             ShardedShampoo, SignDescent, SpectralDescent)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -116,6 +117,13 @@ def _grafting(spec: tuple[str, dict]) -> Any:
 def _preconditioner(spec: tuple[str, dict]) -> Any:
     kind, kw = spec
     factor = DTYPE[kw["factor_dtype"]]
+    if kind == "spectral":
+        scale = kw["scale_by_dims_fn"]
+        orth = NewtonSchulz(scale_by_dims_fn=scale) if kw["orthogonalization"] == "newton_schulz" else \
+            SVD(scale_by_dims_fn=scale)
+        return SpectralDescent(orth, factor_dtype=factor)
+    if kind == "sign":
+        return SignDescent(scale_fn=kw["scale_fn"], factor_dtype=factor)
     packing = kw.get("symmetric_packing", True)
     if kind == "eigen_corrected":
         return EigenvalueCorrectedShampoo(factor_dtype=factor, symmetric_packing=packing)

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import torch
+
+
+class DenseStepper(Protocol):
+    """A dense test reference: its parameter ``p`` and one step on a gradient."""
+
+    p: torch.Tensor
+
+    def step(self, grad: torch.Tensor) -> None: ...
 
 # Several orders: 1-d (bias), 2-d, 3-d, 4-d conv weights, and one that is larger than the
 # max_preconditioner_dim used in the tests (8), so it is split into several blocks.
@@ -63,6 +72,20 @@ def assert_params_close(ours: Iterable[torch.Tensor], ref: Iterable[torch.Tensor
     for i, (a, b) in enumerate(zip(ours, ref)):
         d = max_rel_diff(a, b)
         assert d <= tol, f"{what} parameter {i} (shape {tuple(a.shape)}): max diff {d:.3e} > {tol:.1e}"
+
+
+def step_in_lockstep(opt: torch.optim.Optimizer, p: torch.Tensor, ref: DenseStepper, steps: int,
+                     tol: float) -> None:
+    """Step ``opt`` (owning ``p``) and a dense reference side by side on the same deterministic gradients,
+    asserting after every step that they agree, and that ``p`` moved (a run that stands still proves nothing)."""
+    p0 = p.detach().clone()
+    for t in range(steps):
+        p.grad = grad_for(p, 0, t)
+        opt.step()
+        ref.step(grad_for(ref.p, 0, t))
+        d = max_rel_diff(p, ref.p)
+        assert d <= tol, f"step {t + 1}: max diff to the dense reference {d:.3e} > {tol:.0e}"
+    assert float((p.detach() - p0).abs().max()) > 1e-3
 
 
 def chunks(size: int, limit: int) -> list[tuple[int, int]]:

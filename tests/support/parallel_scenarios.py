@@ -17,12 +17,15 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
-from sharded_shampoo import AdaGradGrafting, BlockingConfig, KLShampoo, ScheduleFree, ShardedShampoo
+from sharded_shampoo import (AdaGradGrafting, BlockingConfig, KLShampoo, NewtonSchulz, ScheduleFree, ShardedShampoo,
+                             SignDescent, SpectralDescent)
 from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
-#: ``layout`` or ``layout:variant`` (the base CONFIG with a variant's settings, :data:`VARIANTS`)
-LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp", "fsdp_tp:kl", "hsdp_tp:kl", "ep2:kl")
+LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
+#: other preconditioners on some layouts, ``"<layout>:<variant>"`` (:data:`VARIANTS`; the same launch as LAYOUTS)
+VARIANT_LAYOUTS = ("fsdp_tp:kl", "hsdp_tp:kl", "ep2:kl",
+                   "fsdp_tp:spectral", "hsdp_tp:spectral", "ep4:spectral", "ep2:sign")
 
 
 class Experts(nn.Module):
@@ -62,28 +65,41 @@ def make_model() -> Tiny:
     return model
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("moe.")]
-    experts = [(n, p) for n, p in model.named_parameters() if n.startswith("moe.")]
-    # the experts average their iterates (Schedule-Free; the group's own setting replaces the
-    # constructor's momentum), so z is sharded over EP / efsdp and checkpointed across layouts too
-    return [{"params": dense}, {"params": experts, "blocking": BlockingConfig(batch_dims=1),
-                                "iterate_averaging": ScheduleFree(train_interp_coeff=0.8)}]
-
-
 CONFIG: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.99), epsilon=1e-8, weight_decay=0.01, momentum=0.5,
                               max_preconditioner_dim=8, precondition_frequency=3, start_preconditioning_step=4,
                               grafting=AdaGradGrafting(epsilon=1e-8))
-
-
-#: optimizer settings a variant changes (every param group: the experts' too)
-VARIANTS: dict[str, dict[str, Any]] = {"": {}, "kl": dict(preconditioner=KLShampoo())}
+#: per variant: constructor overrides and the blocking of the dense group (the experts add batch_dims=1).
+#: Spectral descent: every 2-D block and each expert orthogonalised by its owner, the norm on AdaGrad grafting.
+VARIANTS: dict[str, tuple[dict[str, Any], BlockingConfig]] = {
+    "shampoo": ({}, BlockingConfig()),
+    # KL-Shampoo: the factor update reads the other dims' roots (every param group: the experts' too)
+    "kl": (dict(preconditioner=KLShampoo()), BlockingConfig()),
+    "spectral": (dict(preconditioner=SpectralDescent(NewtonSchulz(scale_by_dims_fn="muon")),
+                      start_preconditioning_step=None), BlockingConfig(precondition_1d=False)),
+    "sign": (dict(preconditioner=SignDescent(scale_fn="l1_norm"), lr=1e-3, start_preconditioning_step=None),
+             BlockingConfig()),
+}
 
 
 def split_layout(layout: str) -> tuple[str, str]:
-    """``"ep2:kl"`` -> ``("ep2", "kl")``; ``"ep2"`` -> ``("ep2", "")``."""
+    """``"ep4:spectral"`` -> ``("ep4", "spectral")``; a bare layout runs Shampoo."""
     base, _, variant = layout.partition(":")
-    return base, variant
+    return base, variant or "shampoo"
+
+
+def param_groups(model: nn.Module, variant: str = "shampoo") -> list[dict[str, Any]]:
+    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("moe.")]
+    experts = [(n, p) for n, p in model.named_parameters() if n.startswith("moe.")]
+    blocking = VARIANTS[variant][1]
+    # the experts average their iterates (Schedule-Free; the group's own setting replaces the
+    # constructor's momentum), so z is sharded over EP / efsdp and checkpointed across layouts too
+    return [{"params": dense, "blocking": blocking},
+            {"params": experts, "blocking": BlockingConfig(batch_dims=1, precondition_1d=blocking.precondition_1d),
+             "iterate_averaging": ScheduleFree(train_interp_coeff=0.8)}]
+
+
+def make_optimizer(model: nn.Module, variant: str = "shampoo", **kwargs: Any) -> ShardedShampoo:
+    return ShardedShampoo(param_groups(model, variant), **(CONFIG | VARIANTS[variant][0] | kwargs))
 
 
 def grad_for(name: str, shape: torch.Size, step: int) -> torch.Tensor:
@@ -98,10 +114,10 @@ def run(model: nn.Module, opt: ShardedShampoo, set_grad: Any, start: int = 0, st
         opt.step()
 
 
-def reference(stop: int = STEPS, variant: str = "") -> dict[str, torch.Tensor]:
-    """The single-process trajectory."""
+def reference(stop: int = STEPS, variant: str = "shampoo") -> dict[str, torch.Tensor]:
+    """The single-process trajectory (of ``VARIANTS[variant]``)."""
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **(CONFIG | VARIANTS[variant]))
+    opt = make_optimizer(model, variant)
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g
@@ -129,7 +145,6 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
     from torch.distributed.tensor.parallel import parallelize_module
 
     layout, variant = split_layout(layout)
-    kwargs = VARIANTS[variant] | kwargs
     model = make_model()
     if layout == "fsdp":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
@@ -152,7 +167,7 @@ def build(layout: str, world: int, **kwargs: Any) -> tuple[nn.Module, ShardedSha
         sparse = unflatten_mesh(world_mesh, 0, (world // ep, ep), ("efsdp", "ep"))
         apply_parallelism(model, dense["fsdp"], tp_mesh=dense["tp"], ep_mesh=sparse["ep"],
                           expert_dp_mesh=sparse["efsdp"])
-    return model, ShardedShampoo(param_groups(model), **(CONFIG | kwargs))
+    return model, make_optimizer(model, variant, **kwargs)
 
 
 def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -192,8 +207,8 @@ def max_rel_diff(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 
 def scenario_invariance(rank: int, world: int, layouts: list[str],
                         refs: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Each layout: placements seen, max relative difference to its variant's reference (``refs``), real vs
-    planned bytes."""
+    """Each layout: placements seen, max relative difference to the reference of its variant (``refs``, keyed by
+    variant), real vs planned bytes."""
     out: dict[str, Any] = {}
     for layout in layouts:
         model, opt = build(layout, world)
@@ -222,11 +237,12 @@ def dryrun_state_bytes(layout: str) -> list[int]:
     from sharded_shampoo.dryrun import MeshAxes, plan_model
 
     layout, variant = split_layout(layout)
-    c = CONFIG | VARIANTS[variant]
+    c = CONFIG | VARIANTS[variant][0]
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], grafting=c["grafting"],
                             beta1=c["betas"][0], momentum=c["momentum"],
                             precondition_frequency=c["precondition_frequency"],
-                            **({"preconditioner": c["preconditioner"]} if "preconditioner" in c else {}))
+                            preconditioner=c.get("preconditioner", PlanSettings().preconditioner),
+                            blocking=VARIANTS[variant][1])
     plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
     return [r.optimizer_state_bytes for r in plan.ranks]
 
@@ -270,7 +286,7 @@ def resume_one_process(root: str) -> dict[str, torch.Tensor]:
     from sharded_shampoo.checkpointing import load_checkpoint
 
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    opt = make_optimizer(model)
     step = load_checkpoint(root, model, opt, extra={"step": 0})["step"]
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:

@@ -14,9 +14,12 @@ from .eigenvalue_corrected import EigenvalueCorrectedKind
 from .kl_shampoo import KLShampooKind
 from .protocol import PreconditionerKind
 from .root_inverse import RootInverseKind
+from .sign import SignDescentKind
+from .spectral import SpectralDescentKind
 
 #: Every kind, one per config class.
-KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, KLShampooKind)
+KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, KLShampooKind,
+                                               SpectralDescentKind, SignDescentKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 

@@ -29,6 +29,8 @@ class CostModel:
     capped by its ``max_order``); ``warm_fallback_rate``: the fraction of warm refreshes charged a
     full eigh on top (first refreshes, screens and residual checks that fail).
     ``qr_flops_per_d3``: Householder QR with Q formed (``geqrf`` + ``orgqr``), 8/3 d^3.
+    ``svd_flops_per_ls2`` / ``svd_flops_per_s3``: thin SVD of an ``L x s`` matrix (``L >= s``), R-SVD
+    (Golub & Van Loan): ``6 L s^2 + 20 s^3`` (spectral descent's ``SVD()``).
     """
 
     eigh_flops_per_d3: float = 9.0
@@ -43,6 +45,10 @@ class CostModel:
     adam_elementwise_flops: float = 7.0                # as RMSprop + bias-correction scale
     graft_rescale_elementwise_flops: float = 5.0       # two squared norms (2 each) + scale (1)
     eigenvalue_correction_elementwise_flops: float = 6.0  # EMA of squared rotated grad, sqrt, +eps, div
+    svd_flops_per_ls2: float = 6.0                     # thin SVD (R-SVD) of an L x s matrix: 6 L s^2 + 20 s^3
+    svd_flops_per_s3: float = 20.0
+    orthogonalize_elementwise_flops: float = 4.0       # Frobenius norm (2), normalise (1), scale (1)
+    sign_elementwise_flops: float = 2.0                # sign, scale
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.warm_fallback_rate <= 1.0:
@@ -51,7 +57,9 @@ class CostModel:
             check_int("CostModel", name, getattr(self, name))
         for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "qr_flops_per_d3", "filtered_grad_elementwise_flops",
                      "adagrad_elementwise_flops", "rmsprop_elementwise_flops", "adam_elementwise_flops",
-                     "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops"):
+                     "graft_rescale_elementwise_flops", "eigenvalue_correction_elementwise_flops",
+                     "svd_flops_per_ls2", "svd_flops_per_s3", "orthogonalize_elementwise_flops",
+                     "sign_elementwise_flops"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"CostModel.{name} must be a number >= 0; got {value!r}.")

@@ -171,6 +171,11 @@ class PreconditionerKind:
     """
 
     config_type: ClassVar[type] = type(None)
+    #: Whether :meth:`direction` is linear in ``M`` (per-block scalars factor out). The bucket then hands it
+    #: the filtered gradient *before* bias correction and divides the direction by ``1 - beta1^t`` afterwards;
+    #: a kind that is not (spectral and sign descent normalise their input) gets ``M_hat = M / (1 - beta1^t)``
+    #: and its direction is used as it is.
+    linear: ClassVar[bool] = True
 
     def __init__(self, config: Any, shape: tuple[int, ...], exponents: tuple[float, ...]) -> None:
         self.config = config
@@ -230,7 +235,8 @@ class PreconditionerKind:
     def direction(self, state: dict[str, torch.Tensor], M: torch.Tensor, ctx: StepContext,
                   out: torch.Tensor) -> torch.Tensor:
         """The direction for the filtered gradient ``M`` (not bias-corrected: the bucket divides by
-        ``1 - beta1^t`` or rescales by grafting). May write into ``out`` (a dead gradient stack of
+        ``1 - beta1^t`` or rescales by grafting; bias-corrected for kinds that are not :attr:`linear`).
+        May write into ``out`` (a dead gradient stack of
         ``M``'s shape and the math dtype, possibly ``M`` itself) and return it, or return a new
         tensor; never a state tensor."""
         raise NotImplementedError(f"{type(self).__name__} has no direction of its own (preconditions is False).")
