@@ -10,6 +10,8 @@ from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
 from .compute.preconditioner import RootFailureError
 from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
+from .compute.kinds.eigendecomposed import EigendecomposedShampoo
+from .shampoo_options import PseudoInverse
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ __all__ = [
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
+    "EigendecomposedShampoo", "PseudoInverse",
 ]

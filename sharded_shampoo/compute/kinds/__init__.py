@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .eigendecomposed import EigendecomposedKind
 from .eigenvalue_corrected import EigenvalueCorrectedKind
 from .protocol import PreconditionerKind
 from .root_inverse import RootInverseKind
 
 #: Every kind, one per config class.
-KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind)
+KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, EigendecomposedKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 

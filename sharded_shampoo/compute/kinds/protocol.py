@@ -98,6 +98,7 @@ class BucketHyperparams:
     epsilon: float
     use_bias_correction: bool
     elementwise: ElementwiseMode = ElementwiseMode.EAGER   # COMPILE: fused element-wise kernels (eager fallback)
+    beta3: Optional[float] = None     # the direction's filtered-gradient coefficient (None: beta1)
 
 
 @dataclass(frozen=True)
