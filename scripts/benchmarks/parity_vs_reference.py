@@ -135,6 +135,92 @@ def _gpa_wd_ours() -> Setup:
     return Setup({**_ours_averaging("GeneralizedPrimalAveraging", **GPA)().kwargs, "weight_decay": 0.1})
 
 
+def _family(ref: Callable[[Any], dict[str, Any]], ours: Callable[[], dict[str, Any]], description: str) -> Variant:
+    """A row whose two sides are keyword arguments built from the imported packages (no warmup)."""
+    import sharded_shampoo
+
+    return Variant(lambda ds: Setup(ref(ds)), lambda: Setup(ours_kwargs(ours, sharded_shampoo)), description)
+
+
+def ours_kwargs(build: Callable[..., dict[str, Any]], package: Any) -> dict[str, Any]:
+    return build(package) if build.__code__.co_argcount else build()
+
+
+def _ref_eig(ds: Any, **kw: Any) -> Any:
+    """The reference's EigendecomposedShampoo config with ``EighEigendecompositionConfig(**kw)``."""
+    from distributed_shampoo.preconditioner.matrix_functions_types import EighEigendecompositionConfig
+
+    return ds.EigendecomposedShampooPreconditionerConfig(amortized_computation_config=EighEigendecompositionConfig(**kw))
+
+
+def _ref_pinv(ds: Any) -> Any:
+    from distributed_shampoo.preconditioner.matrix_functions_types import PseudoInverseConfig
+
+    return PseudoInverseConfig(rank_atol=0.0, rank_rtol=1e-4)
+
+
+NO_GRAFT_REF = {"grafting_config": None}
+NO_GRAFT = {"grafting": None}
+SOAP_REF = {"grafting_config": None, "epsilon": 1e-8}
+SOAP = {"grafting": None, "epsilon": 1e-8}
+PINV_START = {"epsilon": 0.0, "start_preconditioning_step": 10}
+
+#: the Shampoo-family rows of issue 16 (eigendecomposed, adaptive refresh, trace scaling, rank handling, beta3)
+FAMILY: dict[str, Variant] = {
+    "eigendecomposed": _family(lambda ds: {"preconditioner_config": ds.EigendecomposedShampooPreconditionerConfig()},
+                               lambda s: {"preconditioner": s.EigendecomposedShampoo()},
+                               "EigendecomposedShampoo(), AdaGrad grafting"),
+    "eigendecomposed-unpacked": _family(
+        lambda ds: {"preconditioner_config": ds.EigendecomposedShampooPreconditionerConfig(
+            use_symmetric_packing=False)},
+        lambda s: {"preconditioner": s.EigendecomposedShampoo(symmetric_packing=False)},
+        "EigendecomposedShampoo(symmetric_packing=False)"),
+    "eigendecomposed-tol": _family(
+        lambda ds: {"preconditioner_config": _ref_eig(ds, tolerance=0.05), "precondition_frequency": 5},
+        lambda s: {"preconditioner": s.EigendecomposedShampoo(tolerance=0.05), "precondition_frequency": 5},
+        "EigendecomposedShampoo(tolerance=0.05), precondition_frequency=5"),
+    "soap": _family(lambda ds: {"preconditioner_config": ds.EigenvalueCorrectedShampooPreconditionerConfig(),
+                                **SOAP_REF},
+                    lambda s: {"preconditioner": s.EigenvalueCorrectedShampoo(), **SOAP},
+                    "EigenvalueCorrectedShampoo(), no grafting, epsilon=1e-8"),
+    "soap-tol": _family(
+        lambda ds: {"preconditioner_config": ds.EigenvalueCorrectedShampooPreconditionerConfig(
+            amortized_computation_config=_ref_eig(ds, tolerance=0.05).amortized_computation_config),
+            "precondition_frequency": 5, **SOAP_REF},
+        lambda s: {"preconditioner": s.EigenvalueCorrectedShampoo(tolerance=0.05), "precondition_frequency": 5,
+                   **SOAP},
+        "EigenvalueCorrectedShampoo(tolerance=0.05), no grafting, epsilon=1e-8, precondition_frequency=5"),
+    "trace-scaling": _family(
+        lambda ds: {"preconditioner_config": ds.RootInvShampooPreconditionerConfig(use_trace_scaling=True),
+                    **NO_GRAFT_REF},
+        lambda s: {"preconditioner": s.RootInverseShampoo(trace_scaling_exponent=0.5), **NO_GRAFT},
+        "RootInverseShampoo(trace_scaling_exponent=0.5), no grafting"),
+    "trace-scaling-0.25": _family(
+        lambda ds: {"preconditioner_config": ds.RootInvShampooPreconditionerConfig(
+            use_trace_scaling=True, trace_scaling_exponent=0.25), **NO_GRAFT_REF},
+        lambda s: {"preconditioner": s.RootInverseShampoo(trace_scaling_exponent=0.25), **NO_GRAFT},
+        "RootInverseShampoo(trace_scaling_exponent=0.25), no grafting"),
+    "drop-weighting": _family(
+        lambda ds: {"preconditioner_config": ds.RootInvShampooPreconditionerConfig(
+            drop_weighting_factor_on_gsquare=True), **NO_GRAFT_REF},
+        lambda s: {"preconditioner": s.RootInverseShampoo(drop_weighting_factor_on_gsquare=True), **NO_GRAFT},
+        "RootInverseShampoo(drop_weighting_factor_on_gsquare=True), no grafting"),
+    "pseudo-inverse": _family(
+        lambda ds: {"preconditioner_config": ds.RootInvShampooPreconditionerConfig(
+            amortized_computation_config=ds.EigenConfig(rank_deficient_stability_config=_ref_pinv(ds))),
+            **PINV_START},
+        lambda s: {"preconditioner": s.RootInverseShampoo(root=s.EighRootConfig(
+            rank_handling=s.PseudoInverse(rank_atol=0.0, rank_rtol=1e-4))), **PINV_START},
+        "EighRootConfig(rank_handling=PseudoInverse(0, 1e-4)), epsilon=0, start 10 (a rank-10 16x16 factor)"),
+    "pseudo-inverse-eigendecomposed": _family(
+        lambda ds: {"preconditioner_config": _ref_eig(ds, rank_deficient_stability_config=_ref_pinv(ds)),
+                    **PINV_START},
+        lambda s: {"preconditioner": s.EigendecomposedShampoo(eigenbasis=s.EighRootConfig(
+            rank_handling=s.PseudoInverse(rank_atol=0.0, rank_rtol=1e-4))), **PINV_START},
+        "EigendecomposedShampoo with PseudoInverse(0, 1e-4), epsilon=0, start 10"),
+    "beta3": _family(lambda ds: {"beta3": 0.81}, lambda: {"beta3": 0.81}, "beta3=0.81 (NAdam-like)"),
+}
+
 #: name -> Variant. Other preconditioner / update variants add their rows here.
 VARIANTS: dict[str, Variant] = {
     "shampoo": Variant(lambda ds: Setup(), lambda: Setup(), "root-inverse Shampoo, AdaGrad grafting (the base)"),
@@ -154,6 +240,7 @@ VARIANTS: dict[str, Variant] = {
     "wd-decoupled": _weight_decay("DECOUPLED", 0.1),
     "wd-corrected": _weight_decay("CORRECTED", 0.1, warmup=10),
     "wd-independent": _weight_decay("INDEPENDENT", 5e-4),
+    **FAMILY,
 }
 
 

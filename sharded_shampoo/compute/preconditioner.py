@@ -13,7 +13,8 @@ One step (:meth:`BlockBucket.step_blocks`), per block, for the kind's statistics
   M <- beta1 M + (1 - beta1) G,  M_hat = M / (1 - beta1^t);  grafting state and direction
       (with a separate beta3: M_hat = (beta3 M_old + (1 - beta3) G) / (1 - beta3 beta1^(t-1)))
   P = kind.direction(M_hat) rescaled per block to the grafting direction's norm (or the grafting
-      direction itself before preconditioning starts); P = 0 for inactive blocks.
+      direction itself before preconditioning starts; without grafting the kind's direction from its
+      initial state); P = 0 for inactive blocks.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ class BlockBucket:
             if ok is not None:
                 self._count_failures(ok, active)
         kind.after_refresh(state, G, ctx)
-        P = self._direction(G, ctx, step.precondition and kind.preconditions)
+        # without grafting there is no other direction: the kind's own is used from step 1, from its initial
+        # state (as the reference does; e.g. SOAP is Adam in the standard basis until its first refresh)
+        precondition = step.precondition or (self.config.grafting is None and not kind.starts_as_identity)
+        P = self._direction(G, ctx, precondition and kind.preconditions)
         if active is not None:
             P.masked_fill_(~per_block(active, P.ndim), 0)
         return P

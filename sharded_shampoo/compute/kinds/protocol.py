@@ -191,6 +191,12 @@ class PreconditionerKind:
         return False
 
     @property
+    def starts_as_identity(self) -> bool:
+        """Whether the direction is ``M`` itself until the first refresh (initial roots are the identity), so a
+        step before ``start_preconditioning_step`` without grafting need not compute it."""
+        return False
+
+    @property
     def failure_limit(self) -> Optional[int]:
         """Consecutive failed refreshes after which the optimizer raises (None: refreshes cannot fail)."""
         return getattr(self.config, "max_consecutive_root_failures", None)
