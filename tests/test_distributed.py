@@ -56,6 +56,8 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         # iterate averaging: the training sequence and (name@eval) the evaluation sequence after opt.eval()
         ("fsdp", "gpa", (2,), F32, 4),
         ("fsdp", "schedule_free", (2,), F32, 0),
+        ("fsdp", "eigendecomposed", (2,), F32, 4),
+        ("fsdp", "root_family_options", (2,), F32, 0),
     ]
     _check(run_ranks(2, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
@@ -71,6 +73,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("hsdp", "root_inverse", (2, 2), F32, 0),
         ("hsdp", "eigen_corrected", (2, 2), F32, 0),
         ("hsdp", "schedule_free", (2, 2), F32, 0),
+        ("hsdp", "eigendecomposed", (2, 2), F32, 0),
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
     ]
     _check(run_ranks(4, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)

@@ -29,10 +29,12 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(4, ps.scenario_invariance, list(ps.LAYOUTS), ps.reference())
+    variants = {name.partition(":")[2] for name in ps.VARIANT_LAYOUTS}
+    return run_ranks(4, ps.scenario_invariance, list(ps.LAYOUTS + ps.VARIANT_LAYOUTS), ps.reference(),
+                     {v: ps.reference(variant=v) for v in variants})
 
 
-@pytest.mark.parametrize("layout", ps.LAYOUTS)
+@pytest.mark.parametrize("layout", ps.LAYOUTS + ps.VARIANT_LAYOUTS)
 def test_layout_matches_one_process_and_the_plan(results, layout):
     dry = ps.dryrun_state_bytes(layout)
     for rank, r in enumerate(results):

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -30,6 +31,8 @@ from ..config import (
     SGDGrafting,
 )
 from ..config import PlanSettings
+from ..compute.kinds.cost_model import DEFAULT_COST_MODEL, CostModel
+from ..compute.kinds.eigendecomposed import EigendecomposedShampoo
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
 from .outputs import check_output_paths, write_output
@@ -84,8 +87,16 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                         "default: %(default)s")
     p.add_argument("--precondition-frequency", type=int, default=100,
                    help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
-    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected"), default="shampoo",
-                   help="shampoo (inverse roots) or eigenvalue-corrected (SOAP-like); default: %(default)s")
+    p.add_argument("--preconditioner", choices=("shampoo", "eigenvalue-corrected", "eigendecomposed"),
+                   default="shampoo", help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like) or "
+                   "eigendecomposed (inverse roots kept as eigenpairs); default: %(default)s")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="adaptive refresh tolerance in [0, 1] of eigendecomposed / eigenvalue-corrected (a refresh "
+                        "keeps a basis that still diagonalises its factor; 0: always refresh); default: %(default)s")
+    p.add_argument("--refresh-skip-rate", type=float, default=None,
+                   help="measured fraction of refreshes the tolerance skips (RefreshCounts.skip_rate of a similar "
+                        "run), for the amortized refresh cost; needs --tolerance > 0; default: 0 (every refresh "
+                        "charged in full)")
     p.add_argument("--factor-dtype", default="fp32",
                    help="dtype of factors and roots: fp32 or fp64; default: %(default)s")
     p.add_argument("--grafting", choices=sorted(_GRAFTING), default="adagrad",
@@ -121,9 +132,17 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
     pre: PreconditionerConfig
     if args.preconditioner == "shampoo":
+        if args.tolerance != 0:
+            raise ValueError(f"--tolerance {args.tolerance} needs --preconditioner eigendecomposed or "
+                             "eigenvalue-corrected (inverse roots have no adaptive refresh).")
         pre = RootInverseShampoo(factor_dtype=factor_dtype)
     else:
-        pre = EigenvalueCorrectedShampoo(factor_dtype=factor_dtype)
+        cls = EigendecomposedShampoo if args.preconditioner == "eigendecomposed" else EigenvalueCorrectedShampoo
+        try:
+            # a registered kind (@preconditioner_config); the PreconditionerConfig alias names config.py's two only
+            pre = cast(PreconditionerConfig, cls(factor_dtype=factor_dtype, tolerance=args.tolerance))
+        except ValueError as err:
+            raise ValueError(str(err).replace(f"{cls.__name__}.tolerance", "--tolerance")) from err
     graft_cls = _GRAFTING[args.grafting]
     for flag, value, low in (("--max-preconditioner-dim", args.max_preconditioner_dim, 1),
                              ("--precondition-frequency", args.precondition_frequency, 1)):
@@ -142,6 +161,19 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
             message = message.replace(f"PlanSettings.{name}", "--" + name.replace("_", "-"))
         message = message.replace("PlanSettings.primal_averaging=True", "--iterate-averaging gpa/schedule-free")
         raise ValueError(message) from err
+
+
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    """The default cost model, with the measured ``--refresh-skip-rate`` where given."""
+    rate = args.refresh_skip_rate
+    if rate is None:
+        return DEFAULT_COST_MODEL
+    if not args.tolerance > 0:
+        raise ValueError(f"--refresh-skip-rate {rate} needs --tolerance > 0 (without a tolerance no refresh is "
+                         "skipped).")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--refresh-skip-rate must be a number in [0, 1]; got {rate}.")
+    return CostModel(refresh_skip_rate=rate)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -166,7 +198,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise DryRunError("--png needs matplotlib: pip install 'sharded-shampoo[plot]' (or matplotlib).")
-    plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap)
+    plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap,
+                      cost_model=_cost_model(args))
     name = args.model.strip()
     print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks))
     if args.json:

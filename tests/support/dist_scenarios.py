@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigenvalueCorrectedShampoo, GeneralizedPrimalAveraging,
-                             RootInverseShampoo, ScheduleFree, ShardedShampoo)
+from sharded_shampoo import (AdamGrafting, AdaGradGrafting, EigendecomposedShampoo, EigenvalueCorrectedShampoo,
+                             EighRootConfig, GeneralizedPrimalAveraging, PseudoInverse, RootInverseShampoo,
+                             ScheduleFree, ShardedShampoo)
 
 STEPS = 20
 
@@ -66,6 +67,13 @@ CONFIGS["gpa"] = dict({k: v for k, v in CONFIGS["root_inverse"].items() if k != 
                       iterate_averaging=GeneralizedPrimalAveraging(eval_interp_coeff=0.9, train_interp_coeff=0.8))
 CONFIGS["schedule_free"] = dict(CONFIGS["gpa"], weight_decay=1e-3, weight_decay_type="INDEPENDENT",
                                 iterate_averaging=ScheduleFree(train_interp_coeff=0.7, eval_coeff_lr_power=2))
+# issue 16's Shampoo-family options: eigendecomposed Shampoo with the adaptive refresh and beta3; root-inverse
+# Shampoo with a pseudo-inverse root (epsilon 0), trace scaling and drop_weighting_factor_on_gsquare
+CONFIGS["eigendecomposed"] = dict(CONFIGS["root_inverse"], beta3=0.95,
+                                  preconditioner=EigendecomposedShampoo(tolerance=0.1))
+CONFIGS["root_family_options"] = dict(CONFIGS["root_inverse"], epsilon=0.0, grafting=None, lr=0.01, preconditioner=(
+    RootInverseShampoo(root=EighRootConfig(rank_handling=PseudoInverse(rank_rtol=1e-5)), trace_scaling_exponent=0.5,
+                       drop_weighting_factor_on_gsquare=True)))
 
 
 def with_eval_sequence(opt: ShardedShampoo, params: dict[str, torch.Tensor],

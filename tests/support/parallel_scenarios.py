@@ -10,18 +10,30 @@ as a single-process reference, so the N-rank trajectory must equal the 1-process
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
-from sharded_shampoo import AdaGradGrafting, BlockingConfig, ScheduleFree, ShardedShampoo
+from sharded_shampoo import AdaGradGrafting, BlockingConfig, EigendecomposedShampoo, ScheduleFree, ShardedShampoo
 from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
 LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
+#: other preconditioners run on some layouts: ``"<layout>:<variant>"`` adds ``VARIANTS[variant]`` to CONFIG
+VARIANTS: dict[str, dict[str, Any]] = {
+    "eigendecomposed": dict(preconditioner=EigendecomposedShampoo(tolerance=0.1, trace_scaling_exponent=0.5),
+                            beta3=0.95),
+}
+VARIANT_LAYOUTS = ("fsdp_tp:eigendecomposed", "ep2:eigendecomposed")
+
+
+def split_layout(name: str) -> tuple[str, dict[str, Any]]:
+    """``"ep2:eigendecomposed"`` -> ``("ep2", VARIANTS["eigendecomposed"])``; a plain layout has no extra settings."""
+    layout, _, variant = name.partition(":")
+    return layout, VARIANTS[variant] if variant else {}
 
 
 class Experts(nn.Module):
@@ -87,10 +99,10 @@ def run(model: nn.Module, opt: ShardedShampoo, set_grad: Any, start: int = 0, st
         opt.step()
 
 
-def reference(stop: int = STEPS) -> dict[str, torch.Tensor]:
-    """The single-process trajectory."""
+def reference(stop: int = STEPS, variant: str = "") -> dict[str, torch.Tensor]:
+    """The single-process trajectory (with ``VARIANTS[variant]``'s settings if given)."""
     model = make_model()
-    opt = ShardedShampoo(param_groups(model), **CONFIG)
+    opt = ShardedShampoo(param_groups(model), **(CONFIG | (VARIANTS[variant] if variant else {})))
 
     def set_grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad = g
@@ -177,17 +189,21 @@ def max_rel_diff(params: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
     return max(float((params[n] - r).abs().max() / r.abs().max().clamp_min(1e-12)) for n, r in ref.items())
 
 
-def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Each layout: placements seen, max relative difference to the reference, real vs planned bytes."""
+def scenario_invariance(rank: int, world: int, layouts: list[str], ref: dict[str, torch.Tensor],
+                        variant_refs: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> dict[str, Any]:
+    """Each layout: placements seen, max relative difference to the reference, real vs planned bytes.
+    A ``"<layout>:<variant>"`` entry is compared to ``variant_refs[variant]``."""
     out: dict[str, Any] = {}
-    for layout in layouts:
-        model, opt = build(layout, world)
+    for name in layouts:
+        layout, extra = split_layout(name)
+        model, opt = build(layout, world, **extra)
+        target = variant_refs[name.partition(":")[2]] if extra and variant_refs is not None else ref
         init = make_model()
         for (n, p), q in zip(model.named_parameters(), init.parameters()):   # torch laid out what we expect
             if hasattr(p, "device_mesh"):
                 assert torch.equal(p.to_local(), local_part(p, q.detach())), (layout, n)
         run(model, opt, set_dtensor_grad)
-        out[layout] = {"diff": max_rel_diff(full_params(model), ref), "placements": placements(model),
+        out[name] = {"diff": max_rel_diff(full_params(model), target), "placements": placements(model),
                        "bytes": (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
                        "owners": sorted(set(opt.plan.owners)), "num_blocks": len(opt.plan.blocks),
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
@@ -200,15 +216,17 @@ DRYRUN_AXES = {"fsdp": dict(fsdp=4), "fsdp_tp": dict(fsdp=2, tp=2), "hsdp_tp": d
                "ep2": dict(fsdp=2, tp=2, ep=2), "ep4": dict(fsdp=2, tp=2, ep=4)}
 
 
-def dryrun_state_bytes(layout: str) -> list[int]:
+def dryrun_state_bytes(name: str) -> list[int]:
     """Per-rank optimizer-state bytes the dry-run predicts for a layout (meta device, fake process group)."""
     from sharded_shampoo.config import PlanSettings
     from sharded_shampoo.dryrun import MeshAxes, plan_model
 
-    c = CONFIG
+    layout, extra = split_layout(name)
+    c = CONFIG | extra
     settings = PlanSettings(max_preconditioner_dim=c["max_preconditioner_dim"], grafting=c["grafting"],
                             beta1=c["betas"][0], momentum=c["momentum"],
-                            precondition_frequency=c["precondition_frequency"])
+                            precondition_frequency=c["precondition_frequency"],
+                            **({"preconditioner": c["preconditioner"]} if "preconditioner" in c else {}))
     plan = plan_model(make_model, MeshAxes(**DRYRUN_AXES[layout]), settings)
     return [r.optimizer_state_bytes for r in plan.ranks]
 
