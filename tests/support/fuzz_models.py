@@ -27,8 +27,9 @@ from torch import nn
 from tests.support.fuzz_cases import Case, ModuleDraw
 from sharded_shampoo._torch_compat import unflatten_mesh
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
-                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, RMSpropGrafting,
-                             RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo)
+                             EigendecomposedShampoo, EigenvalueCorrectedShampoo, EighRootConfig,
+                             GeneralizedPrimalAveraging, PseudoInverse, RMSpropGrafting, RootInverseShampoo,
+                             ScheduleFree, SGDGrafting, ShardedShampoo)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -115,12 +116,17 @@ def _grafting(spec: tuple[str, dict]) -> Any:
 
 def _preconditioner(spec: tuple[str, dict]) -> Any:
     kind, kw = spec
-    factor = DTYPE[kw["factor_dtype"]]
-    packing = kw.get("symmetric_packing", True)
+    common = dict(factor_dtype=DTYPE[kw["factor_dtype"]], symmetric_packing=kw.get("symmetric_packing", True),
+                  trace_scaling_exponent=kw.get("trace_scaling_exponent"),
+                  drop_weighting_factor_on_gsquare=kw.get("drop_weighting_factor_on_gsquare", False))
     if kind == "eigen_corrected":
-        return EigenvalueCorrectedShampoo(factor_dtype=factor, symmetric_packing=packing)
-    root = CoupledNewtonConfig() if kw["root"] == "newton" else EighRootConfig()
-    return RootInverseShampoo(root=root, factor_dtype=factor, symmetric_packing=packing)
+        return EigenvalueCorrectedShampoo(tolerance=kw.get("tolerance", 0.0), **common)
+    rtol = kw.get("pseudo_inverse_rtol")
+    eigh = EighRootConfig(rank_handling=None if rtol is None else PseudoInverse(rank_rtol=rtol))
+    if kind == "eigendecomposed":
+        return EigendecomposedShampoo(eigenbasis=eigh, tolerance=kw.get("tolerance", 0.0), **common)
+    root = CoupledNewtonConfig() if kw["root"] == "newton" else eigh
+    return RootInverseShampoo(root=root, **common)
 
 
 def _settings(spec: dict[str, Any]) -> dict[str, Any]:
