@@ -457,4 +457,7 @@ def _with_family_options(config: ConfigDraw, seed: int) -> ConfigDraw:
         out["preconditioner"] = (kind, kw)
         return tuple(out.items())
 
-    return dataclasses.replace(config, kwargs=options(config.kwargs), second_group=options(config.second_group))
+    first, second = options(config.kwargs), options(config.second_group)
+    if dict(first).get("beta3") is not None and second and dict(second)["betas"][0] == 0:
+        second = second + (("beta3", None),)      # a group without a first moment must not inherit beta3
+    return dataclasses.replace(config, kwargs=first, second_group=second)
