@@ -46,9 +46,10 @@ class PseudoInverse:
     rank_rtol: Optional[float] = 0.0
 
     def __post_init__(self) -> None:
-        check_range("PseudoInverse", "rank_atol", self.rank_atol, 0.0, math.inf)
+        check_range("PseudoInverse", "rank_atol", self.rank_atol, 0.0, math.inf, high_open=True)
         if self.rank_rtol is not None:
-            check_range("PseudoInverse", "rank_rtol", self.rank_rtol, 0.0, math.inf)
+            check_range("PseudoInverse", "rank_rtol (None: d * finfo(dtype).eps)", self.rank_rtol, 0.0, math.inf,
+                        high_open=True)
 
 
 def check_flag(owner: str, name: str, value: Any) -> None:
