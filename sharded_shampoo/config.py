@@ -419,13 +419,18 @@ STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum") + ADDED_LA
 #: across them (``symmetric_packing``: packed and full matrices are converted by shape), so the checks
 #: that a checkpoint fits an optimizer compare configs with these fields at their defaults.
 STORAGE_ONLY_FIELDS = ("symmetric_packing",)
+#: Fields that only decide *when* a refresh decomposes (the adaptive refresh ``tolerance``): the state means
+#: the same under any value, so a run may resume with another one.
+REFRESH_POLICY_FIELDS = ("tolerance",)
 
 
 def storage_neutral(config: Any) -> Any:
-    """``config`` with its :data:`STORAGE_ONLY_FIELDS` at their defaults (what a checkpoint must agree on)."""
+    """``config`` with its :data:`STORAGE_ONLY_FIELDS` and :data:`REFRESH_POLICY_FIELDS` at their defaults (what a
+    checkpoint must agree on)."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         return config
-    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in STORAGE_ONLY_FIELDS}
+    neutral = STORAGE_ONLY_FIELDS + REFRESH_POLICY_FIELDS
+    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in neutral}
     return dataclasses.replace(config, **changes) if changes else config
 
 
