@@ -136,7 +136,10 @@ def test_amortized_workspace():
     assert block_amortized_workspace_bytes(b, no_retry) == (3 * d * d + d) * 4
     newton = RootInverseShampoo(root=CoupledNewtonConfig())
     assert block_amortized_workspace_bytes(b, newton) == 4 * d * d * 4
-    assert block_amortized_workspace_bytes(b, EigenvalueCorrectedShampoo()) == (3 * d * d + d) * 4
+    # the eigenbasis's eigh is retried in fp64 too (EighRootConfig(retry_in_float64=True), the default)
+    assert block_amortized_workspace_bytes(b, EigenvalueCorrectedShampoo()) == (3 * d * d + d) * 8
+    no_retry = EigenvalueCorrectedShampoo(eigenbasis=EighRootConfig(retry_in_float64=False))
+    assert block_amortized_workspace_bytes(b, no_retry) == (3 * d * d + d) * 4
 
 
 def test_block_cost_and_balance_weight():

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import EigenvalueCorrectedShampoo, EighRootConfig, QREigenbasisConfig
+from ...config import EigenvalueCorrectedShampoo
 from ..kron import apply_kronecker
 from ..refresh import permute_along, refresh_eigenbases
-from .cost_model import eigenbasis_refresh_per_d3
+from .cost_model import eigenbasis_refresh_per_d3, eigenbasis_workspace_bytes
 from .matrices import store_matrices
 from .protocol import Init, StateField, StepContext, per_block
 from .shampoo import ShampooFamily
@@ -61,13 +61,8 @@ class EigenvalueCorrectedKind(ShampooFamily):
         """eigh ``(3 d^2 + d) s`` of the largest factor (fp64 when retried); QR the larger of ``4 d^2 s`` and eigh's."""
         if not self.dims:
             return 0
-        d = max(self.shape[i] for i in self.dims)
-        s = max(torch.empty((), dtype=self.config.factor_dtype).element_size(), 4)
-        eigh = (3 * d * d + d) * s
-        if isinstance(self.config.eigenbasis, QREigenbasisConfig):
-            return max(4 * d * d * s, eigh)
-        assert isinstance(self.config.eigenbasis, EighRootConfig)
-        return eigh
+        return eigenbasis_workspace_bytes(max(self.shape[i] for i in self.dims), self.config.factor_dtype,
+                                          self.config.eigenbasis)
 
     # ------------------------------------------------------------------ math
 
