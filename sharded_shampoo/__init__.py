@@ -14,6 +14,8 @@ from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
 from .compute.kinds.scale_functions import register_scale_by_dims_fn, register_sign_scale_fn
 from .compute.kinds.sign import SignDescent
 from .compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
+from .compute.kinds.eigendecomposed import EigendecomposedShampoo
+from .shampoo_options import PseudoInverse
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,5 @@ __all__ = [
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
     "NewtonSchulz", "SVD", "SignDescent", "SpectralDescent", "register_scale_by_dims_fn", "register_sign_scale_fn",
+    "EigendecomposedShampoo", "PseudoInverse",
 ]

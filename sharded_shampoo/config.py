@@ -20,6 +20,8 @@ import torch
 from .averaging_config import (ITERATE_AVERAGING_TYPES, PRIMAL_AVERAGING_TYPES, ClassicMomentum,  # noqa: F401
                                GeneralizedPrimalAveraging, IterateAveragingConfig, ScheduleFree, WeightDecayType)
 from .checks import check_int, check_range
+from .shampoo_options import (STORAGE_DTYPES, ExponentOverride, PseudoInverse, check_rank_handling,  # noqa: F401
+                              config_key, override_exponent, validate_shampoo_fields)
 
 #: Field metadata of config fields added after checkpoints were first written: ``config_to_dict``
 #: leaves such a field out while it has its default value, so the dicts (and the checkpoint
@@ -118,45 +120,23 @@ STATEFUL_GRAFTING_TYPES = (AdaGradGrafting, RMSpropGrafting, AdamGrafting)
 
 # ----------------------------------------------------------------------------- preconditioners
 
-ExponentOverride = Mapping[int, Union[float, Mapping[int, float]]]
-
-
-def _validate_exponent_override(owner: str, override: ExponentOverride) -> None:
-    if not isinstance(override, Mapping):
-        raise ValueError(f"{owner}.inverse_exponent_override must be a mapping "
-                         f"{{order: exponent or {{dim: exponent}}}}; got {type(override).__name__}.")
-    for order, value in override.items():
-        if not isinstance(order, int) or isinstance(order, bool) or order < 1:
-            raise ValueError(f"{owner}.inverse_exponent_override keys must be tensor orders >= 1; got {order!r}.")
-        per_dim = value if isinstance(value, Mapping) else {d: value for d in range(order)}
-        for dim, exponent in per_dim.items():
-            if not isinstance(dim, int) or not 0 <= dim < order:
-                raise ValueError(f"{owner}.inverse_exponent_override[{order}] has dim {dim!r}; "
-                                 f"dims of an order-{order} block are 0..{order - 1}.")
-            check_range(owner, f"inverse_exponent_override[{order}][{dim}]", exponent, 0.0, math.inf)
-
-
-def _freeze_override(override: ExponentOverride) -> tuple:
-    """A hashable, order-independent form of an exponent override (for equality and fingerprints)."""
-    items: list[tuple[int, Any]] = []
-    for order, value in sorted(override.items()):
-        if isinstance(value, Mapping):
-            items.append((order, tuple(sorted((int(d), float(e)) for d, e in value.items()))))
-        else:
-            items.append((order, float(value)))
-    return tuple(items)
-
-
 @dataclass(frozen=True)
 class EighRootConfig:
     """Inverse roots by symmetric eigendecomposition (fp32, retried in fp64 on failure).
 
     ``make_positive_semidefinite`` shifts the spectrum by ``-min(lambda_min, 0)`` before adding
     epsilon, which removes the tiny negative eigenvalues round-off leaves in a PSD factor.
+    ``rank_handling``: None (that epsilon perturbation) or ``PseudoInverse(rank_atol, rank_rtol)``
+    (eigenvalues at or below the cutoff get a zero root; the group's epsilon must be 0; the
+    ``make_positive_semidefinite`` shift does not apply). Root-inverse and eigendecomposed Shampoo.
     """
 
     make_positive_semidefinite: bool = True
     retry_in_float64: bool = True
+    rank_handling: Optional[PseudoInverse] = field(default=None, metadata=ADDED_LATER)
+
+    def __post_init__(self) -> None:
+        check_rank_handling("EighRootConfig", self.rank_handling)
 
 
 @dataclass(frozen=True)
@@ -198,6 +178,9 @@ class WarmStartRootConfig:
         check_range("WarmStartRootConfig", "tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
         if not isinstance(self.fallback, EighRootConfig):
             raise ValueError(f"WarmStartRootConfig.fallback must be an EighRootConfig(); got {self.fallback!r}.")
+        if self.fallback.rank_handling is not None:
+            raise ValueError("WarmStartRootConfig.fallback.rank_handling must be None: warm-started roots perturb by "
+                             "epsilon; use root=EighRootConfig(rank_handling=PseudoInverse(...)) for pseudo-inverses.")
 
 
 RootConfig = Union[EighRootConfig, CoupledNewtonConfig, WarmStartRootConfig]
@@ -239,6 +222,10 @@ class RootInverseShampoo:
     (``d (d + 1) / 2`` numbers, the reference implementation's layout), lossless; False stores full
     ``d x d`` matrices (the layout before packing; a step then unpacks nothing). A storage choice,
     not math: checkpoints load across it.
+
+    ``trace_scaling_exponent`` (None: off; in (0, 1]) and ``drop_weighting_factor_on_gsquare``: see
+    :mod:`sharded_shampoo.shampoo_options`; pseudo-inverse roots: ``root=EighRootConfig(rank_handling=
+    PseudoInverse(...))`` with ``epsilon=0``.
     """
 
     root: RootConfig = field(default_factory=EighRootConfig)
@@ -248,11 +235,11 @@ class RootInverseShampoo:
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
+    trace_scaling_exponent: Optional[float] = field(default=None, metadata=ADDED_LATER)
+    drop_weighting_factor_on_gsquare: bool = field(default=False, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
-        _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures, self.symmetric_packing)
-        _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype)
+        validate_shampoo_fields("RootInverseShampoo", self)
         if not isinstance(self.root, ROOT_TYPES):
             raise ValueError("RootInverseShampoo.root must be EighRootConfig(), CoupledNewtonConfig() or "
                              f"WarmStartRootConfig(); got {self.root!r}.")
@@ -276,19 +263,13 @@ class RootInverseShampoo:
     def inverse_exponent(self, order: int, dim: int) -> float:
         """``e`` of ``R = (F + eps I)^(-e)`` for ``dim`` of an order-``order`` block: ``1 / (2 order)``
         unless overridden."""
-        return _override_or(self.inverse_exponent_override, order, dim, 1.0 / (2 * order))
-
-    def key(self) -> tuple:
-        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
-        return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
-                self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype,
-                self.symmetric_packing)
+        return override_exponent(self.inverse_exponent_override, order, dim, 1.0 / (2 * order))
 
     def __hash__(self) -> int:
-        return hash(self.key())
+        return hash(config_key(self))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RootInverseShampoo) and self.key() == other.key()
+        return isinstance(other, RootInverseShampoo) and config_key(self) == config_key(other)
 
 
 @preconditioner_config
@@ -301,7 +282,9 @@ class EigenvalueCorrectedShampoo:
     every step; direction = Q ( (Q^T M Q) / (D_hat^e + eps) ) with e = 1/2 by default
     (``inverse_exponent_override`` may change it per order; 0 on a dim skips its rotation).
     ``symmetric_packing`` (default True): factors stored as their upper triangle; eigenbases are not
-    symmetric and always stored full.
+    symmetric and always stored full. ``tolerance`` (in [0, 1]; 0: always refresh) keeps a factor's
+    eigenbasis where it still diagonalises the factor that well; ``trace_scaling_exponent`` and
+    ``drop_weighting_factor_on_gsquare`` as for root-inverse Shampoo (:mod:`sharded_shampoo.shampoo_options`).
     """
 
     inverse_exponent_override: ExponentOverride = field(default_factory=dict)
@@ -311,14 +294,17 @@ class EigenvalueCorrectedShampoo:
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
+    trace_scaling_exponent: Optional[float] = field(default=None, metadata=ADDED_LATER)
+    drop_weighting_factor_on_gsquare: bool = field(default=False, metadata=ADDED_LATER)
+    tolerance: float = field(default=0.0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
-        _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
-                         self.max_consecutive_root_failures, self.symmetric_packing)
-        _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype)
-        if not isinstance(self.eigenbasis, (EighRootConfig, QREigenbasisConfig)):
-            raise ValueError("EigenvalueCorrectedShampoo.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); "
-                             f"got {self.eigenbasis!r}.")
+        validate_shampoo_fields("EigenvalueCorrectedShampoo", self)
+        check_eigenbasis("EigenvalueCorrectedShampoo", self.eigenbasis)
+        if rank_handling_of(self) is not None:
+            raise ValueError("EigenvalueCorrectedShampoo does not take PseudoInverse rank handling (its eigenbasis "
+                             "needs no root; epsilon is added after the root of the corrected eigenvalues): set the "
+                             "eigenbasis's rank_handling=None.")
         for order, value in self.inverse_exponent_override.items():
             if isinstance(value, Mapping):
                 bad = {e for e in value.values() if e not in (0, 0.0)}
@@ -334,55 +320,30 @@ class EigenvalueCorrectedShampoo:
 
     def inverse_exponent(self, order: int, dim: int) -> float:
         """The root of the corrected eigenvalues, ``(D^e + eps)``: 1/2 unless overridden (0: no rotation of ``dim``)."""
-        return _override_or(self.inverse_exponent_override, order, dim, 0.5)
-
-    def key(self) -> tuple:
-        """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
-        return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
-                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype, self.symmetric_packing)
+        return override_exponent(self.inverse_exponent_override, order, dim, 0.5)
 
     def __hash__(self) -> int:
-        return hash(self.key())
+        return hash(config_key(self))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, EigenvalueCorrectedShampoo) and self.key() == other.key()
+        return isinstance(other, EigenvalueCorrectedShampoo) and config_key(self) == config_key(other)
 
 
 #: For type hints; any class registered with :func:`preconditioner_config` is accepted.
 PreconditionerConfig = Union[RootInverseShampoo, EigenvalueCorrectedShampoo]
 
 
-def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch.dtype, max_failures: int,
-                     symmetric_packing: Any) -> None:
-    _validate_exponent_override(owner, override)
-    if factor_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{owner}.factor_dtype must be torch.float32 or torch.float64; got {factor_dtype!r}.")
-    check_int(owner, "max_consecutive_root_failures", max_failures)
-    if not isinstance(symmetric_packing, bool):
-        raise ValueError(f"{owner}.symmetric_packing must be True (store symmetric factors and roots as their "
-                         f"upper triangle) or False (full matrices); got {symmetric_packing!r}.")
+def check_eigenbasis(owner: str, eigenbasis: Any) -> None:
+    if not isinstance(eigenbasis, (EighRootConfig, QREigenbasisConfig)):
+        raise ValueError(f"{owner}.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); got {eigenbasis!r}.")
 
 
-#: Storage dtypes factors and roots may use besides ``factor_dtype`` (math stays in ``factor_dtype``).
-STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> None:
-    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage)):
-        if value is not None and value not in STORAGE_DTYPES:
-            raise ValueError(f"{owner}.{name} must be None (= factor_dtype), torch.float32, torch.float64 or "
-                             f"torch.bfloat16; got {value!r}.")
-
-
-def _override_or(override: ExponentOverride, order: int, dim: int, default: float) -> float:
-    """The exponent ``inverse_exponent_override`` gives ``dim`` of an order-``order`` block, else ``default``."""
-    value = override.get(order)
-    if isinstance(value, Mapping):
-        if dim in value:
-            return float(value[dim])
-    elif value is not None:
-        return float(value)
-    return default
+def rank_handling_of(config: Any) -> Optional[PseudoInverse]:
+    """The ``PseudoInverse`` an eigh-based root or eigendecomposition of ``config`` uses (None: epsilon)."""
+    method = getattr(config, "root", None) or getattr(config, "eigenbasis", None)
+    if isinstance(method, QREigenbasisConfig):
+        method = method.fallback
+    return method.rank_handling if isinstance(method, EighRootConfig) else None
 
 
 def default_exponent(config: PreconditionerConfig, order: int, dim: int) -> float:
@@ -465,13 +426,18 @@ STRUCTURAL_KEYS = STRUCTURAL_SETTINGS + ("has_beta1", "has_momentum") + ADDED_LA
 #: across them (``symmetric_packing``: packed and full matrices are converted by shape), so the checks
 #: that a checkpoint fits an optimizer compare configs with these fields at their defaults.
 STORAGE_ONLY_FIELDS = ("symmetric_packing",)
+#: Fields that only decide *when* a refresh decomposes (the adaptive refresh ``tolerance``): the state means
+#: the same under any value, so a run may resume with another one.
+REFRESH_POLICY_FIELDS = ("tolerance",)
 
 
 def storage_neutral(config: Any) -> Any:
-    """``config`` with its :data:`STORAGE_ONLY_FIELDS` at their defaults (what a checkpoint must agree on)."""
+    """``config`` with its :data:`STORAGE_ONLY_FIELDS` and :data:`REFRESH_POLICY_FIELDS` at their defaults (what a
+    checkpoint must agree on)."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         return config
-    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in STORAGE_ONLY_FIELDS}
+    neutral = STORAGE_ONLY_FIELDS + REFRESH_POLICY_FIELDS
+    changes = {f.name: _default_of(f) for f in dataclasses.fields(config) if f.name in neutral}
     return dataclasses.replace(config, **changes) if changes else config
 
 
@@ -569,7 +535,7 @@ def _default_of(f: "dataclasses.Field[Any]") -> Any:
 
 _CONFIG_CLASSES.update({cls.__name__: cls for cls in (
     SGDGrafting, AdaGradGrafting, RMSpropGrafting, AdamGrafting, EighRootConfig, CoupledNewtonConfig,
-    WarmStartRootConfig, QREigenbasisConfig, BlockingConfig, ClassicMomentum, GeneralizedPrimalAveraging,
+    WarmStartRootConfig, QREigenbasisConfig, PseudoInverse, BlockingConfig, ClassicMomentum, GeneralizedPrimalAveraging,
     ScheduleFree)})
 
 

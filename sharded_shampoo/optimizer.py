@@ -52,6 +52,7 @@ class ShardedShampoo(Optimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
+        beta3: Optional[float] = None,
         epsilon: float = 1e-12,
         weight_decay: float = 0.0,
         use_decoupled_weight_decay: Optional[bool] = None,
@@ -81,7 +82,8 @@ class ShardedShampoo(Optimizer):
         self.overlap_chunks = overlap_chunks
         # weight_decay_type=None: DECOUPLED, unless the deprecated use_decoupled_weight_decay says otherwise
         weight_decay_type = resolve_weight_decay_type(weight_decay_type, use_decoupled_weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, epsilon=epsilon,
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, beta3=beta3,
+                        epsilon=epsilon,
                         weight_decay=weight_decay, weight_decay_type=weight_decay_type, peak_lr=peak_lr,
                         momentum=momentum, dampening=dampening, use_nesterov=use_nesterov,
                         iterate_averaging=iterate_averaging,
@@ -361,7 +363,7 @@ class ShardedShampoo(Optimizer):
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:
     return BucketHyperparams(beta1=group["betas"][0], beta2=group["betas"][1], epsilon=group["epsilon"],
                              use_bias_correction=group["use_bias_correction"],
-                             elementwise=ElementwiseMode.parse(group["elementwise"]))
+                             elementwise=ElementwiseMode.parse(group["elementwise"]), beta3=group.get("beta3"))
 
 
 def _bucket_config(group: dict[str, Any]) -> BucketConfig:

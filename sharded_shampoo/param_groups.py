@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .config import (COMM_DTYPES, GRAFTING_TYPES, BlockingConfig, ElementwiseMode, check_range,
-                     is_preconditioner_config, preconditioner_config_names)
+                     is_preconditioner_config, preconditioner_config_names, rank_handling_of)
 from .update_options import validate_update_options
 
 OWNER = "ShardedShampoo"
@@ -63,7 +63,7 @@ def validate_group(g: Mapping[str, Any]) -> None:
         raise ValueError(f"{OWNER}.betas must be a pair (beta1, beta2); got {betas!r}.")
     check_range(OWNER, "betas[0]", betas[0], 0.0, 1.0, high_open=True)
     check_range(OWNER, "betas[1]", betas[1], 0.0, 1.0, low_open=True)
-    check_range(OWNER, "epsilon", g["epsilon"], 0.0, math.inf, low_open=True)
+    _check_beta3(g.get("beta3"), betas[0])
     check_range(OWNER, "weight_decay", g["weight_decay"], 0.0, math.inf)
     check_range(OWNER, "momentum", g["momentum"], 0.0, 1.0, high_open=True)
     check_range(OWNER, "dampening", g["dampening"], 0.0, 1.0, high_open=True)
@@ -81,6 +81,7 @@ def validate_group(g: Mapping[str, Any]) -> None:
     if not is_preconditioner_config(g["preconditioner"]):
         raise ValueError(f"{OWNER}.preconditioner must be one of {preconditioner_config_names()}; "
                          f"got {g['preconditioner']!r}.")
+    _check_epsilon(g["epsilon"], g["preconditioner"])
     if not isinstance(g["blocking"], BlockingConfig):
         raise ValueError(f"{OWNER}.blocking must be a BlockingConfig; got {g['blocking']!r}.")
     ElementwiseMode.parse(g.get("elementwise", ElementwiseMode.EAGER))
@@ -88,6 +89,29 @@ def validate_group(g: Mapping[str, Any]) -> None:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"param group 'step' must be an integer >= 0 (the number of steps taken); got {step!r}.")
     validate_update_options(g)
+
+
+def _check_beta3(beta3: Any, beta1: float) -> None:
+    """None (the direction uses the filtered gradient ``M`` itself) or a coefficient in [0, 1) (needs beta1 > 0)."""
+    if beta3 is None:
+        return
+    check_range(OWNER, "beta3 (None: = betas[0])", beta3, 0.0, 1.0, high_open=True)
+    if beta1 == 0:
+        raise ValueError(f"{OWNER}.beta3={beta3} filters the gradient with the first moment, which betas[0]=0 turns "
+                         "off; set betas[0] > 0 or beta3=None.")
+
+
+def _check_epsilon(epsilon: Any, preconditioner: Any) -> None:
+    """> 0 (added to the factors before their roots), or exactly 0 with ``PseudoInverse`` rank handling."""
+    if rank_handling_of(preconditioner) is None:
+        if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and math.isfinite(epsilon)
+                and epsilon > 0):
+            raise ValueError(f"{OWNER}.epsilon must be a finite number > 0 (0 only with pseudo-inverse roots: "
+                             f"EighRootConfig(rank_handling=PseudoInverse(...))); got {epsilon!r}.")
+    elif epsilon != 0:
+        raise ValueError(f"{OWNER}.epsilon must be 0.0 with PseudoInverse rank handling (it replaces the epsilon "
+                         f"perturbation, as in the reference); got {epsilon!r}. Set epsilon=0.0 or "
+                         "rank_handling=None.")
 
 
 def check_comm_dtype(comm_dtype: Any) -> None:

@@ -141,3 +141,39 @@ def test_a_real_structural_difference_still_fails(pre_packing):
         opt.load_state_dict(bad)
     # the live config still tells them apart
     assert RootInverseShampoo(symmetric_packing=False) != RootInverseShampoo()
+
+
+@pytest.mark.parametrize("kind", ["eigendecomposed", "eigenvalue_corrected"])
+def test_a_run_resumes_with_another_refresh_tolerance(tmp_path, kind):
+    """The adaptive refresh ``tolerance`` only decides when a refresh decomposes: a checkpoint loads into an
+    optimizer with another tolerance (same fingerprint; the state bit for bit as saved), which continues with
+    its own tolerance. Other family options (trace scaling) still must match."""
+    from sharded_shampoo import EigendecomposedShampoo, EigenvalueCorrectedShampoo
+    from sharded_shampoo.checkpointing import IncompatibleCheckpointError
+
+    cls = EigendecomposedShampoo if kind == "eigendecomposed" else EigenvalueCorrectedShampoo
+    base = dict(dist_scenarios.CONFIGS["root_inverse"], momentum=0.0)
+
+    def build(pre):
+        return cs.build("single", "root_inverse", **dict(base, preconditioner=pre))
+
+    model, opt = build(cls(tolerance=0.05))
+    cs.feed(model, opt, 0, cs.SAVE_AT)
+    save_checkpoint(str(tmp_path / "ck"), cs.SAVE_AT, model, opt, extra={"step": cs.SAVE_AT})
+    saved = cs.snapshot(model, opt)
+    runs = {}
+    for tolerance in (0.05, 0.3):
+        model2, opt2 = build(cls(tolerance=tolerance))
+        assert describe(opt2)["fingerprint"] == describe(opt)["fingerprint"]
+        load_checkpoint(str(tmp_path / "ck"), model2, opt2, extra={"step": -1})
+        assert opt2.param_groups[0]["preconditioner"].tolerance == tolerance
+        assert cs.same(cs.snapshot(model2, opt2)["state"], saved["state"])
+        cs.feed(model2, opt2, cs.SAVE_AT, cs.END)
+        counts = [b.refresh_counts for b in opt2.runtime.buckets]
+        runs[tolerance] = (cs.full_params(model2), sum(c.skipped for c in counts), sum(c.checked for c in counts))
+    assert runs[0.05][2] == runs[0.3][2] > 0                   # the same refreshes checked ...
+    assert runs[0.3][1] > runs[0.05][1]                         # ... the larger tolerance keeps more bases
+    assert dist_scenarios.max_rel_diff(runs[0.3][0], runs[0.05][0]) > 1e-4
+    model3, opt3 = build(cls(tolerance=0.3, trace_scaling_exponent=0.5))
+    with pytest.raises(IncompatibleCheckpointError, match="preconditioner differs"):
+        load_checkpoint(str(tmp_path / "ck"), model3, opt3)

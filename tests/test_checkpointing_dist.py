@@ -22,7 +22,8 @@ BOUND = 1e-6
 
 @pytest.fixture(scope="module")
 def refs() -> dict[str, dict]:
-    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl", *cs.STATELESS_KINDS)}
+    out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl", "eigendecomposed",
+                                                   *cs.STATELESS_KINDS)}
     out["packing"] = cs.reference("root_inverse", cs.END, **cs.well_conditioned(True))[0]
     return out
 
@@ -121,8 +122,17 @@ def test_incompatible_load_fails_on_every_rank_before_touching_state(two: list[d
 
 
 def test_fsdp_2_to_3_from_async_checkpoint(root: str, refs: dict, two: list[dict]) -> None:
-    diffs = [r["fsdp2->fsdp3"] for r in run_ranks(3, cs.scenario_three, root, refs)]
-    assert max(diffs) <= BOUND, diffs
+    three = run_ranks(3, cs.scenario_three, root, refs)
+    for key in ("fsdp2->fsdp3", "eigendecomposed fsdp2->fsdp3"):
+        diffs = [r[key] for r in three]
+        assert max(diffs) <= BOUND, (key, diffs)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_eigendecomposed_fsdp_2_to_single_process(root: str, refs: dict, two: list[dict]) -> None:
+    """Eigendecomposed Shampoo's eigenvectors and eigenvalues saved by 2 FSDP ranks resume on one process."""
+    assert cs.resume_diff("single", "eigendecomposed", (1,), os.path.join(root, "EIG"), refs["eigendecomposed"]) \
+        <= BOUND
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

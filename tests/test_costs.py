@@ -136,7 +136,10 @@ def test_amortized_workspace():
     assert block_amortized_workspace_bytes(b, no_retry) == (3 * d * d + d) * 4
     newton = RootInverseShampoo(root=CoupledNewtonConfig())
     assert block_amortized_workspace_bytes(b, newton) == 4 * d * d * 4
-    assert block_amortized_workspace_bytes(b, EigenvalueCorrectedShampoo()) == (3 * d * d + d) * 4
+    # the eigenbasis's eigh is retried in fp64 too (EighRootConfig(retry_in_float64=True), the default)
+    assert block_amortized_workspace_bytes(b, EigenvalueCorrectedShampoo()) == (3 * d * d + d) * 8
+    no_retry = EigenvalueCorrectedShampoo(eigenbasis=EighRootConfig(retry_in_float64=False))
+    assert block_amortized_workspace_bytes(b, no_retry) == (3 * d * d + d) * 4
 
 
 def test_block_cost_and_balance_weight():
@@ -179,3 +182,33 @@ def test_param_state_bytes_matches_summing_blocks():
         assert got == (max(per_block), sum(per_block), len(blocks))
         checked += 1
     assert checked > 150
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_eigendecomposed_state_flops_and_workspace(packed):
+    """Eigendecomposed Shampoo: factors (packed or not) + full eigenvectors + one eigenvalue per row of each
+    factor; per step the factor update (2 n d), the rotation in and out (4 n d) per dim and one scale per
+    element and dim; per refresh eigh 9 d^3 (no root formed), QR ``iterations (2 + 8/3) + 0.1 x 9`` plus 2 for
+    the Rayleigh quotients, and with a tolerance the 4 d^3 check plus ``1 - refresh_skip_rate`` of the method."""
+    from sharded_shampoo import EigendecomposedShampoo, QREigenbasisConfig
+
+    pre = EigendecomposedShampoo(symmetric_packing=packed)
+    b = one_block((256, 128), pre)
+    numel, d3 = 256 * 128, 256 ** 3 + 128 ** 3
+    got = block_state_bytes(b, pre, None, beta1=0.0)
+    assert got["factors"] == (stored(256, packed) + stored(128, packed)) * 4
+    assert got["roots"] == (256 * 256 + 128 * 128) * 4
+    assert got["eigenvalues"] == (256 + 128) * 4
+    assert block_step_flops(b, pre, None, beta1=0.0) == 6 * numel * (256 + 128) + 2 * numel
+    assert block_amortized_flops(b, pre) == 9 * d3
+    qr = EigendecomposedShampoo(eigenbasis=QREigenbasisConfig(iterations=2))
+    assert block_amortized_flops(b, qr) == pytest.approx((2 * (2 + 8 / 3) + 0.1 * 9 + 2) * d3, rel=1e-12)
+    tol = EigendecomposedShampoo(tolerance=0.1)
+    assert block_amortized_flops(b, tol) == (4 + 9) * d3
+    assert block_amortized_flops(b, tol, CostModel(refresh_skip_rate=0.75)) == (4 + 0.25 * 9) * d3
+    soap_tol = EigenvalueCorrectedShampoo(tolerance=0.1)
+    assert block_amortized_flops(b, soap_tol, CostModel(refresh_skip_rate=1.0)) == 4 * d3
+    # eigh of the largest factor, its fp64 retry counted (as root-inverse Shampoo's)
+    assert block_amortized_workspace_bytes(b, pre) == (3 * 256 * 256 + 256) * 8
+    no_retry = EigendecomposedShampoo(eigenbasis=EighRootConfig(retry_in_float64=False))
+    assert block_amortized_workspace_bytes(b, no_retry) == (3 * 256 * 256 + 256) * 4

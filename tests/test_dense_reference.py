@@ -131,8 +131,8 @@ class DenseShampoo:
                 G_rot = (K.T @ G.reshape(-1))
                 b.D = self.beta2 * b.D + (1 - self.beta2) * G_rot.reshape(b.shape) ** 2 if self.beta2 < 1 \
                     else b.D + G_rot.reshape(b.shape) ** 2
-            if t < self.start:
-                P = graft
+            if t < self.start and (self.grafting is not None or not self.eigen):
+                P = graft         # without grafting, SOAP's own direction from step 1 (Adam in the initial basis)
             elif self.eigen:
                 e = next(x for x in b.exponents if x != 0)
                 M_rot = K.T @ M_hat.reshape(-1)

@@ -60,6 +60,8 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         # spectral / sign descent: each block orthogonalised (or signed) by its owner
         ("fsdp", "spectral", (2,), F32, 4),
         ("mixed", "sign", (2,), F32, 0),
+        ("fsdp", "eigendecomposed", (2,), F32, 4),
+        ("fsdp", "root_family_options", (2,), F32, 0),
     ]
     _check(run_ranks(2, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 
@@ -76,6 +78,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("hsdp", "eigen_corrected", (2, 2), F32, 0),
         ("hsdp", "schedule_free", (2, 2), F32, 0),
         ("hsdp", "kl", (2, 2), F32, 0),
+        ("hsdp", "eigendecomposed", (2, 2), F32, 0),
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
         ("hsdp", "spectral", (2, 2), F32, 0),
         ("fsdp", "sign", (4,), F32, 0),

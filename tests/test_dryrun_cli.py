@@ -404,3 +404,38 @@ def test_cli_plans_spectral_and_sign_descent_without_factors(tmp_path, capsys, c
         for b in data["blocks"]:
             if len(b["shape"]) == 2:
                 assert b["step_flops"] > newton_schulz_flops(*b["shape"], 5)
+
+
+def test_cli_eigendecomposed_tolerance_and_measured_skip_rate(tmp_path, capsys):
+    """``--preconditioner eigendecomposed``: its refresh cost is eigh 9 d^3 per factor, with ``--tolerance`` the
+    check 4 d^3 on top, and with ``--refresh-skip-rate r`` the eigh charged (1 - r) times; state is unchanged."""
+    def plan(*extra: str) -> tuple[float, int, dict]:
+        out = tmp_path / "plan.json"
+        assert main(["plan", "--model", "llama-tiny", "--mesh", "4", "--preconditioner", "eigendecomposed",
+                     "--json", str(out), *extra]) == 0
+        data = json.loads(out.read_text())
+        return sum(b["amortized_flops"] for b in data["blocks"]), sum(r["optimizer_state_bytes"]
+                                                                     for r in data["ranks"]), data
+    full, state, data = plan()
+    checked, state_tol, _ = plan("--tolerance", "0.1")
+    measured, _, _ = plan("--tolerance", "0.1", "--refresh-skip-rate", "0.5")
+    assert checked == pytest.approx(full * 13 / 9, rel=1e-12)
+    assert measured == pytest.approx(full * 8.5 / 9, rel=1e-12)
+    assert state_tol == state
+    dims = [d for b in data["blocks"] for d in b["factor_dims"]]
+    assert sum(9 * d ** 3 for d in dims) == pytest.approx(full, rel=1e-12)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tolerance", "0.1"], "--tolerance 0.1 needs --preconditioner eigendecomposed"),
+    (["--preconditioner", "eigendecomposed", "--tolerance", "1.5"], "--tolerance must be a finite number in [0.0"),
+    (["--preconditioner", "eigenvalue-corrected", "--refresh-skip-rate", "0.3"],
+     "--refresh-skip-rate 0.3 needs --tolerance > 0"),
+    (["--preconditioner", "eigendecomposed", "--tolerance", "0.1", "--refresh-skip-rate", "1.2"],
+     "--refresh-skip-rate must be a number in [0, 1]"),
+])
+def test_cli_tolerance_errors(extra, message, capsys):
+    assert main(["plan", "--model", "llama-tiny", "--mesh", "4", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err

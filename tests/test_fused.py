@@ -12,6 +12,17 @@ from sharded_shampoo import AdamGrafting, ShardedShampoo
 from sharded_shampoo.compute.kron import apply_kronecker, gram, gram_scratch_numel, gram_update_
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiled_kernels():
+    """Each test starts with empty compile caches and kernel state: dynamo's recompile limit counts every
+    signature that earlier tests of this process compiled, and a kernel that hits it runs eagerly from then on
+    (the tests that check the compiled path would then compare eager with eager, or fail their compiled check)."""
+    torch.compiler.reset()
+    for kernel in (ew.FUSED_MOMENTS_GRAFT, ew.FUSED_RESCALE):
+        kernel.compiled, kernel.failed, kernel.signatures, kernel.eager_calls = None, None, set(), 0
+    yield
+
+
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -80,6 +91,36 @@ def test_graft_eager_matches_formula():
     _, norm = ew.moments_and_graft(G1, None, V1, 0.0, 0.9, 0.1, a, c, False, compiled=False)
     assert torch.equal(G1, G)
     assert torch.allclose(norm, (G / ((0.9 * V + 0.1 * G * G).sqrt() * a + c)).flatten(1).norm(dim=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_beta3_filtered_gradient_matches_formula(compiled, masked):
+    """beta3: M <- lerp(M, G, 1 - beta1) as before, and the direction comes from beta3 M_old + (1 - beta3) G
+    (left in G when only the norm is needed); a masked step's inactive block keeps M and V bit for bit."""
+    for direction in (False, True):
+        G, M, V, a, c = _graft_inputs(seed=11)
+        m_weight = v_beta = None
+        if masked:
+            G[1] = 0.0                                   # the bucket zeroes an inactive block's rows first
+            m_weight = torch.tensor([0.1, 0.0, 0.1]).view(3, 1, 1)
+            v_beta = torch.tensor([0.9, 1.0, 0.9]).view(3, 1, 1)
+        Mx = M + 0.1 * (G - M) if not masked else M + m_weight * (G - M)
+        filtered = 0.7 * M + 0.3 * G
+        Vx = 0.9 * V + 0.1 * G * G if not masked else v_beta * V + 0.1 * G * G
+        D = filtered / (Vx.sqrt() * a + c)
+        G1, M1, V1 = G.clone(), M.clone(), V.clone()
+        out, norm = ew.moments_and_graft(G1, M1, V1, 0.9, 0.9 if v_beta is None else v_beta, 0.1, a, c, direction,
+                                         compiled=compiled, m_weight=m_weight, beta3=0.7)
+        assert torch.allclose(M1, Mx, rtol=1e-6, atol=1e-7) and torch.allclose(V1, Vx, rtol=1e-6, atol=1e-7)
+        if masked:
+            assert torch.equal(M1[1], M[1]) and torch.equal(V1[1], V[1])
+        active = [0, 2] if masked else [0, 1, 2]
+        assert torch.allclose(norm[active], D.flatten(1).norm(dim=1)[active], rtol=1e-6)
+        assert torch.allclose(G1[active], (D if direction else filtered)[active], rtol=1e-6, atol=1e-7)
+        assert direction or out is None
+    if compiled:
+        assert ew.FUSED_MOMENTS_GRAFT.failed is None, ew.FUSED_MOMENTS_GRAFT.failed
 
 
 def test_compiled_kernels_match_eager():

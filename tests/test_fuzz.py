@@ -42,9 +42,13 @@ def test_fixed_seeds_cover_the_space():
     settings = [dict(c.config.kwargs) for c in cases] + [dict(c.config.second_group) for c in cases
                                                           if c.config.second_group]
     assert {g["preconditioner"][0] for g in settings} == {"root_inverse", "eigen_corrected", "kl_shampoo",
-                                                          *fc.STATELESS_KINDS}
+                                                          "eigendecomposed", *fc.STATELESS_KINDS}
     assert {g["preconditioner"][1].get("orthogonalization") for g in settings} >= {"newton_schulz", "svd"}
     assert {g["preconditioner"][1].get("scale_fn") for g in settings} >= {"one", "l1_norm"}
+    family = {k for g in settings for k, v in g["preconditioner"][1].items() if k not in ("root", "factor_dtype")
+              and v is not None} | {"beta3" for g in settings if g.get("beta3") is not None}
+    assert family >= {"tolerance", "trace_scaling_exponent", "drop_weighting_factor_on_gsquare",
+                      "pseudo_inverse_rtol", "beta3"}
     assert {g["grafting"][0] for g in settings} == set(fc.GRAFTINGS)
     assert {g["regime"] for g in settings} == {"full_rank", "large_eps"}
     assert any(g["use_nesterov"] for g in settings) and any(not g["use_decoupled_weight_decay"] and g["weight_decay"]

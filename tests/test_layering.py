@@ -10,8 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: stage -> the library modules (prefixes) its modules may import, besides their own stage
-#: (``config`` is the config modules: config, averaging_config and their checks)
-CONFIG = ("config", "averaging_config", "checks")
+#: (``config`` is the config modules: config, averaging_config, the Shampoo-family options and their checks)
+CONFIG = ("config", "averaging_config", "shampoo_options", "checks")
 ALLOWED = {
     # compute.kinds: each preconditioner kind describes its state fields and costs once, for the bucket and the planner
     "planning": (*CONFIG, "_torch_compat", "compute.kinds"),
@@ -21,7 +21,8 @@ ALLOWED = {
     "dryrun": ("planning", "runtime.placements", *CONFIG, "_torch_compat", "compute.kinds"),
     "checkpointing": ("", *CONFIG, "_torch_compat",         # "": the public API, ``from sharded_shampoo import``
                       "compute.packing"),                   # a checkpoint's symmetric state in the other layout
-    "config": ("averaging_config", "checks"), "averaging_config": ("checks",), "checks": (), "_torch_compat": (),
+    "config": ("averaging_config", "shampoo_options", "checks"), "averaging_config": ("checks",), "checks": (),
+    "shampoo_options": ("checks",), "_torch_compat": (),
     "update_options": CONFIG, "param_groups": (*CONFIG, "update_options"),
     # the optimizer's own policy helpers (group membership, root schedule): plain Python, no library imports
     "membership": (), "root_schedule": (),

@@ -14,9 +14,10 @@ import torch
 from tests.support.numerics import max_rel_diff
 from sharded_shampoo import KLShampoo
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
+from sharded_shampoo.compute.kinds.eigendecomposed import EigendecomposedShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
-                                    QREigenbasisConfig, RMSpropGrafting, RootInverseShampoo, SGDGrafting,
-                                    WarmStartRootConfig)
+                                    EighRootConfig, ElementwiseMode, PseudoInverse, QREigenbasisConfig,
+                                    RMSpropGrafting, RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
 from sharded_shampoo import SVD, NewtonSchulz, SignDescent, SpectralDescent
 from sharded_shampoo.planning.blocking import Block
 
@@ -46,15 +47,32 @@ CONFIGS = {
                               0.95, 0.999, False),
     "spectral-svd-nuclear": (SpectralDescent(SVD(scale_by_nuclear_norm=True)), None, 0.0, 0.999, True),
     "sign-l1-rmsprop": (SignDescent(scale_fn="l1_norm"), RMSpropGrafting(), 0.9, 0.99, True),
+    # issue 16's Shampoo-family variants; a sixth entry: hyperparameters besides (beta1, beta2, bias correction)
+    "eigendecomposed-packed-adagrad": (EigendecomposedShampoo(), AdaGradGrafting(), 0.9, 0.999, True),
+    "eigendecomposed-qr-full-tol": (EigendecomposedShampoo(eigenbasis=QREigenbasisConfig(), tolerance=0.3,
+                                                           symmetric_packing=False), None, 0.9, 0.95, True),
+    "eigendecomposed-pinv-trace-bf16": (EigendecomposedShampoo(eigenbasis=EighRootConfig(rank_handling=PseudoInverse(
+        rank_rtol=1e-6)), trace_scaling_exponent=0.5, root_storage_dtype=BF16), RMSpropGrafting(), 0.9, 0.99, True,
+        dict(epsilon=0.0)),
+    "eigen-tol-drop-weighting": (EigenvalueCorrectedShampoo(tolerance=0.3, drop_weighting_factor_on_gsquare=True),
+                                 AdamGrafting(), 0.9, 0.95, True),
+    "root-beta3-adagrad": (RootInverseShampoo(), AdaGradGrafting(), 0.9, 0.999, True, dict(beta3=0.81)),
+    "root-beta3-trace-none": (RootInverseShampoo(trace_scaling_exponent=0.25), None, 0.9, 0.99, False,
+                              dict(beta3=0.95)),
+    "root-pinv-beta3-sgd": (RootInverseShampoo(root=EighRootConfig(rank_handling=PseudoInverse())),
+                                     SGDGrafting(), 0.9, 0.99, True, dict(beta3=0.5, epsilon=0.0)),
+    "root-beta3-adam-compiled": (RootInverseShampoo(), AdamGrafting(), 0.8, 0.99, True,
+                                 dict(beta3=0.6, elementwise=ElementwiseMode.COMPILE)),
 }
 
 
 def _bucket(name: str, ids: range = range(B)) -> tuple[BlockBucket, BucketHyperparams]:
-    pre, grafting, beta1, beta2, bc = CONFIGS[name]
+    pre, grafting, beta1, beta2, bc, *extra = CONFIGS[name]
     blocks = [Block(block_id=f"p{i}.block_0", param_name=f"p{i}", param_shape=SHAPE, merged_shape=SHAPE,
                     ranges=tuple((0, d) for d in SHAPE), exponents=EXPONENTS) for i in ids]
     bucket = BlockBucket(blocks, BucketConfig(pre, grafting, beta1 > 0), torch.device("cpu"))
-    return bucket, BucketHyperparams(beta1=beta1, beta2=beta2, epsilon=1e-6, use_bias_correction=bc)
+    settings = {"epsilon": 1e-6, **(extra[0] if extra else {})}
+    return bucket, BucketHyperparams(beta1=beta1, beta2=beta2, use_bias_correction=bc, **settings)
 
 
 def _grads(seed: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 
 from tests.support.dist_scenarios import owned_state_bytes
 from tests.support.numerics import grad_for, max_rel_diff
-from sharded_shampoo import (AdaGradGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo, KLShampoo,
-                             QREigenbasisConfig, RootInverseShampoo, ShardedShampoo, pack_symmetric, unpack_symmetric)
+from sharded_shampoo import (AdaGradGrafting, CoupledNewtonConfig, EigendecomposedShampoo, EigenvalueCorrectedShampoo,
+                             KLShampoo, QREigenbasisConfig, RootInverseShampoo, ShardedShampoo, pack_symmetric,
+                             unpack_symmetric)
 from sharded_shampoo.compute import lowp
 from sharded_shampoo.compute.packing import matrix_dim, packed_identity, packed_numel
 from sharded_shampoo.config import WarmStartRootConfig, config_from_dict, config_to_dict
@@ -123,12 +124,13 @@ def test_float32_packed_close_to_unpacked():
 # ----------------------------------------------------------------------------- bytes and workspace
 
 
-@pytest.mark.parametrize("kind", ["root", "eigen", "kl"])
+@pytest.mark.parametrize("kind", ["root", "eigen", "kl", "eigendecomposed"])
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("storage", [None, BF16])
 def test_planned_bytes_equal_allocated(kind, packing, storage):
-    cls = {"root": RootInverseShampoo, "eigen": EigenvalueCorrectedShampoo, "kl": KLShampoo}[kind]
-    pre = cls(symmetric_packing=packing, factor_storage_dtype=storage, root_storage_dtype=storage)
+    cls = {"root": RootInverseShampoo, "eigen": EigenvalueCorrectedShampoo, "kl": KLShampoo,
+           "eigendecomposed": EigendecomposedShampoo}
+    pre = cls[kind](symmetric_packing=packing, factor_storage_dtype=storage, root_storage_dtype=storage)
     params, opt = _run(pre, steps=3, dtype=torch.float32)
     assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
     for bucket in opt.runtime.buckets:
@@ -137,6 +139,8 @@ def test_planned_bytes_equal_allocated(kind, packing, storage):
             assert field.packed == (packing and field.symmetric)
             symmetric = name.startswith("factor_") or (name.startswith("root_") and name != "root_failures")
             assert field.symmetric == symmetric
+            if name.startswith("eigenvalues_"):      # eigendecomposed: (d,) per dim in the math dtype, never packed
+                assert field.shape == (field.shape[0],) and field.dtype == torch.float32
 
 
 @pytest.mark.parametrize("storage", [None, BF16])

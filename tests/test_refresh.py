@@ -141,6 +141,15 @@ def test_qr_eigenbasis_first_refresh_is_eigh(drifted):
     assert torch.equal(order, torch.arange(48).expand(3, 48))
 
 
+@pytest.mark.parametrize("d", [5, 6, 7, 48, 257])
+def test_identity_basis_detected_for_every_size(d):
+    """The never-refreshed basis is recognised at every size (``matrix_norm(I) ** 2`` is not ``d`` in fp32 for
+    ``d = 6, 7``), so a first QR refresh is an exact eigh for every size."""
+    A = wishart(2, d, 3 * d, seed=d).float()
+    Q, ok, order, report = eigenbasis_qr(A, torch.eye(d).repeat(2, 1, 1), 1e-6)
+    assert bool(report.fell_back.all()) and torch.equal(Q, eigenbasis(A, 1e-6)[0])
+
+
 def test_refresh_dispatch_counts(drifted):
     A0, A1 = drifted
     counts = RefreshCounts()

@@ -52,18 +52,31 @@ def _bshape(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def update_moments_(G: torch.Tensor, M: Optional[torch.Tensor], V: Optional[torch.Tensor], beta1: float,
-                    v_beta: Coefficient, v_weight: float, m_weight: Optional[torch.Tensor] = None) -> None:
-    """``M <- lerp(M, G, 1 - beta1)``; ``V <- v_beta V + v_weight G^2`` (in place; either may be None).
+                    v_beta: Coefficient, v_weight: float, m_weight: Optional[torch.Tensor] = None,
+                    beta3: Optional[float] = None) -> None:
+    """``V <- v_beta V + v_weight G^2``; ``M <- lerp(M, G, 1 - beta1)`` (in place; either may be None).
 
     Masked steps pass per-block tensors: ``m_weight`` (replaces ``1 - beta1``) and ``v_beta``, 0 and 1
     where a block is inactive (its rows of ``G`` are zero), which leaves its ``M`` and ``V`` bit-identical.
+    ``beta3`` (with ``M``): ``G`` is overwritten with the filtered gradient the direction uses,
+    ``beta3 M_old + (1 - beta3) G``, computed as ``M_new + (beta1 - beta3) (G - M_old)`` (no coefficient
+    above 1, so no cancellation, and no extra buffer).
     """
-    if M is not None:
-        M.lerp_(G, 1.0 - beta1 if m_weight is None else m_weight)
     if V is not None:
         if isinstance(v_beta, torch.Tensor) or v_beta != 1.0:
             V.mul_(v_beta)
         V.addcmul_(G, G, value=v_weight)
+    if M is None:
+        return
+    if beta3 is None:
+        M.lerp_(G, 1.0 - beta1 if m_weight is None else m_weight)
+        return
+    delta = G.sub_(M)
+    if m_weight is None:
+        M.add_(delta, alpha=1.0 - beta1)
+    else:
+        M.addcmul_(delta, m_weight)
+    G.mul_(beta1 - beta3).add_(M)
 
 
 def graft_eager(G: torch.Tensor, M: torch.Tensor, V: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
@@ -96,19 +109,23 @@ def rescale_eager(P: torch.Tensor, target: torch.Tensor, out: torch.Tensor) -> t
 
 def _fused_moments_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tensor, one_minus_beta1: torch.Tensor,
                          v_beta: torch.Tensor, v_weight: torch.Tensor, a: torch.Tensor, c: torch.Tensor,
-                         direction: bool) -> torch.Tensor:
-    """Moments, grafting state and ``||D||`` in one pass; with ``direction``, ``D`` is written into ``G``."""
+                         direction: bool, one_minus_beta3: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Moments, grafting state and ``||D||`` in one pass; with ``direction``, ``D`` is written into ``G``,
+    else (with ``one_minus_beta3``) the beta3-filtered gradient the direction uses."""
     if M is not None:
         Mn = M + one_minus_beta1 * (G - M)
+        filtered = Mn if one_minus_beta3 is None else M + one_minus_beta3 * (G - M)
         M.copy_(Mn)
     else:
-        Mn = G
+        filtered = G
     Vn = V * v_beta + v_weight * (G * G)
     V.copy_(Vn)
-    D = Mn / (torch.sqrt(Vn) * a + c)
+    D = filtered / (torch.sqrt(Vn) * a + c)
     norm = torch.sqrt((D * D).reshape(D.shape[0], -1).sum(dim=1))
     if direction:
         G.copy_(D)
+    elif one_minus_beta3 is not None:
+        G.copy_(filtered)
     return norm
 
 
@@ -172,17 +189,20 @@ def _cached_scalar(x: float, dtype: torch.dtype, device: torch.device) -> torch.
 
 def moments_and_graft(G: torch.Tensor, M: Optional[torch.Tensor], V: torch.Tensor, beta1: float, v_beta: Coefficient,
                       v_weight: float, a: torch.Tensor, c: torch.Tensor, direction: bool,
-                      compiled: bool, norm: bool = True, m_weight: Optional[torch.Tensor] = None
-                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      compiled: bool, norm: bool = True, m_weight: Optional[torch.Tensor] = None,
+                      beta3: Optional[float] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Update ``M`` and ``V``; return ``(D or None, ||D||)`` (see :func:`graft_eager`; the fused kernel
     computes the norm in the same pass, so ``norm=False`` only saves the eager path's extra pass).
-    ``m_weight`` / tensor ``v_beta``: a masked step's per-block coefficients (see :func:`update_moments_`)."""
+    ``m_weight`` / tensor ``v_beta``: a masked step's per-block coefficients (see :func:`update_moments_`).
+    ``beta3``: the grafting direction is taken from ``beta3 M_old + (1 - beta3) G``, which ``G`` holds
+    afterwards when ``direction`` is False."""
     if not compiled:
-        update_moments_(G, M, V, beta1, v_beta, v_weight, m_weight)
-        return graft_eager(G, G if M is None else M, V, a, c, direction, norm)
+        update_moments_(G, M, V, beta1, v_beta, v_weight, m_weight, beta3)
+        return graft_eager(G, G if M is None or beta3 is not None else M, V, a, c, direction, norm)
     w1 = _scalar(1.0 - beta1, G) if m_weight is None else m_weight.to(G.dtype)
     vb = v_beta.to(G.dtype) if isinstance(v_beta, torch.Tensor) else _scalar(v_beta, G)
-    d_norm = FUSED_MOMENTS_GRAFT(G, M, V, w1, vb, _scalar(v_weight, G), a.to(G.dtype), c.to(G.dtype), direction)
+    w3 = None if beta3 is None else _scalar(1.0 - beta3, G)
+    d_norm = FUSED_MOMENTS_GRAFT(G, M, V, w1, vb, _scalar(v_weight, G), a.to(G.dtype), c.to(G.dtype), direction, w3)
     return (G if direction else None), d_norm
 
 

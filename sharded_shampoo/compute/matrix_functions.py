@@ -70,13 +70,32 @@ def _eigh_each(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return L, Q, ok
 
 
+def root_scales(L: torch.Tensor, exponent: float, epsilon: float, config: EighRootConfig) -> torch.Tensor:
+    """``f(lambda)`` per eigenvalue of ``L: [..., d]`` (eigenvalues of ``A + epsilon I``) such that
+    ``Q diag(f(lambda)) Q^T`` is the inverse root ``(A + epsilon I)^(-exponent)``: ``lambda^(-exponent)``.
+
+    Epsilon perturbation (``rank_handling=None``): with ``make_positive_semidefinite``, a spectrum whose
+    smallest eigenvalue is below ``epsilon`` is shifted so that it becomes exactly ``epsilon`` (as the
+    reference). ``PseudoInverse``: eigenvalues ``<= max(rtol * relu(lambda_max), atol)`` get 0. Device
+    ops only (no host read): eigendecomposed Shampoo calls it every step.
+    """
+    rank = config.rank_handling
+    if rank is not None:
+        rtol = L.shape[-1] * torch.finfo(L.dtype).eps if rank.rank_rtol is None else rank.rank_rtol
+        cutoff = (rtol * L.amax(dim=-1, keepdim=True).clamp_min(0)).clamp_min(rank.rank_atol)
+        return torch.where(L <= cutoff, torch.zeros_like(L), L.pow(-exponent))
+    if config.make_positive_semidefinite:
+        lam_min = L.min(dim=-1, keepdim=True).values
+        L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
+    return L.pow(-exponent)
+
+
 def inverse_root_eigh(A: torch.Tensor, exponent: float, epsilon: float,
                       config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A + epsilon I)^(-exponent)`` for each matrix of the stack, by eigendecomposition.
 
-    As in the reference implementation: ``eigh(A + epsilon I)``; with ``make_positive_semidefinite``,
-    a matrix whose smallest eigenvalue is below ``epsilon`` (round-off negatives of a PSD factor)
-    has its spectrum shifted so that it becomes exactly ``epsilon``.
+    As in the reference implementation: ``eigh(A + epsilon I)``, then :func:`root_scales` of the
+    eigenvalues (the epsilon shift of ``make_positive_semidefinite``, or a pseudo-inverse).
     Returns the roots (in A's dtype) and the per-matrix ``ok`` mask.
     """
     finite = None
@@ -84,24 +103,40 @@ def inverse_root_eigh(A: torch.Tensor, exponent: float, epsilon: float,
         A, finite = zero_nonfinite(A)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     L, Q, ok = _eigh(A + epsilon * eye, config.retry_in_float64)
-    if config.make_positive_semidefinite:
-        lam_min = L.min(dim=-1, keepdim=True).values
-        L = torch.where(lam_min < epsilon, L - lam_min + epsilon, L)
-    scale = L.pow(-exponent)
-    root = (Q * scale.unsqueeze(-2)) @ Q.mT
+    root = (Q * root_scales(L, exponent, epsilon, config).unsqueeze(-2)) @ Q.mT
     ok = ok & torch.isfinite(root).flatten(1).all(-1)
     if finite is not None:
         ok = ok & finite
     return root.to(A.dtype), ok
 
 
+def eigenpairs(A: torch.Tensor, epsilon: float = 0.0,
+               config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending), eigenvectors (columns) of each ``A + epsilon I`` of the stack (in A's
+    dtype), and the per-matrix ``ok`` mask."""
+    A, finite = zero_nonfinite(A)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    L, Q, ok = _eigh(A + epsilon * eye, config.retry_in_float64)
+    return L.to(A.dtype), Q.to(A.dtype), ok & finite
+
+
 def eigenbasis(A: torch.Tensor, epsilon: float = 0.0,
                config: EighRootConfig = EighRootConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvectors (columns) of each ``A + epsilon I`` of the stack, and the per-matrix ``ok`` mask."""
-    A, finite = zero_nonfinite(A)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    _, Q, ok = _eigh(A + epsilon * eye, config.retry_in_float64)
-    return Q.to(A.dtype), ok & finite
+    _, Q, ok = eigenpairs(A, epsilon, config)
+    return Q, ok
+
+
+def diagonality(A: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How far the basis ``Q`` is from diagonalising ``A`` (stacks ``[B, d, d]``), for ``B = Q^T A Q``:
+    ``(||B - diag(B)||_F, ||B||_F, diag(B))`` per matrix -- the off-diagonal norm computed as
+    ``sqrt(||B||^2 - ||diag B||^2)``, as the reference does, and the Rayleigh quotients ``[B, d]``.
+    Two GEMMs. The reference's adaptive refresh keeps ``Q`` where ``off <= tolerance * norm``."""
+    T = Q.mT @ (A @ Q)
+    estimates = T.diagonal(dim1=-2, dim2=-1)
+    total = T.square().sum(dim=(-2, -1))
+    off = (total - estimates.square().sum(-1)).clamp_min(0)
+    return off.sqrt(), total.sqrt(), estimates.clone()
 
 
 def inverse_root_newton(A: torch.Tensor, exponent: float, epsilon: float,

@@ -11,8 +11,10 @@ One step (:meth:`BlockBucket.step_blocks`), per block, for the kind's statistics
   kind.refresh(S)  on amortized steps     (e.g. R_i = (F_i / (1 - beta2^t) + eps I)^(-e_i))
   kind.after_refresh(S, G)
   M <- beta1 M + (1 - beta1) G,  M_hat = M / (1 - beta1^t);  grafting state and direction
+      (with a separate beta3: M_hat = (beta3 M_old + (1 - beta3) G) / (1 - beta3 beta1^(t-1)))
   P = kind.direction(M_hat) rescaled per block to the grafting direction's norm (or the grafting
-      direction itself before preconditioning starts); P = 0 for inactive blocks.
+      direction itself before preconditioning starts; without grafting the kind's direction from its
+      initial state); P = 0 for inactive blocks.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ class BlockBucket:
             if ok is not None:
                 self._count_failures(ok, active)
         kind.after_refresh(state, G, ctx)
-        P = self._direction(G, ctx, step.precondition and kind.preconditions)
+        # without grafting there is no other direction: the kind's own is used from step 1, from its initial
+        # state (as the reference does; e.g. SOAP is Adam in the standard basis until its first refresh)
+        precondition = step.precondition or (self.config.grafting is None and not kind.starts_as_identity)
+        P = self._direction(G, ctx, precondition and kind.preconditions)
         if active is not None:
             P.masked_fill_(~per_block(active, P.ndim), 0)
         return P
@@ -127,11 +132,13 @@ class BlockBucket:
         M = Mstate if Mstate is not None else G
         bc1 = None
         if Mstate is not None and hp.use_bias_correction:
-            bc1 = per_block(ctx.bias_correction(hp.beta1), G.ndim)
+            bc1 = per_block(_first_moment_correction(ctx), G.ndim)
         graft, graft_norm = self._moments_and_graft(G, M, bc1, ctx, direction=not preconditioned)
         if not preconditioned:
             assert graft is not None
             return graft
+        if Mstate is not None and _separate_beta3(hp):
+            M = G        # the moments left the beta3-filtered gradient in G
         # G is dead from here on (statistics and moments are updated): the direction is written into it
         if bc1 is not None and not self.kind.linear:
             M, bc1 = torch.div(M, bc1, out=G), None      # a kind that normalises its input needs M_hat itself
@@ -166,13 +173,16 @@ class BlockBucket:
         """
         hp, g = ctx.hp, self.config.grafting
         Mstate = self.state.get("filtered_grad")
+        beta3 = hp.beta3 if Mstate is not None and _separate_beta3(hp) else None
+        if beta3 is not None:
+            M = G         # where update_moments_ leaves beta3 M_old + (1 - beta3) G
         m_weight: Optional[torch.Tensor] = None
         if ctx.active is not None:
             _, w1 = ctx.coefficients(hp.beta1, 1.0 - hp.beta1)
             assert isinstance(w1, torch.Tensor)      # a masked step's coefficients are per-block tensors
             m_weight = per_block(w1, G.ndim)
         if not isinstance(g, STATEFUL_GRAFTING_TYPES):
-            update_moments_(G, Mstate, None, hp.beta1, 1.0, 1.0, m_weight)
+            update_moments_(G, Mstate, None, hp.beta1, 1.0, 1.0, m_weight, beta3)
             # the norm only rescales a preconditioned direction: not needed when the direction is the graft
             norm = None if g is None or direction else block_norms(M) if bc1 is None else block_norms(M) / bc1.flatten()
             if not direction:
@@ -190,7 +200,21 @@ class BlockBucket:
         c = g.epsilon * (one.expand(a.shape) if bc1 is None else bc1.flatten())
         return moments_and_graft(G, Mstate, V, hp.beta1, vb, v_weight, per_block(a, G.ndim), per_block(c, G.ndim),
                                  direction, compiled=hp.elementwise is ElementwiseMode.COMPILE, norm=not direction,
-                                 m_weight=m_weight)
+                                 m_weight=m_weight, beta3=beta3)
+
+
+def _separate_beta3(hp: BucketHyperparams) -> bool:
+    """Whether the direction uses its own filtered gradient ``beta3 M_old + (1 - beta3) G`` (``beta3 != beta1``)."""
+    return hp.beta3 is not None and hp.beta3 != hp.beta1
+
+
+def _first_moment_correction(ctx: StepContext) -> torch.Tensor:
+    """``1 - beta3 beta1^(t - 1)`` per block (the reference's; ``1 - beta1^t`` when ``beta3 == beta1``)."""
+    hp = ctx.hp
+    if not _separate_beta3(hp):
+        return ctx.bias_correction(hp.beta1)
+    assert hp.beta3 is not None
+    return (1.0 - hp.beta3 * torch.pow(hp.beta1, (ctx.step - 1).to(torch.float64))).to(ctx.dtype)
 
 
 def bucket_key(group_index: int, block: Block) -> tuple:

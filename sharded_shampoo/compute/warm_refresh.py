@@ -38,12 +38,13 @@ class RefreshReport:
 def _is_identity(R: torch.Tensor) -> torch.Tensor:
     """bool [B]: which matrices of the stack are the identity (never refreshed).
 
-    Unit diagonal and ``||R||_F^2 == d``: no ``[B, d, d]`` temporary (an off-diagonal entry too small
-    to change the norm in fp32 would count as identity, which only means a full eigh).
+    Unit diagonal and a sum of squares equal to ``d`` (summed, not ``matrix_norm(R) ** 2``: the square of
+    a rounded ``sqrt(d)`` is not ``d`` for every ``d``, e.g. 6 in fp32). An off-diagonal entry too small to
+    change the sum in fp32 would count as identity, which only means a full eigh.
     """
     d = R.shape[-1]
     unit = (R.diagonal(dim1=-2, dim2=-1) == 1).all(-1)
-    return unit & (torch.linalg.matrix_norm(R.float()) ** 2 == d)
+    return unit & (R.float().square().sum(dim=(-2, -1)) == d)
 
 
 @lru_cache(maxsize=16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,8 @@ from ..compute.kinds.kl_shampoo import KLShampoo
 from ..compute.kinds.sign import SignDescent
 from ..compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 from ..config import PlanSettings
+from ..compute.kinds.cost_model import DEFAULT_COST_MODEL, CostModel
+from ..compute.kinds.eigendecomposed import EigendecomposedShampoo
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
 from .outputs import check_output_paths, write_output
@@ -42,16 +45,19 @@ from .presets import preset_names
 from .report import DryRunError, format_report, write_png
 
 
-#: --preconditioner choice -> the config for a --factor-dtype (``Any``: the config union of ``config.py`` cannot
-#: name the kinds defined in ``compute/kinds``; PlanSettings checks the value at run time)
-_PRECONDITIONERS: dict[str, Callable[[torch.dtype], Any]] = {
-    "shampoo": lambda dtype: RootInverseShampoo(factor_dtype=dtype),
-    "eigenvalue-corrected": lambda dtype: EigenvalueCorrectedShampoo(factor_dtype=dtype),
-    "kl-shampoo": lambda dtype: KLShampoo(factor_dtype=dtype),
-    "spectral": lambda dtype: SpectralDescent(NewtonSchulz(), factor_dtype=dtype),
-    "spectral-svd": lambda dtype: SpectralDescent(SVD(), factor_dtype=dtype),
-    "sign": lambda dtype: SignDescent(factor_dtype=dtype),
+#: --preconditioner choice -> the config for a --factor-dtype and a --tolerance (``Any``: the config union of
+#: ``config.py`` cannot name the kinds defined in ``compute/kinds``; PlanSettings checks the value at run time)
+_PRECONDITIONERS: dict[str, Callable[[torch.dtype, float], Any]] = {
+    "shampoo": lambda dtype, tol: RootInverseShampoo(factor_dtype=dtype),
+    "eigenvalue-corrected": lambda dtype, tol: EigenvalueCorrectedShampoo(factor_dtype=dtype, tolerance=tol),
+    "kl-shampoo": lambda dtype, tol: KLShampoo(factor_dtype=dtype),
+    "eigendecomposed": lambda dtype, tol: EigendecomposedShampoo(factor_dtype=dtype, tolerance=tol),
+    "spectral": lambda dtype, tol: SpectralDescent(NewtonSchulz(), factor_dtype=dtype),
+    "spectral-svd": lambda dtype, tol: SpectralDescent(SVD(), factor_dtype=dtype),
+    "sign": lambda dtype, tol: SignDescent(factor_dtype=dtype),
 }
+#: the choices with an adaptive refresh (--tolerance); the others take only --tolerance 0
+_ADAPTIVE_REFRESH = ("eigenvalue-corrected", "eigendecomposed")
 #: the choices without factors: their 1-D blocks (norms, biases) take the grafting direction (the Muon recipe)
 _NO_FACTORS = ("spectral", "spectral-svd", "sign")
 
@@ -106,9 +112,16 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                    help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
     p.add_argument("--preconditioner", choices=tuple(_PRECONDITIONERS), default="shampoo",
                    help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like), kl-shampoo (KLShampoo: inverse "
-                        "roots, KL factor update), spectral (Muon: Newton-Schulz), spectral-svd or sign (no "
-                        "factors; 1-D blocks use the grafting method: BlockingConfig(precondition_1d=False)); "
-                        "default: %(default)s")
+                        "roots, KL factor update), eigendecomposed (inverse roots kept as eigenpairs), spectral "
+                        "(Muon: Newton-Schulz), spectral-svd or sign (no factors; 1-D blocks use the grafting "
+                        "method: BlockingConfig(precondition_1d=False)); default: %(default)s")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="adaptive refresh tolerance in [0, 1] of eigendecomposed / eigenvalue-corrected (a refresh "
+                        "keeps a basis that still diagonalises its factor; 0: always refresh); default: %(default)s")
+    p.add_argument("--refresh-skip-rate", type=float, default=None,
+                   help="measured fraction of refreshes the tolerance skips (RefreshCounts.skip_rate of a similar "
+                        "run), for the amortized refresh cost; needs --tolerance > 0; default: 0 (every refresh "
+                        "charged in full)")
     p.add_argument("--factor-dtype", default="fp32",
                    help="dtype of factors and roots (spectral / sign: of the block math): fp32 or fp64; "
                         "default: %(default)s")
@@ -143,7 +156,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
-    pre = _PRECONDITIONERS[args.preconditioner](factor_dtype)
+    if args.tolerance != 0 and args.preconditioner not in _ADAPTIVE_REFRESH:
+        raise ValueError(f"--tolerance {args.tolerance} needs --preconditioner eigendecomposed or "
+                         f"eigenvalue-corrected ({args.preconditioner} has no adaptive refresh).")
+    try:
+        pre = _PRECONDITIONERS[args.preconditioner](factor_dtype, args.tolerance)
+    except ValueError as err:          # name the flag, not the config field
+        raise ValueError(re.sub(r"\b\w+\.tolerance\b", "--tolerance", str(err))) from err
     blocking = BlockingConfig(precondition_1d=args.preconditioner not in _NO_FACTORS)
     graft_cls = _GRAFTING[args.grafting]
     for flag, value, low in (("--max-preconditioner-dim", args.max_preconditioner_dim, 1),
@@ -163,6 +182,19 @@ def _settings(args: argparse.Namespace) -> PlanSettings:
             message = message.replace(f"PlanSettings.{name}", "--" + name.replace("_", "-"))
         message = message.replace("PlanSettings.primal_averaging=True", "--iterate-averaging gpa/schedule-free")
         raise ValueError(message) from err
+
+
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    """The default cost model, with the measured ``--refresh-skip-rate`` where given."""
+    rate = args.refresh_skip_rate
+    if rate is None:
+        return DEFAULT_COST_MODEL
+    if not args.tolerance > 0:
+        raise ValueError(f"--refresh-skip-rate {rate} needs --tolerance > 0 (without a tolerance no refresh is "
+                         "skipped).")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--refresh-skip-rate must be a number in [0, 1]; got {rate}.")
+    return CostModel(refresh_skip_rate=rate)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -187,7 +219,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         import importlib.util
         if importlib.util.find_spec("matplotlib") is None:
             raise DryRunError("--png needs matplotlib: pip install 'sharded-shampoo[plot]' (or matplotlib).")
-    plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap)
+    plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap,
+                      cost_model=_cost_model(args))
     name = args.model.strip()
     print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks))
     if args.json:

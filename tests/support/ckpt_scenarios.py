@@ -332,13 +332,19 @@ def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dic
             errors[case + " dcp"] = str(err)
         errors[case + " unchanged"] = same(before, snapshot(model, opt))
     out["errors"] = errors
+    # eigendecomposed Shampoo (eigenpairs, adaptive refresh, beta3): saved by 2 ranks, resumed on 3 and on 1
+    model, opt = build("fsdp", "eigendecomposed", (2,))
+    feed(model, opt, 0, SAVE_AT)
+    save_checkpoint(os.path.join(root, "EIG"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
     return out
 
 
 def scenario_three(rank: int, world: int, root: str, refs: dict[str, dict]) -> dict[str, Any]:
-    """3 ranks: 2->3 from the asynchronously saved C."""
+    """3 ranks: 2->3 from the asynchronously saved C, and from EIG (eigendecomposed Shampoo)."""
     return {"fsdp2->fsdp3": resume_diff("fsdp", "eigen_corrected", (3,), os.path.join(root, "C"),
-                                        refs["eigen_corrected"])}
+                                        refs["eigen_corrected"]),
+            "eigendecomposed fsdp2->fsdp3": resume_diff("fsdp", "eigendecomposed", (3,), os.path.join(root, "EIG"),
+                                                        refs["eigendecomposed"])}
 
 
 def scenario_killed_save(rank: int, world: int, root: str) -> None:

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigenvalueCorrectedShampoo,
-                             GeneralizedPrimalAveraging, KLShampoo, NewtonSchulz, RootInverseShampoo, ScheduleFree,
-                             ShardedShampoo, SignDescent, SpectralDescent)
+from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigendecomposedShampoo,
+                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
+                             NewtonSchulz, PseudoInverse, RootInverseShampoo, ScheduleFree, ShardedShampoo, SignDescent,
+                             SpectralDescent)
 
 STEPS = 20
 
@@ -77,6 +78,13 @@ CONFIGS["spectral"] = dict(lr=0.02, betas=(0.9, 0.99), weight_decay=0.01, max_pr
                            precondition_frequency=3)
 CONFIGS["sign"] = dict(lr=1e-3, betas=(0.9, 0.99), momentum=0.5, max_preconditioner_dim=16, grafting=None,
                        preconditioner=SignDescent(scale_fn="l1_norm"), precondition_frequency=3)
+# issue 16's Shampoo-family options: eigendecomposed Shampoo with the adaptive refresh and beta3; root-inverse
+# Shampoo with a pseudo-inverse root (epsilon 0), trace scaling and drop_weighting_factor_on_gsquare
+CONFIGS["eigendecomposed"] = dict(CONFIGS["root_inverse"], beta3=0.95,
+                                  preconditioner=EigendecomposedShampoo(tolerance=0.1))
+CONFIGS["root_family_options"] = dict(CONFIGS["root_inverse"], epsilon=0.0, grafting=None, lr=0.01, preconditioner=(
+    RootInverseShampoo(root=EighRootConfig(rank_handling=PseudoInverse(rank_rtol=1e-5)), trace_scaling_exponent=0.5,
+                       drop_weighting_factor_on_gsquare=True)))
 
 
 def with_eval_sequence(opt: ShardedShampoo, params: dict[str, torch.Tensor],

@@ -3,7 +3,8 @@
 A case is a model (modules holding 0-D..4-D parameters of mixed dtypes, some frozen, some without a
 gradient on some steps, channels_last and transposed leaves, stacked expert weights), a layout (one
 process, DDP, FSDP2, mixed FSDP + replicated modules, HSDP, FSDP x TP, HSDP x TP, expert parallel),
-an optimizer config (root-inverse / eigenvalue-corrected / KL-Shampoo, spectral and sign descent, every
+an optimizer config (root-inverse / eigenvalue-corrected / KL- / eigendecomposed Shampoo with the issue-16
+family options, spectral and sign descent, every
 grafting, momentum / Nesterov, both weight decays, frequencies, block sizes), and optionally a NaN/Inf injection and a save -> load (another layout)
 point. ``draw(seed)`` depends on nothing but the seed, so a failure is reproduced by its seed alone.
 
@@ -162,7 +163,15 @@ def _settings_line(kw: dict) -> str:
             f" b={kw['betas']} mom={kw['momentum']}{'N' if kw['use_nesterov'] else ''}{averaging}"
             f" wd={kw['weight_decay']}{wd_type}"
             f" f={kw['precondition_frequency']} s={kw['start_preconditioning_step']} eps={kw['epsilon']:.0e}"
-            f" D={kw['max_preconditioner_dim']} {kw['regime']}")
+            f" D={kw['max_preconditioner_dim']} {kw['regime']}{_family_line(kw)}")
+
+
+def _family_line(kw: dict) -> str:
+    """The Shampoo-family options of :func:`_with_family_options` a group uses (empty if none)."""
+    options = {**kw["preconditioner"][1], "beta3": kw.get("beta3")}
+    names = ("tolerance", "trace_scaling_exponent", "drop_weighting_factor_on_gsquare", "pseudo_inverse_rtol",
+             "beta3")
+    return "".join(f" {n}={options[n]}" for n in names if options.get(n) is not None)
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -389,7 +398,8 @@ def draw(seed: int, chaotic: bool = False) -> Case:
         targets = [t for t in CKPT_LAYOUTS if (t not in EP_LAYOUTS or any(m.kind == "experts" for m in modules))]
         checkpoint = CheckpointDraw(rng.randint(1, steps - 1), rng.choice(targets), flatten=rng.random() < 0.7,
                                     async_save=rng.random() < 0.2)
-    config = _with_stateless_kinds(_with_kl(_with_storage(config, seed), seed), modules, seed)
+    config = _with_stateless_kinds(_with_kl(_with_family_options(_with_storage(config, seed), seed), seed), modules,
+                                   seed)
     return Case(seed, layout, modules, config, steps, no_grad, scale, zero_grad=zero_grad,
                 nonfinite=nonfinite, checkpoint=checkpoint)
 
@@ -472,3 +482,47 @@ def _with_stateless_kinds(config: ConfigDraw, modules: tuple[ModuleDraw, ...], s
     second = tuple(m for m in modules if m.group == 1)
     return dataclasses.replace(config, kwargs=switch(config.kwargs, first, True),
                                second_group=switch(config.second_group, second, False))
+
+
+def _with_family_options(config: ConfigDraw, seed: int) -> ConfigDraw:
+    """Issue 16's Shampoo-family options on some well-conditioned groups: eigendecomposed Shampoo in place of
+    an eigh root-inverse one, the adaptive refresh ``tolerance``, ``trace_scaling_exponent``,
+    ``drop_weighting_factor_on_gsquare``, a pseudo-inverse root (with ``epsilon=0``) and ``beta3``.
+
+    Drawn from a generator of its own, so every other draw of a seed stays what it was before this one.
+    Eigendecomposed Shampoo and ``beta3`` in any regime (the same map as the root, the same first moment);
+    the other options only in ``full_rank`` groups: a pseudo-inverse or a kept eigenbasis of a
+    rank-deficient factor is not determined by the math (round-off picks it), and trace scaling or an
+    unweighted factor moves a ``large_eps`` group's epsilon relative to its factors.
+    """
+    rng = random.Random(f"family-options-{seed}")
+
+    def options(group: tuple) -> tuple:
+        out = dict(group)
+        if not out:
+            return group
+        kind, kw = out["preconditioner"]
+        kw = dict(kw)
+        if kind == "root_inverse" and kw["root"] == "eigh" and rng.random() < 0.5:
+            kind = "eigendecomposed"
+        if out["betas"][0] > 0 and rng.random() < 0.25:
+            out["beta3"] = rng.choice((0.5, 0.95))
+        out["preconditioner"] = (kind, kw)
+        if out["regime"] != "full_rank":
+            return tuple(out.items())
+        if kind in ("eigendecomposed", "eigen_corrected") and rng.random() < 0.5:
+            kw["tolerance"] = rng.choice((0.05, 0.2, 0.5))
+        if rng.random() < 0.2:
+            kw["trace_scaling_exponent"] = rng.choice((0.25, 0.5, 1.0))
+        if rng.random() < 0.15:
+            kw["drop_weighting_factor_on_gsquare"] = True
+        if kw.get("root") == "eigh" and rng.random() < 0.15:
+            kw["pseudo_inverse_rtol"] = rng.choice((0.0, 1e-10))
+            out["epsilon"] = 0.0
+        out["preconditioner"] = (kind, kw)
+        return tuple(out.items())
+
+    first, second = options(config.kwargs), options(config.second_group)
+    if dict(first).get("beta3") is not None and second and dict(second)["betas"][0] == 0:
+        second = second + (("beta3", None),)      # a group without a first moment must not inherit beta3
+    return dataclasses.replace(config, kwargs=first, second_group=second)

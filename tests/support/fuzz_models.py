@@ -27,9 +27,9 @@ from torch import nn
 from tests.support.fuzz_cases import Case, ModuleDraw
 from sharded_shampoo._torch_compat import unflatten_mesh
 from sharded_shampoo import (SVD, AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewtonConfig,
-                             EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
-                             NewtonSchulz, RMSpropGrafting, RootInverseShampoo, ScheduleFree, SGDGrafting,
-                             ShardedShampoo, SignDescent, SpectralDescent)
+                             EigendecomposedShampoo, EigenvalueCorrectedShampoo, EighRootConfig,
+                             GeneralizedPrimalAveraging, KLShampoo, NewtonSchulz, PseudoInverse, RMSpropGrafting,
+                             RootInverseShampoo, ScheduleFree, SGDGrafting, ShardedShampoo, SignDescent, SpectralDescent)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -124,12 +124,18 @@ def _preconditioner(spec: tuple[str, dict]) -> Any:
         return SpectralDescent(orth, factor_dtype=factor)
     if kind == "sign":
         return SignDescent(scale_fn=kw["scale_fn"], factor_dtype=factor)
-    packing = kw.get("symmetric_packing", True)
+    common = dict(factor_dtype=factor, symmetric_packing=kw.get("symmetric_packing", True),
+                  trace_scaling_exponent=kw.get("trace_scaling_exponent"),
+                  drop_weighting_factor_on_gsquare=kw.get("drop_weighting_factor_on_gsquare", False))
     if kind == "eigen_corrected":
-        return EigenvalueCorrectedShampoo(factor_dtype=factor, symmetric_packing=packing)
-    root = CoupledNewtonConfig() if kw["root"] == "newton" else EighRootConfig()
+        return EigenvalueCorrectedShampoo(tolerance=kw.get("tolerance", 0.0), **common)
+    rtol = kw.get("pseudo_inverse_rtol")
+    eigh = EighRootConfig(rank_handling=None if rtol is None else PseudoInverse(rank_rtol=rtol))
+    if kind == "eigendecomposed":
+        return EigendecomposedShampoo(eigenbasis=eigh, tolerance=kw.get("tolerance", 0.0), **common)
+    root = CoupledNewtonConfig() if kw["root"] == "newton" else eigh
     cls = KLShampoo if kind == "kl_shampoo" else RootInverseShampoo
-    return cls(root=root, factor_dtype=factor, symmetric_packing=packing)
+    return cls(root=root, **common)
 
 
 def _settings(spec: dict[str, Any]) -> dict[str, Any]:

@@ -17,14 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.support.dist_scenarios import owned_state_bytes
-from sharded_shampoo import (AdaGradGrafting, BlockingConfig, KLShampoo, NewtonSchulz, ScheduleFree, ShardedShampoo,
-                             SignDescent, SpectralDescent)
+from sharded_shampoo import (AdaGradGrafting, BlockingConfig, EigendecomposedShampoo, KLShampoo, NewtonSchulz,
+                             ScheduleFree, ShardedShampoo, SignDescent, SpectralDescent)
 from sharded_shampoo._torch_compat import unflatten_mesh
 
 STEPS = 12
 LAYOUTS = ("fsdp_tp", "hsdp_tp", "ep2", "ep4", "fsdp")
 #: other preconditioners on some layouts, ``"<layout>:<variant>"`` (:data:`VARIANTS`; the same launch as LAYOUTS)
-VARIANT_LAYOUTS = ("fsdp_tp:kl", "hsdp_tp:kl", "ep2:kl",
+VARIANT_LAYOUTS = ("fsdp_tp:kl", "hsdp_tp:kl", "ep2:kl", "fsdp_tp:eigendecomposed", "ep2:eigendecomposed",
                    "fsdp_tp:spectral", "hsdp_tp:spectral", "ep4:spectral", "ep2:sign")
 
 
@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], BlockingConfig]] = {
     "shampoo": ({}, BlockingConfig()),
     # KL-Shampoo: the factor update reads the other dims' roots (every param group: the experts' too)
     "kl": (dict(preconditioner=KLShampoo()), BlockingConfig()),
+    # eigendecomposed Shampoo with the adaptive refresh, trace scaling and beta3
+    "eigendecomposed": (dict(preconditioner=EigendecomposedShampoo(tolerance=0.1, trace_scaling_exponent=0.5),
+                             beta3=0.95), BlockingConfig()),
     "spectral": (dict(preconditioner=SpectralDescent(NewtonSchulz(scale_by_dims_fn="muon")),
                       start_preconditioning_step=None), BlockingConfig(precondition_1d=False)),
     "sign": (dict(preconditioner=SignDescent(scale_fn="l1_norm"), lr=1e-3, start_preconditioning_step=None),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .eigendecomposed import EigendecomposedKind
 from .eigenvalue_corrected import EigenvalueCorrectedKind
 from .kl_shampoo import KLShampooKind
 from .protocol import PreconditionerKind
@@ -19,7 +20,7 @@ from .spectral import SpectralDescentKind
 
 #: Every kind, one per config class.
 KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, KLShampooKind,
-                                               SpectralDescentKind, SignDescentKind)
+                                               EigendecomposedKind, SpectralDescentKind, SignDescentKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 

@@ -9,8 +9,12 @@ module globals (``scripts/benchmarks/calibrate_cost_model.py`` fits the eigendec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from ...checks import check_int
+from ...config import EighRootConfig, QREigenbasisConfig
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class CostModel:
     ``qr_flops_per_d3``: Householder QR with Q formed (``geqrf`` + ``orgqr``), 8/3 d^3.
     ``svd_flops_per_ls2`` / ``svd_flops_per_s3``: thin SVD of an ``L x s`` matrix (``L >= s``), R-SVD
     (Golub & Van Loan): ``6 L s^2 + 20 s^3`` (spectral descent's ``SVD()``).
+    ``refresh_skip_rate``: the fraction of eigenbasis refreshes with a ``tolerance > 0`` that keep the
+    previous basis (no eigendecomposition): charged ``(1 - refresh_skip_rate)`` times the method on top
+    of the check. 0 (the default) charges every refresh in full; a measured rate is
+    ``RefreshCounts.skip_rate`` (``opt.runtime.buckets[i].refresh_counts``) of a run like the one planned.
     """
 
     eigh_flops_per_d3: float = 9.0
@@ -49,10 +57,13 @@ class CostModel:
     svd_flops_per_s3: float = 20.0
     orthogonalize_elementwise_flops: float = 4.0       # Frobenius norm (2), normalise (1), scale (1)
     sign_elementwise_flops: float = 2.0                # sign, scale
+    refresh_skip_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.warm_fallback_rate <= 1.0:
-            raise ValueError(f"CostModel.warm_fallback_rate must be in [0, 1]; got {self.warm_fallback_rate!r}.")
+        for name in ("warm_fallback_rate", "refresh_skip_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"CostModel.{name} must be a number in [0, 1]; got {value!r}.")
         for name in ("newton_iterations", "warm_series_order"):
             check_int("CostModel", name, getattr(self, name))
         for name in ("eigh_flops_per_d3", "root_form_flops_per_d3", "qr_flops_per_d3", "filtered_grad_elementwise_flops",
@@ -67,4 +78,33 @@ class CostModel:
 
 DEFAULT_COST_MODEL = CostModel()
 
-__all__ = ["CostModel", "DEFAULT_COST_MODEL"]
+#: FLOPs of the tolerance check ``Q^T (A Q)`` per d^3: two GEMMs.
+TOLERANCE_CHECK_FLOPS_PER_D3 = 4.0
+
+
+def eigenbasis_refresh_per_d3(model: CostModel, basis: Any, tolerance: float, values: bool = False) -> float:
+    """FLOPs per ``d^3`` of refreshing one factor's eigenbasis: eigh, or ``iterations`` x (GEMM + QR) plus
+    ``warm_fallback_rate`` eighs (and with ``values`` one GEMM for the Rayleigh quotients); with
+    ``tolerance > 0`` the check plus ``1 - refresh_skip_rate`` of that."""
+    if isinstance(basis, QREigenbasisConfig):
+        method = (basis.iterations * (2.0 + model.qr_flops_per_d3) + model.warm_fallback_rate * model.eigh_flops_per_d3
+                  + (2.0 if values else 0.0))
+    else:
+        method = model.eigh_flops_per_d3
+    if tolerance > 0:
+        return TOLERANCE_CHECK_FLOPS_PER_D3 + (1.0 - model.refresh_skip_rate) * method
+    return method
+
+
+def eigenbasis_workspace_bytes(d: int, factor_dtype: torch.dtype, basis: Any) -> int:
+    """Refreshing a ``d x d`` factor's eigenbasis: eigh ``(3 d^2 + d) s`` (fp64 ``s`` when a failed fp32 eigh is
+    retried), QR iterations the larger of ``4 d^2 s`` and their eigh fallback's."""
+    s = max(torch.empty((), dtype=factor_dtype).element_size(), 4)
+    eigh_config = basis.fallback if isinstance(basis, QREigenbasisConfig) else basis
+    assert isinstance(eigh_config, EighRootConfig)
+    eigh = (3 * d * d + d) * (8 if eigh_config.retry_in_float64 else s)
+    return max(4 * d * d * s, eigh) if isinstance(basis, QREigenbasisConfig) else eigh
+
+
+__all__ = ["CostModel", "DEFAULT_COST_MODEL", "TOLERANCE_CHECK_FLOPS_PER_D3", "eigenbasis_refresh_per_d3",
+           "eigenbasis_workspace_bytes"]

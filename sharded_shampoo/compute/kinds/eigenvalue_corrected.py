@@ -4,7 +4,8 @@ State per preconditioned dim ``i``: the factor ``F_i`` and its eigenbasis ``Q_i`
 *not* symmetric, so never packed; starts as the identity, category ``roots``); per block the
 corrected eigenvalues ``D`` (``eigenvalues``, the block's shape, category ``eigenvalues``).
 Refresh: ``Q_i`` of ``F_i / bc2 + eps I`` by eigh or warm-started QR (which permutes the columns,
-and ``D`` along that dim alike). Every step after the refresh: ``D <- beta2 D + w rot(G)^2``.
+and ``D`` along that dim alike), kept where it still diagonalises the factor within ``tolerance``.
+Every step after the refresh: ``D <- beta2 D + w rot(G)^2``.
 Direction: ``rot^-1(rot(M) / ((D / bc2)^e + eps))`` with ``rot(X) = X x_1 Q_1^T ... x_k Q_k^T``.
 """
 
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...config import EigenvalueCorrectedShampoo, EighRootConfig, QREigenbasisConfig
+from ...config import EigenvalueCorrectedShampoo
 from ..kron import apply_kronecker
 from ..refresh import permute_along, refresh_eigenbases
+from .cost_model import eigenbasis_refresh_per_d3, eigenbasis_workspace_bytes
 from .matrices import store_matrices
 from .protocol import Init, StateField, StepContext, per_block
 from .shampoo import ShampooFamily
@@ -50,26 +52,17 @@ class EigenvalueCorrectedKind(ShampooFamily):
 
     def refresh_flops(self, model: "CostModel") -> float:
         """Per dim ``d``: one eigh ``9 d^3``, or per QR iteration one GEMM and one QR ``(2 + 8/3) d^3`` plus
-        ``warm_fallback_rate`` eighs."""
-        basis = self.config.eigenbasis
-        if isinstance(basis, QREigenbasisConfig):
-            per_d3 = (basis.iterations * (2.0 + model.qr_flops_per_d3)
-                      + model.warm_fallback_rate * model.eigh_flops_per_d3)
-        else:
-            per_d3 = model.eigh_flops_per_d3
+        ``warm_fallback_rate`` eighs; with a tolerance, the check (``4 d^3``) plus ``1 - refresh_skip_rate``
+        of that."""
+        per_d3 = eigenbasis_refresh_per_d3(model, self.config.eigenbasis, self.config.tolerance)
         return sum(per_d3 * self.shape[i] ** 3 for i in self.dims)
 
     def workspace_bytes(self) -> int:
         """eigh ``(3 d^2 + d) s`` of the largest factor (fp64 when retried); QR the larger of ``4 d^2 s`` and eigh's."""
         if not self.dims:
             return 0
-        d = max(self.shape[i] for i in self.dims)
-        s = max(torch.empty((), dtype=self.config.factor_dtype).element_size(), 4)
-        eigh = (3 * d * d + d) * s
-        if isinstance(self.config.eigenbasis, QREigenbasisConfig):
-            return max(4 * d * d * s, eigh)
-        assert isinstance(self.config.eigenbasis, EighRootConfig)
-        return eigh
+        return eigenbasis_workspace_bytes(max(self.shape[i] for i in self.dims), self.config.factor_dtype,
+                                          self.config.eigenbasis)
 
     # ------------------------------------------------------------------ math
 
@@ -80,7 +73,8 @@ class EigenvalueCorrectedKind(ShampooFamily):
         D = state[EIGENVALUES]
         for rows in self.chunks(ctx, self.factor_name(dim)):
             A = self.factor_hat(state, dim, rows, bc2, ctx)
-            res = refresh_eigenbases(A, state[name][rows], ctx.hp.epsilon, self.config.eigenbasis, ctx.counts)
+            res = refresh_eigenbases(A, state[name][rows], ctx.hp.epsilon, self.config.eigenbasis, ctx.counts,
+                                     self.config.tolerance)
             keep = ctx.keep(res.ok, rows)
             if res.permutation is not None:
                 identity = torch.arange(res.permutation.shape[1], device=D.device).expand_as(res.permutation)
@@ -95,7 +89,8 @@ class EigenvalueCorrectedKind(ShampooFamily):
         return self.kron_list([state[self.basis_name(i)] for i in self.dims])
 
     def after_refresh(self, state: dict[str, torch.Tensor], G: torch.Tensor, ctx: StepContext) -> None:
-        """``D <- beta2 D + (1 - beta2) rot(G)^2`` (sum when beta2 == 1), in the basis after this step's refresh.
+        """``D <- beta2 D + w rot(G)^2`` (``w`` as the factors'; sum when beta2 == 1), in the basis after this
+        step's refresh.
 
         ``D`` accumulates on every step, also before ``start_preconditioning_step``: its bias correction
         ``1 - beta2^t`` counts every step of the block.
@@ -107,9 +102,10 @@ class EigenvalueCorrectedKind(ShampooFamily):
         G_rot = apply_kronecker(G, self.bases(state), transpose=True,
                                 scratch=ctx.workspace.buffer("product", G.numel(), dtype))
         beta2 = ctx.hp.beta2
+        weight = self.factor_weight(beta2)
         if beta2 < 1.0:
-            b, _ = ctx.coefficients(beta2, 1.0 - beta2)
-            D.mul_(per_block(b, D.ndim)).addcmul_(G_rot, G_rot, value=1.0 - beta2)
+            b, _ = ctx.coefficients(beta2, weight)
+            D.mul_(per_block(b, D.ndim)).addcmul_(G_rot, G_rot, value=weight)
         else:
             D.addcmul_(G_rot, G_rot)
 

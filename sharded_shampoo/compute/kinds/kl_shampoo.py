@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import RootInverseShampoo, preconditioner_config
+from ...shampoo_options import config_key
 from .kl_update import KLFactorUpdate
 from .matrices import read_matrices
 from .protocol import StepContext
@@ -40,11 +41,11 @@ class KLShampoo(RootInverseShampoo):
             raise ValueError(str(err).replace("RootInverseShampoo", type(self).__name__)) from None
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self.key()))
+        return hash((type(self).__name__, config_key(self)))
 
     def __eq__(self, other: object) -> bool:
         # never equal to a RootInverseShampoo of the same fields: the two are different optimizers
-        return type(other) is type(self) and self.key() == other.key()
+        return type(other) is type(self) and config_key(self) == config_key(other)
 
 
 class KLShampooKind(KLFactorUpdate, RootInverseKind):

@@ -121,7 +121,7 @@ class KLFactorUpdate(ShampooFamily):
             super().update(state, G, ctx)
             return
         beta2 = ctx.hp.beta2
-        weight = 1.0 - beta2 if beta2 < 1.0 else 1.0
+        weight = self.factor_weight(beta2)        # 1 - beta2, or 1 (beta2 = 1, drop_weighting_factor_on_gsquare)
         n, numel = len(self.dims), math.prod(self.shape)
         dtype = self.update_dtype
         per_block = self.kl_update_bytes()

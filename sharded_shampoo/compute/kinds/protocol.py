@@ -98,6 +98,7 @@ class BucketHyperparams:
     epsilon: float
     use_bias_correction: bool
     elementwise: ElementwiseMode = ElementwiseMode.EAGER   # COMPILE: fused element-wise kernels (eager fallback)
+    beta3: Optional[float] = None     # the direction's filtered-gradient coefficient (None: beta1)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,12 @@ class PreconditionerKind:
     @property
     def preconditions(self) -> bool:
         """Whether the block has a direction of its own (else it uses the grafting direction / ``M_hat``)."""
+        return False
+
+    @property
+    def starts_as_identity(self) -> bool:
+        """Whether the direction is ``M`` itself until the first refresh (initial roots are the identity), so a
+        step before ``start_preconditioning_step`` without grafting need not compute it."""
         return False
 
     @property

@@ -31,6 +31,10 @@ class RootInverseKind(ShampooFamily):
         super().__init__(config, shape, exponents)
         self.backoff: list[WarmBackoff] = []    # per dim, made at the first refresh (Python state, not optimizer state)
 
+    @property
+    def starts_as_identity(self) -> bool:
+        return True
+
     @staticmethod
     def root_name(dim: int) -> str:
         return f"root_{dim}"

@@ -2,7 +2,9 @@
 
 Per block and preconditioned dim ``i`` (exponent ``e_i != 0``): a factor ``F_i`` (``factor_{i}``,
 symmetric, category ``factors``), updated every step as ``F_i <- beta2 F_i + w G_(i) G_(i)^T``
-(``w = 1 - beta2``, or 1 when ``beta2 == 1``), bias-corrected by ``bc2 = 1 - beta2^t`` where used.
+(``w = 1 - beta2``, or 1 when ``beta2 == 1`` or with ``drop_weighting_factor_on_gsquare``),
+bias-corrected by ``bc2 = 1 - beta2^t`` where used (not with ``drop_weighting_factor_on_gsquare``), and
+trace-scaled before a refresh when the config has a ``trace_scaling_exponent``.
 A refresh walks the dims, reads ``F_i / bc2`` as matrices and hands them to :meth:`refresh_dim`,
 which each kind implements (inverse roots, eigenbases, ...). Subclasses add their per-dim fields
 with :meth:`dim_fields` and their per-block fields with :meth:`extra_fields`.
@@ -87,14 +89,23 @@ class ShampooFamily(PreconditionerKind):
     def update(self, state: dict[str, torch.Tensor], G: torch.Tensor, ctx: StepContext) -> None:
         """``F_i <- beta2 F_i + w G_(i) G_(i)^T`` for every preconditioned dim (KL variants override this)."""
         beta2 = ctx.hp.beta2
-        weight = 1.0 - beta2 if beta2 < 1.0 else 1.0
+        weight = self.factor_weight(beta2)
         for n, i in enumerate(self.dims):
             name = self.factor_name(i)
             factor_ema_(state[name], self.field(name), unfold(G, i), beta2, weight, ctx, n)
 
+    @property
+    def drops_weighting(self) -> bool:
+        """The config's ``drop_weighting_factor_on_gsquare``: statistics add ``G G^T`` unweighted, no ``bc2``."""
+        return bool(getattr(self.config, "drop_weighting_factor_on_gsquare", False))
+
+    def factor_weight(self, beta2: float) -> float:
+        """``w`` of ``F <- beta2 F + w X``: ``1 - beta2``, or 1 for ``beta2 = 1`` or ``drop_weighting_factor_on_gsquare``."""
+        return 1.0 if beta2 >= 1.0 or self.drops_weighting else 1.0 - beta2
+
     def bias_correction2(self, ctx: StepContext) -> torch.Tensor:
-        """``1 - beta2^t`` per block (ones without bias correction or for beta2 = 1)."""
-        return ctx.bias_correction(ctx.hp.beta2)
+        """``1 - beta2^t`` per block (ones without bias correction, for beta2 = 1 or when the weighting is dropped)."""
+        return ctx.bias_correction(1.0 if self.drops_weighting else ctx.hp.beta2)
 
     def refresh(self, state: dict[str, torch.Tensor], ctx: StepContext) -> Optional[torch.Tensor]:
         bc2 = self.bias_correction2(ctx)
@@ -105,13 +116,22 @@ class ShampooFamily(PreconditionerKind):
 
     def factor_hat(self, state: dict[str, torch.Tensor], dim: int, rows: slice, bc2: torch.Tensor,
                    ctx: StepContext) -> torch.Tensor:
-        """``F_dim / bc2`` of blocks ``rows`` as ``[b, d, d]`` matrices in the math dtype (new, or the workspace's)."""
+        """``F_dim / bc2`` of blocks ``rows`` as ``[b, d, d]`` matrices in the math dtype (new, or the workspace's),
+        trace-scaled when the config has a ``trace_scaling_exponent``."""
         name = self.factor_name(dim)
         field = self.field(name)
         F = read_matrices(state[name], field, rows, ctx.workspace, buffer="matrices")
         if field.packed and F.dtype == ctx.dtype:
-            return F.div_(bc2[rows].view(-1, 1, 1))     # F is the workspace's unpacked copy
-        return F.to(ctx.dtype) / bc2[rows].view(-1, 1, 1)
+            A = F.div_(bc2[rows].view(-1, 1, 1))     # F is the workspace's unpacked copy
+        else:
+            A = F.to(ctx.dtype) / bc2[rows].view(-1, 1, 1)
+        exponent = getattr(self.config, "trace_scaling_exponent", None)
+        if exponent is not None:
+            # A * max(tr A, eps)^(-exponent) (the reference's trace scaling); a tiny floor where eps is 0
+            trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)
+            floor = max(ctx.hp.epsilon, torch.finfo(A.dtype).tiny)
+            A.mul_(trace.clamp_min(floor).pow(-exponent).view(-1, 1, 1))
+        return A
 
     def chunks(self, ctx: StepContext, name: str) -> list[slice]:
         """Chunks of blocks in which the ``(d, d)`` field ``name`` is processed (see :func:`.matrices.row_chunks`)."""
