@@ -160,7 +160,7 @@ def _views(axes: MeshAxes) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def _part_modules(part: nn.Module) -> list[str]:
     """A model part's modules as pipeline stages name them (``tok_embeddings``, ``layers.3``, ``lm_head``)."""
-    out: list[ShardedModel] = []
+    out: list[str] = []
     for name, child in part.named_children():
         if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
             out.extend(f"{name}.{key}" for key, _ in child.named_children())
@@ -225,7 +225,7 @@ def shard_titan_stages(spec: Any, axes: MeshAxes, param_dtype: torch.dtype | Non
         raise DryRunError("a default process group is already initialized; the dry-run creates its own fake one. "
                           "Run it in a separate process or call torch.distributed.destroy_process_group() first.")
     views, stage_ranks = _views(axes), axes.stage_world_size
-    out = []
+    out: list[ShardedModel] = []
     for pp_rank in range(axes.pp):
         dist.init_process_group("fake", store=fake_store(), rank=pp_rank * stage_ranks, world_size=axes.world_size)
         try:
