@@ -84,6 +84,15 @@ def _import_titan(module: str, source: str) -> Any:
     return importlib.import_module(module)
 
 
+def titan_model_module(model: str) -> Any:
+    """``torchtitan.models.<model>`` imported (a Triton stand-in first where triton is missing).
+
+    For building a custom ``ModelSpec`` to plan: ``titan_model_module("qwen3").model_registry(flavor)``,
+    edited, then ``plan_model(spec, mesh)``.
+    """
+    return _import_titan(f"torchtitan.models.{model}", f"torchtitan:{model}")
+
+
 def titan_model_names() -> list[str]:
     """The model packages of the installed torchtitan (``llama3``, ``qwen3``, ...)."""
     models = _import_titan("torchtitan.models", "torchtitan:")
@@ -112,7 +121,7 @@ def titan_spec(source: Any) -> tuple[str, Any]:
     known = titan_model_names()
     if model not in known:
         raise ValueError(f"--model {text!r}: torchtitan has no model {model!r}; its models are {', '.join(known)}.")
-    module = _import_titan(f"torchtitan.models.{model}", text)
+    module = titan_model_module(model)
     registry = getattr(module, "model_registry", None)
     if not callable(registry):
         raise ValueError(f"--model {text!r}: torchtitan.models.{model} has no model_registry(flavor) to build from.")
@@ -248,4 +257,4 @@ def shard_titan_stages(spec: Any, axes: MeshAxes, param_dtype: torch.dtype | Non
 
 
 __all__ = ["SPMD_BACKEND", "TITAN_PREFIX", "install_triton_stub", "is_titan_source", "shard_titan_stages",
-           "titan_model_names", "titan_spec"]
+           "titan_model_module", "titan_model_names", "titan_spec"]
