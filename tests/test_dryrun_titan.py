@@ -84,3 +84,27 @@ def test_cli_plans_a_torchtitan_model(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_titan_model_module_imports_a_model_package() -> None:
     assert callable(titan_model_module("qwen3").model_registry)
+
+
+@pytest.mark.parametrize("axes", ["fsdp=128,ep=2", "fsdp=8,ep=2", "fsdp=128"])
+def test_presets_lay_experts_out_as_torchtitan_does(axes: str) -> None:
+    """Our MoE with torchtitan's qwen3 debug sizes (64 experts) gets torchtitan's expert placements and mesh:
+    Shard(1) under FSDP when efsdp x ep (or the FSDP size without EP) exceeds the 64 experts, dim 0 otherwise."""
+    import dataclasses
+
+    from sharded_shampoo.dryrun import parse_axes, shard_model
+    from sharded_shampoo.dryrun.models import MOE_TINY
+    from sharded_shampoo.dryrun.models.moe import MoETransformer
+    from sharded_shampoo.dryrun.titan_source import shard_titan_stages, titan_spec
+
+    cfg = dataclasses.replace(MOE_TINY, num_experts=64, dim=256, ffn_dim=128)
+    ours = shard_model(lambda: MoETransformer(cfg), parse_axes(axes))
+    theirs = shard_titan_stages(titan_spec("torchtitan:qwen3:debugmodel_moe")[1], parse_axes(axes))[0]
+
+    def layout(specs: list, suffix: str) -> tuple:
+        spec = next(s for s in specs if s.name.endswith(suffix))
+        return tuple(map(repr, spec.layout.placements)), spec.layout.mesh.shape, spec.layout.mesh.dim_names
+
+    assert layout(ours.specs, "experts.w1") == layout(theirs.specs, "inner_experts.w1_EFD")
+    expected_dim = 1 if axes != "fsdp=8,ep=2" else 0
+    assert f"Shard(dim={expected_dim})" in layout(ours.specs, "experts.w1")[0][0]

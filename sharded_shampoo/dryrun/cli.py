@@ -172,7 +172,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             raise DryRunError("--png needs matplotlib: pip install 'sharded-shampoo[plot]' (or matplotlib).")
     plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap)
     name = args.model.strip()
-    print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks))
+    print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks, expert_mesh=axes.expert_mesh_text()))
     if args.json:
         data = plan.to_json(include_blocks=not args.json_no_blocks)
         data["model"] = name

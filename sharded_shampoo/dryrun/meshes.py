@@ -79,6 +79,12 @@ class MeshAxes:
         names = [n for n in ("dp", "efsdp", "ep") if getattr(self, n) > 1 or n == "efsdp"]
         return tuple(names), tuple(getattr(self, n) for n in names)
 
+    def expert_mesh_text(self) -> str | None:
+        """``"efsdp=8 x ep=8"``: the experts' mesh for the report (None without expert parallelism)."""
+        if self.ep == 1:
+            return None
+        return " x ".join(f"{n}={s}" for n, s in zip(*self.sparse()))
+
 
 def parse_mesh(text: str) -> tuple[int, ...]:
     """``"64"`` -> ``(64,)`` (FSDP); ``"16x64"`` -> ``(16, 64)`` (HSDP: replicate x shard)."""

@@ -15,9 +15,13 @@ functions so the optimizer, the dry-run and the integrations read the same answe
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any, Optional
+
+from ..config import PlanSettings
+from .layout import ParamSpec
 
 #: A parameter is an expert weight when it is 3-D and one component of its owning module's
 #: path ends in "experts" (torchtitan: ``layers.3.moe.routed_experts.inner_experts.w1_EFD``).
@@ -62,5 +66,25 @@ def expert_parallel_sharded(ndim: int, mesh_dim_names: Optional[Sequence[str]], 
                for name, placement in zip(mesh_dim_names, placements))
 
 
-__all__ = ["DEFAULT_EXPERT_MODULE_PATTERN", "EXPERT_PARALLEL_DIM_NAMES", "expert_parallel_sharded", "expert_pattern",
-           "is_expert_weight"]
+def expert_parallel_spec(spec: ParamSpec) -> bool:
+    """:func:`expert_parallel_sharded` of a planner ParamSpec (its DTensor layout, if any)."""
+    layout = spec.layout
+    return layout is not None and expert_parallel_sharded(len(spec.shape), layout.mesh.dim_names, layout.placements)
+
+
+def with_expert_blocks(spec: ParamSpec, settings: PlanSettings) -> PlanSettings:
+    """Per-expert blocks (``batch_dims=1``) for a parameter sharded over ``ep`` whose group has ``batch_dims=0``.
+
+    Why by default: blocks across experts would mix E independent matrices that live on different
+    expert-parallel ranks into one preconditioner, which no expert-parallel job wants; the torchtitan
+    container and the dry-run already precondition experts per expert, and a user who passes
+    ``model.named_parameters()`` directly gets the same blocks. A group that sets ``batch_dims`` itself
+    keeps it.
+    """
+    if settings.blocking.batch_dims != 0 or not expert_parallel_spec(spec):
+        return settings
+    return dataclasses.replace(settings, blocking=dataclasses.replace(settings.blocking, batch_dims=1))
+
+
+__all__ = ["DEFAULT_EXPERT_MODULE_PATTERN", "EXPERT_PARALLEL_DIM_NAMES", "expert_parallel_sharded",
+           "expert_parallel_spec", "expert_pattern", "is_expert_weight", "with_expert_blocks"]
