@@ -107,4 +107,4 @@ def test_presets_lay_experts_out_as_torchtitan_does(axes: str) -> None:
 
     assert layout(ours.specs, "experts.w1") == layout(theirs.specs, "inner_experts.w1_EFD")
     expected_dim = 1 if axes != "fsdp=8,ep=2" else 0
-    assert f"Shard(dim={expected_dim})" in layout(ours.specs, "experts.w1")[0][0]
+    assert f"Shard(dim={expected_dim}" in layout(ours.specs, "experts.w1")[0][0]   # FSDP's placement (first mesh dim)

@@ -70,7 +70,7 @@ def resolve_model(source: ModelSource) -> tuple[str, Callable[[], nn.Module]]:
         return source, PRESETS[source]
     if ":" not in source:
         raise ValueError(f"--model {source!r} is not a preset ({', '.join(preset_names())}) and not of the form "
-                         "package.module:factory.")
+                         "package.module:factory or torchtitan:<model>:<flavor>.")
     module_name, _, attr = source.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model {source!r}: write package.module:factory, both parts non-empty.")
