@@ -49,12 +49,19 @@ def test_expert_weights_get_per_expert_blocks_and_ep_layout() -> None:
     assert {b.block_id for b in plan.blocks} == {b.block_id for b in dense.blocks}
 
 
-def test_torchtitan_global_settings_are_restored() -> None:
+def test_torchtitan_global_settings_are_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build runs on CPU meshes with the partial_dtensor backend, and leaves torchtitan as it found it --
+    also where torchtitan chose "cuda" at import (a GPU host), emulated here."""
     utils = pytest.importorskip("torchtitan.distributed.utils")
     parallel_dims = pytest.importorskip("torchtitan.distributed.parallel_dims")
-    before = (utils.get_spmd_backend(), parallel_dims.device_type)
-    plan_model(LLAMA, "fsdp=2")
-    assert (utils.get_spmd_backend(), parallel_dims.device_type) == before
+    monkeypatch.setattr(parallel_dims, "device_type", "cuda")
+    utils.set_spmd_backend("spmd_types")          # torchtitan's default
+    try:
+        plan = plan_model(LLAMA, "fsdp=2")
+        assert (utils.get_spmd_backend(), parallel_dims.device_type) == ("spmd_types", "cuda")
+    finally:
+        utils.set_spmd_backend("spmd_types")
+    assert plan.mesh.shape == (2,) and plan.summary.num_blocks > 0
 
 
 @pytest.mark.parametrize("source, message", [
