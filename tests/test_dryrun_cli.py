@@ -403,3 +403,12 @@ def test_mixtral_with_ep_shards_experts_on_dim_1_and_says_ep(tmp_path, capsys):
     router_rows = 32 * 4096 * 4
     assert params[:8] == [params[0]] * 8 and params[8:] == [params[0] - router_rows] * 56
     assert params[0] - router_rows == (46_702_792_704 - 32 * 8 * 4096) * 4 // 64      # 2.72 GiB, not 21.1
+
+
+def test_experts_on_dim_1_that_fsdp_cannot_split_evenly_are_a_clear_error(capsys):
+    """moe-tiny (4 experts, w2 [4, 96, 64]) on 64 FSDP ranks: dim 1 sharding (64 > 4) needs 96 % 64 == 0."""
+    assert main(["plan", "--model", "moe-tiny", "--mesh", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "expert weight 'layers.0.moe.experts.w2' (4, 96, 64) is sharded on dim 1 over 64 FSDP ranks" in err
+    assert "so that efsdp x ep <= 4, or efsdp divides 96" in err
+    assert main(["plan", "--model", "moe-tiny", "--mesh", "32", "--json-no-blocks"]) == 0     # 96 % 32 == 0

@@ -76,6 +76,17 @@ def _num_experts(module: nn.Module) -> int:
     return counts.pop()
 
 
+def _check_dim1_divides(module: nn.Module, fqn: str, shards: int, name: str) -> None:
+    """FSDP shards dims other than 0 only evenly: say so before torch raises deep inside ``fully_shard``."""
+    for pname, p in module.named_parameters(recurse=False):
+        if p.shape[1] % shards:
+            raise ValueError(f"--model {name!r}: expert weight {fqn + '.' + pname!r} {tuple(p.shape)} is sharded on "
+                             f"dim 1 over {shards} FSDP ranks (torchtitan 0.3.0 does so when efsdp x ep exceeds its "
+                             f"{p.shape[0]} experts), and FSDP needs dim 1 ({p.shape[1]}) divisible by {shards}; "
+                             f"choose fsdp, tp and ep so that efsdp x ep <= {p.shape[0]}, or efsdp divides "
+                             f"{p.shape[1]}.")
+
+
 def _shard_on(dim: int) -> Callable[[nn.Parameter], Any]:
     """A ``fully_shard`` placement function: every parameter on ``dim``."""
     from torch.distributed.tensor import Shard
@@ -133,9 +144,12 @@ def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] 
                 setattr(module, pname, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
                                                     requires_grad=p.requires_grad))
     ep = ep_mesh.size() if ep_mesh is not None else 1
+    fqns = {m: n for n, m in model.named_modules()} if experts else {}
     for module in experts:
         edp = expert_dp_mesh if expert_dp_mesh is not None and ep > 1 else dp_mesh
         dim = expert_shard_dim(_num_experts(module), edp.size(edp.ndim - 1) * ep if ep > 1 else edp.size())
+        if dim == 1:
+            _check_dim1_divides(module, fqns.get(module, type(module).__name__), edp.size(edp.ndim - 1), name)
         fully_shard(module, mesh=edp, shard_placement_fn=_shard_on(dim))
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=dp_mesh)
