@@ -77,6 +77,9 @@ def test_bad_torchtitan_sources_say_what_to_write(source: str, message: str) -> 
 def test_layouts_torchtitan_refuses_and_stage_split_are_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"pipelining_fn refused the layout .*Number of stages \(16\)"):
         plan_model(LLAMA, "pp=16,fsdp=1")
+    with pytest.raises(ValueError, match=r"on fsdp=1024: torchtitan's parallelize_fn refused the layout "
+                                         r"\(NotImplementedError: FSDP does not support uneven sharding on dim 1"):
+        plan_model("torchtitan:qwen3:debugmodel_moe", "1024")      # experts [64, 768, 256] on dim 1, 768 % 1024
     with pytest.raises(ValueError, match="stage_split: a torchtitan model is split into stages by torchtitan"):
         plan_model(LLAMA, "pp=2,fsdp=2", stage_split=lambda model, n: [[]] * n)
 

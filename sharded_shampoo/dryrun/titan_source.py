@@ -204,7 +204,7 @@ def _model_parts(spec: Any, axes: MeshAxes, param_dtype: torch.dtype | None, nam
         _, parts, _, _ = spec.pipelining_fn(model, **common, device=torch.device("meta"), model_config=model_config,
                                             parallelize_fn=spec.parallelize_fn, loss_fn=_no_loss)
         return list(parts)
-    except (AssertionError, ValueError, NotImplementedError, KeyError, TypeError) as err:
+    except (AssertionError, ValueError, NotImplementedError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"--model {name!r} on {_describe(axes)}: torchtitan's {phase} refused the layout "
                          f"({type(err).__name__}: {err}).") from err
 
