@@ -28,6 +28,7 @@ from .membership import GroupMembership
 from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
                            validate_group)
 from .planning.plan import make_plan
+from .planning.experts import with_expert_blocks
 from .root_schedule import Decision, RootSchedule
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
 from .runtime.averaging import IterateAveraging, primal_averaging_of, update_rule
@@ -132,8 +133,11 @@ class ShardedShampoo(Optimizer):
         resolved = resolve_mesh(params, names, mesh_arg)
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         # frozen parameters (requires_grad=False at construction) get no blocks and no state
+        # 3-D parameters sharded over an expert-parallel mesh dim get per-expert blocks (planning/experts.py)
         self.plan = make_plan([resolved.param_specs[i] for i in trainable], resolved.spec,
-                              [PlanSettings.from_group(self.param_groups[group_of[i]], self.comm_dtype)
+                              [with_expert_blocks(resolved.param_specs[i],
+                                                  PlanSettings.from_group(self.param_groups[group_of[i]],
+                                                                          self.comm_dtype))
                                for i in trainable])
         device = local_tensor(params[0]).device
         comm = CommContext(resolved.group, resolved.spec.world_size, resolved.rank, self.comm_dtype, device)

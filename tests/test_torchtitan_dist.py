@@ -157,3 +157,32 @@ def test_ep_moe_shampoo_trains_and_resumes_without_ep(titan: TitanRanks, tmp_pat
                               ("moe", Layout()))
     _check_train_save_resume(results, steps=2)
     assert results[0]["second_kinds"][EXPERTS + "w1_EFD"][1:3] == ("fsdp=4", "Shard(dim=0)")
+
+
+def test_dryrun_of_torchtitan_layouts_equals_real_allocation(titan: TitanRanks) -> None:
+    """The dry-run of a torchtitan model (torchtitan's parallelize_fn over a fake process group) gives every
+    rank exactly the optimizer-state bytes a real run allocates: FSDP x TP 2x2 and EP 2, one launch."""
+    from sharded_shampoo import AdamGrafting
+    from sharded_shampoo.config import PlanSettings
+    from sharded_shampoo.dryrun import plan_model
+    from sharded_shampoo.dryrun.titan_source import titan_model_module
+
+    from tests.support import titan_harness as th
+
+    titan_model_module("qwen3")   # moe_spec edits torchtitan's qwen3 configs: import it as the dry-run does
+    kw = titan_scenarios.SHAMPOO_KW
+    settings = PlanSettings(max_preconditioner_dim=kw["max_preconditioner_dim"], beta1=kw["betas"][0],
+                            grafting=AdamGrafting(beta2=0.95, epsilon=1e-8),
+                            precondition_frequency=kw["precondition_frequency"])
+    dry = {"llama3 fsdp2 x tp2": plan_model("torchtitan:llama3:debugmodel", "fsdp=2,tp=2", settings),
+           "moe fsdp4 / efsdp2 x ep2": plan_model(th.moe_spec(), "fsdp=4,ep=2", settings)}
+    results = titan.run(4, titan_scenarios.state_bytes_layouts)
+    for label, plan in dry.items():
+        planned = [r.optimizer_state_bytes for r in plan.ranks]
+        real = [res[label][0] for res in results]
+        own = [res[label][1] for res in results]
+        assert real == own == planned, (label, real, own, planned)
+        assert min(real) > 0
+    # per-expert blocks in both: 2 layers x 3 expert weights x 4 experts, each its own [64, 256] or [256, 64] block
+    moe = dry["moe fsdp4 / efsdp2 x ep2"]
+    assert sum(1 for b in moe.blocks if ".inner_experts." in b.block_id) == 2 * 3 * 4

@@ -54,8 +54,11 @@ def _stage_row(s: StageSummary, plan: PipelinePlan) -> list[str]:
 
 
 def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top: int = 8,
-                           all_ranks: bool = False) -> str:
-    """Per-stage table, the worst stages, then the worst stage by memory rank by rank."""
+                           all_ranks: bool = False, expert_mesh: str | None = None) -> str:
+    """Per-stage table, the worst stages, then the worst stage by memory rank by rank.
+
+    ``expert_mesh``: the experts' mesh of a stage, shown in the header (see ``report.format_report``).
+    """
     stages = plan.stage_summaries()
     settings = next((p.settings[0] for p in plan.stages if p.settings), PlanSettings())
     total_state = sum(p.summary.total_optimizer_state_bytes for p in plan.stages)
@@ -66,7 +69,7 @@ def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top
     busiest = max(range(plan.stage_world_size), key=lambda r: (worst.ranks[r].persistent_bytes, -r))
     lines = [
         f"model {model_name} | mesh {pipeline_mesh_text(plan)} ({plan.world_size} ranks: {plan.pp} stages of "
-        f"{plan.stage_world_size}) | {sum(s.num_params for s in stages)} params | "
+        f"{plan.stage_world_size}{f'; experts on {expert_mesh}' if expert_mesh else ''}) | {sum(s.num_params for s in stages)} params | "
         f"{sum(s.num_blocks for s in stages)} blocks | max_preconditioner_dim {settings.max_preconditioner_dim} | "
         f"precondition_frequency {settings.precondition_frequency} | {type(settings.preconditioner).__name__}",
         f"parameters: {human_bytes(sum(s.param_bytes for s in stages))} total; optimizer state: "

@@ -28,16 +28,13 @@ import torch
 import torch.distributed as dist
 
 from sharded_shampoo._torch_compat import pretend_no_accelerator
+from sharded_shampoo.dryrun.titan_source import SPMD_BACKEND, install_triton_stub
 
-_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
-_KERNEL_NAMES = ("copy_full_counts_to_peers_kernel", "copy_rows_to_peers_kernel", "expand_topk_grad_kernel",
-                 "fill_combine_metadata_kernel", "fill_dispatch_metadata_kernel", "invert_flat_indices_kernel",
-                 "reduce_topk_slots_kernel", "topk_scores_grad_kernel")
-#: torchtitan's default "spmd_types" keeps parameters as plain local tensors (its own fully_shard call
-#: then refuses them on CPU/torch 2.13, and ShardedShampoo needs DTensors); "full_dtensor" needs
-#: DTensor inputs that only torchtitan's Trainer prepares. "partial_dtensor" runs as is and gives
-#: the same placements as "full_dtensor" for the FSDP x TP Llama3 (docs/parallelism.md).
-SPMD_BACKEND = "partial_dtensor"
+#: SPMD_BACKEND (the dry-run's too): torchtitan's default "spmd_types" keeps parameters as plain local
+#: tensors (its own fully_shard call then refuses them on CPU/torch 2.13, and ShardedShampoo needs
+#: DTensors); "full_dtensor" needs DTensor inputs that only torchtitan's Trainer prepares.
+#: "partial_dtensor" runs as is and gives the same placements as "full_dtensor" for the FSDP x TP
+#: Llama3 (docs/parallelism.md).
 VOCAB = 2048
 
 
@@ -49,21 +46,6 @@ def apply_cpu_workarounds() -> None:
     pretend_no_accelerator()
     install_triton_stub()
     torch.autograd.set_multithreading_enabled(False)  # as torchtitan's init_distributed does
-
-
-def install_triton_stub() -> bool:
-    """Workaround 2 alone: a stand-in for torchtitan's Triton kernel module; True if it was installed now."""
-    if _KERNELS in sys.modules:
-        return False
-    stub = types.ModuleType(_KERNELS)
-
-    def unavailable(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("MinimalAsyncEP Triton kernels are not available on CPU")
-
-    for name in _KERNEL_NAMES:
-        setattr(stub, name, unavailable)
-    sys.modules[_KERNELS] = stub
-    return True
 
 
 @dataclass(frozen=True)

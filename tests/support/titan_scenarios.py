@@ -119,3 +119,24 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
         manager.close()
         del built, optimizers
     return out
+
+
+def state_bytes_layouts(rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """Llama3 FSDP x TP 2x2 and the MoE with EP 2, ShardedShampoo through the container, one step each.
+
+    Per layout: (bytes of optimizer state this rank really allocated, bytes the optimizer's own plan
+    gives this rank); the test compares both with the dry-run of the same torchtitan model.
+    """
+    from sharded_shampoo import ShardedShampoo
+    from tests.support.dist_scenarios import owned_state_bytes
+
+    out: dict[str, tuple[int, int]] = {}
+    for label, spec, layout in (("llama3 fsdp2 x tp2", th.llama3_spec(), th.Layout(tp=2)),
+                                ("moe fsdp4 / efsdp2 x ep2", th.moe_spec(), th.Layout(ep=2))):
+        built = th.build(spec, layout)
+        optimizers = shampoo_container(built)
+        th.train(built, optimizers, 1)
+        opt = next(o for o in optimizers.optimizers if isinstance(o, ShardedShampoo))
+        out[label] = (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes)
+        del built, optimizers, opt
+    return out
