@@ -197,3 +197,18 @@ def test_pipeline_llama3_resumes_without_pp(titan: TitanRanks, tmp_path: Path) -
                         ("llama3-2layers", Layout(pp=2, dp_shard=2)), ("llama3-2layers", Layout()), "shampoo+adamw")
     _check_train_save_resume(results, steps=2)
     assert results[0]["second_kinds"]["lm_head.weight"] == ((2048, 256), "fsdp=4", "Shard(dim=0)", (512, 256))
+
+
+def test_pipeline_interleaved_llama3_resumes_without_pp(titan: TitanRanks, tmp_path: Path) -> None:
+    """Interleaved1F1B: 4 virtual stages, 2 model parts per rank; stage 0 holds only the AdamW embeddings
+    (a model part without ShardedShampoo parameters). Resumed on pp=1 x fsdp=4."""
+    first = Layout(pp=2, dp_shard=2, pp_schedule="Interleaved1F1B")
+    results = titan.run(4, titan_scenarios.train_save_resume, str(tmp_path / "ckpt"), ("llama3-2layers", first),
+                        ("llama3-2layers", Layout()), "shampoo+adamw")
+    _check_train_save_resume(results, steps=2)
+    # torchtitan's split: stages [embeddings], [layer 0], [layer 1], [norm, head]; rank p holds p and p + 2
+    assert results[0]["first_parts"] == [["tok_embeddings"], ["layers.1"]]
+    assert results[2]["first_parts"] == [["layers.0"], ["lm_head", "norm"]]
+    assert results[0]["first_optimizers"] == ["AdamW", "ShardedShampoo"]
+    assert results[2]["first_optimizers"] == ["ShardedShampoo"]
+    assert results[0]["second_optimizers"] == ["AdamW", "ShardedShampoo"]

@@ -267,6 +267,15 @@ def held_regions(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def part_modules(part: torch.nn.Module) -> list[str]:
+    """The top-level modules (``layers.N`` per layer) holding a model part's parameters, sorted."""
+    names = set()
+    for name, _ in part.named_parameters():
+        pieces = name.split(".")
+        names.add(".".join(pieces[:2]) if pieces[0] == "layers" else pieces[0])
+    return sorted(names)
+
+
 def param_kind(name: str) -> str:
     """A parameter's name with layer indices folded ("layers.*.attention.wo.weight")."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))

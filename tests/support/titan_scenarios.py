@@ -117,6 +117,8 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
         manager = th.checkpoint_manager(folder, built, optimizers, schedulers, state,
                                         load_optimizer=load_optimizer or phase == "first")
         out[f"{phase}_kinds"] = th.kinds_table([row for part in built.parts for row in th.placements_table(part)])
+        out[f"{phase}_parts"] = [th.part_modules(part) for part in built.parts]
+        out[f"{phase}_optimizers"] = [type(o).__name__ for o in optimizers.optimizers]
         if phase == "first":
             out["losses"] = th.train(built, optimizers, steps, schedulers)
             state.step = steps
