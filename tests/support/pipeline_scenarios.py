@@ -125,3 +125,37 @@ def stage_local_exactness(rank: int, world: int) -> dict[str, Any]:
     return {"stage": stage_index, "plan_ranks": opt.plan.mesh.world_size, "diffs": diffs, "grad_diffs": grad_diffs,
             "moved": moved, "blocks": sorted(b.block_id for b in opt.plan.blocks),
             "group_ranks": dist.get_process_group_ranks(mesh["fsdp"].get_group())}
+
+
+def container_patterns_across_stages(rank: int, world: int) -> dict[str, Any]:
+    """ShardedShampooContainer on 4 ranks whose stages hold different modules (no training).
+
+    Stage 0 (ranks 0, 1) holds an embedding, stage 1 (ranks 2, 3) a linear head. A pattern that
+    matches on one stage only is fine on every rank (the ranks agree by one all-reduce); a pattern
+    that matches on no rank raises ``ValueError`` on every rank.
+    """
+    from torchtitan.components.optimizer import ParamGroupConfig
+
+    from sharded_shampoo.integrations.torchtitan import SHAMPOO_NAME, ShardedShampooContainer
+
+    part = nn.Module()
+    if rank < world // 2:
+        part.tok_embeddings = nn.Embedding(10, 4)
+    else:
+        part.head = nn.Linear(4, 6)
+
+    def config(*extra: str) -> Any:
+        entries = [ParamGroupConfig(pattern=r"tok_embeddings", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3}),
+                   *(ParamGroupConfig(pattern=p, optimizer_name=SHAMPOO_NAME, optimizer_kwargs={"lr": 0.1})
+                     for p in extra),
+                   ParamGroupConfig(pattern=r"head", optimizer_name=SHAMPOO_NAME, optimizer_kwargs={"lr": 0.1})]
+        return ShardedShampooContainer.Config(param_groups=entries,
+                                              optimizer_factory_kwargs_by_name={SHAMPOO_NAME: {"mesh": "local"}})
+
+    kinds = [type(o).__name__ for o in config().build(model_parts=[part]).optimizers]
+    try:
+        config(r"experts").build(model_parts=[part])
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return {"kinds": kinds, "error": error}
