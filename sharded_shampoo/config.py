@@ -498,6 +498,7 @@ class PlanSettings:
     primal_averaging: bool = False    # a z buffer per local shard (GPA / Schedule-Free; param dtype)
     precondition_frequency: int = 100
     comm_dtype: torch.dtype = torch.float32
+    release_buffers_between_steps: bool = False   # the optimizer's option: no resident buffers between steps
 
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
@@ -514,8 +515,9 @@ class PlanSettings:
             raise ValueError(f"PlanSettings.beta1 must be a number in [0, 1); got {self.beta1!r}.")
         if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
             raise ValueError(f"PlanSettings.momentum must be a finite number >= 0; got {self.momentum!r}.")
-        if not isinstance(self.primal_averaging, bool):
-            raise ValueError(f"PlanSettings.primal_averaging must be True or False; got {self.primal_averaging!r}.")
+        for flag in ("primal_averaging", "release_buffers_between_steps"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"PlanSettings.{flag} must be True or False; got {getattr(self, flag)!r}.")
         if self.primal_averaging and self.momentum > 0:
             raise ValueError(f"PlanSettings.momentum={self.momentum} and PlanSettings.primal_averaging=True exclude "
                              "each other (a group has classic momentum or GPA / Schedule-Free, not both); set one.")
@@ -524,13 +526,15 @@ class PlanSettings:
                              f"torch.bfloat16); got {self.comm_dtype!r}.")
 
     @classmethod
-    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype) -> "PlanSettings":
-        """The plan settings of an optimizer param group."""
+    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype,
+                   release_buffers_between_steps: bool = False) -> "PlanSettings":
+        """The plan settings of an optimizer param group (``comm_dtype`` and ``release_buffers_between_steps``
+        are the optimizer's options)."""
         return cls(max_preconditioner_dim=group["max_preconditioner_dim"], preconditioner=group["preconditioner"],
                    blocking=group["blocking"], grafting=group["grafting"], beta1=group["betas"][0],
                    momentum=group["momentum"], precondition_frequency=group["precondition_frequency"],
                    primal_averaging=isinstance(group.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES),
-                   comm_dtype=comm_dtype)
+                   comm_dtype=comm_dtype, release_buffers_between_steps=release_buffers_between_steps)
 
 
 def config_to_dict(config: Any) -> Any:

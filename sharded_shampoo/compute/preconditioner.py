@@ -65,9 +65,29 @@ class BlockBucket:
         self.state = allocate(list(self.fields.values()), len(blocks), device)
         self.workspace = workspace if workspace is not None else Workspace(device)
         # stochastic rounding of low-precision factors: a stable number per block, on the device
-        self.salts = torch.tensor([block_salt(b.block_id) for b in blocks], dtype=torch.int64, device=device)
+        # (made here; dropped by release_buffers() and remade at the next step)
+        self._salts: Optional[torch.Tensor] = self._make_salts()
         self.refresh_counts = RefreshCounts()
         self.exhausted: list[str] = []  # blocks that reached the kind's failure limit this step
+
+    def _make_salts(self) -> torch.Tensor:
+        return torch.tensor([block_salt(b.block_id) for b in self.blocks], dtype=torch.int64, device=self.device)
+
+    @property
+    def salts(self) -> torch.Tensor:
+        """Per-block stable numbers of stochastic rounding (int64 ``[B]``, kept between steps unless released)."""
+        if self._salts is None:
+            self._salts = self._make_salts()
+        return self._salts
+
+    @property
+    def packed_dims(self) -> set[int]:
+        """Sizes ``d`` of this bucket's packed ``(d, d)`` fields: the packing indices its math needs."""
+        return {f.shape[0] for f in self.fields.values() if f.packed}
+
+    def release_buffers(self) -> None:
+        """Drop what the bucket keeps besides its state (the salts; the shared workspace is the executor's)."""
+        self._salts = None
 
     @property
     def step(self) -> torch.Tensor:
