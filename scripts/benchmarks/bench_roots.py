@@ -148,8 +148,10 @@ TRAIN_RUNS = {
     "storage": [("root-inverse, packed fp32 (default)", []),
                 ("root-inverse, full fp32 matrices", ["--full-matrices"]),
                 ("root-inverse, packed, bf16 roots", ["--root-storage", "bfloat16"]),
-                ("root-inverse, packed, bf16 factors + roots (lean)", ["--root-storage", "bfloat16",
-                                                                        "--factor-storage", "bfloat16"])],
+                ("root-inverse, packed, bf16 factors + roots", ["--root-storage", "bfloat16",
+                                                                 "--factor-storage", "bfloat16"]),
+                ("root-inverse, packed, bf16 roots + moments (lean)", ["--root-storage", "bfloat16",
+                                                                       "--moment-storage", "bfloat16"])],
 }
 
 

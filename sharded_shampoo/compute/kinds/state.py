@@ -35,7 +35,7 @@ def common_fields(shape: tuple[int, ...], dtype: torch.dtype, grafting: Optional
 def block_fields(kind: PreconditionerKind, grafting: Optional[GraftingConfig],
                  has_filtered_grad: bool) -> list[StateField]:
     """Every field of one block: counters first, the kind's, then grafting and the filtered gradient."""
-    common = common_fields(kind.shape, kind.compute_dtype, grafting, has_filtered_grad)
+    common = common_fields(kind.shape, kind.moment_dtype, grafting, has_filtered_grad)
     fields = common[:len(COUNTER_FIELDS)] + kind.fields() + common[len(COUNTER_FIELDS):]
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
