@@ -367,7 +367,7 @@ def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch
 STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _validate_storage(owner: str, factor_storage: Any, root_storage: Any, moment_storage: Any) -> None:
+def _validate_storage(owner: str, factor_storage: Any, root_storage: Any, moment_storage: Any = None) -> None:
     for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage),
                         ("moment_storage_dtype", moment_storage)):
         if value is not None and value not in STORAGE_DTYPES:
