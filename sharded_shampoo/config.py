@@ -231,7 +231,9 @@ class RootInverseShampoo:
     ``symmetric_packing`` (default True): store every factor and inverse root as its upper triangle
     (``d (d + 1) / 2`` numbers, the reference implementation's layout), lossless; False stores full
     ``d x d`` matrices (the layout before packing; a step then unpacks nothing). A storage choice,
-    not math: checkpoints load across it.
+    not math: checkpoints load across it. ``moment_storage_dtype`` (None = ``factor_dtype``): storage of
+    the filtered gradient and the grafting state; ``torch.bfloat16`` halves them, rounded stochastically
+    (unbiased) after each step's fp32 math (docs/user_guide.md, "Low-precision state").
     """
 
     root: RootConfig = field(default_factory=EighRootConfig)
@@ -241,11 +243,13 @@ class RootInverseShampoo:
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
+    moment_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         _validate_common("RootInverseShampoo", self.inverse_exponent_override, self.factor_dtype,
                          self.max_consecutive_root_failures, self.symmetric_packing)
-        _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype)
+        _validate_storage("RootInverseShampoo", self.factor_storage_dtype, self.root_storage_dtype,
+                          self.moment_storage_dtype)
         if not isinstance(self.root, ROOT_TYPES):
             raise ValueError("RootInverseShampoo.root must be EighRootConfig(), CoupledNewtonConfig() or "
                              f"WarmStartRootConfig(); got {self.root!r}.")
@@ -275,7 +279,7 @@ class RootInverseShampoo:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (self.root, _freeze_override(self.inverse_exponent_override), self.factor_dtype,
                 self.max_consecutive_root_failures, self.factor_storage_dtype, self.root_storage_dtype,
-                self.symmetric_packing)
+                self.symmetric_packing, self.moment_storage_dtype)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -304,11 +308,13 @@ class EigenvalueCorrectedShampoo:
     factor_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     root_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
     symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
+    moment_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)   # as RootInverseShampoo's
 
     def __post_init__(self) -> None:
         _validate_common("EigenvalueCorrectedShampoo", self.inverse_exponent_override, self.factor_dtype,
                          self.max_consecutive_root_failures, self.symmetric_packing)
-        _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype)
+        _validate_storage("EigenvalueCorrectedShampoo", self.factor_storage_dtype, self.root_storage_dtype,
+                          self.moment_storage_dtype)
         if not isinstance(self.eigenbasis, (EighRootConfig, QREigenbasisConfig)):
             raise ValueError("EigenvalueCorrectedShampoo.eigenbasis must be EighRootConfig() or QREigenbasisConfig(); "
                              f"got {self.eigenbasis!r}.")
@@ -332,7 +338,8 @@ class EigenvalueCorrectedShampoo:
     def key(self) -> tuple:
         """Every field in a hashable form (equality and hash; the checkpoint fingerprint compares configs)."""
         return (_freeze_override(self.inverse_exponent_override), self.factor_dtype, self.max_consecutive_root_failures,
-                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype, self.symmetric_packing)
+                self.eigenbasis, self.factor_storage_dtype, self.root_storage_dtype, self.symmetric_packing,
+                self.moment_storage_dtype)
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -360,8 +367,9 @@ def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch
 STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> None:
-    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage)):
+def _validate_storage(owner: str, factor_storage: Any, root_storage: Any, moment_storage: Any = None) -> None:
+    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage),
+                        ("moment_storage_dtype", moment_storage)):
         if value is not None and value not in STORAGE_DTYPES:
             raise ValueError(f"{owner}.{name} must be None (= factor_dtype), torch.float32, torch.float64 or "
                              f"torch.bfloat16; got {value!r}.")
@@ -498,6 +506,7 @@ class PlanSettings:
     primal_averaging: bool = False    # a z buffer per local shard (GPA / Schedule-Free; param dtype)
     precondition_frequency: int = 100
     comm_dtype: torch.dtype = torch.float32
+    release_buffers_between_steps: bool = False   # the optimizer's option: no resident buffers between steps
 
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
@@ -514,8 +523,9 @@ class PlanSettings:
             raise ValueError(f"PlanSettings.beta1 must be a number in [0, 1); got {self.beta1!r}.")
         if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
             raise ValueError(f"PlanSettings.momentum must be a finite number >= 0; got {self.momentum!r}.")
-        if not isinstance(self.primal_averaging, bool):
-            raise ValueError(f"PlanSettings.primal_averaging must be True or False; got {self.primal_averaging!r}.")
+        for flag in ("primal_averaging", "release_buffers_between_steps"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"PlanSettings.{flag} must be True or False; got {getattr(self, flag)!r}.")
         if self.primal_averaging and self.momentum > 0:
             raise ValueError(f"PlanSettings.momentum={self.momentum} and PlanSettings.primal_averaging=True exclude "
                              "each other (a group has classic momentum or GPA / Schedule-Free, not both); set one.")
@@ -524,13 +534,15 @@ class PlanSettings:
                              f"torch.bfloat16); got {self.comm_dtype!r}.")
 
     @classmethod
-    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype) -> "PlanSettings":
-        """The plan settings of an optimizer param group."""
+    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype,
+                   release_buffers_between_steps: bool = False) -> "PlanSettings":
+        """The plan settings of an optimizer param group (``comm_dtype`` and ``release_buffers_between_steps``
+        are the optimizer's options)."""
         return cls(max_preconditioner_dim=group["max_preconditioner_dim"], preconditioner=group["preconditioner"],
                    blocking=group["blocking"], grafting=group["grafting"], beta1=group["betas"][0],
                    momentum=group["momentum"], precondition_frequency=group["precondition_frequency"],
                    primal_averaging=isinstance(group.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES),
-                   comm_dtype=comm_dtype)
+                   comm_dtype=comm_dtype, release_buffers_between_steps=release_buffers_between_steps)
 
 
 def config_to_dict(config: Any) -> Any:

@@ -63,7 +63,7 @@ def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top
     settings = next((p.settings[0] for p in plan.stages if p.settings), PlanSettings())
     total_state = sum(p.summary.total_optimizer_state_bytes for p in plan.stages)
     by_mem, by_load = plan.worst_stage("memory"), plan.worst_stage("load")
-    header = ["stage", "ranks", "modules", "params", "blocks", "max params+grads+state", "max opt state",
+    header = ["stage", "ranks", "modules", "params", "blocks", "max params+grads+state+buffers", "max opt state",
               "max comm/step", "max transient", "max load/step", "imbalance"]
     worst = plan.stages[by_mem]
     busiest = max(range(plan.stage_world_size), key=lambda r: (worst.ranks[r].persistent_bytes, -r))
@@ -78,7 +78,7 @@ def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top
         "per stage (maxima over the stage's ranks; imbalance = max/mean load within the stage):",
         table(header, [_stage_row(s, plan) for s in stages]),
         "",
-        f"worst stage by memory: {by_mem} (params+grads+state {human_bytes(stages[by_mem].max_persistent_bytes)} "
+        f"worst stage by memory: {by_mem} (params+grads+state+buffers {human_bytes(stages[by_mem].max_persistent_bytes)} "
         f"on rank {plan.global_rank(by_mem, busiest)}); by load: {by_load} "
         f"(load/step {human_flops(stages[by_load].max_load)})",
         "",
