@@ -89,6 +89,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eigenbasis", choices=("eigh", "qr"), default="eigh", help="eigenbasis refresh (eigen)")
     p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--root-storage", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--moment-storage", choices=("float32", "bfloat16"), default="float32",
+                   help="storage of the filtered gradient and grafting state (bfloat16: stochastic rounding)")
     p.add_argument("--full-matrices", action="store_true",
                    help="symmetric_packing=False: store factors and roots as full d x d matrices (default: packed)")
     p.add_argument("--elementwise", choices=("eager", "compile"), default="eager")
@@ -129,6 +131,7 @@ def preconditioner_config(args: argparse.Namespace):
 
     storage = dict(factor_storage_dtype=getattr(torch, getattr(args, "factor_storage", "float32")),
                    root_storage_dtype=getattr(torch, getattr(args, "root_storage", "float32")),
+                   moment_storage_dtype=getattr(torch, getattr(args, "moment_storage", "float32")),
                    symmetric_packing=not getattr(args, "full_matrices", False))
     if getattr(args, "preconditioner", "shampoo") == "eigen":
         basis = QREigenbasisConfig() if getattr(args, "eigenbasis", "eigh") == "qr" else None

@@ -221,7 +221,9 @@ class RootInverseShampoo:
     ``symmetric_packing`` (default True): store every factor and inverse root as its upper triangle
     (``d (d + 1) / 2`` numbers, the reference implementation's layout), lossless; False stores full
     ``d x d`` matrices (the layout before packing; a step then unpacks nothing). A storage choice,
-    not math: checkpoints load across it.
+    not math: checkpoints load across it. ``moment_storage_dtype`` (None = ``factor_dtype``): storage of
+    the filtered gradient and the grafting state; ``torch.bfloat16`` halves them, rounded stochastically
+    (unbiased) after each step's fp32 math (docs/user_guide.md, "Low-precision state").
 
     ``trace_scaling_exponent`` (None: off; in (0, 1]) and ``drop_weighting_factor_on_gsquare``: see
     :mod:`sharded_shampoo.shampoo_options`; pseudo-inverse roots: ``root=EighRootConfig(rank_handling=
@@ -237,6 +239,7 @@ class RootInverseShampoo:
     symmetric_packing: bool = field(default=True, metadata=ADDED_LATER)
     trace_scaling_exponent: Optional[float] = field(default=None, metadata=ADDED_LATER)
     drop_weighting_factor_on_gsquare: bool = field(default=False, metadata=ADDED_LATER)
+    moment_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         validate_shampoo_fields("RootInverseShampoo", self)
@@ -297,6 +300,7 @@ class EigenvalueCorrectedShampoo:
     trace_scaling_exponent: Optional[float] = field(default=None, metadata=ADDED_LATER)
     drop_weighting_factor_on_gsquare: bool = field(default=False, metadata=ADDED_LATER)
     tolerance: float = field(default=0.0, metadata=ADDED_LATER)
+    moment_storage_dtype: Optional[torch.dtype] = field(default=None, metadata=ADDED_LATER)   # as RootInverseShampoo's
 
     def __post_init__(self) -> None:
         validate_shampoo_fields("EigenvalueCorrectedShampoo", self)
@@ -471,6 +475,7 @@ class PlanSettings:
     primal_averaging: bool = False    # a z buffer per local shard (GPA / Schedule-Free; param dtype)
     precondition_frequency: int = 100
     comm_dtype: torch.dtype = torch.float32
+    release_buffers_between_steps: bool = False   # the optimizer's option: no resident buffers between steps
 
     def __post_init__(self) -> None:
         for name in ("max_preconditioner_dim", "precondition_frequency"):
@@ -487,8 +492,9 @@ class PlanSettings:
             raise ValueError(f"PlanSettings.beta1 must be a number in [0, 1); got {self.beta1!r}.")
         if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
             raise ValueError(f"PlanSettings.momentum must be a finite number >= 0; got {self.momentum!r}.")
-        if not isinstance(self.primal_averaging, bool):
-            raise ValueError(f"PlanSettings.primal_averaging must be True or False; got {self.primal_averaging!r}.")
+        for flag in ("primal_averaging", "release_buffers_between_steps"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"PlanSettings.{flag} must be True or False; got {getattr(self, flag)!r}.")
         if self.primal_averaging and self.momentum > 0:
             raise ValueError(f"PlanSettings.momentum={self.momentum} and PlanSettings.primal_averaging=True exclude "
                              "each other (a group has classic momentum or GPA / Schedule-Free, not both); set one.")
@@ -497,13 +503,15 @@ class PlanSettings:
                              f"torch.bfloat16); got {self.comm_dtype!r}.")
 
     @classmethod
-    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype) -> "PlanSettings":
-        """The plan settings of an optimizer param group."""
+    def from_group(cls, group: Mapping[str, Any], comm_dtype: torch.dtype,
+                   release_buffers_between_steps: bool = False) -> "PlanSettings":
+        """The plan settings of an optimizer param group (``comm_dtype`` and ``release_buffers_between_steps``
+        are the optimizer's options)."""
         return cls(max_preconditioner_dim=group["max_preconditioner_dim"], preconditioner=group["preconditioner"],
                    blocking=group["blocking"], grafting=group["grafting"], beta1=group["betas"][0],
                    momentum=group["momentum"], precondition_frequency=group["precondition_frequency"],
                    primal_averaging=isinstance(group.get("iterate_averaging"), PRIMAL_AVERAGING_TYPES),
-                   comm_dtype=comm_dtype)
+                   comm_dtype=comm_dtype, release_buffers_between_steps=release_buffers_between_steps)
 
 
 def config_to_dict(config: Any) -> Any:

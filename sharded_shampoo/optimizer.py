@@ -25,9 +25,10 @@ from .compute.preconditioner import BucketConfig, BucketHyperparams, RootFailure
 from .config import (AdaGradGrafting, BlockingConfig, ElementwiseMode, GraftingConfig, NonFinitePolicy,
                      PlanSettings, PreconditionerConfig, RootInverseShampoo, STRUCTURAL_SETTINGS, structural_signature)
 from .membership import GroupMembership
-from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter, split_named,
-                           validate_group)
+from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chunks, check_parameter,
+                           check_release_buffers, split_named, validate_group)
 from .planning.plan import make_plan
+from .planning.experts import with_expert_blocks
 from .root_schedule import Decision, RootSchedule
 from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
 from .runtime.averaging import IterateAveraging, primal_averaging_of, update_rule
@@ -74,12 +75,16 @@ class ShardedShampoo(Optimizer):
         nonfinite_grads: str | NonFinitePolicy = "raise",
         overlap_chunks: int = 4,
         elementwise: str | ElementwiseMode = "eager",
+        release_buffers_between_steps: bool = False,
     ) -> None:
         self.nonfinite_grads = NonFinitePolicy.parse(nonfinite_grads)
         check_comm_dtype(comm_dtype)
         check_overlap_chunks(overlap_chunks)
+        check_release_buffers(release_buffers_between_steps)
         self.comm_dtype = comm_dtype
         self.overlap_chunks = overlap_chunks
+        #: keep nothing but the state between steps (memory-bound jobs; costs a little step time)
+        self.release_buffers_between_steps = release_buffers_between_steps
         # weight_decay_type=None: DECOUPLED, unless the deprecated use_decoupled_weight_decay says otherwise
         weight_decay_type = resolve_weight_decay_type(weight_decay_type, use_decoupled_weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, beta3=beta3,
@@ -134,8 +139,12 @@ class ShardedShampoo(Optimizer):
         resolved = resolve_mesh(params, names, mesh_arg)
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         # frozen parameters (requires_grad=False at construction) get no blocks and no state
+        # 3-D parameters sharded over an expert-parallel mesh dim get per-expert blocks (planning/experts.py)
         self.plan = make_plan([resolved.param_specs[i] for i in trainable], resolved.spec,
-                              [PlanSettings.from_group(self.param_groups[group_of[i]], self.comm_dtype)
+                              [with_expert_blocks(resolved.param_specs[i],
+                                                  PlanSettings.from_group(self.param_groups[group_of[i]],
+                                                                          self.comm_dtype,
+                                                                          self.release_buffers_between_steps))
                                for i in trainable])
         device = local_tensor(params[0]).device
         comm = CommContext(resolved.group, resolved.spec.world_size, resolved.rank, self.comm_dtype, device)
@@ -147,7 +156,8 @@ class ShardedShampoo(Optimizer):
                                 momentum_groups, averaging_groups)
         chunks = self.overlap_chunks if comm.world_size > 1 else 1
         self.runtime: RankRuntime = build_runtime(records, self.plan, [_bucket_config(g) for g in self.param_groups],
-                                                  comm, block_waves(self.plan, chunks))
+                                                  comm, block_waves(self.plan, chunks),
+                                                  release_buffers=self.release_buffers_between_steps)
         self.executor = StepExecutor(self.runtime)
         self.state_io = StateIO(self.runtime)
         self.averaging = IterateAveraging(self.runtime, self.param_groups)
@@ -165,7 +175,8 @@ class ShardedShampoo(Optimizer):
         return {"params": [[n, list(p.shape), str(p.dtype), p.requires_grad] for n, p in zip(names, params)],
                 "groups": [_settings_of(g) for g in self.param_groups],
                 "comm_dtype": str(self.comm_dtype), "nonfinite_grads": self.nonfinite_grads.value,
-                "overlap_chunks": self.overlap_chunks}
+                "overlap_chunks": self.overlap_chunks,
+                "release_buffers_between_steps": self.release_buffers_between_steps}
 
     # ------------------------------------------------------------------ step
 

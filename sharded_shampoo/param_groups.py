@@ -126,6 +126,12 @@ def check_overlap_chunks(chunks: Any) -> None:
                          f"got {chunks!r}.")
 
 
+def check_release_buffers(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{OWNER}.release_buffers_between_steps must be True or False (True: free every buffer "
+                         f"besides the state between steps); got {value!r}.")
+
+
 def check_parameter(p: Any, name: str) -> None:
     """One parameter: a floating, real tensor with storage (not on the meta device)."""
     if not isinstance(p, torch.Tensor):

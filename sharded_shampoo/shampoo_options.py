@@ -107,7 +107,8 @@ def validate_shampoo_fields(owner: str, config: Any) -> None:
     options of this module); the config classes of every kind call it."""
     _validate_common(owner, config.inverse_exponent_override, config.factor_dtype,
                      config.max_consecutive_root_failures, config.symmetric_packing)
-    _validate_storage(owner, config.factor_storage_dtype, config.root_storage_dtype)
+    _validate_storage(owner, config.factor_storage_dtype, config.root_storage_dtype,
+                      getattr(config, "moment_storage_dtype", None))
     validate_family_options(owner, config)
 
 
@@ -128,8 +129,9 @@ def _validate_common(owner: str, override: ExponentOverride, factor_dtype: torch
                          f"upper triangle) or False (full matrices); got {symmetric_packing!r}.")
 
 
-def _validate_storage(owner: str, factor_storage: Any, root_storage: Any) -> None:
-    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage)):
+def _validate_storage(owner: str, factor_storage: Any, root_storage: Any, moment_storage: Any = None) -> None:
+    for name, value in (("factor_storage_dtype", factor_storage), ("root_storage_dtype", root_storage),
+                        ("moment_storage_dtype", moment_storage)):
         if value is not None and value not in STORAGE_DTYPES:
             raise ValueError(f"{owner}.{name} must be None (= factor_dtype), torch.float32, torch.float64 or "
                              f"torch.bfloat16; got {value!r}.")

@@ -36,6 +36,10 @@ def _check(results: list[dict], cases: list[tuple]) -> None:
         for rank, r in enumerate(results):
             real, planned = r[repr(case) + ".bytes"]
             assert real == planned, f"{case} rank {rank}: allocated {real} B of state, planner says {planned} B"
+            kept, claimed, grads = r[repr(case) + ".resident"]
+            assert kept == claimed, f"{case} rank {rank}: {kept} B held between steps, planner says {claimed} B"
+            if layout.endswith("wide"):     # gradients large against the fixed-size index tables
+                assert kept <= 0.5 * grads, f"{case} rank {rank}: {kept} B resident > 0.5 x {grads} B of gradients"
             if dry is not None:
                 assert real == dry[rank], f"{case} rank {rank}: allocated {real} B, dry-run says {dry[rank]} B"
         diffs = [r[repr(case)] for r in results]
@@ -79,6 +83,7 @@ def test_four_ranks_fsdp_and_hsdp() -> None:
         ("hsdp", "schedule_free", (2, 2), F32, 0),
         ("hsdp", "kl", (2, 2), F32, 0),
         ("hsdp", "eigendecomposed", (2, 2), F32, 0),
+        ("hsdp_wide", "root_inverse", (2, 2), F32, 0),   # resident buffers <= 0.5x the rank's gradients
         ("fsdp_one_block", "root_inverse", (4,), F32, 0),  # three ranks own no block at all
         ("hsdp", "spectral", (2, 2), F32, 0),
         ("fsdp", "sign", (4,), F32, 0),

@@ -439,3 +439,38 @@ def test_cli_tolerance_errors(extra, message, capsys):
     assert main(["plan", "--model", "llama-tiny", "--mesh", "4", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "error:" in err
+
+
+@pytest.mark.parametrize("num_experts, ranks, dim", [(8, 64, 1), (8, 8, 0), (8, 4, 0), (64, 128, 1), (4, 4, 0)])
+def test_expert_shard_dim_is_torchtitans_rule(num_experts: int, ranks: int, dim: int) -> None:
+    """FSDP shards experts on dim 1 exactly when efsdp x ep (or the FSDP size) exceeds the number of experts."""
+    from sharded_shampoo.dryrun.parallelize import expert_shard_dim
+
+    assert expert_shard_dim(num_experts, ranks) == dim
+
+
+def test_mixtral_with_ep_shards_experts_on_dim_1_and_says_ep(tmp_path, capsys):
+    """mixtral-8x7b on 64 ranks, ep=8: efsdp x ep = 64 > 8 experts, so FSDP shards experts on dim 1 and every
+    rank holds 1/64 of every weight (dim 0 left ranks 8-63 with 96 MiB and ranks 0-7 with 21.1 GiB)."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "mixtral-8x7b", "--mesh", "64", "--ep", "8", "--json", str(out),
+                 "--json-no-blocks"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("model mixtral-8x7b | mesh 64 (FSDP), experts on efsdp=8 x ep=8 |")
+    ranks = json.loads(out.read_text())["ranks"]
+    params = [r["param_bytes"] for r in ranks]
+    assert sum(params) == 46_702_792_704 * 4            # fp32, every byte on exactly one rank
+    # every rank holds 1/64 of every weight but the routers ([8, 4096] per layer, 8 rows for 64 ranks):
+    # ranks 0-7 hold one row of each of the 32 layers' routers, the others none
+    router_rows = 32 * 4096 * 4
+    assert params[:8] == [params[0]] * 8 and params[8:] == [params[0] - router_rows] * 56
+    assert params[0] - router_rows == (46_702_792_704 - 32 * 8 * 4096) * 4 // 64      # 2.72 GiB, not 21.1
+
+
+def test_experts_on_dim_1_that_fsdp_cannot_split_evenly_are_a_clear_error(capsys):
+    """moe-tiny (4 experts, w2 [4, 96, 64]) on 64 FSDP ranks: dim 1 sharding (64 > 4) needs 96 % 64 == 0."""
+    assert main(["plan", "--model", "moe-tiny", "--mesh", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "expert weight 'layers.0.moe.experts.w2' (4, 96, 64) is sharded on dim 1 over 64 FSDP ranks" in err
+    assert "so that efsdp x ep <= 4, or efsdp divides 96" in err
+    assert main(["plan", "--model", "moe-tiny", "--mesh", "32", "--json-no-blocks"]) == 0     # 96 % 32 == 0

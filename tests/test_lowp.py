@@ -168,3 +168,61 @@ def test_eigenvalue_corrected_bf16_bases():
     assert opt.runtime.buckets[0].state["eigenbasis_0"].dtype == BF16
     assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
     assert abs(loss - loss32) / loss32 < 0.05
+
+
+# ----------------------------------------------------------------------------- bf16 moments (the lean setting)
+
+LEAN = RootInverseShampoo(root_storage_dtype=BF16, moment_storage_dtype=BF16)
+
+
+def test_lean_setting_bytes_and_loss(fp32_run):
+    """bf16 roots + bf16 filtered gradient and grafting state (stochastically rounded), fp32 packed factors:
+    planned bytes == allocated bytes, and the loss within 1% of fp32's (measured in docs/benchmarks.md)."""
+    loss32, opt32, _ = fp32_run
+    loss, opt, _ = _train(LEAN)
+    bucket = opt.runtime.buckets[0]
+    assert bucket.state["filtered_grad"].dtype == BF16 and bucket.state["grafting"].dtype == BF16
+    assert bucket.state["factor_0"].dtype == torch.float32
+    assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
+    numel = sum(b.numel for b in opt.plan.blocks)
+    square = sum(d * (d + 1) // 2 for b in opt.plan.blocks for d in b.factor_dims)
+    assert opt32.plan.ranks[0].optimizer_state_bytes - opt.plan.ranks[0].optimizer_state_bytes == \
+        2 * square + 2 * 2 * numel                  # roots, filtered gradient and grafting state: 4 -> 2 bytes
+    assert abs(loss - loss32) / loss32 < 0.01
+
+
+def test_bf16_moments_resume_bit_exactly_and_skip_inactive_blocks():
+    straight = _train(LEAN, steps=12)[2]
+    _, opt, model = _train(LEAN, steps=7)
+    model2 = _model()
+    model2.load_state_dict(model.state_dict())
+    opt2 = ShardedShampoo(model2.named_parameters(), lr=1e-2, betas=(0.9, 0.999), epsilon=1e-8,
+                          precondition_frequency=5, grafting=AdamGrafting(), preconditioner=LEAN)
+    opt2.load_state_dict(opt.state_dict())
+    _train(LEAN, steps=5, model=model2, opt=opt2)
+    for a, b in zip(straight.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    # a parameter without a gradient: its bf16 moments stay bit-identical through the rounding
+    def blocks_of(p: torch.Tensor) -> dict:
+        return {k: {f: t.clone() for f, t in v.items()} for k, v in opt2.state[p].items() if isinstance(v, dict)}
+
+    frozen, moving = blocks_of(model2[2].weight), blocks_of(model2[0].weight)
+    model2[0].weight.grad = torch.randn_like(model2[0].weight)
+    opt2.step()
+    after_frozen, after_moving = blocks_of(model2[2].weight), blocks_of(model2[0].weight)
+    assert frozen and all(torch.equal(t, after_frozen[k][f]) for k, v in frozen.items() for f, t in v.items())
+    assert all(not torch.equal(v["filtered_grad"], after_moving[k]["filtered_grad"]) for k, v in moving.items())
+    assert all(v["filtered_grad"].dtype == BF16 for v in after_frozen.values())
+
+
+def test_bf16_moments_in_eigenvalue_corrected_mode():
+    loss32 = _train(EigenvalueCorrectedShampoo(), steps=30)[0]
+    loss, opt, _ = _train(EigenvalueCorrectedShampoo(moment_storage_dtype=BF16), steps=30)
+    assert opt.runtime.buckets[0].state["grafting"].dtype == BF16
+    assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)
+    assert abs(loss - loss32) / loss32 < 0.05
+
+
+def test_bad_moment_storage_dtype_is_refused_naming_it():
+    with pytest.raises(ValueError, match="RootInverseShampoo.moment_storage_dtype must be"):
+        RootInverseShampoo(moment_storage_dtype=torch.float16)

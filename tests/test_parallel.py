@@ -47,6 +47,10 @@ def test_layout_matches_one_process_and_the_plan(results, layout):
         assert results[0][layout]["placements"][name] == placement
     # 4 experts x (8 x 6) are 4 blocks of their own, never one block of the flattened [4, 8, 6] tensor
     assert results[0][layout]["num_blocks"] == 14
+    if "blocks" in results[0][layout]:    # the same blocks without the explicit expert group (direct use)
+        grouped, direct = results[0][layout]["blocks"]
+        assert sorted(direct) == sorted(grouped) and [b for b in direct if b.startswith("moe.w.")] == [
+            f"moe.w.block_{i}" for i in range(4)]
 
 
 def test_overlapped_waves_change_nothing_but_timing():

@@ -7,6 +7,7 @@ multi-rank tests on torchtitan's own models are in test_torchtitan_dist.py.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -182,3 +183,174 @@ def test_torchtitan_lr_scheduler_drives_the_shampoo_groups() -> None:
     # torchtitan's schedule for 4 steps: warmup 1/2, 2/2; one stable step (its "+1 virtual step");
     # linear decay over the remaining 2 steps: 1 - 1/2
     assert lrs == pytest.approx([KW["lr"] * f for f in (0.5, 1.0, 1.0, 0.5)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline stages: several model parts per rank (interleaved virtual stages), stages without
+# ShardedShampoo parameters, stages without trainable parameters.
+
+class Net(nn.Module):
+    """Embedding, 2 linears, a norm and a head; a pipeline stage is a copy with the other modules deleted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(12, 6)
+        self.layers = nn.ModuleDict({str(i): nn.Linear(6, 6) for i in range(2)})
+        self.norm = nn.LayerNorm(6)
+        self.output = nn.Linear(6, 10)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Whatever part of the model this module still holds, in model order."""
+        if hasattr(self, "tok_embeddings"):
+            h = self.tok_embeddings(h)
+        for layer in self.layers.values():
+            h = torch.tanh(layer(h))
+        if hasattr(self, "norm"):
+            h = self.norm(h)
+        return self.output(h) if hasattr(self, "output") else h
+
+
+#: 4 virtual stages, interleaved over 2 pipeline ranks: rank A holds stages 0 and 2, rank B 1 and 3.
+#: Stage 0 holds only the embeddings (AdamW: no ShardedShampoo parameter); stage 2 only the norm (1-D).
+STAGES = (("tok_embeddings",), ("layers",), ("norm",), ("output",))
+RANK_STAGES = {"A": (0, 2), "B": (1, 3)}
+
+
+def _net() -> Net:
+    torch.manual_seed(3)
+    return Net()
+
+
+def _stage(model: Net, keep: tuple[str, ...]) -> Net:
+    part = copy.deepcopy(model)
+    for name in [n for n, _ in part.named_children() if n not in keep]:
+        delattr(part, name)
+    if not hasattr(part, "layers"):
+        part.layers = nn.ModuleDict()  # an empty container: no parameters
+    return part
+
+
+@pytest.fixture
+def both_ranks_matched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process builds both pipeline ranks' containers; what the all-reduce over them would return.
+
+    The patterns (embeddings, catch-all) each match on one of the two simulated ranks; the real
+    all-reduce runs in the 4-rank torchtitan pipeline test (tests/test_torchtitan_dist.py).
+    """
+    import sharded_shampoo.integrations.torchtitan as integration
+
+    monkeypatch.setattr(integration, "matched_on_any_rank", lambda matched, n: set(range(n)))
+
+
+def _pp_config() -> ShardedShampooContainer.Config:
+    return ShardedShampooContainer.Config(
+        param_groups=[ParamGroupConfig(pattern=r"tok_embeddings", optimizer_name="AdamW",
+                                       optimizer_kwargs={"lr": 1e-2, "eps": 1e-8}),
+                      ParamGroupConfig(pattern=r".*", optimizer_name=SHAMPOO_NAME, optimizer_kwargs=dict(KW))])
+
+
+def _pp_steps(parts: list[Net], containers: list[Any], seeds: range) -> None:
+    """One process runs the stages in order (as the pipeline does, one microbatch) and steps every container."""
+    for s in seeds:
+        for c in containers:
+            c.zero_grad()
+        h = torch.randint(0, 12, (4, 5), generator=torch.Generator().manual_seed(s))
+        for part in parts:
+            h = part(h)
+        (h ** 2).mean().backward()
+        for c in containers:
+            c.step()
+
+
+def _pipeline(model: Net) -> tuple[list[Net], dict[str, Any]]:
+    """The 4 stages of ``model`` and one container per pipeline rank over its 2 interleaved stages."""
+    parts = [_stage(model, keep) for keep in STAGES]
+    containers = {rank: _pp_config().build(model_parts=[parts[i] for i in stages])
+                  for rank, stages in RANK_STAGES.items()}
+    return parts, containers
+
+
+def test_interleaved_stages_equal_one_container_over_the_whole_model(both_ranks_matched: None) -> None:
+    """Stage-local containers (2 virtual stages per rank) train exactly like one over the whole model."""
+    whole = _net()
+    whole_container = _pp_config().build(model_parts=[whole])
+    parts, containers = _pipeline(_net())
+    kinds = {rank: [type(o).__name__ for o in c.optimizers] for rank, c in containers.items()}
+    assert kinds == {"A": ["AdamW", "ShardedShampoo"], "B": ["ShardedShampoo"]}
+    # rank A's ShardedShampoo holds only the 1-D norm parameters (stage 0 has no Shampoo parameter)
+    assert containers["A"].optimizers[1].param_groups[0]["param_names"] == ["norm.weight", "norm.bias"]
+    b_names = [n for g in containers["B"].optimizers[0].param_groups for n in g["param_names"]]
+    assert b_names == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias", "output.weight",
+                       "output.bias"]
+    _pp_steps([whole], [whole_container], range(4))
+    _pp_steps(parts, list(containers.values()), range(4))
+    staged = {n: p for part in parts for n, p in part.named_parameters()}
+    assert staged.keys() == dict(whole.named_parameters()).keys()
+    for name, p in whole.named_parameters():
+        assert torch.equal(staged[name], p), name
+    # the stage-local flat states are the whole model's, key for key: checkpoints move across layouts
+    flat = {**containers["A"].state_dict(), **containers["B"].state_dict()}
+    whole_flat = whole_container.state_dict()
+    state_keys = {k for k in whole_flat if k.startswith("state.")}
+    assert state_keys and state_keys == {k for k in flat if k.startswith("state.")}
+    for key in state_keys:
+        assert torch.equal(flat[key], whole_flat[key]), key
+
+
+def test_pipeline_stages_resume_from_one_container_and_back(both_ranks_matched: None) -> None:
+    """Save the whole-model state, load it into 2 interleaved stage containers (and the reverse); continue equal."""
+    whole = _net()
+    whole_container = _pp_config().build(model_parts=[whole])
+    _pp_steps([whole], [whole_container], range(3))
+    saved_params, saved = copy.deepcopy(whole.state_dict()), copy.deepcopy(whole_container.state_dict())
+    staged_model = _net()
+    staged_model.load_state_dict(saved_params)
+    parts, containers = _pipeline(staged_model)
+    for c in containers.values():
+        c.load_state_dict(copy.deepcopy(saved))  # each rank reads its own stages' keys from the full state
+    assert [o.param_groups[0]["step"] for o in containers["B"].optimizers] == [3]
+    _pp_steps([whole], [whole_container], range(3, 5))
+    _pp_steps(parts, list(containers.values()), range(3, 5))
+    staged = {n: p for part in parts for n, p in part.named_parameters()}
+    for name, p in whole.named_parameters():
+        assert torch.equal(staged[name], p), name
+    # back: the stage containers' union loads into one whole-model container
+    flat = {**containers["A"].state_dict(), **containers["B"].state_dict()}
+    again = _net()
+    again.load_state_dict({n: p.detach() for n, p in staged.items()}, strict=False)
+    again_container = _pp_config().build(model_parts=[again])
+    again_container.load_state_dict(copy.deepcopy(flat))
+    _pp_steps([again], [again_container], range(5, 7))
+    _pp_steps(parts, list(containers.values()), range(5, 7))
+    for name, p in again.named_parameters():
+        assert torch.equal(staged[name], p), name
+
+
+def test_a_stage_without_trainable_parameters_has_no_optimizer(both_ranks_matched: None) -> None:
+    """A rank whose stages hold nothing trainable: no optimizer; step, zero_grad and state dicts are no-ops."""
+    frozen = _stage(_net(), ("norm",))
+    frozen.requires_grad_(False)
+    empty = _stage(_net(), ())
+    container = _pp_config().build(model_parts=[empty, frozen])
+    assert container.optimizers == [] and container.state_dict() == {}
+    container.zero_grad()
+    container.step()
+    container.load_state_dict({})
+    before = copy.deepcopy(frozen.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+
+
+def test_a_pattern_that_matches_no_part_names_the_pattern() -> None:
+    """A pattern may miss one stage, but not every stage of every rank (one process here)."""
+    config = ShardedShampooContainer.Config(param_groups=[
+        ParamGroupConfig(pattern=r"tok_embeddings", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-2}),
+        ParamGroupConfig(pattern=r"experts", optimizer_name=SHAMPOO_NAME, optimizer_kwargs=dict(KW)),
+        ParamGroupConfig(pattern=r".*", optimizer_name=SHAMPOO_NAME, optimizer_kwargs=dict(KW))])
+    with pytest.raises(ValueError, match=r"pattern\(s\) \['experts'\] matched no trainable parameter"):
+        config.build(model_parts=[_stage(_net(), ("tok_embeddings",)), _stage(_net(), ("layers",))])
+
+
+def test_parts_with_the_same_parameter_names_are_refused() -> None:
+    """Parts renumbered from 0 would share state keys: the error names the parameter and the fix."""
+    with pytest.raises(ValueError, match=r"'weight' occurs in two model parts.*as torchtitan's pipeline split"):
+        _config().build(model_parts=[nn.Linear(6, 6), nn.Linear(6, 6)])

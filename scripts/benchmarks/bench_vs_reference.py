@@ -206,11 +206,13 @@ PARAMETER_SETS = {7: [n for n, _ in PARAMS if not n.startswith("proj.")], 9: [n 
 #: measured at commit f60660661194 with packing on / off; used when ``--reference`` is not given.
 REFERENCE_STATE_BYTES = {(7, True): 205_631_496, (7, False): 310_386_696,
                          (9, True): 272_773_128, (9, False): 411_049_992}
-#: (label, symmetric_packing, factor storage, root storage, compared with the reference's packing on/off)
-MEMORY_SETTINGS = [("fp32, packed (default)", True, "float32", "float32", True),
-                   ("fp32, full matrices", False, "float32", "float32", False),
-                   ("packed, bf16 roots", True, "float32", "bfloat16", True),
-                   ("lean: packed, bf16 factors + roots", True, "bfloat16", "bfloat16", True)]
+#: (label, symmetric_packing, factor storage, root storage, moment storage, compared with the reference's
+#: packing on/off)
+MEMORY_SETTINGS = [("fp32, packed (default)", True, "float32", "float32", "float32", True),
+                   ("fp32, full matrices", False, "float32", "float32", "float32", False),
+                   ("packed, bf16 roots", True, "float32", "bfloat16", "float32", True),
+                   ("packed, bf16 factors + roots", True, "bfloat16", "bfloat16", "float32", True),
+                   ("lean: packed, bf16 roots + moments", True, "float32", "bfloat16", "bfloat16", True)]
 
 
 def tensor_bytes(obj: Any, seen: dict[int, int]) -> None:
@@ -259,7 +261,8 @@ def our_state_bytes(args: argparse.Namespace, names: list[str], packing: bool) -
 
     named = [(n, p) for (n, _), p in zip(shapes(args.scale), make_params(args)) if n in names]
     pre = RootInverseShampoo(symmetric_packing=packing, factor_storage_dtype=getattr(torch, args.factor_storage),
-                             root_storage_dtype=getattr(torch, args.root_storage))
+                             root_storage_dtype=getattr(torch, args.root_storage),
+                             moment_storage_dtype=getattr(torch, args.moment_storage))
     opt = ShardedShampoo(named, lr=1e-3, betas=(0.9, 0.999), epsilon=1e-12, max_preconditioner_dim=1024,
                          precondition_frequency=10, start_preconditioning_step=10, grafting=AdaGradGrafting(1e-10),
                          preconditioner=pre)
@@ -275,8 +278,8 @@ def memory_table(args: argparse.Namespace) -> list[str]:
     lines = ["| parameters | our setting | ours | x param bytes | reference (packing) | ours / reference | "
              "ours - reference |", "|---|---|---|---|---|---|---|"]
     for key, names in PARAMETER_SETS.items():
-        for label, packing, factors, roots, ref_packed in MEMORY_SETTINGS:
-            args.factor_storage, args.root_storage = factors, roots
+        for label, packing, factors, roots, moments, ref_packed in MEMORY_SETTINGS:
+            args.factor_storage, args.root_storage, args.moment_storage = factors, roots, moments
             ours_bytes, param_bytes = our_state_bytes(args, names, packing)
             ref = (reference_state_bytes(args, names, ref_packed) if args.reference
                    else REFERENCE_STATE_BYTES[(key, ref_packed)])

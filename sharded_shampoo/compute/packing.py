@@ -56,6 +56,12 @@ def unpack_index(d: int, device: torch.device) -> torch.Tensor:
     return (i * d - i * (i - 1) // 2 + (j - i)).flatten().to(dtype=_index_dtype(d), device=device)
 
 
+def index_bytes(d: int) -> int:
+    """Bytes of the two index tables of size ``d`` (:func:`pack_index` and :func:`unpack_index`)."""
+    itemsize = 4 if _index_dtype(d) == torch.int32 else 8
+    return (packed_numel(d) + d * d) * itemsize
+
+
 def pack(full: torch.Tensor, index: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[..., d, d] -> [..., d (d + 1) / 2]``: the upper triangle (the lower one is not read).
 
@@ -112,5 +118,5 @@ def to_layout(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return pack(tensor) if len(shape) == 1 else unpack(tensor)
 
 
-__all__ = ["convertible", "diagonal_offsets", "matrix_dim", "pack", "pack_index", "packed_identity", "packed_numel", "to_layout",
+__all__ = ["convertible", "diagonal_offsets", "index_bytes", "matrix_dim", "pack", "pack_index", "packed_identity", "packed_numel", "to_layout",
            "unpack", "unpack_index"]

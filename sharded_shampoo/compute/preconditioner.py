@@ -32,7 +32,7 @@ from .kinds import make_kind
 from .kinds.protocol import BucketHyperparams, BucketStep, StateField, StepContext, per_block
 from .kinds.matrices import read_matrices
 from .kinds.state import allocate, block_fields
-from .lowp import block_salt
+from .lowp import block_salt, rounding_seeds, stochastic_round_
 from .refresh import RefreshCounts
 from .workspace import Workspace
 
@@ -44,6 +44,12 @@ class BucketConfig:
     preconditioner: PreconditionerConfig
     grafting: Optional[GraftingConfig]
     has_filtered_grad: bool          # beta1 > 0
+
+
+#: Fields stored in ``moment_storage_dtype`` (the kinds' own fields have their own storage dtypes).
+MOMENT_FIELDS = ("filtered_grad", "grafting")
+#: Stochastic-rounding stream of the first moment field (factors use streams 0 .. order - 1).
+MOMENT_STREAM = 64
 
 
 class RootFailureError(RuntimeError):
@@ -67,9 +73,29 @@ class BlockBucket:
         self.state = allocate(list(self.fields.values()), len(blocks), device)
         self.workspace = workspace if workspace is not None else Workspace(device)
         # stochastic rounding of low-precision factors: a stable number per block, on the device
-        self.salts = torch.tensor([block_salt(b.block_id) for b in blocks], dtype=torch.int64, device=device)
+        # (made here; dropped by release_buffers() and remade at the next step)
+        self._salts: Optional[torch.Tensor] = self._make_salts()
         self.refresh_counts = RefreshCounts()
         self.exhausted: list[str] = []  # blocks that reached the kind's failure limit this step
+
+    def _make_salts(self) -> torch.Tensor:
+        return torch.tensor([block_salt(b.block_id) for b in self.blocks], dtype=torch.int64, device=self.device)
+
+    @property
+    def salts(self) -> torch.Tensor:
+        """Per-block stable numbers of stochastic rounding (int64 ``[B]``, kept between steps unless released)."""
+        if self._salts is None:
+            self._salts = self._make_salts()
+        return self._salts
+
+    @property
+    def packed_dims(self) -> set[int]:
+        """Sizes ``d`` of this bucket's packed ``(d, d)`` fields: the packing indices its math needs."""
+        return {f.shape[0] for f in self.fields.values() if f.packed}
+
+    def release_buffers(self) -> None:
+        """Drop what the bucket keeps besides its state (the salts; the shared workspace is the executor's)."""
+        self._salts = None
 
     @property
     def step(self) -> torch.Tensor:
@@ -119,21 +145,43 @@ class BlockBucket:
         # without grafting there is no other direction: the kind's own is used from step 1, from its initial
         # state (as the reference does; e.g. SOAP is Adam in the standard basis until its first refresh)
         precondition = step.precondition or (self.config.grafting is None and not kind.starts_as_identity)
-        P = self._direction(G, ctx, precondition and kind.preconditions)
+        moments = self._widened_moments()
+        P = self._direction(G, ctx, precondition and kind.preconditions, moments)
+        self._store_moments(moments)
         if active is not None:
             P.masked_fill_(~per_block(active, P.ndim), 0)
         return P
 
-    def _direction(self, G: torch.Tensor, ctx: StepContext, preconditioned: bool) -> torch.Tensor:
+    def _widened_moments(self) -> dict[str, torch.Tensor]:
+        """The filtered gradient and grafting state in the math dtype: the state tensors themselves, or fp32
+        copies of low-precision storage (``moment_storage_dtype``; transient, one step)."""
+        out = {}
+        for name in MOMENT_FIELDS:
+            stored = self.state.get(name)
+            if stored is not None:
+                out[name] = stored if stored.dtype == self.dtype else stored.to(self.dtype)
+        return out
+
+    def _store_moments(self, moments: dict[str, torch.Tensor]) -> None:
+        """Write widened moments back to their low-precision storage, bfloat16 stochastically rounded (unbiased:
+        small EMA increments survive in expectation). An inactive block's value came from the storage and is
+        exactly representable, so it stays bit-identical. The copies are used as scratch."""
+        for k, (name, wide) in enumerate(moments.items()):
+            stored = self.state[name]
+            if wide is not stored:
+                stochastic_round_(stored, wide, rounding_seeds(self.salts, self.step, MOMENT_STREAM + k))
+
+    def _direction(self, G: torch.Tensor, ctx: StepContext, preconditioned: bool,
+                   moments: dict[str, torch.Tensor]) -> torch.Tensor:
         hp = ctx.hp
         # M_hat = M / bc1 is never materialised: the per-block scale 1/bc1 is folded into the
         # grafting denominator and into the final per-block rescale (the preconditioner is linear in M).
-        Mstate = self.state.get("filtered_grad")
+        Mstate = moments.get("filtered_grad")
         M = Mstate if Mstate is not None else G
         bc1 = None
         if Mstate is not None and hp.use_bias_correction:
             bc1 = per_block(_first_moment_correction(ctx), G.ndim)
-        graft, graft_norm = self._moments_and_graft(G, M, bc1, ctx, direction=not preconditioned)
+        graft, graft_norm = self._moments_and_graft(G, M, bc1, ctx, moments, direction=not preconditioned)
         if not preconditioned:
             assert graft is not None
             return graft
@@ -144,7 +192,7 @@ class BlockBucket:
             M, bc1 = torch.div(M, bc1, out=G), None      # a kind that normalises its input needs M_hat itself
             if ctx.active is not None:       # a block never stepped has bc1 = 0: no NaN into an SVD
                 M.masked_fill_(~per_block(ctx.active, M.ndim), 0)
-        P = self.kind.direction(self.state, M, ctx, out=G)
+        P = self.kind.direction({**self.state, **moments}, M, ctx, out=G)
         if self.config.grafting is not None:
             assert graft_norm is not None            # computed whenever there is a grafting method
             return rescale(P, graft_norm, out=G, compiled=hp.elementwise is ElementwiseMode.COMPILE)
@@ -163,6 +211,7 @@ class BlockBucket:
             self.exhausted.extend(b.block_id for b, n in zip(self.blocks, f.tolist()) if n >= limit)
 
     def _moments_and_graft(self, G: torch.Tensor, M: torch.Tensor, bc1: Optional[torch.Tensor], ctx: StepContext,
+                           moments: dict[str, torch.Tensor],
                            direction: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Update the filtered gradient and the grafting state; the grafting direction ``M_hat /
         (sqrt(V_hat) + eps)`` (``M_hat`` for SGD/no grafting) if ``direction``, and its per-block norm.
@@ -172,7 +221,7 @@ class BlockBucket:
         it in place): it lives in ``G``'s memory or is new.
         """
         hp, g = ctx.hp, self.config.grafting
-        Mstate = self.state.get("filtered_grad")
+        Mstate = moments.get("filtered_grad")
         beta3 = hp.beta3 if Mstate is not None and _separate_beta3(hp) else None
         if beta3 is not None:
             M = G         # where update_moments_ leaves beta3 M_old + (1 - beta3) G
@@ -190,7 +239,7 @@ class BlockBucket:
             if bc1 is not None:
                 return torch.div(M, bc1, out=G) if M is not G else G.div_(bc1), norm
             return (G.copy_(M) if M is not G else G), norm
-        V = self.state["grafting"]
+        V = moments["grafting"]
         v_beta, v_weight = (1.0, 1.0) if isinstance(g, AdaGradGrafting) else (g.beta2, 1.0 - g.beta2)
         vb = per_block(ctx.coefficients(v_beta, v_weight)[0], G.ndim) if ctx.active is not None else v_beta
         one = torch.ones((), dtype=V.dtype, device=V.device)

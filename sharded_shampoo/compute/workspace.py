@@ -12,11 +12,16 @@ step (factor update, refresh, direction) reuse the same few names:
 * ``"product"``: intermediate mode products; ``"gram"``: tiles of a Gram product; ``"lowp"``: fp32
   EMAs of low-precision factors.
 
-On CPU the buffers are kept between steps and only grow: a fresh multi-MiB tensor costs page
-faults on every step there (measured ~20% on a bucket-sized ``bmm``). On accelerators a new tensor
-is taken per use: the caching allocator already reuses the memory, and nothing stays resident
-between steps. The index tensors of packed symmetric storage (:mod:`.packing`) are kept on every
-device, one pair per matrix size.
+On CPU the buffers are kept for the rest of a step and only grow: a fresh multi-MiB tensor costs
+page faults on every use there (measured ~20% on a bucket-sized ``bmm``), so the buckets of a step
+share one set. :meth:`Workspace.release` drops them at the end of the step (the executor calls it),
+so nothing of the scratch stays allocated between steps. On accelerators a new tensor is taken per
+use: the caching allocator already reuses the memory.
+
+The index tensors of packed symmetric storage (:mod:`.packing`, one pair per matrix size) are the
+only thing kept between steps: made once (:meth:`Workspace.reserve_indices`, at construction, so
+the planner's resident bytes are exact from the start) and dropped too by
+``release(indices=True)`` (``release_buffers_between_steps=True``: remade at every step).
 """
 
 from __future__ import annotations
@@ -60,6 +65,19 @@ class Workspace:
         if index is None:
             index = self._unpack[d] = unpack_index(d, self.device)
         return index
+
+    def reserve_indices(self, dims: set[int]) -> None:
+        """Make the packing and unpacking indices of every size in ``dims`` now (kept until released)."""
+        for d in sorted(dims):
+            self.pack_index(d)
+            self.unpack_index(d)
+
+    def release(self, indices: bool = False) -> None:
+        """Drop the scratch buffers (end of a step); ``indices``: the packing indices too."""
+        self._buffers.clear()
+        if indices:
+            self._pack.clear()
+            self._unpack.clear()
 
     def nbytes(self) -> int:
         """Bytes held now (kept buffers and indices): memory the optimizer holds besides its state."""

@@ -2,19 +2,21 @@
 
 ``sharded-shampoo plan`` (:mod:`.cli`) and :func:`plan_model` build the model on the meta device,
 apply the job's parallelism (pipeline stages, FSDP/HSDP, tensor parallel, expert parallel) over a
-fake process group, and run the same planner the optimizer runs. Modules: ``meshes`` (named axes
--> device meshes), ``stages`` (pipeline stages of a model, each a ``views.ModelView``), ``twins``
-(identical layers parallelized once), ``parallelize`` (TP/EP/FSDP on a model), ``build`` (the
-pipeline), ``report`` (text and PNG of a plan: ``plan_report`` for one plan, ``stage_report`` per
-pipeline stage), ``outputs`` (output paths checked before planning), ``errors``, ``presets`` (model zoo).
+fake process group, and run the same planner the optimizer runs. Modules: ``meshes`` (named axes ->
+device meshes), ``stages`` (pipeline stages of a model, each a ``views.ModelView``), ``twins``
+(identical layers parallelized once), ``parallelize`` (TP/EP/FSDP on a model), ``titan_source``
+(``torchtitan:<model>:<flavor>``: torchtitan's own registry and parallelize/pipelining functions),
+``sharded`` (what one stage's parallelization yields), ``build`` (the pipeline), ``report`` (text
+and PNG of a plan: ``plan_report`` for one plan, ``stage_report`` per pipeline stage), ``outputs``
+(output paths checked before planning), ``errors``, ``presets`` (model zoo).
 
-Contract: inputs are a model factory (preset, ``pkg.mod:factory`` or callable), mesh axes and
-``PlanSettings``; outputs a ``ShampooPlan`` (a ``PipelinePlan`` of one per stage with ``pp > 1``)
-and its report. Runs in one process on the meta device (no real communication). May import
-``planning``, ``runtime.placements`` (the same placement parsing as training), ``config``,
+Contract: inputs are a model source (preset, ``pkg.mod:factory``, callable, or torchtitan model),
+mesh axes and ``PlanSettings``; outputs a ``ShampooPlan`` (a ``PipelinePlan`` of one per stage with
+``pp > 1``) and its report. Runs in one process on the meta device (no real communication). May
+import ``planning``, ``runtime.placements`` (the same placement parsing as training), ``config``,
 ``compute.kinds`` (the config classes of the kinds ``--preconditioner`` names live beside their
-kind) and ``_torch_compat``; never ``optimizer``, the rest of ``compute`` or ``checkpointing``, and nothing imports it
-except its CLI.
+kind) and ``_torch_compat``; never ``optimizer``, the rest of ``compute`` or ``checkpointing``,
+and nothing imports it except its CLI.
 """
 
 from ..planning.pipeline import PipelinePlan

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,10 +34,13 @@ from .parallelize import apply_parallelism, expert_param_names
 from .presets import PRESETS, preset_names
 from .errors import DryRunError
 from .stages import StageSplit, split_stages
+from .sharded import ShardedModel
+from .titan_source import is_titan_source, shard_titan_stages, titan_spec
 from .twins import find_twins
 from .views import ModelView
 
-ModelSource = str | Callable[[], nn.Module]
+#: a preset name, ``"pkg.mod:factory"``, ``"torchtitan:<model>:<flavor>"``, a factory, or a torchtitan ModelSpec
+ModelSource = str | Callable[[], nn.Module] | Any
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32,
@@ -68,7 +70,7 @@ def resolve_model(source: ModelSource) -> tuple[str, Callable[[], nn.Module]]:
         return source, PRESETS[source]
     if ":" not in source:
         raise ValueError(f"--model {source!r} is not a preset ({', '.join(preset_names())}) and not of the form "
-                         "package.module:factory.")
+                         "package.module:factory or torchtitan:<model>:<flavor>.")
     module_name, _, attr = source.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--model {source!r}: write package.module:factory, both parts non-empty.")
@@ -104,20 +106,6 @@ def _build_on_meta(factory: Callable[[], nn.Module], name: str) -> nn.Module:
     if any(p.device.type != "meta" for p in model.parameters()):
         model = model.to("meta")  # a factory that pinned a device: drop the storage
     return model
-
-
-@dataclass
-class ShardedModel:
-    """What the dry-run learned from the fake-process-group run: specs, the plan mesh, expert params.
-
-    With pipeline parallelism there is one per stage: ``mesh`` is then a stage's ``dp x fsdp x tp``
-    mesh and ``modules`` the stage's module names.
-    """
-
-    specs: list[ParamSpec]
-    mesh: MeshSpec
-    experts: set[str]
-    modules: list[str] = field(default_factory=list)
 
 
 def _parallelize(model: nn.Module, meshes: FakeMeshes, name: str) -> None:
@@ -211,8 +199,11 @@ def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, setti
                tolerance: float = DEFAULT_LOCALITY_TOLERANCE) -> ShampooPlan | PipelinePlan:
     """The dry-run as a function (for notebooks and the CLI): the plan a training job on ``mesh`` would use.
 
-    ``model``: preset name, ``"package.module:factory"`` or a zero-argument callable returning an
-    ``nn.Module`` (called under ``torch.device("meta")``). ``mesh``: ``"64"``, ``"16x64"``,
+    ``model``: preset name, ``"package.module:factory"``, a zero-argument callable returning an
+    ``nn.Module`` (called under ``torch.device("meta")``), or a torchtitan model:
+    ``"torchtitan:<model>:<flavor>"`` (e.g. ``"torchtitan:llama3:8B"``) or a torchtitan ``ModelSpec``,
+    built and parallelized by torchtitan's own ``parallelize_fn`` / ``pipelining_fn``
+    (``dryrun/titan_source.py``). ``mesh``: ``"64"``, ``"16x64"``,
     ``"dp=8,fsdp=32,tp=8"``, ``"pp=16,dp=32,fsdp=16,tp=8"``, a shape tuple or :class:`MeshAxes`;
     ``tp``/``ep`` add those axes. With ``pp > 1`` the result is a :class:`PipelinePlan` (one plan per
     stage, over that stage's ranks); the stages are the model's ``pipeline_stages(pp)`` unless
@@ -220,10 +211,17 @@ def plan_model(model: ModelSource, mesh: str | tuple[int, ...] | MeshAxes, setti
     share the placements (``dryrun/twins.py``); ``parallelize_all`` parallelizes every layer.
     ``tolerance``: the balancer's extra load room (``planning/balance.py``).
     """
-    name, factory = resolve_model(model)
     axes = parse_axes(mesh, tp=tp, ep=ep)
     dtype = parse_dtype(param_dtype) if isinstance(param_dtype, str) else param_dtype
-    sharded = shard_stages(factory, axes, dtype, name, stage_split, parallelize_all)
+    if is_titan_source(model):
+        if stage_split is not None:
+            raise ValueError("stage_split: a torchtitan model is split into stages by torchtitan's own "
+                             "pipelining_fn; leave stage_split unset.")
+        name, spec = titan_spec(model)
+        sharded = shard_titan_stages(spec, axes, dtype, name)
+    else:
+        name, factory = resolve_model(model)
+        sharded = shard_stages(factory, axes, dtype, name, stage_split, parallelize_all)
     if axes.pp == 1:
         return make_plan(sharded[0].specs, sharded[0].mesh, settings_per_param(sharded[0], settings),
                          memory_cap_bytes, cost_model=cost_model, tolerance=tolerance)

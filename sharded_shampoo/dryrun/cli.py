@@ -6,6 +6,7 @@
     sharded-shampoo plan --model llama3-405b --mesh pp=16,dp=32,fsdp=16,tp=8
     sharded-shampoo plan --model mixtral-8x7b --mesh 64 --ep 8
     sharded-shampoo plan --model mypkg.models:build --mesh 8
+    sharded-shampoo plan --model torchtitan:llama3:8B --mesh fsdp=8,tp=2
 
 ``main(argv)`` returns an exit status instead of exiting so tests (and notebooks) can call it
 in-process: 0 on success, 2 on a bad argument or a configuration that does not fit.
@@ -89,8 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     """The model and the mesh: what is planned."""
-    p.add_argument("--model", help=f"preset ({', '.join(preset_names())}) or package.module:factory (a function "
-                                   "returning the nn.Module); required, no default")
+    p.add_argument("--model", help=f"preset ({', '.join(preset_names())}), package.module:factory (a function "
+                                   "returning the nn.Module), or torchtitan:<model>:<flavor> (e.g. "
+                                   "torchtitan:llama3:8B: torchtitan builds and parallelizes it); required, no default")
     p.add_argument("--mesh", help="S for FSDP over S ranks, RxS for HSDP (R replicas x S shards, e.g. 16x64), or "
                                    "named axes pp=P,dp=R,fsdp=S,tp=T,ep=E (e.g. dp=8,fsdp=32,tp=8 or "
                                    "pp=16,dp=32,fsdp=16,tp=8); required, no default")
@@ -222,7 +224,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = plan_model(args.model, axes, settings, param_dtype=param_dtype, memory_cap_bytes=cap,
                       cost_model=_cost_model(args))
     name = args.model.strip()
-    print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks))
+    print(format_report(plan, name, top=args.top, all_ranks=args.all_ranks, expert_mesh=axes.expert_mesh_text()))
     if args.json:
         data = plan.to_json(include_blocks=not args.json_no_blocks)
         data["model"] = name

@@ -21,6 +21,7 @@ every rank's coordinate in any sub-mesh from the axis names (what the optimizer 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,12 @@ class MeshAxes:
     def sparse(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         names = [n for n in ("dp", "efsdp", "ep") if getattr(self, n) > 1 or n == "efsdp"]
         return tuple(names), tuple(getattr(self, n) for n in names)
+
+    def expert_mesh_text(self) -> str | None:
+        """``"efsdp=8 x ep=8"``: the experts' mesh for the report (None without expert parallelism)."""
+        if self.ep == 1:
+            return None
+        return " x ".join(f"{n}={s}" for n, s in zip(*self.sparse()))
 
 
 def parse_mesh(text: str) -> tuple[int, ...]:
@@ -152,14 +159,25 @@ class FakeMeshes:
 
     def coordinates(self, mesh: Any, plan_mesh: Any) -> list[tuple[int, ...]]:
         """Every plan rank's coordinate in ``mesh`` (a view or a sub-mesh of one), from its dim names."""
-        names = tuple(mesh.mesh_dim_names or ())
-        for view, shape in self.views.items():
-            if set(names) <= set(view):
-                picks = [view.index(n) for n in names]
-                root = MeshSpec(shape)
-                return [tuple(c[i] for i in picks) for c in map(root.coordinate, range(self.axes.stage_world_size))]
-        raise ValueError(f"the dry-run cannot place mesh {names}: parameters must live on sub-meshes of "
-                         f"{list(self.views)}.")
+        return view_coordinates(self.views, mesh, range(self.axes.stage_world_size))
 
 
-__all__ = ["MAX_RANKS", "FakeMeshes", "MeshAxes", "parse_axes", "parse_mesh"]
+def view_coordinates(views: dict[tuple[str, ...], tuple[int, ...]], mesh: Any,
+                     ranks: Iterable[int]) -> list[tuple[int, ...]]:
+    """The coordinate of each of ``ranks`` in ``mesh``, a sub-mesh of one of ``views``.
+
+    ``views`` maps dim names to the shape of a row-major view of the 1-D world (what
+    ``unflatten`` builds); a rank's coordinate in a sub-mesh is its coordinate in the view,
+    restricted to the sub-mesh's dims. ``ranks`` are world ranks (with pipeline stages: global).
+    """
+    names = tuple(mesh.mesh_dim_names or ())
+    for view, shape in views.items():
+        if set(names) <= set(view):
+            picks = [view.index(n) for n in names]
+            root = MeshSpec(shape)
+            return [tuple(c[i] for i in picks) for c in map(root.coordinate, ranks)]
+    raise ValueError(f"the dry-run cannot place mesh {names}: parameters must live on sub-meshes of "
+                     f"{list(views)}.")
+
+
+__all__ = ["MAX_RANKS", "FakeMeshes", "view_coordinates", "MeshAxes", "parse_axes", "parse_mesh"]

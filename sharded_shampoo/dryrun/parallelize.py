@@ -9,11 +9,13 @@ parallelization with three optional methods:
 * ``tp_plan()`` -- a ``parallelize_module`` plan ``{fqn: ParallelStyle}`` (needed when tp > 1);
 * ``expert_modules()`` -- modules whose own parameters are stacked expert weights
   ``[num_experts, ...]``: sharded on dim 0 over ``ep``, then by FSDP over the expert data-parallel
-  mesh, and preconditioned per expert (``BlockingConfig(batch_dims=1)``).
+  mesh -- on dim 0, or on dim 1 when ``efsdp x ep`` exceeds the number of experts, as torchtitan
+  0.3.0 does (:func:`expert_shard_dim`) -- and preconditioned per expert (``BlockingConfig(batch_dims=1)``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 from torch import nn
@@ -52,6 +54,46 @@ def expert_param_names(model: nn.Module) -> set[str]:
     """Fully-qualified names of the stacked expert parameters (they get per-expert blocks)."""
     ids = {id(p) for m in expert_modules(model) for p in m.parameters(recurse=False)}
     return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def expert_shard_dim(num_experts: int, expert_shard_ranks: int) -> int:
+    """The dim FSDP shards stacked expert weights on: torchtitan 0.3.0's rule (``distributed/fsdp.py``).
+
+    ``expert_shard_ranks`` is ``efsdp x ep`` with expert parallelism, else the FSDP mesh size (all
+    its dims). When it exceeds the number of experts, sharding the expert dim would leave ranks
+    empty (after EP each rank holds ``E / ep`` experts, fewer than ``efsdp``), so torchtitan shards
+    dim 1 (``Shard(1)``) instead; otherwise dim 0.
+    """
+    return 1 if expert_shard_ranks > num_experts else 0
+
+
+def _num_experts(module: nn.Module) -> int:
+    """E of a module whose own parameters are stacked expert weights ``[E, ...]`` (all must agree)."""
+    counts = {int(p.shape[0]) for p in module.parameters(recurse=False)}
+    if len(counts) != 1:
+        raise ValueError(f"expert_modules() returned a {type(module).__name__} whose own parameters do not share one "
+                         f"leading (expert) dim: {sorted(counts)}; every parameter must be [num_experts, ...].")
+    return counts.pop()
+
+
+def _check_dim1_divides(module: nn.Module, fqn: str, shards: int, name: str) -> None:
+    """FSDP shards dims other than 0 only evenly: say so before torch raises deep inside ``fully_shard``."""
+    for pname, p in module.named_parameters(recurse=False):
+        if p.shape[1] % shards:
+            raise ValueError(f"--model {name!r}: expert weight {fqn + '.' + pname!r} {tuple(p.shape)} is sharded on "
+                             f"dim 1 over {shards} FSDP ranks (torchtitan 0.3.0 does so when efsdp x ep exceeds its "
+                             f"{p.shape[0]} experts), and FSDP needs dim 1 ({p.shape[1]}) divisible by {shards}; "
+                             f"choose fsdp, tp and ep so that efsdp x ep <= {p.shape[0]}, or efsdp divides "
+                             f"{p.shape[1]}.")
+
+
+def _shard_on(dim: int) -> Callable[[nn.Parameter], Any]:
+    """A ``fully_shard`` placement function: every parameter on ``dim``."""
+    from torch.distributed.tensor import Shard
+
+    def placement(param: nn.Parameter) -> Any:
+        return Shard(dim)
+    return placement
 
 
 def apply_tp_plan(model: nn.Module, tp_mesh: Any, plan: dict[str, Any]) -> None:
@@ -101,12 +143,18 @@ def apply_parallelism(model: nn.Module, dp_mesh: Any, *, tp_mesh: Optional[Any] 
             for pname, p in list(module.named_parameters(recurse=False)):
                 setattr(module, pname, nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]),
                                                     requires_grad=p.requires_grad))
+    ep = ep_mesh.size() if ep_mesh is not None else 1
+    fqns = {m: n for n, m in model.named_modules()} if experts else {}
     for module in experts:
-        fully_shard(module, mesh=expert_dp_mesh if expert_dp_mesh is not None else dp_mesh)
+        edp = expert_dp_mesh if expert_dp_mesh is not None and ep > 1 else dp_mesh
+        dim = expert_shard_dim(_num_experts(module), edp.size(edp.ndim - 1) * ep if ep > 1 else edp.size())
+        if dim == 1:
+            _check_dim1_divides(module, fqns.get(module, type(module).__name__), edp.size(edp.ndim - 1), name)
+        fully_shard(module, mesh=edp, shard_placement_fn=_shard_on(dim))
     for unit in fsdp_units(model):
         fully_shard(unit, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
     return model
 
 
-__all__ = ["apply_parallelism", "apply_tp_plan", "expert_modules", "expert_param_names", "fsdp_units"]
+__all__ = ["apply_parallelism", "apply_tp_plan", "expert_modules", "expert_shard_dim", "expert_param_names", "fsdp_units"]

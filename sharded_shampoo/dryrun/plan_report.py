@@ -37,6 +37,7 @@ _COLUMNS: list[tuple[str, Callable[[Any], float], Callable[[float], str]]] = [
     ("params", lambda r: r.param_bytes, human_bytes),
     ("grads", lambda r: r.grad_bytes, human_bytes),
     ("opt state", lambda r: r.optimizer_state_bytes, human_bytes),
+    ("resident", lambda r: r.resident_buffer_bytes, human_bytes),
     ("comm/step", lambda r: r.comm_bytes_per_step, human_bytes),
     ("transient", lambda r: r.peak_transient_bytes, human_bytes),
     ("step FLOPs", lambda r: r.step_flops, human_flops),
@@ -128,7 +129,8 @@ def _summary_lines(plan: ShampooPlan) -> list[str]:
            if s.tight_lower_bound > s.lower_bound * (1 + 1e-9) else ""),
         f"whole parameters round-robin would give: max/mean {s.round_robin_param_imbalance:.3f}, "
         f"max/lower bound {s.round_robin_param_max_over_lower_bound:.3f}",
-        f"max per rank: params+grads+state {human_bytes(s.max_persistent_bytes)}, "
+        f"max per rank: params+grads+state+buffers {human_bytes(s.max_persistent_bytes)} "
+        f"(resident buffers {human_bytes(s.max_resident_buffer_bytes)}), "
         f"transient peak {human_bytes(s.max_peak_transient_bytes)}, "
         f"comm/step total {human_bytes(s.total_comm_bytes_per_step)}",
     ]

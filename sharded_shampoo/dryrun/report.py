@@ -15,11 +15,16 @@ from .stage_report import format_pipeline_report, write_pipeline_png
 
 
 def format_report(plan: ShampooPlan | PipelinePlan, model_name: str = "model", *, top: int = 8,
-                  all_ranks: bool = False) -> str:
-    """The text report: per rank (or min/median/max + busiest ranks), per stage for a pipeline plan."""
+                  all_ranks: bool = False, expert_mesh: str | None = None) -> str:
+    """The text report: per rank (or min/median/max + busiest ranks), per stage for a pipeline plan.
+
+    ``expert_mesh`` (e.g. ``"efsdp=8 x ep=8"``, :meth:`~.meshes.MeshAxes.expert_mesh_text`) is shown
+    in the header: the plan's mesh is the dense one, so expert parallelism is not visible in it.
+    """
     if isinstance(plan, PipelinePlan):
-        return format_pipeline_report(plan, model_name, top=top, all_ranks=all_ranks)
-    return format_plan_report(plan, model_name, top=top, all_ranks=all_ranks)
+        return format_pipeline_report(plan, model_name, top=top, all_ranks=all_ranks, expert_mesh=expert_mesh)
+    label = f"{mesh_text(plan)}, experts on {expert_mesh}" if expert_mesh else None
+    return format_plan_report(plan, model_name, top=top, all_ranks=all_ranks, mesh_label=label)
 
 
 def write_png(plan: ShampooPlan | PipelinePlan, path: str, model_name: str = "model") -> None:

@@ -54,19 +54,22 @@ def _stage_row(s: StageSummary, plan: PipelinePlan) -> list[str]:
 
 
 def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top: int = 8,
-                           all_ranks: bool = False) -> str:
-    """Per-stage table, the worst stages, then the worst stage by memory rank by rank."""
+                           all_ranks: bool = False, expert_mesh: str | None = None) -> str:
+    """Per-stage table, the worst stages, then the worst stage by memory rank by rank.
+
+    ``expert_mesh``: the experts' mesh of a stage, shown in the header (see ``report.format_report``).
+    """
     stages = plan.stage_summaries()
     settings = next((p.settings[0] for p in plan.stages if p.settings), PlanSettings())
     total_state = sum(p.summary.total_optimizer_state_bytes for p in plan.stages)
     by_mem, by_load = plan.worst_stage("memory"), plan.worst_stage("load")
-    header = ["stage", "ranks", "modules", "params", "blocks", "max params+grads+state", "max opt state",
+    header = ["stage", "ranks", "modules", "params", "blocks", "max params+grads+state+buffers", "max opt state",
               "max comm/step", "max transient", "max load/step", "imbalance"]
     worst = plan.stages[by_mem]
     busiest = max(range(plan.stage_world_size), key=lambda r: (worst.ranks[r].persistent_bytes, -r))
     lines = [
         f"model {model_name} | mesh {pipeline_mesh_text(plan)} ({plan.world_size} ranks: {plan.pp} stages of "
-        f"{plan.stage_world_size}) | {sum(s.num_params for s in stages)} params | "
+        f"{plan.stage_world_size}{f'; experts on {expert_mesh}' if expert_mesh else ''}) | {sum(s.num_params for s in stages)} params | "
         f"{sum(s.num_blocks for s in stages)} blocks | max_preconditioner_dim {settings.max_preconditioner_dim} | "
         f"precondition_frequency {settings.precondition_frequency} | {type(settings.preconditioner).__name__}",
         f"parameters: {human_bytes(sum(s.param_bytes for s in stages))} total; optimizer state: "
@@ -75,7 +78,7 @@ def format_pipeline_report(plan: PipelinePlan, model_name: str = "model", *, top
         "per stage (maxima over the stage's ranks; imbalance = max/mean load within the stage):",
         table(header, [_stage_row(s, plan) for s in stages]),
         "",
-        f"worst stage by memory: {by_mem} (params+grads+state {human_bytes(stages[by_mem].max_persistent_bytes)} "
+        f"worst stage by memory: {by_mem} (params+grads+state+buffers {human_bytes(stages[by_mem].max_persistent_bytes)} "
         f"on rank {plan.global_rank(by_mem, busiest)}); by load: {by_load} "
         f"(load/step {human_flops(stages[by_load].max_load)})",
         "",

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from typing import Any, Optional
 
 from ..config import BlockingConfig
 from ..optimizer import ShardedShampoo
+from ..planning.experts import DEFAULT_EXPERT_MODULE_PATTERN, expert_pattern, is_expert_weight
 from ..param_groups import BOOKKEEPING_KEYS, OPTIMIZER_WIDE_KEYS
 
 #: torchtitan's ``OptimizersContainer`` adds these to every param group (torch Adam kernel
@@ -30,11 +30,6 @@ IGNORED_GROUP_KEYS = ("fused", "foreach")
 
 #: ShardedShampoo arguments that describe the whole optimizer, not one param group.
 CONSTRUCTOR_ONLY_KEYS = OPTIMIZER_WIDE_KEYS
-
-#: A parameter is an expert weight when it is 3-D and one component of its owning module's
-#: path ends in "experts" (torchtitan: ``layers.3.moe.routed_experts.inner_experts.w1_EFD``).
-#: 2-D weights of ``shared_experts`` (plain FFNs) fail the 3-D test and stay dense.
-DEFAULT_EXPERT_MODULE_PATTERN = r"experts$"
 
 _KEY_HINTS = {
     "eps": "ShardedShampoo calls it 'epsilon' (added to the factors; the grafting epsilon is set in "
@@ -70,30 +65,6 @@ def shampoo_group_kwargs(group: dict[str, Any], pattern: str = "?") -> dict[str,
         raise ValueError(f"param group with pattern {pattern!r}: ShardedShampoo has no per-group option "
                          f"{key!r} (unknown keys: {unknown}); {hint}.")
     return out
-
-
-def expert_pattern(pattern: Any, setting: str = "expert_module_pattern") -> Optional[re.Pattern[str]]:
-    """``pattern`` compiled (None stays None); a ValueError naming ``setting`` if it is not a regex."""
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise ValueError(f"{setting} must be a string (a regular expression) or None; got {pattern!r}.")
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{setting} {pattern!r} is not a valid regular expression ({err}). Fix it (the default "
-                         f"{DEFAULT_EXPERT_MODULE_PATTERN!r} matches module names ending in 'experts'), or set it to "
-                         "None for no expert group.") from None
-
-
-def is_expert_weight(fqn: str, ndim: int,
-                     module_pattern: str | re.Pattern[str] = DEFAULT_EXPERT_MODULE_PATTERN) -> bool:
-    """True for a 3-D parameter whose owning module path has a component matching the pattern."""
-    if ndim != 3:
-        return False
-    modules = fqn.split(".")[:-1]
-    rx = module_pattern if isinstance(module_pattern, re.Pattern) else expert_pattern(module_pattern)
-    return rx is not None and any(rx.search(m) for m in modules)
 
 
 def expert_blocking(base: Optional[BlockingConfig]) -> BlockingConfig:

@@ -15,6 +15,12 @@ ways, all because ShardedShampoo is one *distributed* optimizer rather than a pe
   ``optimizer_factory_kwargs_by_name["ShardedShampoo"]``.
 * 3-D MoE expert weights go into a group of their own with per-expert blocking
   (``param_groups.split_expert_groups``), controlled by ``Config.expert_module_pattern``.
+* Pipeline stages: a rank may hold several model parts (interleaved virtual stages). A
+  ``ParamGroupConfig`` pattern that matches nothing in one part is fine (torchtitan raises): it
+  must match in some part on some rank (``stage_groups``). A part with no ShardedShampoo
+  parameters adds nothing to the ShardedShampoo, and a rank with none builds none; a rank with no
+  trainable parameter at all has no optimizer. Every stage's ShardedShampoo plans over the mesh
+  of its own DTensor parameters (the stage's FSDP/TP mesh): stage-local, as pipelining needs.
 
 Other optimizer names (e.g. AdamW for embeddings) are built exactly as torchtitan does. Checkpointing
 needs nothing extra: the parent's ``state_dict``/``load_state_dict`` flatten the optimizer's
@@ -33,6 +39,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 try:
+    from torchtitan.components.checkpointer.utils import canonical_fqn
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("sharded_shampoo.integrations.torchtitan needs torchtitan: "
@@ -40,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..optimizer import ShardedShampoo
 from .param_groups import DEFAULT_EXPERT_MODULE_PATTERN, expert_pattern, shampoo_group_kwargs, split_expert_groups
+from .stage_groups import check_every_entry_matched, check_unique_names, matched_on_any_rank, part_param_groups
 
 __all__ = ["SHAMPOO_NAME", "ShardedShampooContainer", "build_sharded_shampoo", "default_sharded_shampoo"]
 
@@ -86,20 +94,24 @@ class ShardedShampooContainer(OptimizersContainer):
         all_params: list[nn.Parameter] = []
         shampoo_groups: list[dict[str, Any]] = []
         shampoo_patterns: list[str] = []
+        matched: set[int] = set()
         for part_idx, model in enumerate(model_parts):
-            groups_by_name, patterns_by_name = self._build_param_groups(model, config.param_groups, impl_kwargs)
-            for name, groups in groups_by_name.items():
+            part, part_matched = part_param_groups(model, config.param_groups, impl_kwargs, canonical_fqn)
+            matched |= part_matched
+            for name, groups in part.groups.items():
                 for group in groups:
                     all_params.extend(group["params"])
                 if name == SHAMPOO_NAME:
                     shampoo_groups.extend(groups)
-                    shampoo_patterns.extend(patterns_by_name[name])
+                    shampoo_patterns.extend(part.patterns[name])
                     continue
                 optimizer = self._resolve_optimizer_factory(name)(
                     groups, **config.optimizer_factory_kwargs_by_name.get(name, {}))
                 self.optimizers.append(optimizer)
-                self._log_optimizer(optimizer, part_idx, patterns_by_name[name])
+                self._log_optimizer(optimizer, part_idx, part.patterns[name])
+        check_every_entry_matched(config.param_groups, matched_on_any_rank(matched, len(config.param_groups)))
         if shampoo_groups:
+            check_unique_names(shampoo_groups)
             shampoo = build_sharded_shampoo(shampoo_groups, shampoo_patterns,
                                             config.optimizer_factory_kwargs_by_name.get(SHAMPOO_NAME, {}),
                                             config.expert_module_pattern)
@@ -109,6 +121,11 @@ class ShardedShampooContainer(OptimizersContainer):
         if config.implementation == "fused_opt_states_bf16":
             self._register_bf16_optimizer_state_hook()
         self._post_init(all_params)
+
+    def _post_init(self, all_params: list[nn.Parameter]) -> None:
+        # torch's Optimizer refuses an empty parameter list; a pipeline stage with nothing
+        # trainable is valid (it has no optimizer), so it gets one empty group for the hooks
+        Optimizer.__init__(self, all_params if all_params else [{"params": []}], {})
 
     @staticmethod
     def _log_shampoo(optimizer: Optimizer, n_parts: int) -> None:

@@ -1,9 +1,9 @@
 """Per-rank accounting of a plan: bytes by kind, communication, transient peak, FLOPs, summary.
 
 Split from ``plan.py`` (which decides blocks and owners) because this part only *reports* a
-decided plan. Parameter, gradient and optimizer-state bytes are exact (what the optimizer
-allocates); communication follows the model in ``tally.py``'s docstring exactly; the transient
-peak and FLOPs are models (``docs/cost_model.md``).
+decided plan. Parameter, gradient, optimizer-state and resident-buffer bytes are exact (what the
+optimizer allocates and keeps between steps); communication follows the model in ``tally.py``'s
+docstring exactly; the transient peak and FLOPs are models (``docs/cost_model.md``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class RankReport:
     step_flops: float
     amortized_flops: float
     load: float
+    #: what the optimizer keeps allocated between steps besides its state (packing index tables, salts);
+    #: the step's stacks, exchange buffers and scratch are freed after it (``peak_transient_bytes``)
+    resident_buffer_bytes: int = 0
 
     @property
     def optimizer_state_bytes(self) -> int:
@@ -56,8 +59,9 @@ class RankReport:
 
     @property
     def persistent_bytes(self) -> int:
-        """Params + grads + optimizer state: what ``memory_cap_bytes`` limits."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes
+        """Params + grads + optimizer state + resident buffers: what stays allocated between steps, and
+        what ``memory_cap_bytes`` limits."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_state_bytes + self.resident_buffer_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,7 @@ class RankReport:
             "optimizer_state_breakdown": dict(self.state_bytes_by_kind),
             "comm_bytes_per_step": self.comm_bytes_per_step,
             "comm_send_bytes_per_step": self.comm_send_bytes, "comm_recv_bytes_per_step": self.comm_recv_bytes,
+            "resident_buffer_bytes": self.resident_buffer_bytes, "persistent_bytes": self.persistent_bytes,
             "comm_buffer_bytes": self.comm_buffer_bytes, "peak_transient_bytes": self.peak_transient_bytes,
             "step_flops": self.step_flops, "amortized_flops": self.amortized_flops, "load": self.load,
         }
@@ -84,11 +89,11 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
     momentum = b.momentum_bytes.tolist()
     averaging = b.averaging_bytes.tolist()
     columns = (owned.num_blocks, b.param_bytes, comm.send_gather + comm.send_update, comm.recv_gather + comm.recv_update,
-               buffers, transient, owned.step_flops, owned.amortized_flops, owned.load)
+               buffers, transient, owned.step_flops, owned.amortized_flops, owned.load, owned.resident_buffer_bytes)
     coordinates = zip(*(c.tolist() for c in np.unravel_index(np.arange(n), mesh.shape)))
     shards = mesh.num_shards
     reports = []
-    for r, (blocks, params, send, recv, buf, peak, step, amort, load), coordinate in zip(
+    for r, (blocks, params, send, recv, buf, peak, step, amort, load, kept), coordinate in zip(
             range(n), zip(*(c.tolist() for c in columns)), coordinates):
         kinds = {kind: state[kind][r] for kind in BLOCK_STATE_KINDS}
         kinds["momentum"] = momentum[r]
@@ -97,7 +102,7 @@ def rank_reports(mesh: MeshSpec, per_param: Sequence[PlanSettings], b: "Balanced
             rank=r, replica=r // shards, shard=r % shards, coordinate=coordinate,
             num_blocks=blocks, param_bytes=params, grad_bytes=params, state_bytes_by_kind=kinds,
             comm_send_bytes=send, comm_recv_bytes=recv, comm_buffer_bytes=buf, peak_transient_bytes=peak,
-            step_flops=step, amortized_flops=amort, load=load))
+            step_flops=step, amortized_flops=amort, load=load, resident_buffer_bytes=kept))
     return reports
 
 
@@ -135,6 +140,7 @@ class PlanSummary:
     max_peak_transient_bytes: int
     memory_cap_bytes: int | None
     busiest_rank: int
+    max_resident_buffer_bytes: int = 0     # kept between steps besides the state (in max_persistent_bytes)
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)}
@@ -175,7 +181,8 @@ def plan_summary(params: list[ParamSpec], mesh: MeshSpec, num_blocks: int, block
         optimizer_state_imbalance=imbalance([r.optimizer_state_bytes for r in ranks]),
         max_peak_transient_bytes=max(r.peak_transient_bytes for r in ranks) if ranks else 0,
         memory_cap_bytes=memory_cap_bytes,
-        busiest_rank=max(range(n), key=lambda r: (loads[r], -r)) if loads else 0)
+        busiest_rank=max(range(n), key=lambda r: (loads[r], -r)) if loads else 0,
+        max_resident_buffer_bytes=max(r.resident_buffer_bytes for r in ranks) if ranks else 0)
 
 
 __all__ = ["PlanSummary", "RankReport", "rank_reports", "plan_summary"]

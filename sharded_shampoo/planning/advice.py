@@ -19,7 +19,7 @@ import dataclasses
 
 from ..config import PlanSettings
 from .balance import BlockDoesNotFitError
-from .costs import CostModel, param_state_bytes
+from .costs import SALT_BYTES_PER_BLOCK, CostModel, param_state_bytes
 from .layout import MeshSpec, ParamSpec, param_geometry
 from .regions import RegionTable
 from .stages import balance_blocks, base_memory, resident_bytes
@@ -32,7 +32,8 @@ MIN_BLOCKS = 200_000
 
 
 class _Screen:
-    """Closed-form (largest block, total state, block count) of the model with every D capped at d."""
+    """Closed-form (largest block, total state, block count) of the model with every D capped at d (state
+    bytes include each block's resident salt; the index tables are left to the full balance's check)."""
 
     def __init__(self, params: list[ParamSpec], per_param: list[PlanSettings]) -> None:
         self.params = params
@@ -49,8 +50,9 @@ class _Screen:
             if hit is None:
                 hit = self.cache[key] = param_state_bytes(p.shape, dd, s.preconditioner, s.grafting, s.beta1,
                                                           s.blocking)
-            largest = max(largest, hit[0])
-            total += hit[1]
+            salt = 0 if s.release_buffers_between_steps else SALT_BYTES_PER_BLOCK   # resident beside the state
+            largest = max(largest, hit[0] + salt)
+            total += hit[1] + salt * hit[2]
             blocks += hit[2]
         return largest, total, blocks
 

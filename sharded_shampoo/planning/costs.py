@@ -49,6 +49,9 @@ BLOCK_STATE_KINDS: tuple[str, ...] = (
 RANK_STATE_KINDS: tuple[str, ...] = BLOCK_STATE_KINDS + ("momentum", "averaging")
 #: Per-block counters: an int64 step counter and an int64 consecutive-root-failure counter.
 COUNTER_BYTES_PER_BLOCK = 16
+#: Resident bytes per owned block besides its state: its int64 stochastic-rounding salt (kept between
+#: steps unless ``release_buffers_between_steps``).
+SALT_BYTES_PER_BLOCK = 8
 
 
 
@@ -60,13 +63,16 @@ class BlockCost:
     ``state_bytes`` maps each kind of :data:`BLOCK_STATE_KINDS` to bytes on the owner.
     ``step_flops`` is the work of an ordinary step; ``amortized_flops`` the extra work of a
     root/eigenbasis refresh (every ``precondition_frequency`` steps);
-    ``amortized_workspace_bytes`` the transient memory that refresh needs for this block.
+    ``amortized_workspace_bytes`` the transient memory that refresh needs for this block;
+    ``packed_dims`` the sizes of its packed symmetric fields, whose index tables its owner keeps
+    (once per size and rank; see :func:`~sharded_shampoo.compute.packing.index_bytes`).
     """
 
     state_bytes: Mapping[str, int]
     step_flops: float
     amortized_flops: float
     amortized_workspace_bytes: int
+    packed_dims: tuple[int, ...] = ()
 
     @functools.cached_property
     def total_state_bytes(self) -> int:
@@ -177,6 +183,7 @@ def block_cost(block: Block, preconditioner: PreconditionerConfig, grafting: Gra
         step_flops=block_step_flops(block, preconditioner, grafting, beta1, model),
         amortized_flops=block_amortized_flops(block, preconditioner, model),
         amortized_workspace_bytes=block_amortized_workspace_bytes(block, preconditioner),
+        packed_dims=tuple(sorted({f.shape[0] for f in _kind(block, preconditioner).fields() if f.packed})),
     )
 
 
@@ -211,7 +218,7 @@ def param_state_bytes(shape: tuple[int, ...], max_preconditioner_dim: int, preco
 
 
 __all__ = [
-    "BLOCK_STATE_KINDS", "RANK_STATE_KINDS", "COUNTER_BYTES_PER_BLOCK", "CostModel", "DEFAULT_COST_MODEL",
+    "BLOCK_STATE_KINDS", "RANK_STATE_KINDS", "COUNTER_BYTES_PER_BLOCK", "SALT_BYTES_PER_BLOCK", "CostModel", "DEFAULT_COST_MODEL",
     "BlockCost", "block_state_bytes", "fields_bytes", "block_step_flops", "block_amortized_flops",
     "block_amortized_workspace_bytes", "block_cost", "param_state_bytes",
 ]

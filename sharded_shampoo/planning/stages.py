@@ -21,7 +21,8 @@ from ..config import PlanSettings
 from .blocking import BlockGrid, block_grid, check_blocking_inputs
 from .balance import BlockDoesNotFitError, check_cap_and_tolerance
 from .class_balance import ClassBalanceError, Preferences, balance_classes
-from .costs import BlockCost, CostModel, block_cost
+from ..compute.kinds.state import index_bytes
+from .costs import SALT_BYTES_PER_BLOCK, BlockCost, CostModel, block_cost
 from .covers import CoverTable, cover_table, grid_kind
 from .layout import MeshSpec, ParamGeometry, ParamSpec, dtype_itemsize, param_geometry
 from .regions import RegionTable
@@ -37,6 +38,7 @@ class Balanced:
     costs: list[BlockCost]
     cost_loads: np.ndarray           # per cost: balance weight
     cost_work_bytes: np.ndarray      # per cost: block elements x factor itemsize (a working copy)
+    cost_keeps_buffers: np.ndarray   # per cost: its owner keeps index tables and salts between steps
     geometries: list[ParamGeometry]  # per parameter
     cover_id: np.ndarray             # per block: index into ``covers``
     covers: CoverTable
@@ -78,13 +80,14 @@ def per_grid(grids: list[BlockGrid], tags: list[object], compute: Callable[[Bloc
 
 
 def price_grids(grids: list[BlockGrid], per_param: list[PlanSettings],
-                cost_model: CostModel) -> tuple[np.ndarray, list[BlockCost], np.ndarray, np.ndarray]:
-    """Per block the index of its :class:`BlockCost`; the distinct costs, their balance weights and
-    working-copy bytes."""
+                cost_model: CostModel) -> tuple[np.ndarray, list[BlockCost], np.ndarray, np.ndarray, np.ndarray]:
+    """Per block the index of its :class:`BlockCost`; the distinct costs, their balance weights,
+    working-copy bytes and whether their owner keeps buffers between steps."""
     index: dict[tuple, int] = {}
     costs: list[BlockCost] = []
     loads: list[float] = []
     work: list[int] = []
+    keeps: list[bool] = []
 
     def price(grid: BlockGrid, s: object) -> np.ndarray:
         assert isinstance(s, PlanSettings)
@@ -98,11 +101,18 @@ def price_grids(grids: list[BlockGrid], per_param: list[PlanSettings],
                 costs.append(block_cost(b, s.preconditioner, s.grafting, s.beta1, cost_model))
                 loads.append(costs[-1].balance_cost(s.precondition_frequency))
                 work.append(b.numel * dtype_itemsize(s.preconditioner.factor_dtype))
+                keeps.append(not s.release_buffers_between_steps)
             per_class.append(index[key])
         return np.array(per_class, dtype=np.int64)[classes] if len(classes) else classes
 
     cost_id = per_grid(grids, list(per_param), price)
-    return cost_id, costs, np.array(loads, dtype=np.float64), np.array(work, dtype=np.int64)
+    return (cost_id, costs, np.array(loads, dtype=np.float64), np.array(work, dtype=np.int64),
+            np.array(keeps, dtype=bool))
+
+
+def kept_index_bytes(costs: list[BlockCost], keeps: np.ndarray) -> int:
+    """The index tables of every packed size of the plan's kept costs: a bound on any rank's."""
+    return sum(index_bytes(d) for d in {d for c, k in zip(costs, keeps.tolist()) if k for d in c.packed_dims})
 
 
 def base_memory(params: list[ParamSpec], per_param: list[PlanSettings], geoms: list[ParamGeometry],
@@ -145,22 +155,24 @@ def balance_blocks(params: list[ParamSpec], mesh: MeshSpec, per_param: list[Plan
     """Run the deciding stages; raises ``BlockDoesNotFitError`` when a block fits no rank under ``cap``."""
     check_cap_and_tolerance(cap, tolerance)
     grids, offsets = plan_grids(params, per_param)
-    cost_id, costs, cost_loads, cost_work = price_grids(grids, per_param, cost_model)
+    cost_id, costs, cost_loads, cost_work, keeps = price_grids(grids, per_param, cost_model)
     geoms = [param_geometry(p, mesh) for p in params]
     table = RegionTable(geoms, mesh.world_size)
     param_bytes, momentum, averaging = base_memory(params, per_param, geoms, table)
     cover_id, covers = cover_table(grids, geoms, table)
-    memory = np.array([c.total_state_bytes for c in costs], dtype=np.int64)
+    # the cap counts what stays allocated: state, each block's salt, and (a bound) every index table
+    memory = np.array([c.total_state_bytes for c in costs], dtype=np.int64) + keeps * SALT_BYTES_PER_BLOCK
     groups = [list(h) for h in covers.groups]
     try:
         owners = balance_classes(cost_loads[cost_id], memory[cost_id], canonical_order(params, offsets),
                                  covers.preference[cover_id], Preferences(covers.prefs, groups), mesh.world_size,
-                                 resident_bytes(param_bytes, momentum, averaging), cap, tolerance)
+                                 resident_bytes(param_bytes, momentum, averaging) + kept_index_bytes(costs, keeps),
+                                 cap, tolerance)
     except ClassBalanceError as err:
         assert cap is not None
         k = int(np.searchsorted(offsets, err.block_index, side="right")) - 1
         block_id = grids[k].block(err.block_index - int(offsets[k])).block_id
         raise BlockDoesNotFitError(err.block_index, block_id, err.block_bytes, err.largest_free_bytes, cap) from None
     block_param = np.repeat(np.arange(len(params), dtype=np.int64), np.diff(offsets))
-    return Balanced(grids, offsets, block_param, cost_id, costs, cost_loads, cost_work, geoms, cover_id, covers,
+    return Balanced(grids, offsets, block_param, cost_id, costs, cost_loads, cost_work, keeps, geoms, cover_id, covers,
                     table, owners, param_bytes, momentum, averaging)

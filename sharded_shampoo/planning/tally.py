@@ -15,14 +15,15 @@ of that piece.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import PlanSettings
-from .costs import BLOCK_STATE_KINDS
+from ..compute.kinds.state import index_bytes
+from .costs import BLOCK_STATE_KINDS, SALT_BYTES_PER_BLOCK
 from .layout import dtype_itemsize
 from .regions import pick_sources
 
@@ -51,6 +52,7 @@ class OwnedSums:
     load: np.ndarray
     work_bytes: np.ndarray            # owned elements x factor itemsize x 2 (assembled gradient + direction)
     workspace_bytes: np.ndarray       # largest refresh workspace among owned blocks
+    resident_buffer_bytes: np.ndarray  # kept between steps besides the state: index tables + salts
 
 
 def owned_sums(b: "Balanced", num_ranks: int) -> OwnedSums:
@@ -59,7 +61,7 @@ def owned_sums(b: "Balanced", num_ranks: int) -> OwnedSums:
     pairs, counts = np.unique(b.owners * ncost + b.cost_id, return_counts=True)
     owner, cost = pairs // ncost, pairs % ncost
 
-    def total(per_cost: Sequence[float] | np.ndarray) -> np.ndarray:
+    def total(per_cost: Sequence[float] | np.ndarray) -> np.ndarray:   # per rank: owned blocks x per-cost value
         values = np.asarray(per_cost, dtype=np.float64)
         return np.bincount(owner, weights=counts * values[cost] if len(values) else None, minlength=num_ranks)
 
@@ -71,7 +73,21 @@ def owned_sums(b: "Balanced", num_ranks: int) -> OwnedSums:
                      step_flops=total([c.step_flops for c in b.costs]),
                      amortized_flops=total([c.amortized_flops for c in b.costs]),
                      load=total(b.cost_loads), work_bytes=_exact(2 * total(b.cost_work_bytes)),
-                     workspace_bytes=workspace)
+                     workspace_bytes=workspace, resident_buffer_bytes=_resident(b, owner, cost, total, num_ranks))
+
+
+def _resident(b: "Balanced", owner: np.ndarray, cost: np.ndarray, total: Callable[[np.ndarray], np.ndarray],
+              num_ranks: int) -> np.ndarray:
+    """Per rank, what its runtime keeps between steps besides the state (``runtime/records.py``): the
+    salt of every owned block and one pair of packing index tables per packed size among its owned
+    blocks, for blocks whose settings keep buffers (``release_buffers_between_steps=False``)."""
+    keeps = b.cost_keeps_buffers
+    out = total(keeps * float(SALT_BYTES_PER_BLOCK))
+    kept = keeps[cost] if len(cost) else np.zeros(0, dtype=bool)
+    for d in sorted({d for c in b.costs for d in c.packed_dims}):
+        has = np.array([d in c.packed_dims for c in b.costs], dtype=bool)
+        out[np.unique(owner[has[cost] & kept])] += index_bytes(d)
+    return _exact(out)
 
 
 @dataclass

@@ -19,7 +19,9 @@ collectives in the same order (``chunks`` gathers, then ``chunks`` scatters) wha
 gradients are, so nothing hangs; the numbers do not depend on ``chunks``.
 
 The executor owns every buffer it edits in place (the gathered stacks, which become the
-directions, and the receive buffers): no optimizer state tensor is ever an update buffer.
+directions, and the receive buffers): no optimizer state tensor is ever an update buffer. They
+live for one step: nothing of the exchange or the stacks stays allocated between steps (one
+process exchanges nothing at all), see ``docs/planner.md`` ("resident buffers").
 """
 
 from __future__ import annotations
@@ -72,8 +74,6 @@ class _Wave:
     gather: _Exchange
     update: _Exchange
     buckets: list[int]
-    #: where each received gradient piece goes: fixed views into the executor's stacks
-    recv_dst: list[torch.Tensor]
 
 
 class StepExecutor:
@@ -83,19 +83,11 @@ class StepExecutor:
         self.rt = runtime
         waves = runtime.waves
         chunks = max(waves, default=0) + 1
-        # working buffers of static sizes, allocated once: a fresh multi-MiB CPU tensor is
-        # page-faulted on every step (the planner counts them in the transient column)
-        c = runtime.comm
-        self._stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=c.device) for b in runtime.buckets]
-        self._buffers: dict[tuple[int, str, str], torch.Tensor] = {}
-        # the gradient side of a step writes into the stacks before any bucket math: fixed views, built once
-        self._local_dst = [runtime.block_view(self._stacks, p) for p in runtime.schedule.grad_local]
         self.waves: list[_Wave] = []
         for w, sched in enumerate(split_waves(runtime.schedule, waves, chunks)):
             buckets = [bi for bi, members in enumerate(runtime.bucket_members) if waves[members[0].index] == w]
-            gather = _Exchange.of(sched.grad_send, sched.grad_recv)
-            self.waves.append(_Wave(gather, _Exchange.of(sched.update_send, sched.update_recv), buckets,
-                                    [runtime.block_view(self._stacks, p) for p in gather.recv]))
+            self.waves.append(_Wave(_Exchange.of(sched.grad_send, sched.grad_recv),
+                                    _Exchange.of(sched.update_send, sched.update_recv), buckets))
         #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
         #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
         self.last_exposed_comm_seconds = 0.0
@@ -104,23 +96,35 @@ class StepExecutor:
 
     def step(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
         """One step. ``grads``: local gradient of every trainable parameter by plan index (zeros where a
-        parameter has none: message sizes stay static); ``active``: plan indices that have a gradient."""
+        parameter has none: message sizes stay static); ``active``: plan indices that have a gradient.
+
+        The stacks and the communication buffers live for this step only, and the runtime frees its
+        scratch at the end (``RankRuntime.end_of_step``): between steps the optimizer holds its state
+        and, unless ``release_buffers_between_steps``, the packing indices and salts (the planner's
+        ``resident_buffer_bytes``)."""
+        try:
+            self._step(grads, active, groups)
+        finally:
+            self.rt.end_of_step()
+
+    def _step(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
         self.last_exposed_comm_seconds = 0.0
         self._fold_l2(grads, active, groups)
         rt = self.rt
-        stacks = list(self._stacks)      # an entry is replaced where a bucket returns a new direction tensor
-        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send], (i, "gather"))
-                    for i, w in enumerate(self.waves)]
-        self._copy(self._local_dst, [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
+        # an entry is replaced where a bucket returns a new direction tensor
+        stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
+        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send])
+                    for w in self.waves]
+        self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
+                   [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
         everything = len(active) == len(rt.trainable)
         updates = []
-        for i, (wave, work) in enumerate(zip(self.waves, inflight)):
+        for wave, work in zip(self.waves, inflight):
             recv = self._finish(work)
-            self._copy(wave.recv_dst, self._views(recv, wave.gather.recv))
+            self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
             for bi in wave.buckets:
                 stacks[bi] = self._bucket_step(bi, stacks[bi], active, everything, groups)
-            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send],
-                                       (i, "update")))
+            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send]))
         self._apply([(p, rt.block_view(stacks, p)) for p in rt.schedule.update_local if p.param_index in active],
                     groups)
         for wave, work in zip(self.waves, updates):
@@ -162,31 +166,23 @@ class StepExecutor:
         views = buffer.split([p.numel for p in pieces]) if pieces else []
         return [v.view(tuple(b - a for a, b in p.box)) for v, p in zip(views, pieces)]
 
-    def _buffer(self, key: tuple[int, str, str], numel: int) -> torch.Tensor:
-        buf = self._buffers.get(key)
-        if buf is None:
-            c = self.rt.comm
-            buf = self._buffers[key] = torch.empty(numel, dtype=c.dtype, device=c.device)
-        return buf
-
-    def _start(self, ex: _Exchange, sources: list[torch.Tensor],
-               key: tuple[int, str]) -> Optional[tuple[Any, torch.Tensor]]:
-        """Issue one asynchronous ``all_to_all_single`` (None on one rank); ``key`` names its buffers."""
+    def _start(self, ex: _Exchange, sources: list[torch.Tensor]) -> Optional[tuple[Any, torch.Tensor, torch.Tensor]]:
+        """Issue one asynchronous ``all_to_all_single`` (None on one rank) into buffers of this step only."""
         c = self.rt.comm
         if c.world_size <= 1:
             return None
-        send = self._buffer((*key, "send"), sum(ex.send_sizes))
+        send = torch.empty(sum(ex.send_sizes), dtype=c.dtype, device=c.device)
         self._copy(self._views(send, ex.send), sources)
-        recv = self._buffer((*key, "recv"), sum(ex.recv_sizes))
+        recv = torch.empty(sum(ex.recv_sizes), dtype=c.dtype, device=c.device)
         work = dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_sizes, input_split_sizes=ex.send_sizes,
                                       group=c.group, async_op=True)
-        return work, recv
+        return work, recv, send           # the send buffer stays referenced until the exchange is waited on
 
-    def _finish(self, started: Optional[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+    def _finish(self, started: Optional[tuple[Any, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Wait for an exchange; its receive buffer (empty on one rank)."""
         if started is None:
             return torch.empty(0, dtype=self.rt.comm.dtype, device=self.rt.comm.device)
-        work, recv = started
+        work, recv, _ = started
         t0 = time.perf_counter()
         work.wait()
         self.last_exposed_comm_seconds += time.perf_counter() - t0

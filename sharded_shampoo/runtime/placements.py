@@ -189,7 +189,8 @@ def resolve_mesh(params: Sequence[torch.Tensor], names: Sequence[str], mesh: Any
     shape = tuple(int(s) for s in plan.mesh.shape)
     spec = MeshSpec(shape, tuple(plan.mesh_dim_names) if plan.mesh_dim_names else None)
     world = spec.world_size
-    group = _group_for(plan) if world > 1 else None
+    # a dry-run (coordinates given) has no real group to communicate over, and needs none
+    group = _group_for(plan) if world > 1 and coordinates is None else None
     coord = plan.get_coordinate()
     rank = 0
     for c, s in zip(coord, shape):

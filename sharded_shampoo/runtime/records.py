@@ -104,6 +104,16 @@ class RankRuntime:
     schedule: RankSchedule
     comm: CommContext
     waves: list[int]                                # overlap wave of every plan block
+    workspace: Workspace                            # the buckets' shared scratch and packing indices
+    release_buffers: bool = False                   # drop every buffer between steps (indices, salts too)
+
+    def end_of_step(self) -> None:
+        """Free what the step used besides the state: the scratch always; with ``release_buffers`` also the
+        packing indices and the buckets' salts (remade at the next step), so nothing but the state stays."""
+        self.workspace.release(indices=self.release_buffers)
+        if self.release_buffers:
+            for bucket in self.buckets:
+                bucket.release_buffers()
 
     def block_view(self, stacks: list[torch.Tensor], piece: Piece) -> torch.Tensor:
         """The part ``piece`` of its block inside per-bucket stacks ``[B, *block shape]``."""
@@ -156,13 +166,14 @@ def param_records(params: list[torch.Tensor], names: list[str], group_of: list[i
 
 
 def build_runtime(records: list[ParamRecord], plan: ShampooPlan, bucket_configs: list[BucketConfig],
-                  comm: CommContext, waves: list[int]) -> RankRuntime:
+                  comm: CommContext, waves: list[int], release_buffers: bool = False) -> RankRuntime:
     """Buckets of the blocks this rank owns (per wave, first appearance in plan order) and the schedule.
 
     ``bucket_configs``: per param group, what decides its buckets' state layout. ``waves``: the overlap
     wave of every plan block (``routing.block_waves``); blocks of different waves never share a bucket,
     so a wave's math needs only its own gradients. All buckets share one scratch :class:`Workspace`
-    (they run one after the other).
+    (they run one after the other). ``release_buffers``: keep nothing but the state between steps;
+    otherwise the packing indices of every owned size are made now and kept (the planner's resident bytes).
     """
     trainable = sorted((r for r in records if r.trainable), key=lambda r: cast(int, r.plan_index))
     keyed: dict[tuple, list[int]] = {}
@@ -183,8 +194,13 @@ def build_runtime(records: list[ParamRecord], plan: ShampooPlan, bucket_configs:
         members.append(recs)
         buckets.append(bucket)
         bucket_group.append(gi)
+    if release_buffers:
+        for bucket in buckets:
+            bucket.release_buffers()
+    else:
+        workspace.reserve_indices({d for bucket in buckets for d in bucket.packed_dims})
     return RankRuntime(records, trainable, blocks, buckets, bucket_group, members,
-                       build_schedule(plan, comm.rank), comm, waves)
+                       build_schedule(plan, comm.rank), comm, waves, workspace, release_buffers)
 
 
 __all__ = ["BlockRecord", "CommContext", "ParamRecord", "RankRuntime", "build_runtime", "param_records"]

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tests.support.resident import grad_bytes, resident_buffer_bytes
 from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigendecomposedShampoo,
                              EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
                              NewtonSchulz, PseudoInverse, RootInverseShampoo, ScheduleFree, ShardedShampoo, SignDescent,
@@ -36,14 +37,30 @@ class Toy(nn.Module):
         return self.out(torch.tanh(self.inp(x))) + self.cube.sum()
 
 
+class Wide(nn.Module):
+    """Two wider layers: gradients large against the optimizer's fixed-size buffers (resident-bytes checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(128, 256)
+        self.out = nn.Linear(256, 128)
+
+
 def make_model(kind: str = "toy") -> nn.Module:
-    """``toy``: :class:`Toy`; ``one_block``: a single 3x4 weight, so all but one rank own nothing."""
+    """``toy``: :class:`Toy`; ``one_block``: a single 3x4 weight, so all but one rank own nothing; ``wide``:
+    :class:`Wide`."""
     torch.manual_seed(0)
+    if kind == "wide":
+        return Wide()
     return Toy() if kind == "toy" else nn.Sequential(nn.Linear(4, 3, bias=False))
 
 
 def model_kind(layout: str) -> str:
-    return "one_block" if layout.endswith("one_block") else "toy"
+    """The model of a layout: ``fsdp_one_block`` -> one_block, ``hsdp_wide`` -> wide, else toy."""
+    for kind in ("one_block", "wide"):
+        if layout.endswith(kind):
+            return kind
+    return "toy"
 
 
 def grad_for(name: str, shape: torch.Size, step: int) -> torch.Tensor:
@@ -145,7 +162,7 @@ def distributed_run(layout: str, config: str, mesh_shape: tuple[int, ...], comm_
     model = make_model(model_kind(layout))
     names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
-    if layout in ("fsdp", "hsdp"):
+    if layout in ("fsdp", "hsdp", "hsdp_wide"):
         fully_shard(model.inp, mesh=mesh)
         fully_shard(model.out, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -189,6 +206,9 @@ def scenario_invariance(rank: int, world: int, cases: list[tuple], refs: dict[tu
         params, opt = distributed_run(layout, config, mesh_shape, comm_dtype, skip_every)
         out[repr(case)] = max_rel_diff(params, refs[(model_kind(layout), config, skip_every)])
         out[repr(case) + ".bytes"] = (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes)
+        # what stays allocated besides the state, measured by walking the optimizer, vs the plan's claim
+        out[repr(case) + ".resident"] = (resident_buffer_bytes(opt), opt.plan.ranks[rank].resident_buffer_bytes,
+                                         grad_bytes(opt))
         dist.barrier()
     return out
 

@@ -225,6 +225,9 @@ def scenario_invariance(rank: int, world: int, layouts: list[str],
                        "bytes": (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes),
                        "owners": sorted(set(opt.plan.owners)), "num_blocks": len(opt.plan.blocks),
                        "comm": opt.plan.ranks[rank].comm_bytes_per_step}
+        if "ep" in layout:   # model.named_parameters() passed directly: experts sharded over ep get per-expert blocks
+            direct = ShardedShampoo(model.named_parameters(), **CONFIG)
+            out[layout]["blocks"] = ([b.block_id for b in opt.plan.blocks], [b.block_id for b in direct.plan.blocks])
         dist.barrier()
     return out
 

@@ -13,7 +13,13 @@ unpatched. The four workarounds (all CPU/gloo-only; none is needed on GPUs):
 3. FlexAttention compiles a Triton kernel; every attention's inner op is swapped for causal
    SDPA (``ScaledDotProductAttention``) in the model config before the model is built.
 4. gloo has no PREMUL_SUM reduction, which FSDP2 uses to average gradients; every FSDP module
-   gets ``set_force_sum_reduction_for_comms(True)`` (sum, then FSDP divides).
+   gets ``set_force_sum_reduction_for_comms(True)``.
+
+Gradient scale: the FSDP modules torchtitan builds *sum* gradients over the data-parallel ranks
+(measured: dp x the global-mean gradient, for dp = 2 and 4), because torchtitan's Trainer divides
+each rank's summed loss by the global token count. So the harness backpropagates each rank's mean
+loss divided by the number of data-parallel slots: every layout (pipelined or not) then computes
+the global-mean gradient, which tests/test_torchtitan_dist.py checks against one process.
 """
 
 from __future__ import annotations
@@ -22,22 +28,19 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from sharded_shampoo._torch_compat import pretend_no_accelerator
+from sharded_shampoo.dryrun.titan_source import SPMD_BACKEND, install_triton_stub
 
-_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
-_KERNEL_NAMES = ("copy_full_counts_to_peers_kernel", "copy_rows_to_peers_kernel", "expand_topk_grad_kernel",
-                 "fill_combine_metadata_kernel", "fill_dispatch_metadata_kernel", "invert_flat_indices_kernel",
-                 "reduce_topk_slots_kernel", "topk_scores_grad_kernel")
-#: torchtitan's default "spmd_types" keeps parameters as plain local tensors (its own fully_shard call
-#: then refuses them on CPU/torch 2.13, and ShardedShampoo needs DTensors); "full_dtensor" needs
-#: DTensor inputs that only torchtitan's Trainer prepares. "partial_dtensor" runs as is and gives
-#: the same placements as "full_dtensor" for the FSDP x TP Llama3 (docs/parallelism.md).
-SPMD_BACKEND = "partial_dtensor"
+#: SPMD_BACKEND (the dry-run's too): torchtitan's default "spmd_types" keeps parameters as plain local
+#: tensors (its own fully_shard call then refuses them on CPU/torch 2.13, and ShardedShampoo needs
+#: DTensors); "full_dtensor" needs DTensor inputs that only torchtitan's Trainer prepares.
+#: "partial_dtensor" runs as is and gives the same placements as "full_dtensor" for the FSDP x TP
+#: Llama3 (docs/parallelism.md).
 VOCAB = 2048
 
 
@@ -51,21 +54,6 @@ def apply_cpu_workarounds() -> None:
     torch.autograd.set_multithreading_enabled(False)  # as torchtitan's init_distributed does
 
 
-def install_triton_stub() -> bool:
-    """Workaround 2 alone: a stand-in for torchtitan's Triton kernel module; True if it was installed now."""
-    if _KERNELS in sys.modules:
-        return False
-    stub = types.ModuleType(_KERNELS)
-
-    def unavailable(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("MinimalAsyncEP Triton kernels are not available on CPU")
-
-    for name in _KERNEL_NAMES:
-        setattr(stub, name, unavailable)
-    sys.modules[_KERNELS] = stub
-    return True
-
-
 @dataclass(frozen=True)
 class Layout:
     """Parallel degrees (torchtitan's ParallelismConfig); dp_shard=-1 fills the rest of the world."""
@@ -74,9 +62,11 @@ class Layout:
     ep: int = 1
     dp_shard: int = -1
     dp_replicate: int = 1
+    pp: int = 1
+    pp_schedule: str = "GPipe"  # with pp > 1: torchtitan's schedule name (microbatches of 1 sequence)
 
     def describe(self) -> str:
-        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} ep={self.ep}"
+        return f"pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} ep={self.ep}"
 
 
 def _swap_flex_for_sdpa(model_config: Any) -> None:
@@ -87,11 +77,14 @@ def _swap_flex_for_sdpa(model_config: Any) -> None:
         setattr(parent, attr, ScaledDotProductAttention.Config())
 
 
-def llama3_spec() -> Any:
-    """torchtitan's Llama3 debug model (6 layers, dim 256, vocab 2048) as registered."""
+def llama3_spec(n_layers: Optional[int] = None) -> Any:
+    """torchtitan's Llama3 debug model (6 layers, dim 256, vocab 2048) as registered, or its first ``n_layers``."""
     from torchtitan.models.llama3 import model_registry
 
-    return model_registry("debugmodel")
+    spec = model_registry("debugmodel")
+    if n_layers is not None:
+        spec.model.layers = spec.model.layers[:n_layers]
+    return spec
 
 
 def moe_spec(n_layers: int = 2, num_experts: int = 4, top_k: int = 2, hidden_dim: int = 64) -> Any:
@@ -127,7 +120,9 @@ def _configs(layout: Layout, seq_len: int) -> tuple[Any, Any, Any]:
 
     parallelism = ParallelismConfig(data_parallel_replicate_degree=layout.dp_replicate,
                                     data_parallel_shard_degree=layout.dp_shard, tensor_parallel_degree=layout.tp,
-                                    expert_parallel_degree=layout.ep, spmd_backend=SPMD_BACKEND)
+                                    expert_parallel_degree=layout.ep, spmd_backend=SPMD_BACKEND,
+                                    pipeline_parallel_degree=layout.pp, pipeline_parallel_schedule=layout.pp_schedule,
+                                    pipeline_parallel_microbatch_size=1)
     # fp32 parameters and reductions: the CPU has no fast bf16 and the tests compare numbers
     training = TrainingConfig(local_batch_size=2, seq_len=seq_len, mixed_precision_param="float32",
                               mixed_precision_reduce="float32")
@@ -136,16 +131,27 @@ def _configs(layout: Layout, seq_len: int) -> tuple[Any, Any, Any]:
 
 @dataclass
 class Built:
-    model: torch.nn.Module
+    model: torch.nn.Module          # the whole model; with pp > 1 the first of this rank's stages
     parallel_dims: Any
     spec: Any
     batch_rank: int
     batch_degree: int
+    parts: list[torch.nn.Module]    # this rank's model parts: [model], or its pipeline stages
+    pipeline: Optional["Pipeline"] = None
+
+
+@dataclass
+class Pipeline:
+    """torchtitan's pipeline schedule over this rank's stages (``pipelining_fn``'s results)."""
+
+    schedule: Any
+    has_first: bool
+    has_last: bool
 
 
 def build(spec: Any, layout: Layout, seq_len: int = 64, seed: int = 0) -> Built:
-    """Build, parallelize (torchtitan's own parallelize_fn) and initialise ``spec`` on this rank."""
-    from torch.distributed.fsdp import FSDPModule
+    """Build, parallelize (torchtitan's own parallelize_fn, and pipelining_fn when ``layout.pp > 1``)
+    and initialise ``spec`` on this rank."""
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed import utils as dist_utils
 
@@ -158,19 +164,49 @@ def build(spec: Any, layout: Layout, seq_len: int = 64, seed: int = 0) -> Built:
     model_config.update_from_config(config=types.SimpleNamespace(parallelism=parallelism))
     with torch.device("meta"):
         model = model_config.build()
-    model = spec.parallelize_fn(model, parallel_dims=parallel_dims, training=training, parallelism=parallelism,
-                                compile_config=compile_config, ac_config=None, dump_folder="")
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)  # same init on every rank, whatever the layout
-    with torch.no_grad():
-        model.init_weights(buffer_device=None)
-    model.train()
-    for module in model.modules():  # workaround 4
-        if isinstance(module, FSDPModule):
-            module.set_force_sum_reduction_for_comms(True)
+    kwargs = dict(parallel_dims=parallel_dims, training=training, parallelism=parallelism,
+                  compile_config=compile_config, ac_config=None, dump_folder="")
     batch = parallel_dims.get_mesh("batch") if parallel_dims.dp_enabled else None
     rank, degree = (batch.get_local_rank(), batch.size()) if batch is not None else (0, 1)
-    return Built(model, parallel_dims, spec, rank, degree)
+    pipeline = None
+    if layout.pp > 1:
+        global_tokens = training.local_batch_size * seq_len * degree
+        schedule, parts, has_first, has_last = spec.pipelining_fn(
+            model, **kwargs, device=torch.device("cpu"), model_config=model_config,
+            parallelize_fn=spec.parallelize_fn, loss_fn=_microbatch_loss(global_tokens))
+        pipeline = Pipeline(schedule, has_first, has_last)
+    else:
+        parts = [spec.parallelize_fn(model, **kwargs)]
+    for part in parts:
+        _initialise(part, seed)
+    return Built(parts[0], parallel_dims, spec, rank, degree, parts, pipeline)
+
+
+def _initialise(part: torch.nn.Module, seed: int) -> None:
+    """Materialise on CPU, torchtitan's init_weights (same seed on every rank), workaround 4."""
+    from torch.distributed.fsdp import FSDPModule
+
+    part.to_empty(device="cpu")
+    torch.manual_seed(seed)  # same init on every rank, whatever the layout
+    with torch.no_grad():
+        part.init_weights(buffer_device=None)
+    part.train()
+    for module in part.modules():  # workaround 4
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _microbatch_loss(global_tokens: int) -> Any:
+    """The pipeline's loss per microbatch: summed cross-entropy over the global batch's token count,
+    as torchtitan's Trainer computes it. The microbatch losses of all last-stage ranks add up to the
+    global mean (torchtitan's schedule does not rescale: ``scale_grads=False``) and FSDP's sum of
+    their gradients is the global-mean gradient, as in the unpipelined ``loss_step``."""
+
+    def loss_fn(pred: torch.Tensor, labels: torch.Tensor, **_: Any) -> tuple[torch.Tensor, None]:
+        loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+        return loss / global_tokens, None
+
+    return loss_fn
 
 
 def placements_table(model: torch.nn.Module) -> list[tuple[str, tuple, str, str, tuple]]:
@@ -213,6 +249,15 @@ def held_regions(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def part_modules(part: torch.nn.Module) -> list[str]:
+    """The top-level modules (``layers.N`` per layer) holding a model part's parameters, sorted."""
+    names = set()
+    for name, _ in part.named_parameters():
+        pieces = name.split(".")
+        names.add(".".join(pieces[:2]) if pieces[0] == "layers" else pieces[0])
+    return sorted(names)
+
+
 def param_kind(name: str) -> str:
     """A parameter's name with layer indices folded ("layers.*.attention.wo.weight")."""
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
@@ -246,15 +291,33 @@ def batch_for(built: Built, step: int, seq_len: int = 64) -> torch.Tensor:
 
 def loss_step(built: Built, tokens: torch.Tensor) -> float:
     """Forward + backward on ``tokens``; returns the loss averaged over data-parallel slots."""
+    if built.pipeline is not None:
+        return _pipeline_loss_step(built.pipeline, tokens)
     out = built.model(tokens[:, :-1])
     if hasattr(out, "full_tensor"):
         out = out.full_tensor()
     loss = torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), tokens[:, 1:].flatten())
-    loss.backward()
+    (loss / built.batch_degree).backward()  # FSDP sums over the slots: the global-mean gradient
     value = loss.detach().clone()
     # equal slices per slot and equal losses within a TP group: the world mean is the global mean
     dist.all_reduce(value)
     return float(value) / dist.get_world_size()
+
+
+def _pipeline_loss_step(pipeline: Pipeline, tokens: torch.Tensor) -> float:
+    """One step of the pipeline schedule (microbatches of one sequence); the loss on every rank.
+
+    Only the last stage's ranks compute losses (their slices' shares of the global mean); their
+    world sum is the global mean.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    losses: list[torch.Tensor] = []
+    args = (inputs,) if pipeline.has_first else ()
+    pipeline.schedule.step(*args, target=targets if pipeline.has_last else None, losses=losses,
+                           return_outputs=False)
+    value = torch.stack([x.detach().float() for x in losses]).sum() if losses else torch.zeros(())
+    dist.all_reduce(value)
+    return float(value)
 
 
 def train(built: Built, optimizers: Any, steps: int, lr_schedulers: Any = None,
@@ -281,7 +344,7 @@ def checkpoint_manager(folder: str, built: Built, optimizers: Any, lr_schedulers
     exclude = ["dataloader"] + ([] if load_optimizer else ["optimizer"])
     config = CheckpointManager.Config(enable=True, folder=os.path.basename(folder), interval=1, keep_latest_k=0,
                                       last_save_model_only=False, exclude_from_loading=exclude)
-    return config.build(dataloader=None, model_parts=[built.model], optimizers=optimizers,
+    return config.build(dataloader=None, model_parts=built.parts, optimizers=optimizers,
                         lr_schedulers=lr_schedulers, states={"train_state": train_state},
                         sd_adapter=None, base_folder=os.path.dirname(folder))
 

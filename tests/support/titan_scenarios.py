@@ -20,15 +20,24 @@ SHAMPOO_KW: dict[str, Any] = dict(lr=2e-3, betas=(0.9, 0.95), epsilon=1e-4, weig
                                   start_preconditioning_step=1)
 
 
-def shampoo_container(built: th.Built) -> Any:
-    """torchtitan's optimizer build path with ShardedShampoo: ``Config.build(model_parts=...)``."""
+def shampoo_container(built: th.Built, adamw_embeddings: bool = False) -> Any:
+    """torchtitan's optimizer build path with ShardedShampoo: ``Config.build(model_parts=...)``.
+
+    ``adamw_embeddings``: the token embeddings go to torchtitan's AdamW (a group whose pattern
+    matches on the first pipeline stage only), everything else to ShardedShampoo.
+    """
+    from torchtitan.components.optimizer import ParamGroupConfig
+
     from sharded_shampoo import AdamGrafting
     from sharded_shampoo.integrations.torchtitan import default_sharded_shampoo
 
     config = default_sharded_shampoo(**SHAMPOO_KW, grafting=AdamGrafting(beta2=0.95, epsilon=1e-8))
-    optimizers = config.build(model_parts=[built.model])
+    if adamw_embeddings:
+        config.param_groups.insert(0, ParamGroupConfig(pattern=r"tok_embeddings", optimizer_name="AdamW",
+                                                       optimizer_kwargs={"lr": 1e-3, "eps": 1e-8}))
+    optimizers = config.build(model_parts=built.parts)
     if built.spec.post_optimizer_build_fn is not None:  # qwen3: MoE load-balancing hook, as the Trainer does
-        built.spec.post_optimizer_build_fn(optimizers, [built.model], built.parallel_dims)
+        built.spec.post_optimizer_build_fn(optimizers, built.parts, built.parallel_dims)
     return optimizers
 
 
@@ -67,15 +76,17 @@ def state_fingerprint(optimizers: Any) -> dict[str, tuple[float, float]]:
     """(sum, sum of squares) in float64 of every optimizer-state tensor this rank holds, by flat key.
 
     Block states are plain tensors held by their owner only; DTensor states (momentum) are
-    gathered (the same keys on every rank, taken in sorted order so the collectives match).
+    gathered (the same keys on every rank of their mesh, taken in sorted order so the collectives
+    match) and recorded by the first rank of their mesh (of their pipeline stage, with pp).
     """
     flat = optimizers.state_dict()
     out: dict[str, tuple[float, float]] = {}
     for key in sorted(k for k in flat if k.startswith("state.")):
         t = flat[key]
         if hasattr(t, "full_tensor"):
+            first_holder = int(t.device_mesh.mesh.flatten()[0])  # rank 0 of the tensor's (stage's) mesh
             t = t.full_tensor()
-            if torch.distributed.get_rank() != 0:
+            if torch.distributed.get_rank() != first_holder:
                 continue
         t = t.detach().double()
         out[key] = (float(t.sum()), float((t * t).sum()))
@@ -94,8 +105,9 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
     the save and right after the load, and both layouts' placements. ``load_optimizer=False``
     resumes the model and schedulers only (for comparison).
     """
-    make = {"shampoo": shampoo_container, "adamw": adamw_container}[build_optimizers]
-    specs = {"llama3": th.llama3_spec, "moe": th.moe_spec}
+    make = {"shampoo": shampoo_container, "adamw": adamw_container,
+            "shampoo+adamw": lambda built: shampoo_container(built, adamw_embeddings=True)}[build_optimizers]
+    specs = {"llama3": th.llama3_spec, "moe": th.moe_spec, "llama3-2layers": lambda: th.llama3_spec(n_layers=2)}
     out: dict[str, Any] = {}
     for phase, (model_name, layout) in (("first", first), ("second", second)):
         built = th.build(specs[model_name](), layout)
@@ -104,7 +116,9 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
         state = th.TrainState()
         manager = th.checkpoint_manager(folder, built, optimizers, schedulers, state,
                                         load_optimizer=load_optimizer or phase == "first")
-        out[f"{phase}_kinds"] = th.kinds_table(th.placements_table(built.model))
+        out[f"{phase}_kinds"] = th.kinds_table([row for part in built.parts for row in th.placements_table(part)])
+        out[f"{phase}_parts"] = [th.part_modules(part) for part in built.parts]
+        out[f"{phase}_optimizers"] = [type(o).__name__ for o in optimizers.optimizers]
         if phase == "first":
             out["losses"] = th.train(built, optimizers, steps, schedulers)
             state.step = steps
@@ -118,4 +132,25 @@ def train_save_resume(rank: int, world: int, folder: str, first: tuple, second: 
             out["resumed_losses"] = th.train(built, optimizers, steps, schedulers, start=state.step)
         manager.close()
         del built, optimizers
+    return out
+
+
+def state_bytes_layouts(rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """Llama3 FSDP x TP 2x2 and the MoE with EP 2, ShardedShampoo through the container, one step each.
+
+    Per layout: (bytes of optimizer state this rank really allocated, bytes the optimizer's own plan
+    gives this rank); the test compares both with the dry-run of the same torchtitan model.
+    """
+    from sharded_shampoo import ShardedShampoo
+    from tests.support.dist_scenarios import owned_state_bytes
+
+    out: dict[str, tuple[int, int]] = {}
+    for label, spec, layout in (("llama3 fsdp2 x tp2", th.llama3_spec(), th.Layout(tp=2)),
+                                ("moe fsdp4 / efsdp2 x ep2", th.moe_spec(), th.Layout(ep=2))):
+        built = th.build(spec, layout)
+        optimizers = shampoo_container(built)
+        th.train(built, optimizers, 1)
+        opt = next(o for o in optimizers.optimizers if isinstance(o, ShardedShampoo))
+        out[label] = (owned_state_bytes(opt), opt.plan.ranks[rank].optimizer_state_bytes)
+        del built, optimizers, opt
     return out

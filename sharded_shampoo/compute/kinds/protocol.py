@@ -191,6 +191,12 @@ class PreconditionerKind:
         return getattr(self.config, "factor_dtype", torch.float32)
 
     @property
+    def moment_dtype(self) -> torch.dtype:
+        """Storage dtype of the filtered gradient and the grafting state: the config's ``moment_storage_dtype``
+        (the bucket runs their math in :attr:`compute_dtype` and rounds back stochastically), else the math dtype."""
+        return getattr(self.config, "moment_storage_dtype", None) or self.compute_dtype
+
+    @property
     def preconditions(self) -> bool:
         """Whether the block has a direction of its own (else it uses the grafting direction / ``M_hat``)."""
         return False

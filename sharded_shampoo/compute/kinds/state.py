@@ -3,7 +3,8 @@
 Every block, whatever its kind, has ``step`` and ``root_failures`` (int64 counters), ``grafting``
 (the diagonal second moment of AdaGrad/RMSprop/Adam grafting) and ``filtered_grad`` (the first
 moment, when ``beta1 > 0``). The planner's byte count (``planning/costs.py``) and the bucket's
-allocation both go through :func:`block_fields`, so they cannot disagree.
+allocation both go through :func:`block_fields`, so they cannot disagree (and the planner prices the
+packing index tables a rank keeps with :func:`~..packing.index_bytes`, re-exported here).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 
 from ...config import STATEFUL_GRAFTING_TYPES, GraftingConfig
-from ..packing import packed_identity
+from ..packing import index_bytes, packed_identity
 from .protocol import Init, PreconditionerKind, StateField
 
 #: Per-block counters: block step and consecutive failed refreshes (int64 each).
@@ -34,7 +35,7 @@ def common_fields(shape: tuple[int, ...], dtype: torch.dtype, grafting: Optional
 def block_fields(kind: PreconditionerKind, grafting: Optional[GraftingConfig],
                  has_filtered_grad: bool) -> list[StateField]:
     """Every field of one block: counters first, the kind's, then grafting and the filtered gradient."""
-    common = common_fields(kind.shape, kind.compute_dtype, grafting, has_filtered_grad)
+    common = common_fields(kind.shape, kind.moment_dtype, grafting, has_filtered_grad)
     fields = common[:len(COUNTER_FIELDS)] + kind.fields() + common[len(COUNTER_FIELDS):]
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
@@ -58,4 +59,4 @@ def allocate(fields: list[StateField], num_blocks: int, device: torch.device) ->
     return out
 
 
-__all__ = ["COUNTER_FIELDS", "allocate", "block_fields", "common_fields"]
+__all__ = ["COUNTER_FIELDS", "allocate", "block_fields", "common_fields", "index_bytes"]
