@@ -66,3 +66,14 @@ def test_bf16_eigenvectors_follow_the_float32_run():
                      dtype=torch.float32)
     for a, b in zip(full, lowp):
         assert torch.isfinite(b).all() and max_rel_diff(a, b) < 5e-2
+
+
+def test_checkpoint_fingerprint_tells_it_from_eigendecomposed_shampoo():
+    """Same state keys and shapes as EigendecomposedShampoo, another statistic: a checkpoint of one never
+    resumes the other (the fingerprint differs, so the loader raises "preconditioner differs")."""
+    from sharded_shampoo.checkpointing import describe
+
+    _, eig = _train(EigendecomposedShampoo(factor_dtype=F64), SHAPES, steps=0)
+    _, ours = _train(EigendecomposedKLShampoo(factor_dtype=F64), SHAPES, steps=0)
+    assert set(eig.state_dict()["state"]) == set(ours.state_dict()["state"])
+    assert describe(eig)["fingerprint"] != describe(ours)["fingerprint"]
