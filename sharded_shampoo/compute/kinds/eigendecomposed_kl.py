@@ -68,6 +68,12 @@ class EigendecomposedKLKind(KLFactorUpdate, EigendecomposedKind):
             offset += b * d * d
         return mats
 
+    def kl_update_flops(self) -> float:
+        """KL-Shampoo's mode products plus forming each root ``(Q diag f) Q^T``: ``2 d_i^3`` per preconditioned dim."""
+        if len(self.dims) < 2:
+            return 0.0
+        return super().kl_update_flops() + float(sum(2 * self.shape[i] ** 3 for i in self.dims))
+
     def update_root_bytes(self) -> int:
         """The formed roots of every preconditioned dim, plus one ``Q diag(f)`` of the largest."""
         if not self.dims:
