@@ -15,6 +15,7 @@ from .compute.kinds.scale_functions import register_scale_by_dims_fn, register_s
 from .compute.kinds.sign import SignDescent
 from .compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 from .compute.kinds.eigendecomposed import EigendecomposedShampoo
+from .compute.kinds.eigendecomposed_kl import EigendecomposedKLShampoo
 from .shampoo_options import PseudoInverse
 
 __version__ = "0.1.0"
@@ -28,5 +29,5 @@ __all__ = [
     "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
     "NewtonSchulz", "SVD", "SignDescent", "SpectralDescent", "register_scale_by_dims_fn", "register_sign_scale_fn",
-    "EigendecomposedShampoo", "PseudoInverse",
+    "EigendecomposedShampoo", "EigendecomposedKLShampoo", "PseudoInverse",
 ]

@@ -23,7 +23,7 @@ BOUND = 1e-6
 @pytest.fixture(scope="module")
 def refs() -> dict[str, dict]:
     out = {c: cs.reference(c, cs.END)[0] for c in ("root_inverse", "eigen_corrected", "kl", "eigendecomposed",
-                                                   *cs.STATELESS_KINDS)}
+                                                   "eigendecomposed_kl", *cs.STATELESS_KINDS)}
     out["packing"] = cs.reference("root_inverse", cs.END, **cs.well_conditioned(True))[0]
     return out
 
@@ -133,6 +133,13 @@ def test_eigendecomposed_fsdp_2_to_single_process(root: str, refs: dict, two: li
     """Eigendecomposed Shampoo's eigenvectors and eigenvalues saved by 2 FSDP ranks resume on one process."""
     assert cs.resume_diff("single", "eigendecomposed", (1,), os.path.join(root, "EIG"), refs["eigendecomposed"]) \
         <= BOUND
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_eigendecomposed_kl_fsdp_2_to_single_process(root: str, refs: dict, two: list[dict]) -> None:
+    """Eigendecomposed KL-Shampoo saved by 2 FSDP ranks resumes on one process and continues exactly."""
+    assert cs.resume_diff("single", "eigendecomposed_kl", (1,), os.path.join(root, "EIGKL"),
+                          refs["eigendecomposed_kl"]) <= BOUND
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

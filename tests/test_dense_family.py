@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.support.numerics import grad_for, kron_all, max_rel_diff
-from sharded_shampoo import (AdaGradGrafting, EigendecomposedShampoo, EigenvalueCorrectedShampoo, EighRootConfig,
+from sharded_shampoo import (AdaGradGrafting, EigendecomposedKLShampoo, EigendecomposedShampoo, EigenvalueCorrectedShampoo, EighRootConfig,
                              KLShampoo, PseudoInverse, QREigenbasisConfig, RootInverseShampoo, ShardedShampoo)
 
 F64 = torch.float64
@@ -27,7 +27,7 @@ TOL = 1e-6
 
 @dataclass
 class Options:
-    """The variant: kind ("root", "kl", "eig", "soap") and the family options, as the reference describes them."""
+    """The variant: kind ("root", "kl", "eig", "eigkl", "soap") and the family options, as the reference describes them."""
 
     kind: str = "root"
     tolerance: float = 0.0
@@ -109,11 +109,18 @@ class DenseFamily:
         else:
             self.vals[i], self.mats[i] = torch.linalg.eigh(A_r)
 
+    def roots(self) -> list[torch.Tensor]:
+        """The current inverse roots: stored (root, kl) or formed ``Q diag(f(lambda)) Q^T`` (eig, eigkl)."""
+        if self.opt.kind in ("root", "kl"):
+            return self.mats
+        return [Q @ torch.diag(root_scales(L, e, self.eps, self.opt.pinv)) @ Q.T
+                for Q, L, e in zip(self.mats, self.vals, self.exps)]
+
     def statistic_input(self, G: torch.Tensor, i: int) -> torch.Tensor:
         """``G``, or for KL-Shampoo ``G`` preconditioned along every other dim with the roots before this step."""
-        if self.opt.kind != "kl":
+        if self.opt.kind not in ("kl", "eigkl"):
             return G
-        mats = [torch.eye(d, dtype=F64) if j == i else m for j, (d, m) in enumerate(zip(G.shape, self.mats))]
+        mats = [torch.eye(d, dtype=F64) if j == i else m for j, (d, m) in enumerate(zip(G.shape, self.roots()))]
         return (kron_all(mats) @ G.reshape(-1)).reshape(G.shape)
 
     def step(self, G: torch.Tensor) -> None:
@@ -141,10 +148,7 @@ class DenseFamily:
         elif o.kind == "soap":
             P = (K @ ((K.T @ M_hat.reshape(-1)) / ((self.D.reshape(-1) / bc2) ** 0.5 + self.eps))).reshape(G.shape)
         else:
-            roots = self.mats if o.kind in ("root", "kl") else [
-                Q @ torch.diag(root_scales(L, e, self.eps, o.pinv)) @ Q.T for Q, L, e in zip(self.mats, self.vals,
-                                                                                           self.exps)]
-            P = (kron_all(roots) @ M_hat.reshape(-1)).reshape(G.shape)
+            P = (kron_all(self.roots()) @ M_hat.reshape(-1)).reshape(G.shape)
         if self.grafting and t >= self.start:       # every kind's direction takes the grafting norm
             P = P * (graft.norm() / P.norm())
         self.p = self.p - self.lr * P
@@ -158,7 +162,8 @@ def _config(o: Options) -> object:
     if o.kind == "soap":
         return EigenvalueCorrectedShampoo(tolerance=o.tolerance, **common)
     basis = QREigenbasisConfig(iterations=o.qr_iterations, fallback=eigh) if o.qr_iterations else eigh
-    return EigendecomposedShampoo(eigenbasis=basis, tolerance=o.tolerance, **common)
+    cls = EigendecomposedKLShampoo if o.kind == "eigkl" else EigendecomposedShampoo
+    return cls(eigenbasis=basis, tolerance=o.tolerance, **common)
 
 
 def run(shape: tuple[int, ...], o: Options, *, steps: int = 10, freq: int = 2, start: int = 3, lr: float = 0.02,
@@ -191,24 +196,26 @@ def _start(shape: tuple[int, ...]) -> int:
     return 8 if len(shape) == 1 else 3
 
 
+@pytest.mark.parametrize("kind", ["eig", "eigkl"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("grafting", [True, False], ids=["adagrad", "nograft"])
-def test_eigendecomposed_equals_the_explicit_roots(shape, grafting):
-    run(shape, Options(kind="eig"), steps=12, start=_start(shape), grafting=grafting)
+def test_eigendecomposed_equals_the_explicit_roots(kind, shape, grafting):
+    run(shape, Options(kind=kind), steps=12, start=_start(shape), grafting=grafting)
 
 
+@pytest.mark.parametrize("kind", ["eig", "eigkl"])
 @pytest.mark.parametrize("shape", [(6, 5), (7,)])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_eigendecomposed_qr_eigenpairs(shape, iterations):
-    run(shape, Options(kind="eig", qr_iterations=iterations), steps=12, start=_start(shape), freq=1)
+def test_eigendecomposed_qr_eigenpairs(kind, shape, iterations):
+    run(shape, Options(kind=kind, qr_iterations=iterations), steps=12, start=_start(shape), freq=1)
 
 
-@pytest.mark.parametrize("kind", ["eig", "soap"])
+@pytest.mark.parametrize("kind", ["eig", "eigkl", "soap"])
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)])
 def test_tolerance_keeps_bases_that_still_diagonalise(kind, shape):
     """Every factor is checked at every refresh; some keep their basis (eigenvalues: the Rayleigh quotients)."""
     opt = run(shape, Options(kind=kind, tolerance=0.15), steps=14, freq=1, beta2=0.99,
-              grafting=kind == "eig", eps=1e-8 if kind == "soap" else 1e-10)
+              grafting=kind != "soap", eps=1e-8 if kind == "soap" else 1e-10)
     counts = opt.runtime.buckets[0].refresh_counts
     assert counts.checked == 12 * len(shape)        # refreshes at steps 3..14, every preconditioned dim
     assert 0 < counts.skipped < counts.checked, (counts.skipped, counts.checked)
@@ -220,30 +227,30 @@ def test_qr_with_tolerance():
     assert opt.runtime.buckets[0].refresh_counts.skipped > 0
 
 
-@pytest.mark.parametrize("kind", ["root", "kl", "eig", "soap"])
+@pytest.mark.parametrize("kind", ["root", "kl", "eig", "eigkl", "soap"])
 @pytest.mark.parametrize("exponent", [0.5, 0.25])
 def test_trace_scaling(kind, exponent):
     # without grafting: grafting would cancel the scalar the trace scaling changes
     run((6, 5), Options(kind=kind, trace=exponent), grafting=False, lr=0.005, eps=1e-8 if kind == "soap" else 1e-10)
 
 
-@pytest.mark.parametrize("kind", ["root", "kl", "eig", "soap"])
+@pytest.mark.parametrize("kind", ["root", "kl", "eig", "eigkl", "soap"])
 def test_drop_weighting_factor_on_gsquare(kind):
     run((6, 5), Options(kind=kind, drop=True), grafting=False, lr=0.005, eps=1e-8 if kind == "soap" else 1e-10)
 
 
-@pytest.mark.parametrize("kind", ["root", "eig"])
+@pytest.mark.parametrize("kind", ["root", "eig", "eigkl"])
 @pytest.mark.parametrize("pinv", [(0.0, 1e-8), (1e-6, 0.0)])
 def test_pseudo_inverse_drops_the_null_space(kind, pinv):
     """A 7-vector's factor has rank 4 at the first root (step 4): its null space gets a zero root (no epsilon)."""
     opt = run((7,), Options(kind=kind, pinv=pinv), steps=6, freq=10, start=4, eps=0.0, grafting=False, lr=0.01)
-    if kind == "eig":
+    if kind != "root":
         state = opt.state[opt.param_groups[0]["params"][0]]["block_0"]
         scales = (state["eigenvalues_0"] > 1e-6 * state["eigenvalues_0"].max()).sum()
         assert int(scales) == 4
 
 
-@pytest.mark.parametrize("kind", ["root", "kl", "eig", "soap"])
+@pytest.mark.parametrize("kind", ["root", "kl", "eig", "eigkl", "soap"])
 @pytest.mark.parametrize("beta3", [0.81, 0.99])
 @pytest.mark.parametrize("grafting", [True, False], ids=["adagrad", "nograft"])
 def test_beta3(kind, beta3, grafting):

@@ -66,6 +66,7 @@ def test_two_ranks_fsdp_ddp_mixed_bf16() -> None:
         ("mixed", "sign", (2,), F32, 0),
         ("fsdp", "eigendecomposed", (2,), F32, 4),
         ("fsdp", "root_family_options", (2,), F32, 0),
+        ("fsdp", "eigendecomposed_kl", (2,), F32, 4),
     ]
     _check(run_ranks(2, dist_scenarios.scenario_invariance, cases, _refs(cases)), cases)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
@@ -424,6 +425,28 @@ def test_cli_eigendecomposed_tolerance_and_measured_skip_rate(tmp_path, capsys):
     assert state_tol == state
     dims = [d for b in data["blocks"] for d in b["factor_dims"]]
     assert sum(9 * d ** 3 for d in dims) == pytest.approx(full, rel=1e-12)
+    capsys.readouterr()
+
+
+def test_cli_eigendecomposed_kl(tmp_path, capsys):
+    """``--preconditioner eigendecomposed-kl``: eigendecomposed Shampoo's state and refresh cost (with the
+    tolerance's check), plus the KL update per step: ``2 numel (a + b)`` mode products and ``2 (a^3 + b^3)`` to
+    form the roots from the eigenpairs, for an (a, b) block."""
+    def plan(name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        assert main(["plan", "--model", "llama-tiny", "--mesh", "4", "--preconditioner", name,
+                     "--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+    for extra in ((), ("--tolerance", "0.1")):
+        eig, ours = plan("eigendecomposed", *extra), plan("eigendecomposed-kl", *extra)
+        assert [r["optimizer_state_bytes"] for r in ours["ranks"]] == [r["optimizer_state_bytes"] for r in eig["ranks"]]
+        for a, b in zip(eig["blocks"], ours["blocks"]):
+            assert a["shape"] == b["shape"] and b["amortized_flops"] == pytest.approx(a["amortized_flops"], rel=1e-12)
+            dims = b["factor_dims"]
+            extra_flops = (2 * math.prod(b["shape"]) * (len(dims) - 1) * sum(dims) + 2 * sum(d ** 3 for d in dims)
+                           if len(dims) > 1 else 0)
+            assert b["step_flops"] - a["step_flops"] == pytest.approx(extra_flops, rel=1e-12)
+        assert any(len(b["factor_dims"]) > 1 for b in ours["blocks"])
     capsys.readouterr()
 
 

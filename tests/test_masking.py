@@ -15,6 +15,7 @@ from tests.support.numerics import max_rel_diff
 from sharded_shampoo import KLShampoo
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
 from sharded_shampoo.compute.kinds.eigendecomposed import EigendecomposedShampoo
+from sharded_shampoo.compute.kinds.eigendecomposed_kl import EigendecomposedKLShampoo
 from sharded_shampoo.config import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, EigenvalueCorrectedShampoo,
                                     EighRootConfig, ElementwiseMode, PseudoInverse, QREigenbasisConfig,
                                     RMSpropGrafting, RootInverseShampoo, SGDGrafting, WarmStartRootConfig)
@@ -54,6 +55,11 @@ CONFIGS = {
     "eigendecomposed-pinv-trace-bf16": (EigendecomposedShampoo(eigenbasis=EighRootConfig(rank_handling=PseudoInverse(
         rank_rtol=1e-6)), trace_scaling_exponent=0.5, root_storage_dtype=BF16), RMSpropGrafting(), 0.9, 0.99, True,
         dict(epsilon=0.0)),
+    "eigendecomposed-kl-packed-tol-adagrad": (EigendecomposedKLShampoo(tolerance=0.3), AdaGradGrafting(), 0.9, 0.999,
+                                              True),
+    "eigendecomposed-kl-qr-full-bf16": (EigendecomposedKLShampoo(eigenbasis=QREigenbasisConfig(), symmetric_packing=False,
+                                                                 factor_storage_dtype=BF16, root_storage_dtype=BF16),
+                                        None, 0.9, 0.95, True),
     "eigen-tol-drop-weighting": (EigenvalueCorrectedShampoo(tolerance=0.3, drop_weighting_factor_on_gsquare=True),
                                  AdamGrafting(), 0.9, 0.95, True),
     "root-beta3-adagrad": (RootInverseShampoo(), AdaGradGrafting(), 0.9, 0.999, True, dict(beta3=0.81)),

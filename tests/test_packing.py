@@ -8,9 +8,9 @@ import torch
 
 from tests.support.dist_scenarios import owned_state_bytes
 from tests.support.numerics import grad_for, max_rel_diff
-from sharded_shampoo import (AdaGradGrafting, CoupledNewtonConfig, EigendecomposedShampoo, EigenvalueCorrectedShampoo,
-                             KLShampoo, QREigenbasisConfig, RootInverseShampoo, ShardedShampoo, pack_symmetric,
-                             unpack_symmetric)
+from sharded_shampoo import (AdaGradGrafting, CoupledNewtonConfig, EigendecomposedKLShampoo, EigendecomposedShampoo,
+                             EigenvalueCorrectedShampoo, KLShampoo, QREigenbasisConfig, RootInverseShampoo,
+                             ShardedShampoo, pack_symmetric, unpack_symmetric)
 from sharded_shampoo.compute import lowp
 from sharded_shampoo.compute.packing import matrix_dim, packed_identity, packed_numel
 from sharded_shampoo.compute.workspace import Workspace
@@ -125,12 +125,12 @@ def test_float32_packed_close_to_unpacked():
 # ----------------------------------------------------------------------------- bytes and workspace
 
 
-@pytest.mark.parametrize("kind", ["root", "eigen", "kl", "eigendecomposed"])
+@pytest.mark.parametrize("kind", ["root", "eigen", "kl", "eigendecomposed", "eigendecomposed-kl"])
 @pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("storage", [None, BF16])
 def test_planned_bytes_equal_allocated(kind, packing, storage):
     cls = {"root": RootInverseShampoo, "eigen": EigenvalueCorrectedShampoo, "kl": KLShampoo,
-           "eigendecomposed": EigendecomposedShampoo}
+           "eigendecomposed": EigendecomposedShampoo, "eigendecomposed-kl": EigendecomposedKLShampoo}
     pre = cls[kind](symmetric_packing=packing, factor_storage_dtype=storage, root_storage_dtype=storage)
     params, opt = _run(pre, steps=3, dtype=torch.float32)
     assert opt.plan.ranks[0].optimizer_state_bytes == owned_state_bytes(opt)

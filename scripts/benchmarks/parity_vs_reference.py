@@ -264,6 +264,15 @@ FAMILY: dict[str, Variant] = {
             use_symmetric_packing=False)},
         lambda s: {"preconditioner": s.EigendecomposedShampoo(symmetric_packing=False)},
         "EigendecomposedShampoo(symmetric_packing=False)"),
+    "eigendecomposed-kl": _family(
+        lambda ds: {"preconditioner_config": ds.EigendecomposedKLShampooPreconditionerConfig()},
+        lambda s: {"preconditioner": s.EigendecomposedKLShampoo()}, "EigendecomposedKLShampoo(), AdaGrad grafting"),
+    "eigendecomposed-kl-tol": _family(
+        lambda ds: {"preconditioner_config": ds.EigendecomposedKLShampooPreconditionerConfig(
+            amortized_computation_config=_ref_eig(ds, tolerance=0.05).amortized_computation_config),
+            "precondition_frequency": 5},
+        lambda s: {"preconditioner": s.EigendecomposedKLShampoo(tolerance=0.05), "precondition_frequency": 5},
+        "EigendecomposedKLShampoo(tolerance=0.05), precondition_frequency=5"),
     "eigendecomposed-tol": _family(
         lambda ds: {"preconditioner_config": _ref_eig(ds, tolerance=0.05), "precondition_frequency": 5},
         lambda s: {"preconditioner": s.EigendecomposedShampoo(tolerance=0.05), "precondition_frequency": 5},

@@ -39,6 +39,7 @@ from ..compute.kinds.spectral import SVD, NewtonSchulz, SpectralDescent
 from ..config import PlanSettings
 from ..compute.kinds.cost_model import DEFAULT_COST_MODEL, CostModel
 from ..compute.kinds.eigendecomposed import EigendecomposedShampoo
+from ..compute.kinds.eigendecomposed_kl import EigendecomposedKLShampoo
 from .build import parse_dtype, plan_model
 from .meshes import parse_axes
 from .outputs import check_output_paths, write_output
@@ -53,12 +54,13 @@ _PRECONDITIONERS: dict[str, Callable[[torch.dtype, float], Any]] = {
     "eigenvalue-corrected": lambda dtype, tol: EigenvalueCorrectedShampoo(factor_dtype=dtype, tolerance=tol),
     "kl-shampoo": lambda dtype, tol: KLShampoo(factor_dtype=dtype),
     "eigendecomposed": lambda dtype, tol: EigendecomposedShampoo(factor_dtype=dtype, tolerance=tol),
+    "eigendecomposed-kl": lambda dtype, tol: EigendecomposedKLShampoo(factor_dtype=dtype, tolerance=tol),
     "spectral": lambda dtype, tol: SpectralDescent(NewtonSchulz(), factor_dtype=dtype),
     "spectral-svd": lambda dtype, tol: SpectralDescent(SVD(), factor_dtype=dtype),
     "sign": lambda dtype, tol: SignDescent(factor_dtype=dtype),
 }
 #: the choices with an adaptive refresh (--tolerance); the others take only --tolerance 0
-_ADAPTIVE_REFRESH = ("eigenvalue-corrected", "eigendecomposed")
+_ADAPTIVE_REFRESH = ("eigenvalue-corrected", "eigendecomposed", "eigendecomposed-kl")
 #: the choices without factors: their 1-D blocks (norms, biases) take the grafting direction (the Muon recipe)
 _NO_FACTORS = ("spectral", "spectral-svd", "sign")
 
@@ -114,11 +116,12 @@ def _add_optimizer_options(p: argparse.ArgumentParser) -> None:
                    help="steps between root refreshes (amortizes their FLOPs in the report); default: %(default)s")
     p.add_argument("--preconditioner", choices=tuple(_PRECONDITIONERS), default="shampoo",
                    help="shampoo (inverse roots), eigenvalue-corrected (SOAP-like), kl-shampoo (KLShampoo: inverse "
-                        "roots, KL factor update), eigendecomposed (inverse roots kept as eigenpairs), spectral "
+                        "roots, KL factor update), eigendecomposed (inverse roots kept as eigenpairs), eigendecomposed-kl "
+                        "(eigenpairs, KL factor update), spectral "
                         "(Muon: Newton-Schulz), spectral-svd or sign (no factors; 1-D blocks use the grafting "
                         "method: BlockingConfig(precondition_1d=False)); default: %(default)s")
     p.add_argument("--tolerance", type=float, default=0.0,
-                   help="adaptive refresh tolerance in [0, 1] of eigendecomposed / eigenvalue-corrected (a refresh "
+                   help="adaptive refresh tolerance in [0, 1] of eigendecomposed(-kl) / eigenvalue-corrected (a refresh "
                         "keeps a basis that still diagonalises its factor; 0: always refresh); default: %(default)s")
     p.add_argument("--refresh-skip-rate", type=float, default=None,
                    help="measured fraction of refreshes the tolerance skips (RefreshCounts.skip_rate of a similar "
@@ -159,8 +162,8 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> PlanSettings:
     factor_dtype = parse_dtype(args.factor_dtype, "--factor-dtype")
     if args.tolerance != 0 and args.preconditioner not in _ADAPTIVE_REFRESH:
-        raise ValueError(f"--tolerance {args.tolerance} needs --preconditioner eigendecomposed or "
-                         f"eigenvalue-corrected ({args.preconditioner} has no adaptive refresh).")
+        raise ValueError(f"--tolerance {args.tolerance} needs --preconditioner eigendecomposed, "
+                         f"eigendecomposed-kl or eigenvalue-corrected ({args.preconditioner} has no adaptive refresh).")
     try:
         pre = _PRECONDITIONERS[args.preconditioner](factor_dtype, args.tolerance)
     except ValueError as err:          # name the flag, not the config field

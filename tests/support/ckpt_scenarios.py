@@ -336,6 +336,10 @@ def scenario_two(rank: int, world: int, root: str, refs: dict[str, dict]) -> dic
     model, opt = build("fsdp", "eigendecomposed", (2,))
     feed(model, opt, 0, SAVE_AT)
     save_checkpoint(os.path.join(root, "EIG"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
+    # eigendecomposed KL-Shampoo (the KL update reads roots formed from the eigenpairs): resumed on 1
+    model, opt = build("fsdp", "eigendecomposed_kl", (2,))
+    feed(model, opt, 0, SAVE_AT)
+    save_checkpoint(os.path.join(root, "EIGKL"), SAVE_AT, model, opt, extra={"step": SAVE_AT})
     return out
 
 

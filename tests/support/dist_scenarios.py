@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.support.resident import grad_bytes, resident_buffer_bytes
-from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigendecomposedShampoo,
+from sharded_shampoo import (AdamGrafting, AdaGradGrafting, BlockingConfig, EigendecomposedKLShampoo,
+                             EigendecomposedShampoo,
                              EigenvalueCorrectedShampoo, EighRootConfig, GeneralizedPrimalAveraging, KLShampoo,
                              NewtonSchulz, PseudoInverse, RootInverseShampoo, ScheduleFree, ShardedShampoo, SignDescent,
                              SpectralDescent)
@@ -99,6 +100,8 @@ CONFIGS["sign"] = dict(lr=1e-3, betas=(0.9, 0.99), momentum=0.5, max_preconditio
 # Shampoo with a pseudo-inverse root (epsilon 0), trace scaling and drop_weighting_factor_on_gsquare
 CONFIGS["eigendecomposed"] = dict(CONFIGS["root_inverse"], beta3=0.95,
                                   preconditioner=EigendecomposedShampoo(tolerance=0.1))
+# eigendecomposed KL-Shampoo: the factor update forms the other dims' roots from the eigenpairs; with the tolerance
+CONFIGS["eigendecomposed_kl"] = dict(CONFIGS["root_inverse"], preconditioner=EigendecomposedKLShampoo(tolerance=0.1))
 CONFIGS["root_family_options"] = dict(CONFIGS["root_inverse"], epsilon=0.0, grafting=None, lr=0.01, preconditioner=(
     RootInverseShampoo(root=EighRootConfig(rank_handling=PseudoInverse(rank_rtol=1e-5)), trace_scaling_exponent=0.5,
                        drop_weighting_factor_on_gsquare=True)))

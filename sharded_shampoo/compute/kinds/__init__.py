@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .eigendecomposed import EigendecomposedKind
+from .eigendecomposed_kl import EigendecomposedKLKind
 from .eigenvalue_corrected import EigenvalueCorrectedKind
 from .kl_shampoo import KLShampooKind
 from .protocol import PreconditionerKind
@@ -20,7 +21,8 @@ from .spectral import SpectralDescentKind
 
 #: Every kind, one per config class.
 KINDS: tuple[type[PreconditionerKind], ...] = (RootInverseKind, EigenvalueCorrectedKind, KLShampooKind,
-                                               EigendecomposedKind, SpectralDescentKind, SignDescentKind)
+                                               EigendecomposedKind, EigendecomposedKLKind, SpectralDescentKind,
+                                               SignDescentKind)
 
 _BY_CONFIG = {k.config_type: k for k in KINDS}
 
