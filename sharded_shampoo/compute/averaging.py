@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._torch_compat import foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul_
+from .._torch_compat import foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul, foreach_mul_
 from ..averaging_config import WeightDecayType
 
 _WIDE = (torch.float32, torch.float64)
@@ -74,41 +74,62 @@ def _write_back(targets: Sequence[torch.Tensor], wide: Sequence[torch.Tensor]) -
         foreach_copy_([t for t, _ in pairs], [w for _, w in pairs])
 
 
+def _masked(value: float, masks: Optional[list[torch.Tensor]], off: float) -> float | list[torch.Tensor]:
+    """``value`` where a piece steps and ``off`` where it does not (masks: bool 0-d device tensors)."""
+    if masks is None:
+        return value
+    return [torch.where(m, torch.full((), value, dtype=torch.float64, device=m.device), off) for m in masks]
+
+
 def apply_update_(params: list[torch.Tensor], dirs: list[torch.Tensor], buffers: list[torch.Tensor],
-                  rule: UpdateRule) -> None:
-    """Move ``params`` by ``dirs`` under ``rule``; ``buffers``: momentum or ``z`` views (else empty)."""
+                  rule: UpdateRule, masks: Optional[list[torch.Tensor]] = None) -> None:
+    """Move ``params`` by ``dirs`` under ``rule``; ``buffers``: momentum or ``z`` views (else empty).
+
+    ``masks``: per piece a bool 0-d device tensor, False where the parameter must stay bit-identical
+    (its direction is zero, the bucket step made it so): weight decay, momentum decay and the
+    averaging's interpolation are multiplied away there, never decided on the host. Every masked
+    coefficient is ``torch.where(mask, value, neutral)``, so a stepping piece sees exactly ``value``.
+    """
     dirs = [_widened(d) for d in dirs]
     if rule.averaging is not None:
-        primal_averaging_(params, dirs, buffers, rule.lr, rule.decay_alpha, rule.averaging)
+        primal_averaging_(params, dirs, buffers, rule.lr, rule.decay_alpha, rule.averaging, masks)
         return
     if rule.decay_alpha != 0:
         foreach_add_(dirs, params, alpha=rule.decay_alpha)
+        if masks is not None:
+            foreach_mul_(dirs, masks)
     if rule.momentum > 0:
-        dirs = classic_momentum_(dirs, buffers, rule.momentum, rule.dampening, rule.nesterov)
+        dirs = classic_momentum_(dirs, buffers, rule.momentum, rule.dampening, rule.nesterov, masks)
     foreach_add_(params, dirs, alpha=-rule.lr)
 
 
 def classic_momentum_(dirs: list[torch.Tensor], buffers: list[torch.Tensor], momentum: float, dampening: float,
-                      nesterov: bool) -> list[torch.Tensor]:
-    """Update the momentum ``buffers`` from ``dirs``; the directions the step uses (as the reference)."""
-    foreach_mul_(buffers, momentum)
+                      nesterov: bool, masks: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """Update the momentum ``buffers`` from ``dirs``; the directions the step uses (as the reference).
+    ``masks``: see :func:`apply_update_` (a masked piece's buffer stays as it is, its direction zero)."""
+    foreach_mul_(buffers, _masked(momentum, masks, 1.0))
     foreach_add_(buffers, dirs, alpha=1.0 - dampening)
     if nesterov:        # P <- (1 - dampening) P + momentum B
         if dampening:
             foreach_mul_(dirs, 1.0 - dampening)
         foreach_add_(dirs, buffers, alpha=momentum)
+        if masks is not None:
+            foreach_mul_(dirs, masks)
         return dirs
-    return [_widened(b) for b in buffers]   # a bf16 buffer is widened for the step (see the module doc)
+    wide = [_widened(b) for b in buffers]   # a bf16 buffer is widened for the step (see the module doc)
+    return wide if masks is None else list(foreach_mul(wide, masks))
 
 
 def primal_averaging_(params: list[torch.Tensor], dirs: list[torch.Tensor], zs: list[torch.Tensor], lr: float,
-                      decay_alpha: float, step: PrimalAveragingStep) -> None:
-    """One GPA / Schedule-Free step of ``params`` (the training sequence y) and ``zs``."""
+                      decay_alpha: float, step: PrimalAveragingStep,
+                      masks: Optional[list[torch.Tensor]] = None) -> None:
+    """One GPA / Schedule-Free step of ``params`` (the training sequence y) and ``zs``; ``masks``: see
+    :func:`apply_update_` (a masked piece's ``z`` and parameter stay as they are)."""
     wide_p = [_widened(p) for p in params]
     wide_z = [_widened(z) for z in zs]
     if decay_alpha != 0:
-        foreach_mul_(wide_z, 1.0 - lr * decay_alpha)
-    foreach_lerp_(wide_p, wide_z, 1.0 - step.mu_x)
+        foreach_mul_(wide_z, _masked(1.0 - lr * decay_alpha, masks, 1.0))
+    foreach_lerp_(wide_p, wide_z, _masked(1.0 - step.mu_x, masks, 0.0))
     foreach_add_(wide_p, dirs, alpha=-lr * (1.0 - step.mu_x * step.mu_y))
     foreach_add_(wide_z, dirs, alpha=-lr)
     _write_back(params, wide_p)
