@@ -152,6 +152,13 @@ def _param_list_edits(rank: int, params: dict[str, torch.nn.Parameter],
         _step(opt)
     out["edit_every_rank"] = _outcome(unchanged(remove_everywhere))
 
+    def partial_gradients() -> None:
+        _grads(params, 8)
+        if rank == 1:
+            params["b"].grad = None
+        _step(opt)
+    out["partial_gradients"] = _outcome(unchanged(partial_gradients))
+
     sd = opt.state_dict()
 
     def load_after_edit_on_rank1() -> None:
