@@ -164,8 +164,9 @@ class ShardedShampoo(Optimizer):
                                              self.nonfinite_grads != NonFinitePolicy.IGNORE, float64_state, device)
         self.flag_layout = FlagLayout(len(self.runtime.trainable), comm.world_size)
         self._mirror = HostMirror(device)
-        self._fallback_plan = [self._group_step(g, self.root_schedule.decide(gi, g), update_rule(g)[0])
-                               for gi, g in enumerate(self.param_groups)]
+        # what a rank whose local checks failed runs (all masked, no refresh): its own settings may be unusable
+        self._fallback_plan = [self._group_step(g, Decision(amortized=False, precondition=False, roots_computed=False),
+                                                update_rule(g)[0]) for g in self.param_groups]
         self.state.clear()
         self.state.update(self.runtime.state_entries())
 

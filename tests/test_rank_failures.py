@@ -45,3 +45,6 @@ def test_local_failures_become_errors_on_every_rank_quickly():
     # skipping is agreed too, and the optimizer keeps working after every agreed failure
     assert r0["nan_skip"][0] == r1["nan_skip"][0] == "ok"
     assert r0["still_works"][0] == r1["still_works"][0] == "ok", (r0["still_works"], r1["still_works"])
+    # a local failure on a step the others refresh roots in: no hang, the failing rank's cause, the others' report
+    assert r1["wrong_size_at_refresh"][0] == "ValueError" and r0["wrong_size_at_refresh"][0] == "RankFailureError"
+    assert max(r0["wrong_size_at_refresh"][2], r1["wrong_size_at_refresh"][2]) < FAST

@@ -108,6 +108,13 @@ def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, 
         _grads(params, 5)
         _step(opt)
     out["still_works"] = _outcome(still_works)
+
+    def wrong_size_at_refresh() -> None:     # step 2 == start_preconditioning_step: the others refresh roots
+        _grads(params, 9)
+        if rank == 1:
+            params["w"].grad.data = torch.zeros(7, 4)
+        _step(opt)
+    out["wrong_size_at_refresh"] = _outcome(wrong_size_at_refresh)
     out["_types"] = (RankFailureError.__name__, NonFiniteGradientError.__name__, 0.0)
     return out
 
