@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .._torch_compat import foreach_add, foreach_copy_
-from ..compute.averaging import UpdateRule, apply_update_
+from ..compute.averaging import PieceMask, UpdateRule, apply_update_
 from ..compute.preconditioner import BucketHyperparams, BucketStep
 from .gradients import widened
 from ..profiling import APPLY, GATHER, SCATTER, phase
@@ -213,8 +213,8 @@ class StepExecutor:
             buffers = [rec.view(_shard_buffer(rec.momentum if rule.averaging is None else rec.z, rule), p.box)
                        for rec, (p, _) in zip(recs, items)] if rule.momentum > 0 or rule.averaging else []
             # directions are this executor's buffers (stacks or the receive buffers): safe to edit
-            masks = [active[p.param_index] for p, _ in items]
-            apply_update_(p_views, [u for _, u in items], buffers, rule, masks)
+            mask = PieceMask(active, [p.param_index for p, _ in items])
+            apply_update_(p_views, [u for _, u in items], buffers, rule, mask)
 
 
 def _shard_buffer(buffer: Optional[torch.Tensor], rule: UpdateRule) -> torch.Tensor:
