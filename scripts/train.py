@@ -231,6 +231,9 @@ def train(args: argparse.Namespace) -> list[float]:
             (bar.write if bar is not None else print)(msg)
         if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             handle = save_step(args, step + 1, model, opt)
+    check = getattr(opt, "check", None)
+    if check is not None:
+        check()         # the last step's outcome: ShardedShampoo reports a step's error one step late
     if handle is not None:
         handle.wait()   # an async save publishes its checkpoint ('latest') here
     if bar is not None:

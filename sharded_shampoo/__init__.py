@@ -8,6 +8,7 @@ from .config import (AdaGradGrafting, AdamGrafting, BlockingConfig, CoupledNewto
 from .planning.layout import Layout, MeshSpec, ParamSpec, SubMesh
 from .optimizer import NonFiniteGradientError, ShardedShampoo
 from .runtime.agreement import RankFailureError
+from .runtime.policy import PartialGradientsError, StepOutcome
 from .compute.preconditioner import RootFailureError
 from .compute.kinds.kl_shampoo import KLShampoo
 from .compute.packing import pack as pack_symmetric, unpack as unpack_symmetric
@@ -23,10 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaGradGrafting", "AdamGrafting", "Block", "BlockingConfig", "ClassicMomentum", "CoupledNewtonConfig",
     "EigenvalueCorrectedShampoo", "EighRootConfig", "ElementwiseMode", "GeneralizedPrimalAveraging", "KLShampoo",
-    "Layout",
-    "MeshSpec", "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "QREigenbasisConfig", "RMSpropGrafting",
+    "Layout", "MeshSpec", "NonFiniteGradientError", "NonFinitePolicy", "ParamSpec", "PartialGradientsError",
+    "QREigenbasisConfig", "RMSpropGrafting",
     "RankFailureError", "RootFailureError", "ScheduleFree", "WarmStartRootConfig", "WeightDecayType",
-    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "SubMesh", "pack_symmetric", "plan_blocks",
+    "RootInverseShampoo", "SGDGrafting", "ShardedShampoo", "StepOutcome", "SubMesh", "pack_symmetric", "plan_blocks",
     "unpack_symmetric", "__version__",
     "NewtonSchulz", "SVD", "SignDescent", "SpectralDescent", "register_scale_by_dims_fn", "register_sign_scale_fn",
     "EigendecomposedShampoo", "EigendecomposedKLShampoo", "PseudoInverse",

@@ -30,19 +30,22 @@ from .param_groups import (BOOKKEEPING_KEYS, check_comm_dtype, check_overlap_chu
 from .planning.plan import make_plan
 from .planning.experts import with_expert_blocks
 from .root_schedule import Decision, RootSchedule
-from .runtime.agreement import Agreement, RankFailureError, gradient_flags, stable_digest
+from .profiling import AGREE, phase
+from .runtime.agreement import Agreement, FlagsAgreement, stable_digest
 from .runtime.averaging import IterateAveraging, primal_averaging_of, update_rule
+from .runtime.deferred import PendingStep
 from .runtime.executor import GroupStep, StepExecutor
-from .runtime.gradients import gradient_summary, local_gradients
+from .runtime.flags import FlagLayout
+from .runtime.gradients import GradientSummarizer, GradientSummary, local_gradients
+from .runtime.host_transfer import HostMirror, to_device
+from .runtime.policy import NonFiniteGradientError, StepDecision, StepOutcome, device_masks
 from .runtime.placements import local_tensor, resolve_mesh
 from .runtime.records import CommContext, RankRuntime, build_runtime, param_records
 from .runtime.routing import block_waves
 from .runtime.state_io import StateIO
 from .update_options import LR_SUM_KEY, resolve_group, resolve_weight_decay_type
 
-
-class NonFiniteGradientError(RuntimeError):
-    """A gradient contained NaN/Inf or overflowed and ``nonfinite_grads='raise'``."""
+__all__ = ["NonFiniteGradientError", "ShardedShampoo"]
 
 
 class ShardedShampoo(Optimizer):
@@ -100,8 +103,10 @@ class ShardedShampoo(Optimizer):
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
-        self.last_step_was_init = False
-        self.last_step_skipped = False
+        self._last_decision: Optional[StepDecision] = None
+        self._pending: Optional[PendingStep] = None
+        self._deferred_error: Optional[Exception] = None
+        self._steps_called = 0
         self._build(mesh)
 
     # ------------------------------------------------------------------ construction
@@ -165,8 +170,15 @@ class ShardedShampoo(Optimizer):
         self.membership = GroupMembership(self.param_groups)
         self.root_schedule = RootSchedule(self.param_groups)
         # parameters whose statistics are float64 (structural, so fixed): their overflow limit is wider
-        self._float64_state = {cast(int, rec.plan_index) for rec in self.runtime.trainable
-                               if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
+        float64_state = {cast(int, rec.plan_index) for rec in self.runtime.trainable
+                         if self.param_groups[rec.group]["preconditioner"].factor_dtype == torch.float64}
+        self.summarizer = GradientSummarizer(len(self.runtime.trainable),
+                                             self.nonfinite_grads != NonFinitePolicy.IGNORE, float64_state, device)
+        self.flag_layout = FlagLayout(len(self.runtime.trainable), comm.world_size)
+        self._mirror = HostMirror(device)
+        # what a rank whose local checks failed runs (all masked, no refresh): its own settings may be unusable
+        self._fallback_plan = [self._group_step(g, Decision(amortized=False, precondition=False, roots_computed=False),
+                                                update_rule(g)[0]) for g in self.param_groups]
         self.state.clear()
         self.state.update(self.runtime.state_entries())
 
@@ -193,82 +205,118 @@ class ShardedShampoo(Optimizer):
                                  "may change.")
             validate_group(group)
 
-    def _local_phase(self) -> tuple[Optional[Exception], dict[int, torch.Tensor], Optional[dict[str, torch.Tensor]]]:
-        """Everything this rank checks alone; a failure is reported, not raised, so all ranks agree first."""
+    def _local_phase(self) -> tuple[Optional[Exception], dict[int, torch.Tensor], Optional[GradientSummary], int]:
+        """Everything this rank checks alone; a failure is reported, not raised, so all ranks agree first.
+
+        Returns the failure, the local gradients, their device summary and the settings digest."""
         try:
             self.averaging.check_train_mode(self.param_groups)
             self._check_groups()
             grads = local_gradients(self.runtime)
-            summary = gradient_summary(grads, len(self.runtime.trainable),
-                                       self.nonfinite_grads != NonFinitePolicy.IGNORE, self._float64_state)
-            return None, grads, summary
+            digest = stable_digest([_settings_of(g, dynamic=True) for g in self.param_groups])
+            return None, grads, self.summarizer(grads), digest
         except Exception as err:  # noqa: BLE001 - re-raised after the agreement, on every rank
-            return err, {}, None
+            return err, {}, None, 0
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """One step; see docs/user_guide.md ("When errors are reported") for what raises where.
+
+        A steady step reads no device value on the host: the outcome (applied, skipped, init step,
+        an error) is decided on the device and read at the next host-visible point (the next
+        ``step()``, ``state_dict()``, ``load_state_dict()``, a checkpoint save or :meth:`check`). A
+        step that refreshes roots reads it at once (it reads root failures on the host anyway)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_step_was_init = False
-        error, grads, summary = self._local_phase()
-        flags = gradient_flags(self.runtime.comm, len(self.runtime.trainable), summary, error is not None,
-                               stable_digest([_settings_of(g, dynamic=True) for g in self.param_groups]))
-        active = self._decide(error, flags)
-        self.last_step_skipped = not active   # skip policy, init step, or no gradient on any parameter
-        if not active:
-            return loss
+        self.check()
+        comm = self.runtime.comm
+        with phase(AGREE):
+            error, grads, summary, digest = self._local_phase()
+            if error is not None and comm.world_size == 1:
+                raise error                # one process: nothing to stay in step with
+            present = summary.present if summary is not None else (False,) * self.flag_layout.params
+            head = to_device(self.flag_layout.host_part(present, error is not None, comm.rank, digest),
+                             torch.float64, comm.device)
+            rows = summary.rows if summary is not None else self.summarizer.empty
+            agreed = FlagsAgreement(comm, torch.cat([head, rows]))
+            plan, rules, decisions = self._schedule(error)
+            all_lr_zero = error is None and all(_lr_is_zero(g["lr"]) for g in self.param_groups)
+            active = device_masks(agreed.wait(), self.flag_layout, self.nonfinite_grads, all_lr_zero)
         for rec in self.runtime.trainable:   # zero stand-ins keep message sizes static
             if rec.plan_index not in grads:
                 grads[cast(int, rec.plan_index)] = torch.zeros_like(rec.local())
-        decisions = [self.root_schedule.decide(gi, g) for gi, g in enumerate(self.param_groups)]
-        rules = [update_rule(g) for g in self.param_groups]
-        plan = [self._group_step(g, d, rule) for g, d, (rule, _) in zip(self.param_groups, decisions, rules)]
-        self.averaging.start_z(self.param_groups)
+        if error is None:
+            self.averaging.start_z(self.param_groups)
         self.executor.step(grads, active, plan)
-        for gi, (group, decision, (_, lr_sum)) in enumerate(zip(self.param_groups, decisions, rules)):
-            group["step"] += 1
-            if lr_sum is not None:
-                group[LR_SUM_KEY] = lr_sum
-            self.root_schedule.stepped(gi, group["step"], decision)
+        self._steps_called += 1
+        self._mirror.capture(agreed.wait())
+        self._pending = PendingStep(self._steps_called, self.flag_layout, self._mirror, self.nonfinite_grads,
+                                    all_lr_zero, PendingStep.counters(self.param_groups, self.root_schedule,
+                                                                      LR_SUM_KEY), error)
+        if error is None:          # as if applied; the next host-visible point undoes a step that was not
+            for gi, (group, decision, (_, lr_sum)) in enumerate(zip(self.param_groups, decisions, rules)):
+                group["step"] += 1
+                if lr_sum is not None:
+                    group[LR_SUM_KEY] = lr_sum
+                self.root_schedule.stepped(gi, group["step"], decision)
         if any(g.amortized for g in plan):
+            self.check()           # a refresh step reads the host: its outcome at once
             self._raise_on_exhausted_roots()
         return loss
 
-    def _decide(self, error: Optional[Exception], flags: Any) -> set[int]:
-        """The agreed policy: raise, skip (empty set), the init step (empty set) or the active parameters."""
-        names = [rec.name for rec in self.runtime.trainable]
+    def _schedule(self, error: Optional[Exception]) -> tuple[list[GroupStep], list[Any], list[Decision]]:
+        """Each group's step (what the executor runs), update rule and root decision. A rank whose local
+        checks failed runs the construction-time plan (all masked): its settings may be unusable."""
+        if error is not None:
+            return self._fallback_plan, [], []
+        decisions = [self.root_schedule.decide(gi, g) for gi, g in enumerate(self.param_groups)]
+        rules = [update_rule(g) for g in self.param_groups]
+        plan = [self._group_step(g, d, rule) for g, d, (rule, _) in zip(self.param_groups, decisions, rules)]
+        return plan, rules, decisions
+
+    # ------------------------------------------------------------------ the host-visible point
+
+    def _resolve(self) -> None:
+        """Read the last step's outcome from host memory: fix the counters, keep its error for :meth:`check`."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        decision, error = pending.resolve(self.param_groups, self.root_schedule, LR_SUM_KEY,
+                                          [rec.name for rec in self.runtime.trainable])
+        self._last_decision = decision
+        if error is not None:
+            self._deferred_error = error
+
+    def check(self) -> None:
+        """Raise the error of the last step, if it had one (on every rank, the same call).
+
+        ``step()``, ``state_dict()``, ``load_state_dict()`` and checkpoint saves call it first; call it
+        yourself to learn a step's outcome without taking another step. Reads host memory only (the
+        flags were copied there asynchronously at the end of the step): not a device synchronisation
+        beyond waiting for that copy."""
+        self._resolve()
+        error, self._deferred_error = self._deferred_error, None
         if error is not None:
             raise error
-        if flags.failed_ranks:
-            raise RankFailureError(f"the step failed its local checks on rank(s) {flags.failed_ranks} (see the error "
-                                   "raised there); nothing was updated on any rank.")
-        if not flags.settings_agree:
-            raise ValueError("the param-group hyperparameters (lr, betas, epsilon, weight_decay, momentum, "
-                             "precondition_frequency, ...) or step counts differ between ranks; set them the same "
-                             "way on every rank. Nothing was updated.")
-        world = self.runtime.comm.world_size
-        partial = [n for n, h in zip(names, flags.holders) if 0 < h < world]
-        if partial:
-            raise RuntimeError(f"parameters {partial} have a gradient on some ranks but not on others; every rank "
-                               "must produce the same set of gradients.")
-        bad = [n for n, a, b in zip(names, flags.nonfinite, flags.overflow) if a or b]
-        if bad:
-            if self.nonfinite_grads == NonFinitePolicy.RAISE:
-                over = [n for n, b in zip(names, flags.overflow) if b]
-                raise NonFiniteGradientError(
-                    f"non-finite gradient in parameters {bad}"
-                    + (f" ({over} overflow: finite entries whose squared norm is not representable, so the "
-                       "statistics would become inf)" if over else " (NaN/Inf)")
-                    + "; nothing was updated. Pass nonfinite_grads='skip' to skip such steps instead.")
-            return set()
-        if all(float(g["lr"]) == 0 for g in self.param_groups) and not any(flags.nonzero):
-            # the state-initialisation step (zero lr, zero grads, as torch's get_state_dict and
-            # torchtitan issue it): state already exists, so it must change nothing
-            self.last_step_was_init = True
-            return set()
-        return {k for k, h in enumerate(flags.holders) if h == world}
+
+    @property
+    def last_step_outcome(self) -> Optional[StepOutcome]:
+        """What the last step did (None before the first); reading it resolves the last step (see :meth:`check`)."""
+        self._resolve()
+        return None if self._last_decision is None else self._last_decision.outcome
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """The last step changed nothing (skip policy, an error, the init step, or no gradients)."""
+        outcome = self.last_step_outcome
+        return outcome is not None and outcome != StepOutcome.APPLIED
+
+    @property
+    def last_step_was_init(self) -> bool:
+        """The last step was the zero-lr, zero-gradient state-initialisation step (it changed nothing)."""
+        return self.last_step_outcome == StepOutcome.INIT_STEP
 
     @staticmethod
     def _group_step(group: dict[str, Any], decision: Decision, rule: UpdateRule) -> GroupStep:
@@ -320,8 +368,10 @@ class ShardedShampoo(Optimizer):
         """torch's protocol: the pre-hooks, the dict, then each post-hook (a returned dict replaces it).
 
         Local to this rank (no collective: it may be called on one rank only), so an edited param
-        list raises here on the ranks that edited it.
+        list raises here on the ranks that edited it. A host-visible point: raises the last step's
+        deferred error first (:meth:`check`).
         """
+        self.check()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         self.membership.check(self.param_groups)
@@ -343,6 +393,7 @@ class ShardedShampoo(Optimizer):
         what is loaded (a pre-hook that raises fails the load on every rank, like a bad dict); the
         post-hooks run after a successful load.
         """
+        self.check()
         error: Optional[Exception] = None
         staged = None
         try:
@@ -369,6 +420,11 @@ class ShardedShampoo(Optimizer):
             if returned is not None:
                 state_dict = returned
         return state_dict
+
+
+def _lr_is_zero(lr: Any) -> bool:
+    """A group's lr is 0 (a tensor lr is read on the host here: see docs/user_guide.md)."""
+    return float(lr) == 0
 
 
 def _hyperparams(group: dict[str, Any]) -> BucketHyperparams:

@@ -15,8 +15,8 @@ CONFIG = ("config", "averaging_config", "shampoo_options", "checks")
 ALLOWED = {
     # compute.kinds: each preconditioner kind describes its state fields and costs once, for the bucket and the planner
     "planning": (*CONFIG, "_torch_compat", "compute.kinds"),
-    "compute": (*CONFIG, "planning.blocking", "_torch_compat"),
-    "runtime": ("planning", "compute", *CONFIG, "param_groups", "update_options", "_torch_compat"),
+    "compute": (*CONFIG, "planning.blocking", "_torch_compat", "profiling"),
+    "runtime": ("planning", "compute", *CONFIG, "param_groups", "update_options", "_torch_compat", "profiling"),
     # compute.kinds: the config classes of the kinds the CLI can name (--preconditioner) live beside their kind
     "dryrun": ("planning", "runtime.placements", *CONFIG, "_torch_compat", "compute.kinds"),
     "checkpointing": ("", *CONFIG, "_torch_compat",         # "": the public API, ``from sharded_shampoo import``
@@ -26,6 +26,8 @@ ALLOWED = {
     "update_options": CONFIG, "param_groups": (*CONFIG, "update_options"),
     # the optimizer's own policy helpers (group membership, root schedule): plain Python, no library imports
     "membership": (), "root_schedule": (),
+    # the named profiler ranges of a step's phases (used by compute/ and runtime/)
+    "profiling": ("_torch_compat",),
 }
 #: nothing in the library may import these (the outer stages)
 OUTERMOST = ("integrations", "checkpointing", "dryrun")

@@ -3,14 +3,10 @@ nothing, bit for bit, whatever their gradient rows hold; active blocks step as i
 
 from __future__ import annotations
 
-import sys
-from collections import Counter
-from contextlib import contextmanager
-from typing import Iterator
-
 import pytest
 import torch
 
+from tests.support.host_reads import count_host_reads
 from tests.support.numerics import max_rel_diff
 from sharded_shampoo import KLShampoo
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
@@ -86,43 +82,13 @@ def _grads(seed: int) -> torch.Tensor:
     return torch.randn(B, *SHAPE, generator=g) * torch.logspace(-1, 1, B).view(B, 1, 1)
 
 
-#: Tensor methods that read a value on the host (a device sync on accelerators).
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero")
-
-
-@contextmanager
-def host_reads_from_compute() -> Iterator[Counter]:
-    """Count calls of :data:`HOST_READS` made while a frame of ``sharded_shampoo/compute`` is on the stack."""
-    counts: Counter = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(name: str, fn):
-        def wrapper(self, *args, **kwargs):
-            frame = sys._getframe(1)
-            while frame is not None:
-                if "sharded_shampoo/compute" in frame.f_code.co_filename.replace("\\", "/"):
-                    counts[f"{name} from {frame.f_code.co_name}"] += 1
-                    break
-                frame = frame.f_back
-            return fn(self, *args, **kwargs)
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(name, fn))
-    try:
-        yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_plain_step_reads_nothing_on_the_host(name):
     bucket, hp = _bucket(name)
     gen = torch.Generator().manual_seed(1)
     # a refresh first (it may read the host), so the plain steps precondition with real roots
     bucket.step_blocks(_grads(0), BucketStep(hp, amortized=True, precondition=True))
-    with host_reads_from_compute() as counts:
+    with count_host_reads() as counts:
         for t in range(1, 4):
             active = torch.rand(B, generator=gen) < 0.6
             bucket.step_blocks(_grads(t), BucketStep(hp, amortized=False, precondition=True, active=active))

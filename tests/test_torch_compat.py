@@ -26,13 +26,16 @@ def test_every_private_name_exists() -> None:
     assert callable(DeviceMesh._flatten) and callable(DeviceMesh._unflatten)
     assert isinstance(compat.fake_store(), torch.distributed.Store)
     assert "fake" in torch.distributed.Backend.backend_list   # registered by the store's module
-    for op in (compat.foreach_add, compat.foreach_add_, compat.foreach_mul_, compat.foreach_copy_, compat.foreach_lerp_,
+    for op in (compat.foreach_add, compat.foreach_add_, compat.foreach_mul, compat.foreach_mul_, compat.foreach_copy_, compat.foreach_lerp_,
                compat.foreach_norm):
         assert callable(op)
     assert callable(getattr(FileSystemReader, compat.DCP_ITEM_READ_HOOK)) and callable(compat.dcp_set_element)
     assert compat.DCP_ITEM_READ_HOOK in vars(VerifyingReader), "the verifying reader no longer overrides DCP's hook"
     assert "linewidth" in vars(compat.print_options())
     assert importlib.import_module(compat.DYNAMO_MODULE).__name__ == compat.DYNAMO_MODULE
+    assert compat.profiler_enabled() is False
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert compat.profiler_enabled() is True
 
 
 def test_foreach_ops_compute_what_their_names_say() -> None:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .._torch_compat import foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul_
+from .._torch_compat import foreach_add_, foreach_copy_, foreach_lerp_, foreach_mul, foreach_mul_
 from ..averaging_config import WeightDecayType
 
 _WIDE = (torch.float32, torch.float64)
@@ -74,41 +74,78 @@ def _write_back(targets: Sequence[torch.Tensor], wide: Sequence[torch.Tensor]) -
         foreach_copy_([t for t, _ in pairs], [w for _, w in pairs])
 
 
+@dataclass(frozen=True)
+class PieceMask:
+    """Which pieces of one update-stage call step: ``active`` (bool ``[P]`` on the device, by parameter)
+    and the parameter of each piece. Never read on the host."""
+
+    active: torch.Tensor
+    param_of_piece: list[int]
+
+    def flags(self) -> list[torch.Tensor]:
+        """Per piece a bool 0-d view of ``active`` (multiplying by it zeroes a piece that does not step)."""
+        return [self.active[k] for k in self.param_of_piece]
+
+    def where(self, value: float, off: float) -> list[torch.Tensor]:
+        """Per piece ``value`` where it steps, ``off`` where it does not: one float64 kernel for all pieces,
+        then views (a stepping piece sees exactly ``value``)."""
+        full = torch.where(self.active, torch.full((), value, dtype=torch.float64, device=self.active.device), off)
+        return [full[k] for k in self.param_of_piece]
+
+
+def _masked(value: float, mask: Optional[PieceMask], off: float) -> float | list[torch.Tensor]:
+    return value if mask is None else mask.where(value, off)
+
+
 def apply_update_(params: list[torch.Tensor], dirs: list[torch.Tensor], buffers: list[torch.Tensor],
-                  rule: UpdateRule) -> None:
-    """Move ``params`` by ``dirs`` under ``rule``; ``buffers``: momentum or ``z`` views (else empty)."""
+                  rule: UpdateRule, mask: Optional[PieceMask] = None) -> None:
+    """Move ``params`` by ``dirs`` under ``rule``; ``buffers``: momentum or ``z`` views (else empty).
+
+    ``mask``: which pieces step (:class:`PieceMask`); the others must stay bit-identical
+    (its direction is zero, the bucket step made it so): weight decay, momentum decay and the
+    averaging's interpolation are multiplied away there, never decided on the host. Every masked
+    coefficient is ``torch.where(mask, value, neutral)``, so a stepping piece sees exactly ``value``.
+    """
     dirs = [_widened(d) for d in dirs]
     if rule.averaging is not None:
-        primal_averaging_(params, dirs, buffers, rule.lr, rule.decay_alpha, rule.averaging)
+        primal_averaging_(params, dirs, buffers, rule.lr, rule.decay_alpha, rule.averaging, mask)
         return
     if rule.decay_alpha != 0:
         foreach_add_(dirs, params, alpha=rule.decay_alpha)
+        if mask is not None:
+            foreach_mul_(dirs, mask.flags())
     if rule.momentum > 0:
-        dirs = classic_momentum_(dirs, buffers, rule.momentum, rule.dampening, rule.nesterov)
+        dirs = classic_momentum_(dirs, buffers, rule.momentum, rule.dampening, rule.nesterov, mask)
     foreach_add_(params, dirs, alpha=-rule.lr)
 
 
 def classic_momentum_(dirs: list[torch.Tensor], buffers: list[torch.Tensor], momentum: float, dampening: float,
-                      nesterov: bool) -> list[torch.Tensor]:
-    """Update the momentum ``buffers`` from ``dirs``; the directions the step uses (as the reference)."""
-    foreach_mul_(buffers, momentum)
+                      nesterov: bool, mask: Optional[PieceMask] = None) -> list[torch.Tensor]:
+    """Update the momentum ``buffers`` from ``dirs``; the directions the step uses (as the reference).
+    ``mask``: see :func:`apply_update_` (a masked piece's buffer stays as it is, its direction zero)."""
+    foreach_mul_(buffers, _masked(momentum, mask, 1.0))
     foreach_add_(buffers, dirs, alpha=1.0 - dampening)
     if nesterov:        # P <- (1 - dampening) P + momentum B
         if dampening:
             foreach_mul_(dirs, 1.0 - dampening)
         foreach_add_(dirs, buffers, alpha=momentum)
+        if mask is not None:
+            foreach_mul_(dirs, mask.flags())
         return dirs
-    return [_widened(b) for b in buffers]   # a bf16 buffer is widened for the step (see the module doc)
+    wide = [_widened(b) for b in buffers]   # a bf16 buffer is widened for the step (see the module doc)
+    return wide if mask is None else list(foreach_mul(wide, mask.flags()))
 
 
 def primal_averaging_(params: list[torch.Tensor], dirs: list[torch.Tensor], zs: list[torch.Tensor], lr: float,
-                      decay_alpha: float, step: PrimalAveragingStep) -> None:
-    """One GPA / Schedule-Free step of ``params`` (the training sequence y) and ``zs``."""
+                      decay_alpha: float, step: PrimalAveragingStep,
+                      mask: Optional[PieceMask] = None) -> None:
+    """One GPA / Schedule-Free step of ``params`` (the training sequence y) and ``zs``; ``mask``: see
+    :func:`apply_update_` (a masked piece's ``z`` and parameter stay as they are)."""
     wide_p = [_widened(p) for p in params]
     wide_z = [_widened(z) for z in zs]
     if decay_alpha != 0:
-        foreach_mul_(wide_z, 1.0 - lr * decay_alpha)
-    foreach_lerp_(wide_p, wide_z, 1.0 - step.mu_x)
+        foreach_mul_(wide_z, _masked(1.0 - lr * decay_alpha, mask, 1.0))
+    foreach_lerp_(wide_p, wide_z, _masked(1.0 - step.mu_x, mask, 0.0))
     foreach_add_(wide_p, dirs, alpha=-lr * (1.0 - step.mu_x * step.mu_y))
     foreach_add_(wide_z, dirs, alpha=-lr)
     _write_back(params, wide_p)
@@ -135,5 +172,5 @@ def schedule_free_eval_coeff(lr: float, lr_sum: float, power: float) -> tuple[fl
     return (1.0 - weight / total if total > 0 else 1.0), total
 
 
-__all__ = ["PrimalAveragingStep", "UpdateRule", "apply_update_", "classic_momentum_", "interpolate_toward_z_",
+__all__ = ["PieceMask", "PrimalAveragingStep", "UpdateRule", "apply_update_", "classic_momentum_", "interpolate_toward_z_",
            "primal_averaging_", "schedule_free_eval_coeff", "weight_decay_alpha"]

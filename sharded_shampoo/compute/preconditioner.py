@@ -27,6 +27,7 @@ import torch
 from ..config import (STATEFUL_GRAFTING_TYPES, AdaGradGrafting, AdamGrafting, ElementwiseMode, GraftingConfig,
                       PreconditionerConfig)
 from ..planning.blocking import Block
+from ..profiling import FACTOR_UPDATE, GRAFT, PRECONDITION, REFRESH, phase
 from .elementwise import block_norms, moments_and_graft, rescale, update_moments_
 from .kinds import make_kind
 from .kinds.protocol import BucketHyperparams, BucketStep, StateField, StepContext, per_block
@@ -136,12 +137,15 @@ class BlockBucket:
         ctx = StepContext(step.hyperparams, step.amortized, active, self.step, self.dtype, self.workspace,
                           self.refresh_counts, self.salts)
         kind, state = self.kind, self.state
-        kind.update(state, G, ctx)
+        with phase(FACTOR_UPDATE):
+            kind.update(state, G, ctx)
         if step.amortized:
-            ok = kind.refresh(state, ctx)
-            if ok is not None:
-                self._count_failures(ok, active)
-        kind.after_refresh(state, G, ctx)
+            with phase(REFRESH):
+                ok = kind.refresh(state, ctx)
+                if ok is not None:
+                    self._count_failures(ok, active)
+        with phase(PRECONDITION):
+            kind.after_refresh(state, G, ctx)
         # without grafting there is no other direction: the kind's own is used from step 1, from its initial
         # state (as the reference does; e.g. SOAP is Adam in the standard basis until its first refresh)
         precondition = step.precondition or (self.config.grafting is None and not kind.starts_as_identity)
@@ -181,7 +185,8 @@ class BlockBucket:
         bc1 = None
         if Mstate is not None and hp.use_bias_correction:
             bc1 = per_block(_first_moment_correction(ctx), G.ndim)
-        graft, graft_norm = self._moments_and_graft(G, M, bc1, ctx, moments, direction=not preconditioned)
+        with phase(GRAFT):
+            graft, graft_norm = self._moments_and_graft(G, M, bc1, ctx, moments, direction=not preconditioned)
         if not preconditioned:
             assert graft is not None
             return graft
@@ -192,10 +197,12 @@ class BlockBucket:
             M, bc1 = torch.div(M, bc1, out=G), None      # a kind that normalises its input needs M_hat itself
             if ctx.active is not None:       # a block never stepped has bc1 = 0: no NaN into an SVD
                 M.masked_fill_(~per_block(ctx.active, M.ndim), 0)
-        P = self.kind.direction({**self.state, **moments}, M, ctx, out=G)
+        with phase(PRECONDITION):
+            P = self.kind.direction({**self.state, **moments}, M, ctx, out=G)
         if self.config.grafting is not None:
             assert graft_norm is not None            # computed whenever there is a grafting method
-            return rescale(P, graft_norm, out=G, compiled=hp.elementwise is ElementwiseMode.COMPILE)
+            with phase(GRAFT):
+                return rescale(P, graft_norm, out=G, compiled=hp.elementwise is ElementwiseMode.COMPILE)
         if bc1 is not None:
             return torch.div(P, bc1, out=G)
         return P if P.dtype == self.dtype else G.copy_(P)

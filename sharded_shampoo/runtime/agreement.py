@@ -3,11 +3,14 @@
 A rank that raises on its own (a wrong-size gradient, a bad learning rate set on that rank only,
 a config built differently) would leave the others waiting in the next collective until the
 process-group timeout. So every check runs locally first, and its outcome travels in one small
-collective *before* the first data collective of the step:
+collective *before* the first data collective of the step; during a step no rank raises before
+taking part in every collective of it (errors surface at the next host-visible point, see
+``policy.py``):
 
-* :func:`gradient_flags` -- the step's one all-reduce: per parameter has-gradient / NaN-Inf /
-  overflow / non-zero, which ranks failed a local check, and a digest of the step-varying
-  hyperparameters (sum and sum of squares: equal on all ranks iff the variance is zero);
+* :class:`FlagsAgreement` -- the step's one all-reduce, asynchronous, MAX over every rank's flags
+  vector (``flags.py``: per parameter has-gradient / NaN / not representable / non-zero, which ranks
+  failed a local check, a digest of the step-varying hyperparameters, each group's lr). Its result
+  feeds the step policy on the device (``policy.py``); the host reads it one step later;
 * :meth:`Agreement.same_everywhere` -- a fingerprint all-gather at construction and after every
   load, naming the first setting that differs between ranks;
 * :meth:`Agreement.outcome` -- after a local phase that may fail (loading a state dict), raise on
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -27,9 +29,6 @@ import torch.distributed as dist
 
 from .._torch_compat import all_gather_into
 from .records import CommContext
-
-#: Digests are taken modulo this, so sums of squares over thousands of ranks stay exact in float64.
-DIGEST_MODULUS = 1 << 20
 
 
 def stable_digest(obj: Any) -> int:
@@ -41,39 +40,25 @@ class RankFailureError(RuntimeError):
     """Another rank failed a local check; this rank stops too (the failing rank raised the cause)."""
 
 
-@dataclass(frozen=True)
-class GradientFlags:
-    """What all ranks agreed about one step's gradients (per trainable parameter, by plan index)."""
+class FlagsAgreement:
+    """The step's one all-reduce (MAX) of the flags vectors (``flags.py``), in flight.
 
-    holders: list[int]          # how many ranks have a gradient
-    nonfinite: list[bool]       # NaN/Inf on some rank
-    overflow: list[bool]        # finite entries but the squared norm overflows (the state would)
-    nonzero: list[bool]
-    failed_ranks: list[int]     # ranks whose local checks raised
-    settings_agree: bool        # every rank has the same step-varying hyperparameters
+    Issued asynchronously right after the local flags exist on the device; :meth:`wait` returns the
+    agreed vector. On NCCL ``wait`` only makes the current stream wait for the collective (no host
+    wait); on gloo/CPU it is a host wait on a CPU computation. One process: the local vector itself.
+    """
 
+    def __init__(self, comm: CommContext, local: torch.Tensor) -> None:
+        self.flags = local
+        self.work: Any = None
+        if comm.world_size > 1:
+            self.work = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=comm.group, async_op=True)
 
-def gradient_flags(comm: CommContext, P: int, local: Optional[dict[str, torch.Tensor]], failed: bool,
-                   settings_digest: int) -> GradientFlags:
-    """The step's one small all-reduce. ``local``: this rank's per-parameter 0/1 vectors
-    ``has``, ``nonfinite``, ``overflow``, ``nonzero`` (float64, length ``P``); None when it failed."""
-    W = comm.world_size
-    flags = torch.zeros(4 * P + W + 2, dtype=torch.float64)
-    if local is not None:
-        for i, key in enumerate(("has", "nonfinite", "overflow", "nonzero")):
-            flags[i * P:(i + 1) * P] = local[key].cpu()
-    if failed:
-        flags[4 * P + comm.rank] = 1.0
-    d = float(settings_digest % DIGEST_MODULUS)
-    flags[4 * P + W:] = torch.tensor([d, d * d], dtype=torch.float64)
-    if W > 1:
-        flags = flags.to(comm.device)
-        dist.all_reduce(flags, group=comm.group)
-    v = flags.cpu().tolist()
-    s, sq = v[4 * P + W], v[4 * P + W + 1]
-    return GradientFlags(holders=[int(x) for x in v[:P]], nonfinite=[x > 0 for x in v[P:2 * P]],
-                         overflow=[x > 0 for x in v[2 * P:3 * P]], nonzero=[x > 0 for x in v[3 * P:4 * P]],
-                         failed_ranks=[r for r in range(W) if v[4 * P + r] > 0], settings_agree=W * sq == s * s)
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.flags
 
 
 class Agreement:

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
 
 from .._torch_compat import foreach_add, foreach_copy_
-from ..compute.averaging import UpdateRule, apply_update_
+from ..compute.averaging import PieceMask, UpdateRule, apply_update_
 from ..compute.preconditioner import BucketHyperparams, BucketStep
 from .gradients import widened
+from ..profiling import APPLY, GATHER, SCATTER, phase
 from .records import RankRuntime
 from .routing import Piece, RankSchedule, split_waves
 
@@ -83,70 +84,75 @@ class StepExecutor:
         self.rt = runtime
         waves = runtime.waves
         chunks = max(waves, default=0) + 1
+        c = runtime.comm
         self.waves: list[_Wave] = []
         for w, sched in enumerate(split_waves(runtime.schedule, waves, chunks)):
             buckets = [bi for bi, members in enumerate(runtime.bucket_members) if waves[members[0].index] == w]
             self.waves.append(_Wave(_Exchange.of(sched.grad_send, sched.grad_recv),
                                     _Exchange.of(sched.update_send, sched.update_recv), buckets))
+        # per bucket, the plan index of each member block's parameter: selects the bucket's rows of the step's mask
+        self._member_index = [torch.tensor([cast(int, rec.param.plan_index) for rec in members], dtype=torch.int64,
+                                           device=c.device) for members in runtime.bucket_members]
         #: seconds this rank waited for communication in the last step (CPU/gloo: the exposed
         #: communication time; on CUDA ``wait`` only orders streams, so profile there instead)
         self.last_exposed_comm_seconds = 0.0
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
+    def step(self, grads: dict[int, torch.Tensor], active: torch.Tensor, groups: list[GroupStep]) -> None:
         """One step. ``grads``: local gradient of every trainable parameter by plan index (zeros where a
-        parameter has none: message sizes stay static); ``active``: plan indices that have a gradient.
+        parameter has none: message sizes stay static); ``active``: bool ``[P]`` on the device, the
+        parameters that step (the policy's mask, never read on the host: the others stay bit-identical).
 
         The stacks and the communication buffers live for this step only, and the runtime frees its
         scratch at the end (``RankRuntime.end_of_step``): between steps the optimizer holds its state
         and, unless ``release_buffers_between_steps``, the packing indices and salts (the planner's
-        ``resident_buffer_bytes``)."""
+        ``resident_buffer_bytes``). Allocating them reads nothing on the host."""
         try:
             self._step(grads, active, groups)
         finally:
             self.rt.end_of_step()
 
-    def _step(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
+    def _step(self, grads: dict[int, torch.Tensor], active: torch.Tensor, groups: list[GroupStep]) -> None:
         self.last_exposed_comm_seconds = 0.0
-        self._fold_l2(grads, active, groups)
         rt = self.rt
-        # an entry is replaced where a bucket returns a new direction tensor
-        stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
-        inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send])
-                    for w in self.waves]
-        self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
-                   [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
-        everything = len(active) == len(rt.trainable)
+        with phase(GATHER):
+            self._fold_l2(grads, groups)
+            # this step's stacks; an entry is replaced where a bucket returns a new direction tensor
+            stacks = [torch.empty(len(b.blocks), *b.shape, dtype=b.dtype, device=rt.comm.device) for b in rt.buckets]
+            inflight = [self._start(w.gather, [rt.piece_view(grads, p) for p in w.gather.send]) for w in self.waves]
+            self._copy([rt.block_view(stacks, p) for p in rt.schedule.grad_local],
+                       [rt.piece_view(grads, p) for p in rt.schedule.grad_local])
         updates = []
         for wave, work in zip(self.waves, inflight):
-            recv = self._finish(work)
-            self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
+            with phase(GATHER):
+                recv = self._finish(work)
+                self._copy([rt.block_view(stacks, p) for p in wave.gather.recv], self._views(recv, wave.gather.recv))
             for bi in wave.buckets:
-                stacks[bi] = self._bucket_step(bi, stacks[bi], active, everything, groups)
-            updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send]))
-        self._apply([(p, rt.block_view(stacks, p)) for p in rt.schedule.update_local if p.param_index in active],
-                    groups)
+                stacks[bi] = self._bucket_step(bi, stacks[bi], active, groups)
+            with phase(SCATTER):
+                updates.append(self._start(wave.update, [rt.block_view(stacks, p) for p in wave.update.send]))
+        with phase(APPLY):
+            self._apply([(p, rt.block_view(stacks, p)) for p in rt.schedule.update_local], active, groups)
         for wave, work in zip(self.waves, updates):
-            recv = self._finish(work)
-            self._apply([(p, u) for p, u in zip(wave.update.recv, self._views(recv, wave.update.recv))
-                         if p.param_index in active], groups)
+            with phase(SCATTER):
+                recv = self._finish(work)
+            with phase(APPLY):
+                self._apply(list(zip(wave.update.recv, self._views(recv, wave.update.recv))), active, groups)
 
-    def _bucket_step(self, bi: int, G: torch.Tensor, active: set[int], everything: bool,
-                     groups: list[GroupStep]) -> torch.Tensor:
+    def _bucket_step(self, bi: int, G: torch.Tensor, active: torch.Tensor, groups: list[GroupStep]) -> torch.Tensor:
         rt = self.rt
         g = groups[rt.bucket_group[bi]]
-        mask = None if everything else torch.tensor(
-            [rec.param.plan_index in active for rec in rt.bucket_members[bi]], device=G.device)
+        mask = active.index_select(0, self._member_index[bi])
         return rt.buckets[bi].step_blocks(G, BucketStep(g.hyperparams, g.amortized, g.precondition, mask))
 
-    def _fold_l2(self, grads: dict[int, torch.Tensor], active: set[int], groups: list[GroupStep]) -> None:
-        """L2 (coupled) weight decay folds into the gradient before it travels."""
+    def _fold_l2(self, grads: dict[int, torch.Tensor], groups: list[GroupStep]) -> None:
+        """L2 (coupled) weight decay folds into the gradient before it travels (inactive parameters too: the
+        bucket step masks their rows before anything reads them)."""
         by_group: dict[int, list[int]] = {}
-        for k in active:
-            g = groups[self.rt.trainable[k].group]
-            if g.l2_weight_decay != 0:
-                by_group.setdefault(self.rt.trainable[k].group, []).append(k)
+        for k, rec in enumerate(self.rt.trainable):
+            if groups[rec.group].l2_weight_decay != 0 and k in grads:
+                by_group.setdefault(rec.group, []).append(k)
         for gi, ks in by_group.items():
             # fp16/bf16 gradients fold in fp32: torch's bf16 ``a + alpha * b`` rounds differently in its vector
             # body and its tail, so a bf16 fold would depend on how the parameter is sharded (and lose precision)
@@ -190,8 +196,9 @@ class StepExecutor:
 
     # ------------------------------------------------------------------ apply
 
-    def _apply(self, updates: list[tuple[Piece, torch.Tensor]], groups: list[GroupStep]) -> None:
-        """The update stage on this rank's shards, per group (``compute/averaging.py``)."""
+    def _apply(self, updates: list[tuple[Piece, torch.Tensor]], active: torch.Tensor, groups: list[GroupStep]) -> None:
+        """The update stage on this rank's shards, per group (``compute/averaging.py``); ``active``: bool
+        ``[P]``, the parameters that step (the others stay bit-identical)."""
         by_group: dict[int, list[tuple[Piece, torch.Tensor]]] = {}
         for piece, u in updates:
             by_group.setdefault(self.rt.trainable[piece.param_index].group, []).append((piece, u))
@@ -202,7 +209,8 @@ class StepExecutor:
             buffers = [rec.view(_shard_buffer(rec.momentum if rule.averaging is None else rec.z, rule), p.box)
                        for rec, (p, _) in zip(recs, items)] if rule.momentum > 0 or rule.averaging else []
             # directions are this executor's buffers (stacks or the receive buffers): safe to edit
-            apply_update_(p_views, [u for _, u in items], buffers, rule)
+            mask = PieceMask(active, [p.param_index for p, _ in items])
+            apply_update_(p_views, [u for _, u in items], buffers, rule, mask)
 
 
 def _shard_buffer(buffer: Optional[torch.Tensor], rule: UpdateRule) -> torch.Tensor:

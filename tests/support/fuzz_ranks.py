@@ -126,6 +126,7 @@ def _bad_step(model: torch.nn.Module, opt: ShardedShampoo, case: Case, group_ran
     outcome = "stepped"
     try:
         opt.step()
+        opt.check()        # the documented reporting point of a steady step's error (one step late)
     except NonFiniteGradientError:
         outcome = "raised"
     except Exception as err:  # noqa: BLE001 - reported to the parent as a wrong outcome

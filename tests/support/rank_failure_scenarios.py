@@ -24,6 +24,14 @@ def _grads(params: dict[str, torch.nn.Parameter], step: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen)
 
 
+def _step(opt: ShardedShampoo) -> None:
+    """One step and its documented reporting point: a steady step decides on the device and reports its
+    error (on every rank, the failing rank with its own cause) at the next host-visible point, here
+    ``opt.check()`` (docs/user_guide.md, "When errors are reported")."""
+    opt.step()
+    opt.check()
+
+
 def _outcome(fn: Callable[[], Any]) -> tuple[str, str, float]:
     t0 = time.perf_counter()
     try:
@@ -43,19 +51,19 @@ def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, 
         _grads(params, 0)
         if rank == 1:
             params["w"].grad.data = torch.zeros(7, 4)
-        opt.step()
+        _step(opt)
     out["wrong_size"] = _outcome(wrong_size)
 
     def bad_lr() -> None:
         _grads(params, 1)
         opt.param_groups[0]["lr"] = -1.0 if rank == 1 else 0.01
-        opt.step()
+        _step(opt)
     out["bad_lr"] = _outcome(bad_lr)
 
     def different_lr() -> None:
         _grads(params, 2)
         opt.param_groups[0]["lr"] = 0.02 if rank == 1 else 0.01
-        opt.step()
+        _step(opt)
     out["different_lr"] = _outcome(different_lr)
     opt.param_groups[0]["lr"] = 0.01
 
@@ -73,7 +81,7 @@ def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, 
         _grads(params, 4)
         if rank == 0:
             params["w"].grad[0, 0] = float("inf")
-        opt.step()
+        _step(opt)
     out["nan_raise"] = _outcome(nan_raise)
 
     def different_frequency() -> None:
@@ -98,8 +106,15 @@ def scenario_local_failures(rank: int, world: int) -> dict[str, tuple[str, str, 
 
     def still_works() -> None:
         _grads(params, 5)
-        opt.step()
+        _step(opt)
     out["still_works"] = _outcome(still_works)
+
+    def wrong_size_at_refresh() -> None:     # step 2 == start_preconditioning_step: the others refresh roots
+        _grads(params, 9)
+        if rank == 1:
+            params["w"].grad.data = torch.zeros(7, 4)
+        _step(opt)
+    out["wrong_size_at_refresh"] = _outcome(wrong_size_at_refresh)
     out["_types"] = (RankFailureError.__name__, NonFiniteGradientError.__name__, 0.0)
     return out
 
@@ -134,15 +149,22 @@ def _param_list_edits(rank: int, params: dict[str, torch.nn.Parameter],
         if rank == 1:
             group["params"].append(extra)
             group["param_names"].append("extra")
-        opt.step()
+        _step(opt)
     out["edit_one_rank"] = _outcome(unchanged(append_on_rank1))
 
     def remove_everywhere() -> None:
         _grads(params, 7)
         group["params"].pop()
         group["param_names"].pop()
-        opt.step()
+        _step(opt)
     out["edit_every_rank"] = _outcome(unchanged(remove_everywhere))
+
+    def partial_gradients() -> None:
+        _grads(params, 8)
+        if rank == 1:
+            params["b"].grad = None
+        _step(opt)
+    out["partial_gradients"] = _outcome(unchanged(partial_gradients))
 
     sd = opt.state_dict()
 
@@ -177,7 +199,7 @@ def _lowered_start() -> tuple[str, str, float]:
             if t == 3 and lowered:
                 opt.param_groups[0]["start_preconditioning_step"] = 1
             _grads(params, 10 + t)
-            opt.step()
+            _step(opt)
         return params
 
     lowered, reference = run(100, True, None), run(4, False, "local")

@@ -121,3 +121,23 @@ def grad_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 __all__ = ["grad_bytes", "reachable_tensors", "resident_buffer_bytes", "resident_tensors"]
+
+
+def step_policy_bytes(opt: Any, rank: int = 0) -> int:
+    """Bytes the sync-free step policy keeps between steps by design, which the planner does not model:
+
+    * the host copy of the last step's agreed flags (one float64 per flag), read at the next host-visible
+      point (``opt.check()``, the next step) to raise deferred errors: it must outlive the step;
+    * the gradient summarizer's device constants (the all-absent rows, per gradient pattern the norm
+      limits and index/order tables), cached so that a steady step copies nothing host -> device;
+    * the executor's per-bucket plan indices (one int64 per owned block) that select a bucket's rows
+      of the step's device mask.
+
+    All are O(parameters + owned blocks), independent of the gradient sizes.
+    """
+    summarizer: dict[tuple[int, int], int] = {}
+    for t in reachable_tensors(opt.summarizer):
+        key = _storage_key(t)
+        summarizer[key] = key[1]
+    blocks = len(opt.plan.owned_indices(rank))
+    return sum(summarizer.values()) + 8 * opt.flag_layout.size + 8 * blocks
