@@ -1,10 +1,12 @@
-"""AdamW vs Shampoo vs eigenvalue-corrected Shampoo on the training example: loss per step and per second.
+"""Which variant should a user pick? AdamW and every preconditioner kind on the training example.
 
 Trains scripts/train.py's byte-level GPT (same data, seed and model) once per optimizer on one
 process, timing every full training step (forward, backward, optimizer step). Writes one PNG with
 loss vs step and loss vs wall-clock seconds, and prints, per optimizer, the final loss (mean of the
-last 20 steps) and the wall-clock it needed to reach AdamW's final loss (20-step moving average),
-as a ratio to AdamW's own time.
+last 20 steps) and the steps and wall-clock it needed to reach AdamW's final loss (20-step moving
+average), each as a ratio to AdamW's own. Every Shampoo-family run uses train.py's settings (Adam
+grafting, lr 3e-3, refresh every 10 steps); spectral descent grafts its orthogonalised update onto
+Adam's norm per block, and its 1-D parameters take the Adam direction.
 
     OMP_NUM_THREADS=1 python scripts/compare_optimizers.py --steps 300 --plot docs/img/compare_optimizers.png
 """
@@ -28,8 +30,12 @@ else:                         # python scripts/compare_optimizers.py: Python put
 OPTIMIZERS = {
     "AdamW": ["--optimizer", "adamw"],
     "Shampoo (eigh roots)": ["--optimizer", "shampoo"],
-    "Eigenvalue-corrected Shampoo (QR eigenbases)": ["--optimizer", "shampoo", "--preconditioner", "eigen",
-                                                     "--eigenbasis", "qr"],
+    "SOAP (eigenvalue-corrected, QR eigenbases)": ["--optimizer", "shampoo", "--preconditioner", "eigen",
+                                                   "--eigenbasis", "qr"],
+    "KL-Shampoo": ["--optimizer", "shampoo", "--preconditioner", "kl-shampoo"],
+    "Eigendecomposed Shampoo, tolerance 0.1": ["--optimizer", "shampoo", "--preconditioner", "eigendecomposed",
+                                               "--tolerance", "0.1"],
+    "Spectral descent (Newton-Schulz, Muon)": ["--optimizer", "shampoo", "--preconditioner", "spectral"],
 }
 WINDOW = 20
 
@@ -61,9 +67,16 @@ def smoothed(losses: list[float]) -> list[float]:
 
 
 def time_to_reach(losses: list[float], times: list[float], target: float) -> Optional[float]:
-    for s, t in zip(smoothed(losses), times):
+    """Wall-clock seconds until the moving average first reaches ``target`` (None: never)."""
+    step = steps_to_reach(losses, target)
+    return None if step is None else times[step - 1]
+
+
+def steps_to_reach(losses: list[float], target: float) -> Optional[int]:
+    """Steps until the moving average first reaches ``target`` (None: never)."""
+    for i, s in enumerate(smoothed(losses)):
         if s <= target:
-            return t
+            return i + 1
     return None
 
 
@@ -83,7 +96,7 @@ def plot(results: dict[str, tuple[list[float], list[float]]], path: str) -> None
         ax.set_ylabel(f"loss, {WINDOW}-step moving average (nats/byte)")
         ax.grid(alpha=0.3)
     a.legend()
-    fig.suptitle("byte-level GPT on stdlib source: AdamW vs Shampoo vs eigenvalue-corrected Shampoo")
+    fig.suptitle("byte-level GPT on stdlib source: AdamW vs the preconditioner kinds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -103,13 +116,17 @@ def main() -> None:
     adam_losses, adam_times = results["AdamW"]
     target = statistics.mean(adam_losses[-WINDOW:])
     print(f"\ntorch threads {torch.get_num_threads()}; {args.steps} steps; target = AdamW's final loss {target:.4f}\n")
-    print("| optimizer | final loss | wall-clock | time to AdamW's final loss | ratio to AdamW |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | final loss | wall-clock | steps to AdamW's final loss | time to it | "
+          "ratio to AdamW (steps) | ratio to AdamW (time) |")
+    print("|---|---|---|---|---|---|---|")
     for name, (losses, times) in results.items():
+        steps = steps_to_reach(losses, target)
         reach = time_to_reach(losses, times, target)
-        ratio = "not reached" if reach is None else f"{reach / adam_times[-1]:.2f}"
+        step_ratio = "not reached" if steps is None else f"{steps / len(adam_losses):.2f}"
+        time_ratio = "not reached" if reach is None else f"{reach / adam_times[-1]:.2f}"
         print(f"| {name} | {statistics.mean(losses[-WINDOW:]):.4f} | {times[-1]:.1f} s | "
-              f"{'-' if reach is None else f'{reach:.1f} s'} | {ratio} |")
+              f"{'-' if steps is None else steps} | {'-' if reach is None else f'{reach:.1f} s'} | "
+              f"{step_ratio} | {time_ratio} |")
     if args.plot:
         plot(results, args.plot)
         print(f"\nwrote {args.plot}")

@@ -83,8 +83,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-preconditioner-dim", type=int, default=512)
     p.add_argument("--precondition-frequency", type=int, default=10)
     p.add_argument("--epsilon", type=float, default=1e-10, help="Shampoo's epsilon (root regulariser)")
-    p.add_argument("--preconditioner", choices=("shampoo", "eigen"), default="shampoo",
-                   help="root-inverse Shampoo or eigenvalue-corrected (SOAP-like) Shampoo")
+    p.add_argument("--preconditioner", choices=PRECONDITIONER_CHOICES, default="shampoo",
+                   help="shampoo (root inverse), eigen (eigenvalue-corrected, SOAP-like), kl-shampoo, "
+                        "eigendecomposed (roots kept as eigenpairs; see --tolerance), spectral (Newton-Schulz "
+                        "orthogonalisation, the Muon update; 1-D parameters take the grafting direction) or sign")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="adaptive refresh tolerance of eigen / eigendecomposed (0: refresh every time)")
     p.add_argument("--root", choices=("eigh", "warm"), default="eigh", help="inverse-root refresh (shampoo)")
     p.add_argument("--eigenbasis", choices=("eigh", "qr"), default="eigh", help="eigenbasis refresh (eigen)")
     p.add_argument("--factor-storage", choices=("float32", "bfloat16"), default="float32")
@@ -124,31 +128,51 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+#: --preconditioner choices: the kinds a user can pick on the training example
+PRECONDITIONER_CHOICES = ("shampoo", "eigen", "kl-shampoo", "eigendecomposed", "spectral", "sign")
+#: choices without factors: 2-D blocks only, so 1-D parameters (norms, biases) take the grafting direction
+NO_FACTOR_CHOICES = ("spectral", "sign")
+
+
 def preconditioner_config(args: argparse.Namespace):
     """The preconditioner config object the command line names."""
-    from sharded_shampoo import EigenvalueCorrectedShampoo, RootInverseShampoo
+    from sharded_shampoo import (EigendecomposedShampoo, EigenvalueCorrectedShampoo, KLShampoo, RootInverseShampoo,
+                                 SignDescent, SpectralDescent)
     from sharded_shampoo.config import QREigenbasisConfig, WarmStartRootConfig
 
+    kind = getattr(args, "preconditioner", "shampoo")
+    if kind == "spectral":
+        return SpectralDescent()
+    if kind == "sign":
+        return SignDescent()
     storage = dict(factor_storage_dtype=getattr(torch, getattr(args, "factor_storage", "float32")),
                    root_storage_dtype=getattr(torch, getattr(args, "root_storage", "float32")),
-                   moment_storage_dtype=getattr(torch, getattr(args, "moment_storage", "float32")),
                    symmetric_packing=not getattr(args, "full_matrices", False))
-    if getattr(args, "preconditioner", "shampoo") == "eigen":
+    moments = getattr(args, "moment_storage", "float32")
+    if moments != "float32":
+        storage["moment_storage_dtype"] = getattr(torch, moments)
+    tolerance = getattr(args, "tolerance", 0.0)
+    if kind == "eigen":
         basis = QREigenbasisConfig() if getattr(args, "eigenbasis", "eigh") == "qr" else None
-        return EigenvalueCorrectedShampoo(**storage, **({"eigenbasis": basis} if basis else {}))
+        return EigenvalueCorrectedShampoo(**storage, tolerance=tolerance, **({"eigenbasis": basis} if basis else {}))
+    if kind == "eigendecomposed":
+        return EigendecomposedShampoo(**storage, tolerance=tolerance)
     root = WarmStartRootConfig() if getattr(args, "root", "eigh") == "warm" else None
-    return RootInverseShampoo(**storage, **({"root": root} if root else {}))
+    config_class = KLShampoo if kind == "kl-shampoo" else RootInverseShampoo
+    return config_class(**storage, **({"root": root} if root else {}))
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    from sharded_shampoo import AdamGrafting, ShardedShampoo
+    from sharded_shampoo import AdamGrafting, BlockingConfig, ShardedShampoo
 
     if args.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=args.lr or 1e-3, weight_decay=0.01)
+    no_factors = getattr(args, "preconditioner", "shampoo") in NO_FACTOR_CHOICES
     return ShardedShampoo(model.named_parameters(), lr=args.lr or 3e-3, betas=(0.9, 0.95), epsilon=args.epsilon,
                           weight_decay=0.01, max_preconditioner_dim=args.max_preconditioner_dim,
                           precondition_frequency=args.precondition_frequency,
                           grafting=AdamGrafting(beta2=0.95, epsilon=1e-8), preconditioner=preconditioner_config(args),
+                          blocking=BlockingConfig(precondition_1d=not no_factors),
                           elementwise=getattr(args, "elementwise", "eager"))
 
 

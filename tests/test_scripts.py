@@ -23,6 +23,26 @@ def test_compare_optimizers_writes_curves(tmp_path, monkeypatch, capsys):
         assert f"| {name} |" in out
     assert compare_optimizers.time_to_reach([3.0, 2.0, 1.0], [1.0, 2.0, 3.0], 2.5) == 2.0
     assert compare_optimizers.time_to_reach([3.0, 3.0], [1.0, 2.0], 1.0) is None
+    assert compare_optimizers.steps_to_reach([3.0, 2.0, 1.0], 2.5) == 2
+    assert compare_optimizers.steps_to_reach([3.0, 3.0], 1.0) is None
+
+
+@pytest.mark.parametrize("choice, kind, one_d_preconditioned", [
+    ("shampoo", "RootInverseShampoo", True), ("eigen", "EigenvalueCorrectedShampoo", True),
+    ("kl-shampoo", "KLShampoo", True), ("eigendecomposed", "EigendecomposedShampoo", True),
+    ("spectral", "SpectralDescent", False), ("sign", "SignDescent", False)])
+def test_train_builds_each_preconditioner_choice(choice, kind, one_d_preconditioned):
+    """train.py --preconditioner names each kind; the factor-free ones leave 1-D parameters to grafting."""
+    from scripts import train
+
+    args = train.parse_args(["--preconditioner", choice, "--dim", "32", "--tolerance",
+                             "0.1" if choice in ("eigen", "eigendecomposed") else "0"])
+    config = train.preconditioner_config(args)
+    assert type(config).__name__ == kind
+    if choice in ("eigen", "eigendecomposed"):
+        assert config.tolerance == 0.1
+    opt = train.build_optimizer(args, train.build_model(args))
+    assert opt.param_groups[0]["blocking"].precondition_1d is one_d_preconditioned
 
 
 def test_bench_roots_measures_both_methods():
