@@ -177,7 +177,7 @@ class ShardedShampoo(Optimizer):
         self.flag_layout = FlagLayout(len(self.runtime.trainable), comm.world_size)
         self._mirror = HostMirror(device)
         # what a rank whose local checks failed runs (all masked, no refresh): its own settings may be unusable
-        self._fallback_plan = [self._group_step(g, Decision(amortized=False, precondition=False, roots_computed=False),
+        self._fallback_plan = [self._group_step(g, Decision(refresh_roots=False, precondition=False, roots_computed=False),
                                                 update_rule(g)[0]) for g in self.param_groups]
         self.state.clear()
         self.state.update(self.runtime.state_entries())
@@ -261,7 +261,7 @@ class ShardedShampoo(Optimizer):
                 if lr_sum is not None:
                     group[LR_SUM_KEY] = lr_sum
                 self.root_schedule.stepped(gi, group["step"], decision)
-        if any(g.amortized for g in plan):
+        if any(g.refresh_roots for g in plan):
             self.check()           # a refresh step reads the host: its outcome at once
             self._raise_on_exhausted_roots()
         return loss
@@ -322,7 +322,7 @@ class ShardedShampoo(Optimizer):
     def _group_step(group: dict[str, Any], decision: Decision, rule: UpdateRule) -> GroupStep:
         """The schedule and settings of a group for its next step; the same on every rank."""
         l2 = WeightDecayType.parse(group["weight_decay_type"]) == WeightDecayType.L2
-        return GroupStep(hyperparams=_hyperparams(group), amortized=decision.amortized,
+        return GroupStep(hyperparams=_hyperparams(group), refresh_roots=decision.refresh_roots,
                          precondition=decision.precondition, l2_weight_decay=group["weight_decay"] if l2 else 0.0,
                          update=rule)
 

@@ -39,7 +39,7 @@ def start_of(group: Mapping[str, Any]) -> int:
 class Decision:
     """What one group does at its next step."""
 
-    amortized: bool         # refresh roots / eigenbases
+    refresh_roots: bool     # refresh roots / eigenbases
     precondition: bool      # use the preconditioner (else the grafting direction)
     roots_computed: bool    # the roots were computed before this step
 
@@ -60,7 +60,7 @@ class RootSchedule:
         t = step + 1
         computed = self.computed[gi] if self.seen_step[gi] == step else step >= start
         precondition = t >= start
-        return Decision(amortized=precondition and (t % freq == 0 or t == start or not computed),
+        return Decision(refresh_roots=precondition and (t % freq == 0 or t == start or not computed),
                         precondition=precondition, roots_computed=computed)
 
     def pending_start(self, gi: int, group: Mapping[str, Any]) -> int | None:
@@ -77,7 +77,7 @@ class RootSchedule:
     def stepped(self, gi: int, step: int, decision: Decision) -> None:
         """Record that group ``gi`` completed ``decision``; its step counter is now ``step``."""
         self.seen_step[gi] = step
-        self.computed[gi] = decision.roots_computed or decision.amortized
+        self.computed[gi] = decision.roots_computed or decision.refresh_roots
 
     def loaded(self, gi: int, group: Mapping[str, Any]) -> None:
         """The group's step and settings were set from a state dict (or at construction)."""

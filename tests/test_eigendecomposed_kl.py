@@ -62,9 +62,9 @@ def test_equals_kl_shampoo_with_eigh_roots_and_differs_from_eigendecomposed_sham
 def test_bf16_eigenvectors_follow_the_float32_run():
     """Low-precision eigenvector storage: the roots are formed in bf16 (as the direction's rotation runs)."""
     full, _ = _train(EigendecomposedKLShampoo(), SHAPES, steps=8, dtype=torch.float32)
-    lowp, _ = _train(EigendecomposedKLShampoo(root_storage_dtype=torch.bfloat16), SHAPES, steps=8,
+    bf16_roots, _ = _train(EigendecomposedKLShampoo(root_storage_dtype=torch.bfloat16), SHAPES, steps=8,
                      dtype=torch.float32)
-    for a, b in zip(full, lowp):
+    for a, b in zip(full, bf16_roots):
         assert torch.isfinite(b).all() and max_rel_diff(a, b) < 5e-2
 
 

@@ -17,10 +17,10 @@ import torch
 from tests.support.numerics import grad_for, kron_all, max_rel_diff
 from tests.support.dist_scenarios import owned_state_bytes
 from tests.test_dense_reference import Q2, Q3, DenseShampoo, RefBlock, _run
-from tests.test_lowp import _train as train_model
+from tests.test_low_precision import _train as train_model
 from sharded_shampoo import (AdaGradGrafting, AdamGrafting, CoupledNewtonConfig, KLShampoo, RootInverseShampoo,
                              ShardedShampoo, WarmStartRootConfig)
-from sharded_shampoo.compute import lowp
+from sharded_shampoo.compute import low_precision
 
 F64 = torch.float64
 BF16 = torch.bfloat16
@@ -138,7 +138,7 @@ def test_chunked_update_equals_one_chunk(monkeypatch, storage):
     """The KL update processes a bucket a chunk of blocks at a time: the same numbers for any chunk size."""
     pre = kl(factor_storage_dtype=storage, root_storage_dtype=storage)
     one, _ = _train(pre, SHAPES)
-    monkeypatch.setattr(lowp, "CHUNK_BYTES", 1)          # one block per chunk, everywhere
+    monkeypatch.setattr(low_precision, "CHUNK_BYTES", 1)          # one block per chunk, everywhere
     chunked, _ = _train(pre, SHAPES)
     for a, b in zip(one, chunked):
         assert max_rel_diff(a, b) < (1e-12 if storage is None else 1e-9)
@@ -147,7 +147,7 @@ def test_chunked_update_equals_one_chunk(monkeypatch, storage):
 @pytest.mark.parametrize("factors,roots", [(None, BF16), (BF16, BF16)])
 def test_bf16_storage_trains_like_fp32(factors, roots):
     """bf16 roots (products with bf16 operands) and bf16 factors (stochastically rounded EMAs): the loss of
-    test_lowp.py's regression stays near the fp32 run's (bounds as for Shampoo: 1% / 15%), planned bytes
+    test_low_precision.py's regression stays near the fp32 run's (bounds as for Shampoo: 1% / 15%), planned bytes
     equal allocated ones."""
     loss32 = train_model(KLShampoo())[0]
     loss, opt, _ = train_model(KLShampoo(factor_storage_dtype=factors, root_storage_dtype=roots))

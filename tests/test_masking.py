@@ -87,12 +87,12 @@ def test_plain_step_reads_nothing_on_the_host(name):
     bucket, hp = _bucket(name)
     gen = torch.Generator().manual_seed(1)
     # a refresh first (it may read the host), so the plain steps precondition with real roots
-    bucket.step_blocks(_grads(0), BucketStep(hp, amortized=True, precondition=True))
+    bucket.step_blocks(_grads(0), BucketStep(hp, refresh_roots=True, precondition=True))
     with count_host_reads() as counts:
         for t in range(1, 4):
             active = torch.rand(B, generator=gen) < 0.6
-            bucket.step_blocks(_grads(t), BucketStep(hp, amortized=False, precondition=True, active=active))
-            bucket.step_blocks(_grads(t + 10), BucketStep(hp, amortized=False, precondition=t > 1))
+            bucket.step_blocks(_grads(t), BucketStep(hp, refresh_roots=False, precondition=True, active=active))
+            bucket.step_blocks(_grads(t + 10), BucketStep(hp, refresh_roots=False, precondition=t > 1))
     assert not counts, f"host reads on a plain step: {dict(counts)}"
 
 
@@ -112,7 +112,7 @@ def test_inactive_blocks_change_nothing_and_active_ones_step_as_if_alone(name):
         G[~active] = torch.tensor(float("nan"))      # garbage in inactive rows must not leak anywhere
         G[(t + 3) % B, 0, 0] = float("inf")
         before = [_snapshot(bucket, j) for j in range(B)]
-        step = BucketStep(hp, amortized=t % 3 == 0, precondition=t >= 3, active=active)
+        step = BucketStep(hp, refresh_roots=t % 3 == 0, precondition=t >= 3, active=active)
         P = bucket.step_blocks(G.clone(), step)
         for j in range(B):
             if not bool(active[j]):
@@ -121,7 +121,7 @@ def test_inactive_blocks_change_nothing_and_active_ones_step_as_if_alone(name):
                 for k in before[j]:
                     assert torch.equal(after[k], before[j][k]), f"step {t}: inactive block {j} changed {k}"
             else:
-                Pj = alone[j].step_blocks(G[j:j + 1].clone(), BucketStep(hp, step.amortized, step.precondition))
+                Pj = alone[j].step_blocks(G[j:j + 1].clone(), BucketStep(hp, step.refresh_roots, step.precondition))
                 assert max_rel_diff(P[j], Pj[0]) <= 1e-5, f"step {t}: block {j}"
     for j in range(B):
         assert int(bucket.step[j]) == int(alone[j].step[0])
@@ -133,7 +133,7 @@ def test_an_all_active_mask_equals_no_mask(name):
     plain, _ = _bucket(name)
     everything = torch.ones(B, dtype=torch.bool)
     for t in range(1, 7):
-        kw = dict(amortized=t % 3 == 0, precondition=t >= 3)
+        kw = dict(refresh_roots=t % 3 == 0, precondition=t >= 3)
         P = masked.step_blocks(_grads(t), BucketStep(hp, active=everything, **kw))
         Q = plain.step_blocks(_grads(t), BucketStep(hp, **kw))
         assert max_rel_diff(P, Q) <= 1e-6, f"step {t}"

@@ -11,7 +11,7 @@ from tests.support.numerics import grad_for, max_rel_diff
 from sharded_shampoo import (AdaGradGrafting, CoupledNewtonConfig, EigendecomposedKLShampoo, EigendecomposedShampoo,
                              EigenvalueCorrectedShampoo, KLShampoo, QREigenbasisConfig, RootInverseShampoo,
                              ShardedShampoo, pack_symmetric, unpack_symmetric)
-from sharded_shampoo.compute import lowp
+from sharded_shampoo.compute import low_precision
 from sharded_shampoo.compute.packing import matrix_dim, packed_identity, packed_numel
 from sharded_shampoo.compute.workspace import Workspace
 from sharded_shampoo.config import WarmStartRootConfig, config_from_dict, config_to_dict
@@ -150,7 +150,7 @@ def test_chunked_unpacking_equals_one_chunk_and_bounds_the_workspace(monkeypatch
     shapes = tuple((8, 6) for _ in range(10))         # one bucket of 10 blocks; 8x8 fp64 = 512 B per matrix
     pre = RootInverseShampoo(factor_dtype=F64, factor_storage_dtype=storage, root_storage_dtype=storage)
     one, _ = _run(pre, shapes=shapes)
-    monkeypatch.setattr(lowp, "CHUNK_BYTES", 3 * 8 * 8 * 8)   # three blocks of one 8 x 8 fp64 matrix
+    monkeypatch.setattr(low_precision, "CHUNK_BYTES", 3 * 8 * 8 * 8)   # three blocks of one 8 x 8 fp64 matrix
     # the scratch is freed at the end of every step: record its largest size just before
     largest: dict[str, int] = {}
     release = Workspace.release

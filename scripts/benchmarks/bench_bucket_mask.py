@@ -49,7 +49,7 @@ def main() -> None:
     everything = torch.ones(args.blocks, dtype=torch.bool)
     buckets = {True: make_bucket(args.blocks, args.dim, True), False: make_bucket(args.blocks, args.dim, False)}
     for b in buckets.values():
-        b.step_blocks(G.clone(), BucketStep(hp, amortized=True, precondition=True))
+        b.step_blocks(G.clone(), BucketStep(hp, refresh_roots=True, precondition=True))
     cases = [("packed, no mask", True, None), ("packed, all-active mask", True, everything),
              ("packed, half active", True, half), ("full, no mask", False, None),
              ("full, all-active mask", False, everything)]
@@ -59,7 +59,7 @@ def main() -> None:
             for _ in range(args.steps):
                 x = G.clone()
                 t0, c0 = time.perf_counter(), time.process_time()
-                buckets[packing].step_blocks(x, BucketStep(hp, amortized=False, precondition=True, active=active))
+                buckets[packing].step_blocks(x, BucketStep(hp, refresh_roots=False, precondition=True, active=active))
                 times[name].append((time.perf_counter() - t0, time.process_time() - c0))
     base = [statistics.median(t[i] for t in times[cases[0][0]]) for i in (0, 1)]
     print(f"{args.blocks} blocks of {args.dim}x{args.dim}, root-inverse, Adam grafting, beta1 0.9; median of "

@@ -110,7 +110,7 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     t_small_batched = median_time(lambda: inverse_root_eigh(F_small, 0.25, 1e-8), 5)
     t_small_loop = median_time(lambda: [inverse_root_eigh(F_small[i:i + 1], 0.25, 1e-8) for i in range(16)], 5)
     return dict(params=n_params, blocks=len(opt.plan.blocks), adamw=t_adamw, plain=t_plain, plain_best=t_plain_best,
-                amortized=t_amortized,
+                refresh_roots=t_amortized,
                 per_step=per_step, floor=floor, rate=rate, bucket_blocks=B, bucket_dim=d, roots_batched=t_batched,
                 roots_loop=t_loop, small_batched=t_small_batched, small_loop=t_small_loop)
 

@@ -33,7 +33,7 @@ from .kinds import make_kind
 from .kinds.protocol import BucketHyperparams, BucketStep, StateField, StepContext, per_block
 from .kinds.matrices import read_matrices
 from .kinds.state import allocate, block_fields
-from .lowp import block_salt, rounding_seeds, stochastic_round_
+from .low_precision import block_salt, rounding_seeds, stochastic_round_
 from .refresh import RefreshCounts
 from .workspace import Workspace
 
@@ -134,12 +134,12 @@ class BlockBucket:
             # first: a NaN/Inf in an inactive block's rows must not reach any state through 0 * NaN
             G.masked_fill_(~per_block(active, G.ndim), 0)
             self.step.add_(active.to(self.step.dtype))
-        ctx = StepContext(step.hyperparams, step.amortized, active, self.step, self.dtype, self.workspace,
+        ctx = StepContext(step.hyperparams, step.refresh_roots, active, self.step, self.dtype, self.workspace,
                           self.refresh_counts, self.salts)
         kind, state = self.kind, self.state
         with phase(FACTOR_UPDATE):
             kind.update(state, G, ctx)
-        if step.amortized:
+        if step.refresh_roots:
             with phase(REFRESH):
                 ok = kind.refresh(state, ctx)
                 if ok is not None:

@@ -6,10 +6,10 @@ buffers of different names never alias, so two of them can be in use at once, an
 step (factor update, refresh, direction) reuse the same few names:
 
 * ``"matrices"``: full matrices of a chunk of blocks (unpacked roots of every dim, ``F / bc2`` of a
-  refresh, the Gram products of a factor update): at most ``lowp.CHUNK_BYTES`` or one block's;
+  refresh, the Gram products of a factor update): at most ``low_precision.CHUNK_BYTES`` or one block's;
 * ``"second"``: a second such set within a phase (the previous roots of a warm refresh, the packed
   Gram products);
-* ``"product"``: intermediate mode products; ``"gram"``: tiles of a Gram product; ``"lowp"``: fp32
+* ``"product"``: intermediate mode products; ``"gram"``: tiles of a Gram product; ``"rounding"``: fp32
   EMAs of low-precision factors.
 
 On CPU the buffers are kept for the rest of a step and only grow: a fresh multi-MiB tensor costs

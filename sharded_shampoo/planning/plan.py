@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import PlanSettings, config_to_dict
 from .accounting import PlanSummary, RankReport, plan_summary, rank_reports
-from .advice import cap_advice
+from .cap_advice import cap_advice
 from .balance import DEFAULT_LOCALITY_TOLERANCE, BlockDoesNotFitError
 from .blocking import Block
 from .costs import DEFAULT_COST_MODEL, BlockCost, CostModel

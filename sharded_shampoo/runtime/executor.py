@@ -47,7 +47,7 @@ class GroupStep:
     """What one param group does this step (the optimizer's policy decided it)."""
 
     hyperparams: BucketHyperparams
-    amortized: bool                  # refresh roots / eigenbases this step
+    refresh_roots: bool              # refresh roots / eigenbases this step
     precondition: bool               # use the preconditioner (else the grafting direction)
     l2_weight_decay: float           # folded into the gradient before it travels (0: none)
     update: UpdateRule               # the update stage after the direction
@@ -144,7 +144,7 @@ class StepExecutor:
         rt = self.rt
         g = groups[rt.bucket_group[bi]]
         mask = active.index_select(0, self._member_index[bi])
-        return rt.buckets[bi].step_blocks(G, BucketStep(g.hyperparams, g.amortized, g.precondition, mask))
+        return rt.buckets[bi].step_blocks(G, BucketStep(g.hyperparams, g.refresh_roots, g.precondition, mask))
 
     def _fold_l2(self, grads: dict[int, torch.Tensor], groups: list[GroupStep]) -> None:
         """L2 (coupled) weight decay folds into the gradient before it travels (inactive parameters too: the

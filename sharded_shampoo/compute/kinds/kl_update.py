@@ -20,7 +20,7 @@ Shampoo's update.
     class KLShampooKind(KLFactorUpdate, RootInverseKind)            # roots read from root_{i}
     class EigendecomposedKLKind(KLFactorUpdate, EigendecomposedKind)  # roots formed from Q_i, lambda_i
 
-The bucket is processed a chunk of blocks at a time (at most :data:`~..lowp.CHUNK_BYTES` of materialised
+The bucket is processed a chunk of blocks at a time (at most :data:`~..low_precision.CHUNK_BYTES` of materialised
 roots and unfolded products, at least one block): per chunk the roots of every dim are read once,
 every ``X_k`` of the chunk is formed (one batched mode product per other dim, never a loop over
 blocks), then folded into the factors through :func:`.matrices.factor_ema_` (packing, low-precision
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .. import lowp
+from .. import low_precision
 from ..kron import apply_kronecker
 from .matrices import factor_ema_
 from .protocol import StepContext
@@ -125,7 +125,7 @@ class KLFactorUpdate(ShampooFamily):
         n, numel = len(self.dims), math.prod(self.shape)
         dtype = self.update_dtype
         per_block = self.kl_update_bytes()
-        for rows in lowp.chunk_slices(ctx.num_blocks, per_block):
+        for rows in low_precision.chunk_slices(ctx.num_blocks, per_block):
             b = rows.stop - rows.start
             roots = self.kron_list(self.update_roots(state, rows, ctx))
             work = ctx.workspace.buffer("product", (n + 1) * b * numel, dtype)

@@ -4,7 +4,7 @@ Kinds never touch a matrix field's storage layout themselves: they read a chunk 
 ``[b, d, d]`` matrices (:func:`read_matrices`), store results where a mask allows
 (:func:`store_matrices`) and fold Gram matrices into factors (:func:`factor_ema_`). A packed field
 (:mod:`..packing`) is unpacked into the rank's shared :class:`~..workspace.Workspace`, a chunk of
-blocks at a time (:func:`row_chunks`: at most :data:`~..lowp.CHUNK_BYTES` of full matrices, or one
+blocks at a time (:func:`row_chunks`: at most :data:`~..low_precision.CHUNK_BYTES` of full matrices, or one
 block), so a full copy of a packed stack never exists; full storage is read in place.
 """
 
@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..kron import gram_scratch_numel, gram_update_
-from ..lowp import chunk_slices, ema_round_, rounding_seeds
+from ..low_precision import chunk_slices, ema_round_, rounding_seeds
 from ..packing import pack, packed_numel, unpack
 from ..workspace import Workspace
 from .protocol import Coefficient, StateField, StepContext, per_block
@@ -108,7 +108,7 @@ def _low_precision_ema(F: torch.Tensor, X: torch.Tensor, b: Coefficient, weight:
         GG = ws.buffer("matrices", n * d * d, F.dtype).view(n, d, d)
         gram_update_(GG, X[s], beta=0.0, alpha=1.0, scratch=ws.buffer("gram", gram_scratch_numel(n, d), F.dtype))
         beta = b[s].view(-1, 1, 1) if isinstance(b, torch.Tensor) else b
-        ema_round_(F[s], GG, beta, weight, seeds[s], ws.buffer("lowp", 2 * n * d * d, torch.float32))
+        ema_round_(F[s], GG, beta, weight, seeds[s], ws.buffer("rounding", 2 * n * d * d, torch.float32))
 
 
 def _packed_ema(F: torch.Tensor, field: StateField, X: torch.Tensor, scalars: tuple[float, float],
@@ -136,7 +136,7 @@ def _packed_ema(F: torch.Tensor, field: StateField, X: torch.Tensor, scalars: tu
         b_s = b[s].view(-1, 1) if isinstance(b, torch.Tensor) else b
         if low:
             assert seeds is not None
-            ema_round_(F[s], P, b_s, weight, seeds[s], ws.buffer("lowp", 2 * rows * n, torch.float32))
+            ema_round_(F[s], P, b_s, weight, seeds[s], ws.buffer("rounding", 2 * rows * n, torch.float32))
         elif beta == 1.0:
             F[s].add_(P, alpha=weight)          # inactive rows of P are zero
         elif weight == 1.0 - beta:

@@ -106,7 +106,7 @@ class BucketStep:
     """Everything one bucket step takes besides the gradients: the executor builds one per bucket and step."""
 
     hyperparams: BucketHyperparams
-    amortized: bool                   # refresh roots / eigenbases this step
+    refresh_roots: bool               # refresh roots / eigenbases this step
     precondition: bool                # use the kind's direction (else the grafting direction)
     active: Optional[torch.Tensor] = None   # bool [B] on the bucket's device; None: every block
 
@@ -116,7 +116,7 @@ class StepContext:
     """What a kind's step methods read besides the state: built by the bucket for one step."""
 
     hp: BucketHyperparams
-    amortized: bool
+    refresh_roots: bool
     active: Optional[torch.Tensor]    # bool [B] (device) or None
     step: torch.Tensor                # int64 [B]: each block's step count, this step included
     dtype: torch.dtype                # the bucket's math dtype

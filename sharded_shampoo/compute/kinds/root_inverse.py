@@ -14,7 +14,7 @@ import torch
 
 from ...config import CoupledNewtonConfig, EighRootConfig, RootInverseShampoo, WarmStartRootConfig
 from ..kron import apply_kronecker
-from ..lowp import chunk_slices
+from ..low_precision import chunk_slices
 from ..refresh import WarmBackoff, refresh_roots
 from .matrices import read_matrices, store_matrices
 from .protocol import Init, StateField, StepContext

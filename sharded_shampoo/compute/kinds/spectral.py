@@ -26,7 +26,7 @@ import torch
 
 from ...checks import check_int
 from ...config import config_class, preconditioner_config
-from ..lowp import chunk_slices
+from ..low_precision import chunk_slices
 from ..orthogonalize import newton_schulz_, newton_schulz_flops, svd_polar_, svd_polar_flops
 from .protocol import PreconditionerKind, StepContext
 from .scale_functions import DIMS_SCALES, dims_scale

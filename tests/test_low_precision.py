@@ -7,7 +7,7 @@ import torch
 
 from tests.support.dist_scenarios import owned_state_bytes
 from sharded_shampoo import AdamGrafting, EigenvalueCorrectedShampoo, RootInverseShampoo, ShardedShampoo
-from sharded_shampoo.compute.lowp import ema_round_, rounding_seed, stochastic_round_
+from sharded_shampoo.compute.low_precision import ema_round_, rounding_seed, stochastic_round_
 from sharded_shampoo.compute.preconditioner import BlockBucket, BucketConfig, BucketHyperparams, BucketStep
 from sharded_shampoo.planning.blocking import plan_blocks
 
@@ -71,7 +71,7 @@ def _buckets_with(block_lists: list[list], storage: torch.dtype):
 
 
 PLAIN = BucketStep(BucketHyperparams(beta1=0.0, beta2=0.999, epsilon=1e-6, use_bias_correction=True),
-                   amortized=False, precondition=False)
+                   refresh_roots=False, precondition=False)
 
 
 def test_rounding_of_a_block_does_not_depend_on_its_bucket():
