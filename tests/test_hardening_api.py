@@ -494,7 +494,7 @@ def test_step_hooks_fire() -> None:
 
 
 def test_invalid_expert_module_pattern_names_the_setting() -> None:
-    from sharded_shampoo.integrations.param_groups import split_expert_groups
+    from sharded_shampoo.integrations.trainer_groups import split_expert_groups
 
     params = _params()
     group = {"params": list(params.values()), "param_names": list(params)}

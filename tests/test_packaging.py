@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,8 +29,13 @@ def library_modules() -> set[str]:
 
 
 def test_wheel_ships_every_module_and_installs_no_top_level_checkpointing(tmp_path: Path) -> None:
+    # built from a copy without the checkout's build/ folder: setuptools reuses build/lib, so a module
+    # renamed or deleted since the last local build would otherwise still be shipped (and fail here)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "checkpoints"))
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = out.glob("sharded_shampoo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharded_shampoo import AdamGrafting, BlockingConfig
-from sharded_shampoo.integrations.param_groups import (expert_blocking, is_expert_weight, shampoo_group_keys,
+from sharded_shampoo.integrations.trainer_groups import (expert_blocking, is_expert_weight, shampoo_group_keys,
                                                        shampoo_group_kwargs, split_expert_groups)
 
 

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "pip install 'sharded-shampoo[torchtitan]'") from exc
 
 from ..optimizer import ShardedShampoo
-from .param_groups import DEFAULT_EXPERT_MODULE_PATTERN, expert_pattern, shampoo_group_kwargs, split_expert_groups
+from .trainer_groups import DEFAULT_EXPERT_MODULE_PATTERN, expert_pattern, shampoo_group_kwargs, split_expert_groups
 from .stage_groups import check_every_entry_matched, check_unique_names, matched_on_any_rank, part_param_groups
 
 __all__ = ["SHAMPOO_NAME", "ShardedShampooContainer", "build_sharded_shampoo", "default_sharded_shampoo"]
