@@ -16,35 +16,21 @@ from dataclasses import dataclass
 import torch
 
 from ...config import preconditioner_config
-from ...shampoo_options import config_key
 from ..matrix_functions import root_scales
 from .eigendecomposed import EigendecomposedKind, EigendecomposedShampoo
-from .kl_update import KLFactorUpdate
+from .kl_update import KLFactorUpdate, KLVariantConfig
 from .protocol import StepContext
 
 
 @preconditioner_config
 @dataclass(frozen=True, eq=False)
-class EigendecomposedKLShampoo(EigendecomposedShampoo):
+class EigendecomposedKLShampoo(KLVariantConfig, EigendecomposedShampoo):
     """KL-Shampoo kept as eigenpairs: every option of :class:`EigendecomposedShampoo` (eigh or QR
     eigenbases, ``tolerance`` for the adaptive refresh, exponent overrides, storage dtypes,
     ``symmetric_packing``), and the factor of dim ``k`` accumulates ``(G x_{j != k} R_j)_(k)
     (G x_{j != k} R_j)_(k)^T`` instead of ``G_(k) G_(k)^T``, with ``R_j`` formed from the stored
     eigenpairs of dim ``j``. Mathematically :class:`KLShampoo` with eigh roots when ``tolerance=0``.
     """
-
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ValueError as err:    # the checks are EigendecomposedShampoo's: name the class the user wrote
-            raise ValueError(str(err).replace("EigendecomposedShampoo", type(self).__name__)) from None
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, config_key(self)))
-
-    def __eq__(self, other: object) -> bool:
-        # never equal to an EigendecomposedShampoo of the same fields: the two are different optimizers
-        return type(other) is type(self) and config_key(self) == config_key(other)
 
 
 class EigendecomposedKLKind(KLFactorUpdate, EigendecomposedKind):

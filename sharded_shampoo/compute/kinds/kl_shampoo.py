@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import RootInverseShampoo, preconditioner_config
-from ...shampoo_options import config_key
-from .kl_update import KLFactorUpdate
+from .kl_update import KLFactorUpdate, KLVariantConfig
 from .matrices import read_matrices
 from .protocol import StepContext
 from .root_inverse import RootInverseKind
@@ -24,7 +23,7 @@ from .root_inverse import RootInverseKind
 
 @preconditioner_config
 @dataclass(frozen=True, eq=False)
-class KLShampoo(RootInverseShampoo):
+class KLShampoo(KLVariantConfig, RootInverseShampoo):
     """KL-Shampoo with inverse roots: every option of :class:`RootInverseShampoo` (roots by eigh, coupled
     Newton or warm start; exponent overrides; storage dtypes; ``symmetric_packing``), and the factor of
     dim ``k`` accumulates ``(G x_{j != k} R_j)_(k) (G x_{j != k} R_j)_(k)^T`` instead of ``G_(k) G_(k)^T``.
@@ -33,19 +32,6 @@ class KLShampoo(RootInverseShampoo):
     G (F_R_hat + eps I)^(-1/2) G^T``; the KL-Shampoo paper's form with the full inverse of the other
     factor is ``inverse_exponent_override={2: 0.5}``.
     """
-
-    def __post_init__(self) -> None:
-        try:
-            super().__post_init__()
-        except ValueError as err:    # the checks are RootInverseShampoo's: name the class the user wrote
-            raise ValueError(str(err).replace("RootInverseShampoo", type(self).__name__)) from None
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, config_key(self)))
-
-    def __eq__(self, other: object) -> bool:
-        # never equal to a RootInverseShampoo of the same fields: the two are different optimizers
-        return type(other) is type(self) and config_key(self) == config_key(other)
 
 
 class KLShampooKind(KLFactorUpdate, RootInverseKind):

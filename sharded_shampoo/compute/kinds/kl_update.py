@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ...shampoo_options import config_key
 from .. import low_precision
 from ..kron import apply_kronecker
 from .matrices import factor_ema_
@@ -44,6 +45,28 @@ from .shampoo import ShampooFamily
 
 if TYPE_CHECKING:
     from .cost_model import CostModel
+
+
+class KLVariantConfig:
+    """Mixin of a KL config over its base config (``class KLShampoo(KLVariantConfig, RootInverseShampoo)``).
+
+    The fields and their checks are the base's; a KL config is still another optimizer: errors name
+    the class the user wrote, and it never compares (or hashes) equal to its base with the same fields,
+    so the checkpoint fingerprints of the two differ.
+    """
+
+    def __post_init__(self) -> None:
+        base = type(self).__mro__[type(self).__mro__.index(KLVariantConfig) + 1]
+        try:
+            super().__post_init__()  # type: ignore[misc]
+        except ValueError as err:    # the base's checks: name the class the user wrote
+            raise ValueError(str(err).replace(base.__name__, type(self).__name__)) from None
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, config_key(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and config_key(self) == config_key(other)
 
 
 def rows_context(ctx: StepContext, rows: slice) -> StepContext:
