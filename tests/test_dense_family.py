@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 import torch
 
-from tests.support.numerics import grad_for, kron_all, max_rel_diff
+from tests.support.numerics import kron_all, step_in_lockstep
 from sharded_shampoo import (AdaGradGrafting, EigendecomposedKLShampoo, EigendecomposedShampoo, EigenvalueCorrectedShampoo, EighRootConfig,
                              KLShampoo, PseudoInverse, QREigenbasisConfig, RootInverseShampoo, ShardedShampoo)
 
@@ -175,14 +175,7 @@ def run(shape: tuple[int, ...], o: Options, *, steps: int = 10, freq: int = 2, s
                          grafting=AdaGradGrafting(epsilon=1e-8) if grafting else None, preconditioner=_config(o))
     assert [b.shape for b in opt.plan.blocks] == [shape]
     ref = DenseFamily(p, exps, o, lr, beta1, beta2, eps, freq, start, grafting)
-    p0 = p.detach().clone()
-    for t in range(steps):
-        p.grad = grad_for(p, 0, t)
-        opt.step()
-        ref.step(grad_for(ref.p, 0, t))
-        d = max_rel_diff(p, ref.p)
-        assert d <= TOL, f"step {t + 1}: max diff to the dense reference {d:.3e} > {TOL:.0e}"
-    assert float((p.detach() - p0).abs().max()) > 1e-3
+    step_in_lockstep(opt, p, ref, steps, TOL)
     skipped = sum(b.refresh_counts.skipped for b in opt.runtime.buckets)
     assert skipped == ref.skipped, f"refreshes kept by the tolerance: ours {skipped}, reference {ref.skipped}"
     return opt
